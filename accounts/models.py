@@ -213,8 +213,29 @@ class Entitlement(TenantOwned):
         return f"{self.organization} entitlement #{self.pk}"
 
 
+class APIKeyQuerySet(TenantQuerySet):
+    def create_key(self, organization: Organization, name: str, **fields) -> tuple[APIKey, str]:
+        """Create a key; the returned raw key is the only time it exists in full."""
+        public_id = secrets.token_hex(8)
+        raw = f"{APIKey.PREFIX}{public_id}-{secrets.token_urlsafe(32)}"
+        key = self.create(organization=organization, name=name, public_id=public_id, secret_hash=keyed_hash(raw), **fields)
+        return key, raw
+
+    def get_by_raw(self, raw: str) -> APIKey | None:
+        """The key whose hash matches `raw`, usable or not (callers check `is_usable`)."""
+        public_id = APIKey.parse_public_id(raw)
+        if public_id is None:
+            return None
+        key = self.select_related("organization").filter(public_id=public_id).first()
+        if key is None or not hmac.compare_digest(key.secret_hash, keyed_hash(raw)):
+            return None
+        return key
+
+
 class APIKey(TenantOwned):
     """`sk-<public id>-<secret>`; only an HMAC of the whole key is stored."""
+
+    PREFIX = "sk-"
 
     organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="api_keys")
     public_id = models.CharField(max_length=32, unique=True, editable=False)
@@ -229,9 +250,29 @@ class APIKey(TenantOwned):
     tokens_per_minute = models.PositiveIntegerField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
 
+    objects = APIKeyQuerySet.as_manager()
+
     class Meta:
         ordering = ["-created_at"]
         verbose_name = "API key"
 
     def __str__(self) -> str:
         return f"{self.name} (sk-{self.public_id}…)"
+
+    @classmethod
+    def parse_public_id(cls, raw: str) -> str | None:
+        """The public id of a well-formed key, or None for anything malformed."""
+        if not raw.startswith(cls.PREFIX):
+            return None
+        public_id, sep, secret = raw[len(cls.PREFIX):].partition("-")
+        if not sep or len(public_id) != 16 or len(secret) < 32 or not all(c in "0123456789abcdef" for c in public_id):
+            return None
+        return public_id
+
+    @property
+    def redacted(self) -> str:
+        return f"{self.PREFIX}{self.public_id}-…"
+
+    def is_usable(self, now=None) -> bool:
+        now = now or timezone.now()
+        return self.revoked_at is None and (self.expires_at is None or self.expires_at > now) and self.organization.is_active
