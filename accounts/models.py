@@ -184,6 +184,14 @@ class AuthorizationCode(models.Model):
         return f"{self.prefix}…"
 
 
+class EntitlementQuerySet(TenantQuerySet):
+    def active(self, now=None) -> EntitlementQuerySet:
+        """Not revoked, started and not ended at `now`. An exhausted quota still counts as active:
+        the gateway refuses on the quota itself, with its own message."""
+        now = now or timezone.now()
+        return self.filter(revoked_at__isnull=True, starts_at__lte=now).filter(Q(ends_at__isnull=True) | Q(ends_at__gt=now))
+
+
 class Entitlement(TenantOwned):
     """What an organization may consume: granted by redeeming a code (or by an admin)."""
 
@@ -199,6 +207,8 @@ class Entitlement(TenantOwned):
     revoked_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
+    objects = EntitlementQuerySet.as_manager()
+
     class Meta:
         ordering = ["-created_at"]
         constraints = [
@@ -211,6 +221,21 @@ class Entitlement(TenantOwned):
 
     def __str__(self) -> str:
         return f"{self.organization} entitlement #{self.pk}"
+
+    @property
+    def tokens_remaining(self) -> int | None:
+        """Tokens that can still be reserved (quota minus used minus in flight); None: unlimited."""
+        if self.token_quota is None:
+            return None
+        return max(0, self.token_quota - self.tokens_used - self.tokens_reserved)
+
+    def is_active(self, now=None) -> bool:
+        """Same rule as `EntitlementQuerySet.active`, for one loaded row."""
+        now = now or timezone.now()
+        return self.revoked_at is None and self.starts_at <= now and (self.ends_at is None or self.ends_at > now)
+
+    def allows_model(self, model_name: str) -> bool:
+        return not self.model_names or model_name in self.model_names
 
 
 class APIKeyQuerySet(TenantQuerySet):
