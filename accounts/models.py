@@ -301,3 +301,18 @@ class APIKey(TenantOwned):
     def is_usable(self, now=None) -> bool:
         now = now or timezone.now()
         return self.revoked_at is None and (self.expires_at is None or self.expires_at > now) and self.organization.is_active
+
+    @property
+    def status(self) -> str:
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and self.expires_at <= timezone.now():
+            return "expired"
+        return "active"
+
+    def revoke(self) -> None:
+        """Idempotent; a conditional UPDATE so the first revocation time is kept."""
+        if self.revoked_at is None:
+            now = timezone.now()
+            APIKey.objects.filter(pk=self.pk, revoked_at__isnull=True).update(revoked_at=now)
+            self.refresh_from_db(fields=["revoked_at"])
