@@ -1,5 +1,25 @@
+from django.urls import path
+
+from .views import console, keys, members, redeem
 
 app_name = "console"
 
 urlpatterns: list = [
+    path("", console.dashboard, name="dashboard"),
+    path("organizations/new/", console.organization_new, name="org-new"),
+    path("organizations/<int:pk>/switch/", console.organization_switch, name="org-switch"),
+    path("keys/", keys.keys, name="keys"),
+    path("keys/<int:pk>/revoke/", keys.key_revoke, name="key-revoke"),
+    path("members/", members.members, name="members"),
+    path("members/invite/", members.member_invite, name="member-invite"),
+    path("members/<int:pk>/role/", members.member_role, name="member-role"),
+    path("members/<int:pk>/remove/", members.member_remove, name="member-remove"),
+    path("invitations/<int:pk>/revoke/", members.invitation_revoke, name="invitation-revoke"),
+    path("invitations/accept/<str:token>/", members.invitation_accept, name="invitation-accept"),
+    path("api/keys", keys.APIKeyListView.as_view(), name="api-keys"),
+    path("api/keys/<int:pk>", keys.APIKeyDetailView.as_view(), name="api-key"),
+    path("redeem/", redeem.redeem_page, name="redeem"),
+    path("api/redeem", redeem.RedeemAPIView.as_view(), name="api-redeem"),
+    path("api/entitlements", redeem.EntitlementListAPIView.as_view(), name="api-entitlements"),
+    path("api/entitlements/<int:pk>", redeem.EntitlementDetailAPIView.as_view(), name="api-entitlement"),
 ]

@@ -1,0 +1,128 @@
+"""API keys: the console page (one-time reveal) and the JSON API `GET/POST /api/keys`, `DELETE /api/keys/{id}`."""
+
+from __future__ import annotations
+
+from django.contrib import messages
+from django.core.exceptions import PermissionDenied
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_POST
+from rest_framework import status
+from rest_framework.exceptions import NotFound, ValidationError
+from rest_framework.exceptions import PermissionDenied as APIPermissionDenied
+from rest_framework.response import Response
+from rest_framework.views import APIView, exception_handler
+
+from .. import tenancy
+from ..forms import APIKeyForm
+from ..models import APIKey, Membership
+from ..serializers import APIKeySerializer, CreatedAPIKeySerializer
+
+
+def create_key(organization, user, **fields) -> tuple[APIKey, str]:
+    return APIKey.objects.create_key(organization, created_by=user, **fields)
+
+
+def check_can_revoke(membership: Membership, key: APIKey) -> None:
+    """Owners and admins revoke any key of the organization; members only the keys they created."""
+    if not membership.can_manage and key.created_by_id != membership.user_id:
+        raise PermissionDenied("Only owners, admins and the key's creator can revoke it.")
+
+
+def _org_keys(request):
+    return APIKey.objects.for_org(request.organization).select_related("created_by")
+
+
+@tenancy.org_member_required
+def keys(request):
+    form = APIKeyForm(request.POST or None)
+    created = raw_key = None
+    status_code = 200
+    if request.method == "POST":
+        if form.is_valid():
+            data = form.cleaned_data
+            created, raw_key = create_key(request.organization, request.user, **data)
+            form = APIKeyForm()
+        else:
+            status_code = 400
+    # The full key is rendered in this one response only; it is never stored or shown again.
+    context = {"keys": _org_keys(request), "form": form, "created": created, "raw_key": raw_key}
+    response = render(request, "console/keys.html", context, status=status_code)
+    if raw_key:
+        response["Cache-Control"] = "no-store"
+    return response
+
+
+@tenancy.org_member_required
+@require_POST
+def key_revoke(request, pk: int):
+    key = tenancy.get_for_org_or_404(APIKey, request.organization, pk=pk)
+    check_can_revoke(request.membership, key)
+    key.revoke()
+    messages.success(request, f"Revoked the key “{key.name}”. It stops working immediately.")
+    return redirect("console:keys")
+
+
+def api_exception_handler(exc, context):
+    """Errors in the platform's error shape: {"error": {"message", "type", "param", "code"}}."""
+    response = exception_handler(exc, context)
+    if response is None:
+        return None
+    param = None
+    if isinstance(exc, ValidationError) and isinstance(response.data, dict):
+        param, messages_ = next(iter(response.data.items()))
+        first = messages_[0] if isinstance(messages_, list) and messages_ else messages_
+        if isinstance(first, dict):  # nested (list items)
+            first = next(iter(first.values()))
+        message = f"{param}: {first}"
+        response.data = {
+            "error": {"message": message, "type": "invalid_request_error", "param": param, "code": "invalid"},
+            "errors": response.data,
+        }
+        return response
+    detail = response.data.get("detail", str(exc)) if isinstance(response.data, dict) else str(exc)
+    code = getattr(exc, "default_code", "error")
+    kind = "not_found_error" if response.status_code == 404 else (
+        "permission_error" if response.status_code == 403 else "invalid_request_error"
+    )
+    response.data = {"error": {"message": str(detail), "type": kind, "param": None, "code": code}}
+    return response
+
+
+class OrgAPIView(APIView):
+    """Session-authenticated, CSRF-protected, scoped to the session's current organization."""
+
+    def get_exception_handler(self):
+        return api_exception_handler
+
+    def initial(self, request, *args, **kwargs):
+        super().initial(request, *args, **kwargs)
+        if request.organization is None:
+            raise NotFound("You belong to no organization; create one in the console first.")
+
+
+class APIKeyListView(OrgAPIView):
+    def get(self, request):
+        return Response(APIKeySerializer(_org_keys(request), many=True).data)
+
+    def post(self, request):
+        serializer = APIKeySerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        key, raw = create_key(request.organization, request.user, **serializer.validated_data)
+        return Response(CreatedAPIKeySerializer(key, context={"raw_key": raw}).data, status=status.HTTP_201_CREATED)
+
+
+class APIKeyDetailView(OrgAPIView):
+    def _key(self, request, pk: int) -> APIKey:
+        return tenancy.get_for_org_or_404(_org_keys(request), request.organization, pk=pk)
+
+    def get(self, request, pk: int):
+        return Response(APIKeySerializer(self._key(request, pk)).data)
+
+    def delete(self, request, pk: int):
+        key = self._key(request, pk)
+        try:
+            check_can_revoke(request.membership, key)
+        except PermissionDenied as exc:
+            raise APIPermissionDenied(str(exc)) from exc
+        key.revoke()
+        return Response(APIKeySerializer(key).data)
