@@ -1,0 +1,259 @@
+"""Authorization codes: issuing, every redemption outcome, expiry, K redemptions, revocation, brute-force limits."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from django.core.exceptions import ValidationError
+from django.test import override_settings
+from django.utils import timezone
+
+from accounts import codes
+from accounts.models import AuthorizationCode, Entitlement, keyed_hash
+
+from .codes_fixtures import *  # noqa: F403  (fixtures)
+from .codes_fixtures import issue_one, make_member
+
+pytestmark = pytest.mark.django_db
+
+
+# --- issuing --------------------------------------------------------------------------------------
+
+
+def test_issue_stores_only_hash_and_visible_prefix():
+    issued = codes.issue_codes(3, token_quota=1000, validity_days=30, model_names="m1, m2,m1", max_redemptions=2)
+    assert len(issued) == 3
+    assert len({item.raw for item in issued}) == 3
+    assert len({item.code.batch for item in issued}) == 1
+    for item in issued:
+        row = AuthorizationCode.objects.get(pk=item.code.pk)
+        assert codes.parse_code(item.raw) is not None
+        assert item.raw.startswith("mac-") and len(item.raw) == len("mac-") + 8 + 1 + 26
+        assert row.prefix == item.raw[:12]
+        assert row.code_hash == keyed_hash(item.raw)
+        assert row.code_hash != item.raw
+        assert (row.token_quota, row.validity_days, row.model_names, row.max_redemptions) == (1000, 30, ["m1", "m2"], 2)
+        # The secret part appears in no column.
+        secret = item.raw.rsplit("-", 1)[1]
+        values = AuthorizationCode.objects.filter(pk=row.pk).values().get()
+        assert not any(secret in str(value) for value in values.values())
+
+
+@pytest.mark.parametrize(
+    "count, options, field",
+    [
+        (0, {}, "count"),
+        (codes.MAX_CODES_PER_BATCH + 1, {}, "count"),
+        (1, {"token_quota": 0}, "token_quota"),
+        (1, {"validity_days": 0}, "validity_days"),
+        (1, {"max_redemptions": 0}, "max_redemptions"),
+        (1, {"expires_at": timezone.now() - dt.timedelta(seconds=1)}, "expires_at"),
+        (1, {"model_names": "good, bad name!"}, "model_names"),
+    ],
+)
+def test_issue_rejects_bad_options_and_creates_nothing(count, options, field):
+    with pytest.raises(ValidationError) as info:
+        codes.issue_codes(count, **options)
+    assert field in info.value.message_dict
+    assert AuthorizationCode.objects.count() == 0
+
+
+# --- redeeming: success and every outcome -------------------------------------------------------
+
+
+def test_redeem_grants_entitlement_with_the_codes_terms(alice):
+    user, org = alice
+    raw = issue_one(token_quota=5000, validity_days=10, model_names=["smollm2"])
+    before = timezone.now()
+    entitlement = codes.redeem(org, f"  {raw.upper()}\n", user)  # whitespace and case do not matter
+    assert entitlement.organization == org
+    assert entitlement.code.prefix == raw[:12]
+    assert entitlement.token_quota == 5000 and entitlement.tokens_remaining == 5000
+    assert entitlement.model_names == ["smollm2"]
+    assert before <= entitlement.starts_at <= timezone.now()
+    assert entitlement.ends_at == entitlement.starts_at + dt.timedelta(days=10)
+    assert entitlement.code.redemption_count == 1 or AuthorizationCode.objects.get().redemption_count == 1
+    assert list(Entitlement.objects.for_org(org).active()) == [entitlement]
+
+
+def test_unlimited_code_grants_unlimited_open_ended_entitlement(alice):
+    entitlement = codes.redeem(alice[1], issue_one(), alice[0])
+    assert entitlement.token_quota is None and entitlement.tokens_remaining is None
+    assert entitlement.ends_at is None and entitlement.model_names == []
+    assert entitlement.allows_model("anything")
+
+
+def _assert_nothing_changed(code_count: int = 0):
+    assert Entitlement.objects.count() == 0
+    assert sum(AuthorizationCode.objects.values_list("redemption_count", flat=True)) == code_count
+
+
+@pytest.mark.parametrize("raw", ["", "nonsense", "mac-00000000-" + "a" * 26, "sk-abc", "mac-zz-short", "x" * 500])
+def test_unknown_or_malformed_code(alice, raw):
+    issue_one()
+    with pytest.raises(codes.UnknownCode, match="does not exist"):
+        codes.redeem(alice[1], raw, alice[0])
+    _assert_nothing_changed()
+
+
+def test_wrong_secret_with_a_real_prefix_is_unknown(alice):
+    raw = issue_one()
+    tampered = raw[:-1] + ("a" if raw[-1] != "a" else "b")
+    with pytest.raises(codes.UnknownCode):
+        codes.redeem(alice[1], tampered, alice[0])
+    _assert_nothing_changed()
+
+
+def test_expired_code(alice):
+    raw = issue_one(expires_at=timezone.now() + dt.timedelta(hours=1))
+    AuthorizationCode.objects.update(expires_at=timezone.now() - dt.timedelta(seconds=1))
+    with pytest.raises(codes.CodeExpired, match="expired"):
+        codes.redeem(alice[1], raw, alice[0])
+    _assert_nothing_changed()
+
+
+def test_code_is_redeemable_until_its_expiry(alice):
+    raw = issue_one(expires_at=timezone.now() + dt.timedelta(minutes=5))
+    assert codes.redeem(alice[1], raw, alice[0]).pk
+
+
+def test_expiry_date_is_inclusive_end_of_day():
+    day = dt.date(2030, 1, 31)
+    assert codes.end_of_day(day) == dt.datetime(2030, 2, 1, tzinfo=dt.UTC)
+
+
+def test_revoked_code(alice):
+    raw = issue_one()
+    codes.revoke_code(AuthorizationCode.objects.get())
+    with pytest.raises(codes.CodeRevoked, match="revoked"):
+        codes.redeem(alice[1], raw, alice[0])
+    _assert_nothing_changed()
+
+
+def test_already_redeemed_by_this_org(alice):
+    raw = issue_one(max_redemptions=3)
+    codes.redeem(alice[1], raw, alice[0])
+    with pytest.raises(codes.AlreadyRedeemed, match="already redeemed"):
+        codes.redeem(alice[1], raw, alice[0])
+    assert Entitlement.objects.count() == 1
+    assert AuthorizationCode.objects.get().redemption_count == 1
+
+
+def test_max_redemptions_k_then_used_up(db):
+    raw = issue_one(max_redemptions=3)
+    orgs = [make_member(f"u{i}@example.com", f"org-{i}") for i in range(4)]
+    for user, org in orgs[:3]:
+        codes.redeem(org, raw, user)
+    with pytest.raises(codes.CodeUsedUp, match="maximum number of times"):
+        codes.redeem(orgs[3][1], raw, orgs[3][0])
+    assert Entitlement.objects.count() == 3
+    assert AuthorizationCode.objects.get().redemption_count == 3
+    assert not Entitlement.objects.for_org(orgs[3][1]).exists()
+
+
+def test_no_organization_is_refused():
+    with pytest.raises(codes.NoOrganization):
+        codes.redeem(None, "mac-00000000-" + "a" * 26)
+
+
+def test_each_outcome_is_a_distinct_class_with_a_distinct_message():
+    classes = [codes.UnknownCode, codes.CodeExpired, codes.CodeRevoked, codes.CodeUsedUp, codes.AlreadyRedeemed]
+    assert len({cls.message for cls in classes}) == len(classes)
+    assert len({cls.code for cls in classes}) == len(classes)
+    assert all(issubclass(cls, codes.RedemptionError) for cls in classes)
+
+
+# --- revocation -----------------------------------------------------------------------------------
+
+
+def test_revoke_entitlement_takes_it_out_of_active(alice):
+    entitlement = codes.redeem(alice[1], issue_one(), alice[0])
+    assert Entitlement.objects.for_org(alice[1]).active().exists()
+    assert codes.revoke_entitlement(entitlement) is True
+    assert codes.revoke_entitlement(entitlement) is False
+    assert entitlement.revoked_at is not None
+    assert not Entitlement.objects.for_org(alice[1]).active().exists()
+
+
+def test_revoke_code_keeps_or_revokes_its_entitlements(alice, bob):
+    raw = issue_one(max_redemptions=2)
+    codes.redeem(alice[1], raw, alice[0])
+    code = AuthorizationCode.objects.get()
+    assert codes.revoke_code(code) == 0
+    assert code.revoked_at is not None
+    assert Entitlement.objects.for_org(alice[1]).active().count() == 1  # existing access unchanged
+    with pytest.raises(codes.CodeRevoked):
+        codes.redeem(bob[1], raw, bob[0])
+    assert codes.revoke_code(code, with_entitlements=True) == 1
+    assert not Entitlement.objects.active().exists()
+
+
+def test_active_queryset_rules(alice):
+    now = timezone.now()
+    org = alice[1]
+    make = lambda **kw: Entitlement.objects.create(organization=org, **kw)  # noqa: E731
+    current = make(starts_at=now - dt.timedelta(days=1), ends_at=now + dt.timedelta(days=1))
+    exhausted = make(token_quota=10, tokens_used=10)
+    make(starts_at=now + dt.timedelta(days=1))  # not started
+    make(starts_at=now - dt.timedelta(days=2), ends_at=now - dt.timedelta(days=1))  # ended
+    make(revoked_at=now)  # revoked
+    assert set(Entitlement.objects.for_org(org).active()) == {current, exhausted}
+    assert exhausted.tokens_remaining == 0 and exhausted.is_active()
+    assert Entitlement(token_quota=100, tokens_used=30, tokens_reserved=20).tokens_remaining == 50
+
+
+# --- brute-force limiting -------------------------------------------------------------------------
+
+
+@override_settings(REDEEM_FAILURES_PER_USER=3, REDEEM_FAILURES_PER_IP=100)
+def test_failures_are_limited_per_user_before_the_code_is_checked(alice):
+    user, org = alice
+    good = issue_one()
+    for _ in range(3):
+        with pytest.raises(codes.UnknownCode):
+            codes.redeem(org, "mac-00000000-" + "b" * 26, user, ip="10.0.0.1")
+    with pytest.raises(codes.RedemptionRateLimited, match="Too many failed redemption attempts") as info:
+        codes.redeem(org, good, user, ip="10.0.0.2")  # even a valid code is not checked
+    assert 0 < info.value.retry_after <= 900
+    assert Entitlement.objects.count() == 0
+    # Another user of the same organization is not affected.
+    other, _ = make_member("carol@example.com", org.slug)
+    assert codes.redeem(org, good, other, ip="10.0.0.3").pk
+
+
+@override_settings(REDEEM_FAILURES_PER_USER=100, REDEEM_FAILURES_PER_IP=4)
+def test_failures_are_limited_per_ip_across_users(db):
+    accounts = [make_member(f"p{i}@example.com", f"ip-org-{i}") for i in range(5)]
+    good = issue_one()
+    for user, org in accounts[:4]:
+        with pytest.raises(codes.UnknownCode):
+            codes.redeem(org, "garbage", user, ip="192.0.2.7")
+    user, org = accounts[4]
+    with pytest.raises(codes.RedemptionRateLimited):
+        codes.redeem(org, good, user, ip="192.0.2.7")
+    assert codes.redeem(org, good, user, ip="192.0.2.8").pk  # another address is fine
+
+
+@override_settings(REDEEM_FAILURES_PER_USER=2, REDEEM_FAILURE_WINDOW_SECONDS=1)
+def test_limit_window_expires(alice):
+    import time
+
+    for _ in range(2):
+        with pytest.raises(codes.UnknownCode):
+            codes.redeem(alice[1], "garbage", alice[0])
+    with pytest.raises(codes.RedemptionRateLimited):
+        codes.redeem(alice[1], "garbage", alice[0])
+    time.sleep(1.3)
+    with pytest.raises(codes.UnknownCode):
+        codes.redeem(alice[1], "garbage", alice[0])
+
+
+@override_settings(REDEEM_FAILURES_PER_USER=2)
+def test_successes_do_not_count_and_limited_attempts_do_not_extend(alice):
+    user, org = alice
+    for _ in range(3):
+        codes.redeem(org, issue_one(), user)
+    with pytest.raises(codes.UnknownCode):
+        codes.redeem(org, "garbage", user)
+    assert codes.redeem(org, issue_one(), user).pk
