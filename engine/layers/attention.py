@@ -1,0 +1,201 @@
+"""Paged attention: the KV cache pool, the per-step metadata, K/V writes and attention through block tables.
+
+One rule covers every kind of step (see AttentionMetadata): sequence b's input tokens are the last
+query_len tokens of its seq_len context, and each attends causally to every context position up to its own.
+
+Paths:
+- decode-only steps (every query_len == 1): one batched computation over all sequences (no Python loop);
+  on CUDA the Triton kernel in engine/layers/triton_attention.py, elsewhere gather + batched matmul.
+- steps with prefills (full, after a prefix-cache hit, chunked, mixed with decodes): the decodes go through
+  the batched decode path, each prefill through scaled_dot_product_attention over its own context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.nn import functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """What attention needs to know about one step (all sequences flattened into T tokens).
+
+    slot_mapping: [T] flat slot (block_id * block_size + offset) where each input token's K/V is written.
+    query_start_loc: [B+1] cumulative number of input tokens per sequence in this step.
+    seq_lens: [B] context length of each sequence INCLUDING this step's tokens.
+    block_tables: [B, max_blocks_per_seq] physical block ids (padded with 0).
+    query_lens_cpu / seq_lens_cpu: python copies so the CPU path needs no device syncs.
+    """
+
+    slot_mapping: torch.Tensor
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    block_tables: torch.Tensor
+    max_query_len: int
+    max_seq_len: int
+    block_size: int
+    query_lens_cpu: list[int]
+    seq_lens_cpu: list[int]
+    # Per-step values derived once and shared by all layers (filled lazily; not part of the contract).
+    _derived: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.max_query_len == 1
+
+
+def allocate_kv_cache(
+    num_layers: int,
+    num_blocks: int,
+    block_size: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: str | torch.device,
+) -> list[torch.Tensor]:
+    """One [2, num_blocks, block_size, num_kv_heads, head_dim] pool per layer (0 = keys, 1 = values)."""
+    shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
+    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+
+def kv_cache_bytes_per_block(
+    num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+) -> int:
+    """Bytes one block costs across all layers (for sizing the pool from a memory budget)."""
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * num_layers * block_size * num_kv_heads * head_dim * element
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store this step's keys/values [T, kv_heads, head_dim] at their slots."""
+    num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape[1:]
+    flat = kv_cache.view(2, num_blocks * block_size, num_kv_heads, head_dim)
+    flat[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
+    flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    attn: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Write k/v [T, kv_heads, D] into the cache, then attend q [T, heads, D] -> [T, heads, D]."""
+    write_kv(kv_cache, k, v, attn.slot_mapping)
+    if attn.is_decode_only:
+        return decode_attention(q, kv_cache, attn, scale)
+
+    out = torch.empty_like(q)
+    query_lens, seq_lens = attn.query_lens_cpu, attn.seq_lens_cpu
+    starts = attn._derived.get("query_starts")
+    if starts is None:
+        starts = [0]
+        for n in query_lens:
+            starts.append(starts[-1] + n)
+        attn._derived["query_starts"] = starts
+    decodes = [b for b, n in enumerate(query_lens) if n == 1]
+    if decodes:
+        rows = attn._derived.get("decode_rows")
+        if rows is None:
+            rows = attn._derived["decode_rows"] = torch.tensor(
+                [starts[b] for b in decodes], dtype=torch.long, device=q.device
+            )
+            attn._derived["decode_seqs"] = torch.tensor(decodes, dtype=torch.long, device=q.device)
+        seqs = attn._derived["decode_seqs"]
+        out[rows] = _decode_torch(
+            q[rows],
+            kv_cache,
+            attn.block_tables[seqs],
+            attn.seq_lens[seqs],
+            [seq_lens[b] for b in decodes],
+            scale,
+        )
+    for b, n in enumerate(query_lens):
+        if n <= 1:
+            continue
+        start, seq_len = starts[b], seq_lens[b]
+        if n == seq_len:  # nothing cached before: this step's own k/v are the whole context
+            keys, values = k[start : start + n], v[start : start + n]
+        else:
+            keys, values = _gather_context(kv_cache, attn.block_tables[b], seq_len, attn.block_size)
+        out[start : start + n] = _prefill_one(q[start : start + n], keys, values, seq_len, scale)
+    return out
+
+
+def _gather_context(
+    kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values [seq_len, kv_heads, D] of one sequence, read through its block table."""
+    num_blocks = -(-seq_len // block_size)
+    blocks = kv_cache[:, block_table[:num_blocks]]  # [2, n, block_size, kv_heads, D]
+    blocks = blocks.flatten(1, 2)[:, :seq_len]
+    return blocks[0], blocks[1]
+
+
+def _prefill_one(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, seq_len: int, scale: float):
+    """q [n, H, D] are the last n positions of a seq_len context; causal attention over keys [seq_len, Hkv, D]."""
+    n = q.shape[0]
+    qt, kt, vt = q.transpose(0, 1), keys.transpose(0, 1).to(q.dtype), values.transpose(0, 1).to(q.dtype)
+    if n == seq_len:
+        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        query_pos = torch.arange(seq_len - n, seq_len, device=q.device)
+        mask = torch.arange(seq_len, device=q.device)[None, :] <= query_pos[:, None]
+        o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=True)
+    return o.transpose(0, 1)
+
+
+def decode_attention(
+    q: torch.Tensor, kv_cache: torch.Tensor, attn: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """Decode-only step: one query per sequence, q [B, H, D]."""
+    if q.is_cuda:
+        from engine.layers.triton_attention import paged_decode_attention
+
+        return paged_decode_attention(q, kv_cache, attn.block_tables, attn.seq_lens, scale)
+    return _decode_torch(
+        q, kv_cache, attn.block_tables, attn.seq_lens, attn.seq_lens_cpu, scale, attn._derived
+    )
+
+
+def _decode_torch(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    seq_lens_cpu: list[int],
+    scale: float,
+    derived: dict | None = None,
+) -> torch.Tensor:
+    """Batched decode attention in plain PyTorch: gather each sequence's blocks, mask past its length."""
+    batch, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    group = num_heads // num_kv_heads
+    num_blocks = -(-max(seq_lens_cpu) // block_size)
+    context = num_blocks * block_size
+
+    mask = derived.get("decode_mask") if derived is not None else None
+    if mask is None:
+        positions = torch.arange(context, device=q.device)
+        mask = positions[None, :] >= seq_lens[:, None].to(q.device)  # True = not part of the context
+        mask = mask[:, None, None, :]  # [B, 1, 1, L]
+        if derived is not None:
+            derived["decode_mask"] = mask
+
+    kv = kv_cache[:, block_tables[:, :num_blocks]]  # [2, B, n, block_size, Hkv, D]
+    keys = kv[0].view(batch, context, num_kv_heads, head_dim).permute(0, 2, 3, 1)  # [B, Hkv, D, L]
+    values = kv[1].view(batch, context, num_kv_heads, head_dim).transpose(1, 2)  # [B, Hkv, L, D]
+    qg = q.view(batch, num_kv_heads, group, head_dim)
+    scores = torch.matmul(qg, keys.to(q.dtype)).float() * scale  # [B, Hkv, G, L]
+    scores.masked_fill_(mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    out = torch.matmul(probs, values.to(q.dtype))  # [B, Hkv, G, D]
+    return out.reshape(batch, num_heads, head_dim)

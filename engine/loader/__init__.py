@@ -1,0 +1,156 @@
+"""Load a model for the engine from a Hugging Face directory or a GGUF file.
+
+    loaded = load_model("/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    hidden = loaded.model(input_ids, positions, kv_caches, attn)
+    logits = loaded.model.compute_logits(hidden[last_rows])
+
+Both sources produce HF-named tensors that `build_model` assigns through `LlamaForCausalLM.load_weight`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine.layers.linear import QuantSpec
+from engine.loader.tokenizer import Tokenizer
+from engine.models.llama import LlamaConfig, LlamaForCausalLM
+
+
+class ModelLoadError(Exception):
+    """A model file is missing, unsupported or inconsistent; the message names the file and the problem."""
+
+
+@dataclass
+class ModelSpec:
+    """What the runtime needs to know about a loaded model (KV cache sizing, context length)."""
+
+    architecture: str  # "llama" | "qwen2" | "qwen3"
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    dtype: torch.dtype
+
+
+@dataclass
+class LoadedModel:
+    model: LlamaForCausalLM
+    spec: ModelSpec
+    tokenizer: Tokenizer
+    eos_token_ids: list[int]
+    generation_defaults: dict = field(default_factory=dict)
+    name: str = ""
+    weight_bytes: int = 0
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """float32 on CPU, bfloat16 on CUDA."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def load_model(
+    path: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    quant: QuantSpec | None = None,
+) -> LoadedModel:
+    """Load a HF directory (config.json + *.safetensors + tokenizer.json) or a .gguf file.
+
+    `quant` (optional, an addition to the contract) is handed to every projection's factory
+    (engine/layers/linear.py) so quantized linears can be used.
+    """
+    path = Path(path)
+    dtype = dtype or default_dtype(device)
+    if path.is_dir():
+        from engine.loader.hf import load_hf_directory
+
+        return load_hf_directory(path, dtype=dtype, device=device, quant=quant)
+    if path.suffix == ".gguf" and path.is_file():
+        from engine.loader.gguf import load_gguf_file
+
+        return load_gguf_file(path, dtype=dtype, device=device, quant=quant)
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file or directory")
+    raise ModelLoadError(f"{path}: not a model (expected a Hugging Face directory or a .gguf file)")
+
+
+def build_model(
+    config: LlamaConfig,
+    tensors: Iterable[tuple[str, torch.Tensor, str]],
+    *,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    quant: QuantSpec | None,
+    source: str,
+) -> LlamaForCausalLM:
+    """Create the model and assign every (hf_name, tensor, file) it needs; ModelLoadError on any problem."""
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config, dtype=dtype, quant=quant)
+    except ValueError as exc:
+        raise ModelLoadError(f"{source}: {exc}") from None
+    expected = model.expected_weights()
+    loaded: set[str] = set()
+    for name, tensor, file in tensors:
+        if "rotary_emb." in name:
+            continue  # old checkpoints store the rotary inv_freq buffer; it is recomputed
+        try:
+            model.load_weight(name, tensor)
+        except KeyError:
+            if name not in expected:
+                continue  # tensors this decoder does not use
+            raise
+        except ValueError as exc:
+            raise ModelLoadError(f"{file}: tensor {name}: {exc}") from None
+        loaded.add(name)
+    missing = sorted(expected - loaded)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ModelLoadError(f"{source}: missing tensor {missing[0]}{more}")
+    return model.eval()
+
+
+def model_spec(config: LlamaConfig, dtype: torch.dtype) -> ModelSpec:
+    return ModelSpec(
+        architecture=config.architecture,
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        num_layers=config.num_layers,
+        num_heads=config.num_heads,
+        num_kv_heads=config.num_kv_heads,
+        head_dim=config.head_dim,
+        max_position_embeddings=config.max_position_embeddings,
+        dtype=dtype,
+    )
+
+
+def resident_bytes(model: torch.nn.Module) -> int:
+    """Bytes of parameters and buffers, counting tied parameters once."""
+    seen, total = set(), 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def unique_ids(*groups) -> list[int]:
+    """Flatten ints / lists of ints / None into an ordered, de-duplicated list."""
+    out: list[int] = []
+    for group in groups:
+        items = group if isinstance(group, list | tuple) else [group]
+        for item in items:
+            if item is not None and int(item) not in out:
+                out.append(int(item))
+    return out
+
+
+__all__ = ["LoadedModel", "ModelLoadError", "ModelSpec", "Tokenizer", "load_model"]
