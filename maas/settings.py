@@ -178,7 +178,10 @@ STORAGES = {
 WHITENOISE_USE_FINDERS = DEBUG
 
 # Email: console backend in development, SMTP from the environment in production.
-EMAIL_BACKEND = os.environ.get(
+# Every message is queued to one Celery task (maas/mail.py); the worker delivers it with
+# EMAIL_DELIVERY_BACKEND, which the EMAIL_BACKEND environment variable chooses.
+EMAIL_BACKEND = "maas.mail.CeleryEmailBackend"
+EMAIL_DELIVERY_BACKEND = os.environ.get(
     "EMAIL_BACKEND",
     "django.core.mail.backends.console.EmailBackend" if DEBUG else "django.core.mail.backends.smtp.EmailBackend",
 )
@@ -221,6 +224,32 @@ CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", REDIS_URL)
 CELERY_RESULT_BACKEND = os.environ.get("CELERY_RESULT_BACKEND", "")
 CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", default=not CELERY_BROKER_URL)
 CELERY_TASK_EAGER_PROPAGATES = True
+CELERY_TASK_DEFAULT_QUEUE = os.environ.get("CELERY_TASK_DEFAULT_QUEUE", "maas")
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_BEAT_SCHEDULE_FILENAME = os.environ.get("CELERY_BEAT_SCHEDULE_FILENAME", "celerybeat-schedule")
+# Periods in seconds; `expires` drops a run that waited longer than its period (the next one is due).
+CELERY_BEAT_SCHEDULE = {
+    "check-deployments": {
+        "task": "inference.tasks.check_deployments",
+        "schedule": env_float("DEPLOYMENT_HEALTH_CHECK_SECONDS", 15),
+        "options": {"expires": env_float("DEPLOYMENT_HEALTH_CHECK_SECONDS", 15)},
+    },
+    "expire-reservations": {
+        "task": "inference.tasks.expire_reservations",
+        "schedule": env_float("RESERVATION_SWEEP_SECONDS", 60),
+        "options": {"expires": env_float("RESERVATION_SWEEP_SECONDS", 60)},
+    },
+    "rollup-daily-usage": {
+        "task": "inference.tasks.rollup_daily_usage",
+        "schedule": env_float("USAGE_ROLLUP_SECONDS", 600),
+        "options": {"expires": env_float("USAGE_ROLLUP_SECONDS", 600)},
+    },
+    "notify-entitlement-thresholds": {
+        "task": "inference.tasks.notify_entitlement_thresholds",
+        "schedule": env_float("ENTITLEMENT_NOTICE_SECONDS", 3600),
+    },
+}
 
 # Logs: one JSON object per line with request_id, trace_id and span_id (maas/logging.py);
 # LOG_FORMAT=text for a human-readable console in development.
