@@ -14,3 +14,8 @@ os.environ.setdefault("EMAIL_BACKEND", "django.core.mail.backends.locmem.EmailBa
 os.environ.setdefault("CELERY_TASK_ALWAYS_EAGER", "1")
 
 from maas.settings import *  # noqa: E402,F403
+
+# Templates render {% static %} without a collectstatic run (production keeps the manifest storage;
+# tests/accounts/test_console.py runs collectstatic with it).
+STORAGES = {**STORAGES, "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}}  # noqa: F405
+WHITENOISE_USE_FINDERS = True
