@@ -1,0 +1,193 @@
+"""Model catalog (public models and the engine replicas serving them), quota reservations and usage records."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from django.conf import settings
+from django.db import models
+
+from accounts.models import APIKey, Entitlement, Organization, TenantOwned
+
+PER_MILLION = Decimal(1_000_000)
+
+
+class Visibility(models.TextChoices):
+    ALL = "all", "All organizations"
+    LISTED = "listed", "Listed organizations only"
+
+
+class AIModel(models.Model):
+    """A model as clients see it: `name` is what they send in the `model` field."""
+
+    name = models.CharField(max_length=128, unique=True, help_text="Public name, sent by clients as `model`.")
+    display_name = models.CharField(max_length=200, blank=True)
+    description = models.TextField(blank=True)
+    context_length = models.PositiveIntegerField(default=2048, help_text="Prompt plus completion tokens.")
+    enabled = models.BooleanField(default=True)
+    visibility = models.CharField(max_length=16, choices=Visibility.choices, default=Visibility.ALL)
+    organizations = models.ManyToManyField(
+        Organization, blank=True, related_name="visible_models", help_text="Who may use it when visibility is 'listed'."
+    )
+    price_input_per_million = models.DecimalField(max_digits=12, decimal_places=6, default=Decimal(0))
+    price_cached_input_per_million = models.DecimalField(max_digits=12, decimal_places=6, default=Decimal(0))
+    price_output_per_million = models.DecimalField(max_digits=12, decimal_places=6, default=Decimal(0))
+    owned_by = models.CharField(max_length=64, default="maas")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name = "model"
+
+    def __str__(self) -> str:
+        return self.name
+
+    def cost(self, prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> Decimal:
+        """Price of one request; cached prompt tokens are billed at the cached-input price."""
+        uncached = max(prompt_tokens - cached_tokens, 0)
+        total = (
+            uncached * self.price_input_per_million
+            + cached_tokens * self.price_cached_input_per_million
+            + completion_tokens * self.price_output_per_million
+        )
+        return (total / PER_MILLION).quantize(Decimal("0.00000001"))
+
+
+class Deployment(models.Model):
+    """One engine replica serving a model (an OpenAI-compatible `python -m engine serve`)."""
+
+    model = models.ForeignKey(AIModel, on_delete=models.CASCADE, related_name="deployments")
+    base_url = models.URLField(max_length=300, help_text="Engine root, e.g. http://10.0.0.5:8001 (without /v1).")
+    internal_token = models.CharField(max_length=300, blank=True, help_text="Sent upstream as a Bearer token.")
+    weight = models.PositiveIntegerField(default=1, help_text="Tie-breaker between equally loaded replicas.")
+    enabled = models.BooleanField(default=True)
+    healthy = models.BooleanField(default=True)
+    last_checked_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.CharField(max_length=500, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["model", "-weight", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.model} @ {self.base_url}"
+
+
+class Reservation(TenantOwned):
+    """Tokens held against an entitlement while a request runs; deleted when settled, swept when expired."""
+
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="+")
+    entitlement = models.ForeignKey(Entitlement, on_delete=models.CASCADE, related_name="reservations")
+    tokens = models.BigIntegerField()
+    request_id = models.CharField(max_length=64)
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField(db_index=True)
+
+    def __str__(self) -> str:
+        return f"{self.tokens} tokens for {self.request_id}"
+
+
+class UsageStatus(models.TextChoices):
+    OK = "ok", "Completed"
+    CLIENT_DISCONNECTED = "client_disconnected", "Client disconnected"
+    UPSTREAM_ERROR = "upstream_error", "Upstream error"
+    UPSTREAM_TIMEOUT = "upstream_timeout", "Upstream timeout"
+    UPSTREAM_UNAVAILABLE = "upstream_unavailable", "Upstream unreachable"
+    REJECTED_UPSTREAM = "rejected_upstream", "Rejected by the engine (4xx)"
+
+
+class UsageRecord(TenantOwned):
+    """Exactly one per request forwarded upstream."""
+
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="usage_records")
+    api_key = models.ForeignKey(APIKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="usage_records")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    entitlement = models.ForeignKey(Entitlement, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    model = models.ForeignKey(AIModel, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    model_name = models.CharField(max_length=128)
+    deployment = models.ForeignKey(Deployment, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    endpoint = models.CharField(max_length=32)
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    cached_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    cost = models.DecimalField(max_digits=16, decimal_places=8, default=Decimal(0))
+    status = models.CharField(max_length=32, choices=UsageStatus.choices)
+    http_status = models.PositiveSmallIntegerField()
+    stream = models.BooleanField(default=False)
+    time_to_first_token_ms = models.FloatField(null=True, blank=True)
+    latency_ms = models.FloatField()
+    request_id = models.CharField(max_length=64, unique=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["organization", "created_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.request_id} {self.model_name} {self.status}"
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class DailyUsageQuerySet(models.QuerySet):
+    def for_org(self, organization: Organization) -> DailyUsageQuerySet:
+        return self.filter(organization=organization)
+
+    def totals(self) -> dict[str, int | Decimal]:
+        """Sums over the rows selected (the dashboard's headline numbers)."""
+        sums = self.aggregate(
+            requests=models.Sum("requests"),
+            prompt_tokens=models.Sum("prompt_tokens"),
+            cached_tokens=models.Sum("cached_tokens"),
+            completion_tokens=models.Sum("completion_tokens"),
+            cost=models.Sum("cost"),
+        )
+        return {name: value or 0 for name, value in sums.items()}
+
+
+class DailyUsage(TenantOwned):
+    """Usage of one UTC day per organization, model and API key, rebuilt from UsageRecord by the roll-up task."""
+
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="daily_usage")
+    day = models.DateField()
+    model_name = models.CharField(max_length=128)
+    api_key = models.ForeignKey(APIKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    requests = models.PositiveIntegerField(default=0)
+    failed_requests = models.PositiveIntegerField(default=0)
+    prompt_tokens = models.BigIntegerField(default=0)
+    cached_tokens = models.BigIntegerField(default=0)
+    completion_tokens = models.BigIntegerField(default=0)
+    cost = models.DecimalField(max_digits=20, decimal_places=8, default=Decimal(0))
+    updated_at = models.DateTimeField(auto_now=True)
+
+    objects = DailyUsageQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-day", "model_name"]
+        verbose_name_plural = "daily usage"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["organization", "day", "model_name", "api_key"], name="one_daily_usage_row", nulls_distinct=False
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.organization} {self.day} {self.model_name}"
+
+
+class EntitlementNotice(TenantOwned):
+    """One row per (entitlement, threshold) already announced: each warning email goes out once."""
+
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="+")
+    entitlement = models.ForeignKey(Entitlement, on_delete=models.CASCADE, related_name="notices")
+    threshold = models.CharField(max_length=32, help_text="e.g. quota-80, quota-100, ends-7d, ends-1d")
+    sent_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-sent_at"]
+        constraints = [models.UniqueConstraint(fields=["entitlement", "threshold"], name="one_notice_per_threshold")]
+
+    def __str__(self) -> str:
+        return f"{self.entitlement} {self.threshold}"

@@ -108,6 +108,14 @@ DATABASES = {
         conn_health_checks=True,
     )
 }
+# A psycopg connection pool (PostgreSQL only): under ASGI every request runs its ORM work in its own
+# thread context, so without a pool each request opens a new PostgreSQL connection.
+if env_bool("DATABASE_POOL") and DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": env_int("DATABASE_POOL_MIN_SIZE", 2),
+        "max_size": env_int("DATABASE_POOL_MAX_SIZE", 20),
+        "timeout": env_float("DATABASE_POOL_TIMEOUT", 5.0),
+    }
 # Lets several test runs share one PostgreSQL server without clobbering each other.
 if os.environ.get("TEST_DATABASE_NAME"):
     DATABASES["default"]["TEST"] = {"NAME": os.environ["TEST_DATABASE_NAME"]}
@@ -218,6 +226,23 @@ REST_FRAMEWORK = {
 REDEEM_FAILURES_PER_USER = env_int("REDEEM_FAILURES_PER_USER", 5)
 REDEEM_FAILURES_PER_IP = env_int("REDEEM_FAILURES_PER_IP", 20)
 REDEEM_FAILURE_WINDOW_SECONDS = env_int("REDEEM_FAILURE_WINDOW_SECONDS", 900)
+
+# Gateway (/v1/): upstream timeouts, quota reservations, rate limits, catalog caching.
+GATEWAY_UPSTREAM_CONNECT_TIMEOUT = env_float("GATEWAY_UPSTREAM_CONNECT_TIMEOUT", 3.0)
+GATEWAY_UPSTREAM_READ_TIMEOUT = env_float("GATEWAY_UPSTREAM_READ_TIMEOUT", 120.0)  # between two chunks
+GATEWAY_UPSTREAM_WRITE_TIMEOUT = env_float("GATEWAY_UPSTREAM_WRITE_TIMEOUT", 30.0)
+GATEWAY_UPSTREAM_POOL_TIMEOUT = env_float("GATEWAY_UPSTREAM_POOL_TIMEOUT", 10.0)
+GATEWAY_UPSTREAM_MAX_CONNECTIONS = env_int("GATEWAY_UPSTREAM_MAX_CONNECTIONS", 1000)
+# A crashed request's reservation is released after this; must exceed the longest request.
+GATEWAY_RESERVATION_TTL_SECONDS = env_int("GATEWAY_RESERVATION_TTL_SECONDS", 900)
+# Added to the byte-count bound on prompt tokens (chat template, default system prompt).
+GATEWAY_PROMPT_OVERHEAD_TOKENS = env_int("GATEWAY_PROMPT_OVERHEAD_TOKENS", 256)
+GATEWAY_RATELIMIT_USE_REDIS = env_bool("GATEWAY_RATELIMIT_USE_REDIS", default=bool(REDIS_URL))
+GATEWAY_RATELIMIT_ON_REDIS_ERROR = os.environ.get("GATEWAY_RATELIMIT_ON_REDIS_ERROR", "refuse")  # or "local"
+GATEWAY_REDIS_TIMEOUT = env_float("GATEWAY_REDIS_TIMEOUT", 0.5)
+GATEWAY_CATALOG_CACHE_SECONDS = env_float("GATEWAY_CATALOG_CACHE_SECONDS", 5.0)
+GATEWAY_UNHEALTHY_BACKOFF_SECONDS = env_float("GATEWAY_UNHEALTHY_BACKOFF_SECONDS", 10.0)
+GATEWAY_HEALTH_CHECK_TIMEOUT = env_float("GATEWAY_HEALTH_CHECK_TIMEOUT", 2.0)
 
 # Celery: a real broker when configured, tasks run in-process otherwise.
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", REDIS_URL)

@@ -1,0 +1,126 @@
+"""The catalog as the gateway reads it: a per-process snapshot refreshed every few seconds, and the
+choice of a deployment (healthy, fewest requests in flight, weight as tie-breaker).
+
+Health has two sources: the periodic check (`check_deployments`, run by Celery beat) stored in the
+database, and this process's own observations: a connect failure benches a deployment for
+`GATEWAY_UNHEALTHY_BACKOFF_SECONDS` without waiting for the next periodic check.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import httpx
+from django.conf import settings
+from django.utils import timezone
+
+from .models import AIModel, Deployment, Visibility
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Upstream:
+    id: int
+    base_url: str
+    internal_token: str
+    weight: int
+    healthy: bool
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    model: AIModel
+    visible_to: frozenset[int] | None  # organization ids; None: every organization
+    upstreams: tuple[Upstream, ...]
+
+    def visible_for(self, organization_id: int) -> bool:
+        return self.visible_to is None or organization_id in self.visible_to
+
+
+class Catalog:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[str, CatalogEntry] = {}
+        self._loaded_at = float("-inf")
+        self.in_flight: dict[int, int] = {}
+        self.benched_until: dict[int, float] = {}
+
+    def entries(self) -> dict[str, CatalogEntry]:
+        """Enabled models by public name (database read at most every GATEWAY_CATALOG_CACHE_SECONDS)."""
+        if time.monotonic() - self._loaded_at > settings.GATEWAY_CATALOG_CACHE_SECONDS:
+            with self._lock:
+                if time.monotonic() - self._loaded_at > settings.GATEWAY_CATALOG_CACHE_SECONDS:
+                    self._entries = self._load()
+                    self._loaded_at = time.monotonic()
+        return self._entries
+
+    def invalidate(self) -> None:
+        self._loaded_at = float("-inf")
+
+    @staticmethod
+    def _load() -> dict[str, CatalogEntry]:
+        entries = {}
+        models = AIModel.objects.filter(enabled=True).prefetch_related("organizations", "deployments")
+        for model in models:
+            visible_to = None
+            if model.visibility == Visibility.LISTED:
+                visible_to = frozenset(org.pk for org in model.organizations.all())
+            upstreams = tuple(
+                Upstream(d.pk, d.base_url.rstrip("/"), d.internal_token, d.weight, d.healthy)
+                for d in model.deployments.all()
+                if d.enabled
+            )
+            entries[model.name] = CatalogEntry(model, visible_to, upstreams)
+        return entries
+
+    def pick(self, entry: CatalogEntry) -> Upstream | None:
+        """A healthy upstream with the fewest requests in flight here; higher weight wins ties."""
+        now = time.monotonic()
+        candidates = [u for u in entry.upstreams if u.healthy and self.benched_until.get(u.id, 0) <= now]
+        if not candidates:
+            return None
+        return min(candidates, key=lambda u: (self.in_flight.get(u.id, 0) / max(u.weight, 1), -u.weight, u.id))
+
+    def started(self, upstream: Upstream) -> None:
+        self.in_flight[upstream.id] = self.in_flight.get(upstream.id, 0) + 1
+
+    def finished(self, upstream: Upstream) -> None:
+        self.in_flight[upstream.id] = max(self.in_flight.get(upstream.id, 0) - 1, 0)
+
+    def bench(self, upstream: Upstream) -> None:
+        """This process could not reach it: skip it for a few seconds."""
+        self.benched_until[upstream.id] = time.monotonic() + settings.GATEWAY_UNHEALTHY_BACKOFF_SECONDS
+
+
+catalog = Catalog()
+
+
+def check_deployment(deployment: Deployment, client: httpx.Client) -> bool:
+    """GET {base_url}/health; stores the result on the row."""
+    headers = {"authorization": f"Bearer {deployment.internal_token}"} if deployment.internal_token else {}
+    error = ""
+    try:
+        response = client.get(f"{deployment.base_url.rstrip('/')}/health", headers=headers)
+        healthy = response.status_code == 200
+        if not healthy:
+            error = f"/health answered {response.status_code}"
+    except httpx.HTTPError as exc:
+        healthy, error = False, f"{type(exc).__name__}: {exc}"[:500]
+    if healthy != deployment.healthy:
+        logger.warning("deployment %s is now %s %s", deployment, "healthy" if healthy else "unhealthy", error)
+    Deployment.objects.filter(pk=deployment.pk).update(healthy=healthy, last_checked_at=timezone.now(), last_error=error)
+    deployment.healthy, deployment.last_error = healthy, error
+    return healthy
+
+
+def check_deployments() -> dict[str, int]:
+    """Health-check every enabled deployment (the periodic task calls this). Returns counts."""
+    counts = {"healthy": 0, "unhealthy": 0}
+    with httpx.Client(timeout=settings.GATEWAY_HEALTH_CHECK_TIMEOUT) as client:
+        for deployment in Deployment.objects.filter(enabled=True):
+            counts["healthy" if check_deployment(deployment, client) else "unhealthy"] += 1
+    return counts

@@ -1,0 +1,96 @@
+"""OpenAI-format errors: every failure under /v1/ is `{"error": {"message", "type", "param", "code"}}`."""
+
+from __future__ import annotations
+
+import json
+
+from django.http import HttpResponse
+
+
+class GatewayError(Exception):
+    """Raised anywhere on the request path; the view turns it into an OpenAI error response."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.param = param
+        self.headers = headers or {}
+
+    def response(self) -> HttpResponse:
+        return error_response(self.status, self.message, self.type, self.code, self.param, self.headers)
+
+
+def error_body(message: str, type: str, code: str | None = None, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def error_response(
+    status: int,
+    message: str,
+    type: str = "invalid_request_error",
+    code: str | None = None,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> HttpResponse:
+    response = HttpResponse(
+        json.dumps(error_body(message, type, code, param)), status=status, content_type="application/json"
+    )
+    for name, value in (headers or {}).items():
+        response[name] = value
+    return response
+
+
+# The refusals the gateway gives, named once so views and tests agree on the wire format.
+NO_RETRY = {"x-should-retry": "false"}
+
+
+def invalid_api_key(message: str = "Incorrect API key provided.") -> GatewayError:
+    return GatewayError(401, message, "invalid_request_error", "invalid_api_key")
+
+
+def no_entitlement() -> GatewayError:
+    return GatewayError(
+        403,
+        "Your organization has no active entitlement. Redeem an authorization code in the console.",
+        "invalid_request_error",
+        "authorization_required",
+        headers=NO_RETRY,
+    )
+
+
+def model_not_found(name: str) -> GatewayError:
+    return GatewayError(
+        404,
+        f"The model `{name}` does not exist or you do not have access to it.",
+        "invalid_request_error",
+        "model_not_found",
+    )
+
+
+def insufficient_quota() -> GatewayError:
+    return GatewayError(
+        429,
+        "You exceeded your current quota: this request's token reservation does not fit your entitlement.",
+        "insufficient_quota",
+        "insufficient_quota",
+        headers=NO_RETRY,
+    )
+
+
+def service_unavailable(message: str) -> GatewayError:
+    return GatewayError(503, message, "server_error", "service_unavailable")
+
+
+def invalid_param(param: str, message: str) -> GatewayError:
+    return GatewayError(400, message, "invalid_request_error", "invalid_value", param)

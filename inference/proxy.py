@@ -1,0 +1,210 @@
+"""Forwarding to an engine replica with one shared httpx.AsyncClient per process (pooled connections),
+relaying streams chunk by chunk and metering what each request consumed.
+
+Streams: the engine is always asked for `include_usage`; the final usage chunk is passed to the
+client only if it asked for it. When the client disconnects, Django cancels the response iterator;
+closing the upstream response then aborts generation in the engine at once, and the request is
+charged exactly the tokens generated so far (one per content-bearing chunk received from the engine,
+plus the prompt as counted by the engine's /tokenize).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import httpx
+from django.conf import settings
+
+from .catalog import Upstream
+from .errors import GatewayError, error_body, service_unavailable
+from .models import UsageStatus
+
+logger = logging.getLogger(__name__)
+
+_clients: dict[asyncio.AbstractEventLoop, httpx.AsyncClient] = {}
+
+
+def http_client() -> httpx.AsyncClient:
+    """The process's pooled client (one per event loop; uvicorn runs one loop per worker)."""
+    loop = asyncio.get_running_loop()
+    client = _clients.get(loop)
+    if client is None:
+        client = httpx.AsyncClient(
+            timeout=httpx.Timeout(
+                connect=settings.GATEWAY_UPSTREAM_CONNECT_TIMEOUT,
+                read=settings.GATEWAY_UPSTREAM_READ_TIMEOUT,
+                write=settings.GATEWAY_UPSTREAM_WRITE_TIMEOUT,
+                pool=settings.GATEWAY_UPSTREAM_POOL_TIMEOUT,
+            ),
+            limits=httpx.Limits(
+                max_connections=settings.GATEWAY_UPSTREAM_MAX_CONNECTIONS,
+                max_keepalive_connections=settings.GATEWAY_UPSTREAM_MAX_CONNECTIONS,
+            ),
+        )
+        _clients.clear()
+        _clients[loop] = client
+    return client
+
+
+@dataclass
+class Meter:
+    """What one forwarded request consumed, filled in as the response arrives."""
+
+    started: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    prompt_tokens: int | None = None
+    cached_tokens: int = 0
+    completion_tokens: int = 0  # from the engine's usage, or counted chunk by chunk
+    usage_reported: bool = False
+    status: str = UsageStatus.OK
+    http_status: int = 200
+
+    def take_usage(self, usage: dict | None) -> None:
+        if not usage:
+            return
+        self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        self.completion_tokens = int(usage.get("completion_tokens") or 0)
+        details = usage.get("prompt_tokens_details") or {}
+        self.cached_tokens = int(details.get("cached_tokens") or 0)
+        self.usage_reported = True
+
+    def mark_first_token(self) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+
+    @property
+    def ttft_ms(self) -> float | None:
+        return None if self.first_token_at is None else (self.first_token_at - self.started) * 1000
+
+    @property
+    def latency_ms(self) -> float:
+        return (time.perf_counter() - self.started) * 1000
+
+
+def upstream_headers(upstream: Upstream, request_id: str) -> dict[str, str]:
+    headers = {"content-type": "application/json", "x-request-id": request_id}
+    if upstream.internal_token:
+        headers["authorization"] = f"Bearer {upstream.internal_token}"
+    return headers
+
+
+def upstream_failure(exc: Exception) -> tuple[str, GatewayError]:
+    """Usage status and the client's error for a transport failure talking to the engine."""
+    if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
+        return UsageStatus.UPSTREAM_TIMEOUT, GatewayError(
+            504, "The model server timed out while generating the response. Please retry.", "server_error", "upstream_timeout"
+        )
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout):
+        return UsageStatus.UPSTREAM_UNAVAILABLE, service_unavailable("The model is temporarily unavailable. Please retry.")
+    return UsageStatus.UPSTREAM_ERROR, GatewayError(
+        502, "The model server failed while generating the response. Please retry.", "server_error", "upstream_error"
+    )
+
+
+def upstream_error_response(status: int, content: bytes) -> GatewayError:
+    """Relay the engine's own 4xx (e.g. prompt longer than the context) in OpenAI form; 5xx becomes 502."""
+    try:
+        error = json.loads(content)["error"]
+        message = error.get("message") or "The model server rejected the request."
+    except (ValueError, KeyError, TypeError, AttributeError):
+        error, message = {}, f"The model server answered {status}."
+    if 400 <= status < 500:
+        return GatewayError(status, message, error.get("type") or "invalid_request_error", error.get("code"), error.get("param"))
+    return GatewayError(502, "The model server failed to process the request. Please retry.", "server_error", "upstream_error")
+
+
+async def send(
+    upstream: Upstream, endpoint: str, payload: bytes, request_id: str, stream: bool
+) -> httpx.Response:
+    """POST to the engine; for streams only the headers are read here."""
+    client = http_client()
+    request = client.build_request(
+        "POST", f"{upstream.base_url}/v1/{endpoint}", content=payload, headers=upstream_headers(upstream, request_id)
+    )
+    return await client.send(request, stream=stream)
+
+
+async def count_prompt_tokens(upstream: Upstream, body: dict, request_id: str) -> int | None:
+    """Exact prompt tokens from the engine's /tokenize (used when a stream ends before its usage chunk)."""
+    payload = {k: body[k] for k in ("model", "messages", "prompt", "add_generation_prompt", "tools") if k in body}
+    try:
+        response = await http_client().post(
+            f"{upstream.base_url}/tokenize", json=payload, headers=upstream_headers(upstream, request_id), timeout=5.0
+        )
+        if response.status_code == 200:
+            return int(response.json()["count"])
+    except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+        logger.warning("could not count prompt tokens for %s: %s", request_id, exc)
+    return None
+
+
+def tokens_in_chunk(chunk: dict) -> int:
+    """Generated tokens a stream chunk carries: one per choice whose delta (or text) is non-empty."""
+    count = 0
+    for choice in chunk.get("choices") or ():
+        delta = choice.get("delta")
+        if delta is not None:
+            if delta.get("content") or delta.get("tool_calls") or delta.get("reasoning_content"):
+                count += 1
+        elif choice.get("text"):
+            count += 1
+    return count
+
+
+def sse_error(error: GatewayError) -> bytes:
+    return f"data: {json.dumps(error_body(error.message, error.type, error.code, error.param))}\n\n".encode()
+
+
+async def relay_stream(
+    response: httpx.Response, meter: Meter, client_wants_usage: bool, upstream: Upstream
+) -> AsyncIterator[bytes]:
+    """Yield the engine's SSE events as they arrive, metering them; closes the upstream on exit."""
+    done = False
+    try:
+        async for line in response.aiter_lines():
+            if not line:
+                continue
+            if not line.startswith("data:"):
+                yield f"{line}\n\n".encode()
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                done = True
+                yield b"data: [DONE]\n\n"
+                break
+            try:
+                chunk = json.loads(data)
+            except ValueError:
+                chunk = {}
+            if "error" in chunk:
+                meter.status, meter.http_status = UsageStatus.UPSTREAM_ERROR, 502
+                yield f"data: {data}\n\n".encode()
+                done = True
+                break
+            generated = tokens_in_chunk(chunk)
+            if generated:
+                meter.mark_first_token()
+                if not meter.usage_reported:
+                    meter.completion_tokens += generated
+            if chunk.get("usage"):
+                meter.take_usage(chunk["usage"])
+                if not chunk.get("choices") and not client_wants_usage:
+                    continue  # the usage chunk the gateway asked for on its own behalf
+            yield f"data: {data}\n\n".encode()
+        if not done:
+            raise httpx.RemoteProtocolError("the model server closed the stream before [DONE]")
+    except (httpx.HTTPError, httpx.StreamError) as exc:
+        meter.status, error = upstream_failure(exc)
+        meter.http_status = error.status
+        logger.warning("stream from %s failed: %s", upstream.base_url, exc)
+        yield sse_error(error)
+    except asyncio.CancelledError:
+        meter.status, meter.http_status = UsageStatus.CLIENT_DISCONNECTED, 499
+        raise
+    finally:
+        await asyncio.shield(response.aclose())

@@ -1,0 +1,285 @@
+"""Requests-per-minute and tokens-per-minute limits per key and per organization, plus the optional
+per-organization cap on concurrent requests.
+
+Token buckets: each limit is a bucket of `limit` units refilled at `limit` per minute. One request checks
+every bucket that applies and consumes from all of them only if all have room, atomically: in Redis with
+one Lua script (shared by every gateway process), or in this process when Redis is not configured.
+When Redis is configured but unreachable, `GATEWAY_RATELIMIT_ON_REDIS_ERROR` decides: "refuse" (503) or
+"local" (fall back to per-process buckets).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+
+from django.conf import settings
+
+from .errors import GatewayError, service_unavailable
+
+logger = logging.getLogger(__name__)
+
+WINDOW_MS = 60_000
+BUCKET_TTL_MS = 2 * WINDOW_MS
+CONCURRENCY_TTL_S = 3600
+
+# KEYS: bucket keys, then the concurrency key (or none). ARGV: capacity and cost per bucket, then the
+# concurrency cap (0: none). Returns {allowed, wait_ms, denied_by, remaining_1, reset_ms_1, ...};
+# denied_by is the 1-based bucket index, or n+1 for the concurrency cap.
+LUA_ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local n = #KEYS
+local cap_concurrency = tonumber(ARGV[#ARGV])
+if cap_concurrency > 0 then n = n - 1 end
+local levels = {}
+local allowed = 1
+local wait = 0
+local denied_by = 0
+for i = 1, n do
+  local cap = tonumber(ARGV[2 * i - 1])
+  local cost = tonumber(ARGV[2 * i])
+  local state = redis.call('HMGET', KEYS[i], 'v', 't')
+  local v = tonumber(state[1])
+  local ts = tonumber(state[2])
+  if v == nil then v = cap; ts = now end
+  local rate = cap / 60000.0
+  v = math.min(cap, v + math.max(now - ts, 0) * rate)
+  levels[i] = v
+  if cost > v then
+    allowed = 0
+    local w = (cost - v) / rate
+    if w > wait then wait = w; denied_by = i end
+  end
+end
+if allowed == 1 and cap_concurrency > 0 then
+  local current = tonumber(redis.call('GET', KEYS[n + 1]) or '0')
+  if current >= cap_concurrency then allowed = 0; denied_by = n + 1; wait = 1000 end
+end
+local out = {allowed, math.ceil(wait), denied_by}
+for i = 1, n do
+  local cap = tonumber(ARGV[2 * i - 1])
+  local v = levels[i]
+  if allowed == 1 then v = v - tonumber(ARGV[2 * i]) end
+  redis.call('HSET', KEYS[i], 'v', tostring(v), 't', now)
+  redis.call('PEXPIRE', KEYS[i], BUCKET_TTL_MS)
+  out[#out + 1] = math.floor(v)
+  out[#out + 1] = math.ceil((cap - v) / (cap / 60000.0))
+end
+if allowed == 1 and cap_concurrency > 0 then
+  redis.call('INCR', KEYS[n + 1])
+  redis.call('EXPIRE', KEYS[n + 1], CONCURRENCY_TTL_S)
+end
+return out
+""".replace("BUCKET_TTL_MS", str(BUCKET_TTL_MS)).replace("CONCURRENCY_TTL_S", str(CONCURRENCY_TTL_S))
+
+
+def format_duration(seconds: float) -> str:
+    """Go-style durations as OpenAI sends them in x-ratelimit-reset-*: `20ms`, `1s`, `1.5s`, `6m0s`."""
+    ms = max(0, math.ceil(seconds * 1000))
+    if ms == 0:
+        return "0s"
+    if ms < 1000:
+        return f"{ms}ms"
+    hours, rest = divmod(ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    secs = f"{rest / 1000:.3f}".rstrip("0").rstrip(".")
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
+@dataclass(frozen=True)
+class Bucket:
+    key: str
+    kind: str  # "requests" or "tokens"
+    capacity: int
+    cost: int
+
+
+@dataclass
+class Decision:
+    allowed: bool
+    retry_after_ms: int = 0
+    denied_kind: str | None = None  # "requests", "tokens" or "concurrency"
+    headers: dict[str, str] = field(default_factory=dict)
+    concurrency_key: str | None = None
+
+
+def buckets_for(api_key, organization, tokens: int) -> list[Bucket]:
+    """Every limit that applies to one request; a limit left empty does not apply."""
+    buckets = []
+    for scope, owner in (("key", api_key), ("org", organization)):
+        if owner.requests_per_minute:
+            buckets.append(Bucket(f"rl:{scope}:{owner.pk}:req", "requests", owner.requests_per_minute, 1))
+        if owner.tokens_per_minute:
+            buckets.append(Bucket(f"rl:{scope}:{owner.pk}:tok", "tokens", owner.tokens_per_minute, tokens))
+    return buckets
+
+
+def decide(buckets: list[Bucket], raw: list[int], concurrency_key: str | None) -> Decision:
+    """Turn the script's answer into a decision and OpenAI's x-ratelimit-* headers (tightest bucket wins)."""
+    allowed, wait_ms, denied_by = bool(raw[0]), int(raw[1]), int(raw[2])
+    headers: dict[str, str] = {}
+    tightest: dict[str, tuple[int, int, int]] = {}
+    for i, bucket in enumerate(buckets):
+        remaining, reset_ms = int(raw[3 + 2 * i]), int(raw[4 + 2 * i])
+        best = tightest.get(bucket.kind)
+        if best is None or remaining < best[1]:
+            tightest[bucket.kind] = (bucket.capacity, max(remaining, 0), reset_ms)
+    for kind, (limit, remaining, reset_ms) in tightest.items():
+        headers[f"x-ratelimit-limit-{kind}"] = str(limit)
+        headers[f"x-ratelimit-remaining-{kind}"] = str(remaining)
+        headers[f"x-ratelimit-reset-{kind}"] = format_duration(reset_ms / 1000)
+    if denied_by == 0:
+        denied_kind = None
+    elif denied_by > len(buckets):
+        denied_kind = "concurrency"
+    else:
+        denied_kind = buckets[denied_by - 1].kind
+    return Decision(allowed, wait_ms, denied_kind, headers, concurrency_key if allowed else None)
+
+
+class LocalLimiter:
+    """The same buckets in this process's memory: for a single process without Redis, or as fallback."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._levels: dict[str, tuple[float, float]] = {}
+        self._concurrent: dict[str, int] = {}
+
+    def acquire(self, buckets: list[Bucket], concurrency_key: str | None, concurrency_cap: int) -> list[int]:
+        now = time.monotonic() * 1000
+        with self._lock:
+            levels, allowed, wait, denied_by = [], 1, 0.0, 0
+            for i, b in enumerate(buckets):
+                v, ts = self._levels.get(b.key, (float(b.capacity), now))
+                rate = b.capacity / WINDOW_MS
+                v = min(b.capacity, v + max(now - ts, 0) * rate)
+                levels.append(v)
+                if b.cost > v:
+                    allowed = 0
+                    w = (b.cost - v) / rate
+                    if w > wait:
+                        wait, denied_by = w, i + 1
+            if allowed and concurrency_key and self._concurrent.get(concurrency_key, 0) >= concurrency_cap:
+                allowed, denied_by, wait = 0, len(buckets) + 1, 1000
+            out = [allowed, math.ceil(wait), denied_by]
+            for b, v in zip(buckets, levels, strict=True):
+                if allowed:
+                    v -= b.cost
+                self._levels[b.key] = (v, now)
+                out += [math.floor(v), math.ceil((b.capacity - v) / (b.capacity / WINDOW_MS))]
+            if allowed and concurrency_key:
+                self._concurrent[concurrency_key] = self._concurrent.get(concurrency_key, 0) + 1
+            return out
+
+    def release(self, concurrency_key: str) -> None:
+        with self._lock:
+            self._concurrent[concurrency_key] = max(self._concurrent.get(concurrency_key, 0) - 1, 0)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._levels.clear()
+            self._concurrent.clear()
+
+
+class RateLimiter:
+    """Front door: Redis when configured (one script call per request), local buckets otherwise."""
+
+    def __init__(self, redis_url: str, on_redis_error: str, timeout: float) -> None:
+        if on_redis_error not in ("refuse", "local"):
+            raise ValueError("GATEWAY_RATELIMIT_ON_REDIS_ERROR must be 'refuse' or 'local'.")
+        self.redis_url = redis_url
+        self.on_redis_error = on_redis_error
+        self.timeout = timeout
+        self.local = LocalLimiter()
+        self._clients: dict[asyncio.AbstractEventLoop, object] = {}
+        self._script = None
+
+    def _client(self):
+        import redis.asyncio as aioredis
+
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            client = aioredis.Redis.from_url(
+                self.redis_url, socket_timeout=self.timeout, socket_connect_timeout=self.timeout
+            )
+            self._clients = {loop: client}  # one event loop per process under uvicorn
+        return client
+
+    async def acquire(self, api_key, organization, tokens: int) -> Decision:
+        buckets = buckets_for(api_key, organization, tokens)
+        cap = organization.max_concurrent_requests or 0
+        concurrency_key = f"rl:org:{organization.pk}:concurrent" if cap else None
+        if not buckets and not concurrency_key:
+            return Decision(True)
+        if self.redis_url:
+            try:
+                client = self._client()
+                keys = [b.key for b in buckets] + ([concurrency_key] if concurrency_key else [])
+                args = [x for b in buckets for x in (b.capacity, b.cost)] + [cap]
+                raw = await client.eval(LUA_ACQUIRE, len(keys), *keys, *args)
+                return decide(buckets, raw, concurrency_key)
+            except Exception as exc:  # redis.ConnectionError, TimeoutError, ...
+                if self.on_redis_error == "refuse":
+                    logger.warning("rate limiter: Redis unreachable, refusing: %s", exc)
+                    raise service_unavailable("The rate limiter is temporarily unavailable; retry shortly.") from exc
+                logger.warning("rate limiter: Redis unreachable, using per-process limits: %s", exc)
+        raw = self.local.acquire(buckets, concurrency_key, cap)
+        return decide(buckets, raw, concurrency_key)
+
+    async def release(self, decision: Decision) -> None:
+        """Give back a concurrency slot taken by `acquire`."""
+        key = decision.concurrency_key
+        if key is None:
+            return
+        if self.redis_url:
+            try:
+                await self._client().decr(key)
+                return
+            except Exception as exc:
+                logger.warning("rate limiter: could not release %s in Redis: %s", key, exc)
+        self.local.release(key)
+
+
+def rate_limit_error(decision: Decision) -> GatewayError:
+    seconds = max(1, math.ceil(decision.retry_after_ms / 1000))
+    headers = dict(decision.headers)
+    headers["retry-after"] = str(seconds)
+    headers["retry-after-ms"] = str(max(decision.retry_after_ms, 1))
+    if decision.denied_kind == "concurrency":
+        message = "Too many concurrent requests for your organization. Retry when one finishes."
+    else:
+        message = (
+            f"Rate limit reached for {decision.denied_kind} per minute. "
+            f"Please try again in {format_duration(decision.retry_after_ms / 1000)}."
+        )
+    return GatewayError(429, message, decision.denied_kind or "requests", "rate_limit_exceeded", headers=headers)
+
+
+_limiter: RateLimiter | None = None
+
+
+def get_limiter() -> RateLimiter:
+    global _limiter
+    if _limiter is None:
+        _limiter = RateLimiter(
+            settings.REDIS_URL if settings.GATEWAY_RATELIMIT_USE_REDIS else "",
+            settings.GATEWAY_RATELIMIT_ON_REDIS_ERROR,
+            settings.GATEWAY_REDIS_TIMEOUT,
+        )
+    return _limiter
+
+
+def reset_limiter() -> None:
+    """Forget the limiter (settings changed, e.g. in tests)."""
+    global _limiter
+    _limiter = None

@@ -1,0 +1,11 @@
+from django.urls import path, re_path
+
+from . import views
+
+urlpatterns = [
+    path("v1/models", views.list_models, name="v1-models"),
+    path("v1/models/<path:model_id>", views.retrieve_model, name="v1-model"),
+    path("v1/chat/completions", views.chat_completions, name="v1-chat-completions"),
+    path("v1/completions", views.completions, name="v1-completions"),
+    re_path(r"^v1(?:/(?P<rest>.*))?$", views.unknown_path),
+]

@@ -1,0 +1,313 @@
+"""The OpenAI-compatible /v1/ API: async views on the request's path, every error in OpenAI form.
+
+Path of a completion request: bearer key → body validation → key, organization and entitlements
+(one thread hop, two queries) → model resolution (404) → deployment choice (503) → rate limits (429,
+one Redis call) → quota reservation (429 insufficient_quota, one conditional UPDATE) → forward →
+settle and record usage (one transaction).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import time
+import uuid
+
+import httpx
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
+from django.db import DatabaseError, connections
+from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+from django.views.decorators.csrf import csrf_exempt
+
+from . import proxy, quotas
+from .catalog import CatalogEntry, Upstream, catalog
+from .errors import GatewayError, error_response, invalid_api_key, service_unavailable
+from .models import UsageRecord, UsageStatus
+from .ratelimit import Decision, get_limiter, rate_limit_error
+from .validation import InferenceRequest, parse_chat, parse_completion
+
+logger = logging.getLogger(__name__)
+
+_background: set[asyncio.Task] = set()
+
+
+def new_request_id() -> str:
+    return f"req_{uuid.uuid4().hex}"
+
+
+def openai_endpoint(*methods: str):
+    """Request id, processing time, method check, and OpenAI error bodies for every failure."""
+
+    def decorate(view):
+        @csrf_exempt
+        @functools.wraps(view)
+        async def wrapper(request: HttpRequest, *args, **kwargs) -> HttpResponse:
+            started = time.perf_counter()
+            request.request_id = new_request_id()
+            request.ratelimit_headers = {}
+            try:
+                if request.method not in methods:
+                    response = error_response(
+                        405, f"Method {request.method} is not allowed on {request.path}. Allowed: {', '.join(methods)}.",
+                        headers={"allow": ", ".join(methods)},
+                    )
+                else:
+                    response = await view(request, *args, **kwargs)
+            except GatewayError as exc:
+                response = exc.response()
+            except RequestDataTooBig:
+                response = error_response(413, "The request body is too large.")
+            except DatabaseError as exc:
+                logger.error("database unavailable on %s: %s", request.path, exc)
+                response = service_unavailable("The service is temporarily unavailable. Please retry.").response()
+            except Exception:
+                logger.exception("unhandled error on %s", request.path)
+                response = error_response(500, "The server had an error while processing your request.", "server_error")
+            for name, value in request.ratelimit_headers.items():
+                response[name] = value
+            response["x-request-id"] = request.request_id
+            response["openai-processing-ms"] = str(round((time.perf_counter() - started) * 1000))
+            return response
+
+        return wrapper
+
+    return decorate
+
+
+def bearer_key(request: HttpRequest) -> str:
+    header = request.headers.get("authorization", "")
+    if not header:
+        raise invalid_api_key(
+            "You didn't provide an API key. You need to provide your API key in an Authorization header "
+            "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+        )
+    scheme, _, raw = header.partition(" ")
+    raw = raw.strip()
+    if scheme.lower() != "bearer" or not raw:
+        raise invalid_api_key("Malformed Authorization header: expected 'Bearer sk-...'.")
+    return raw
+
+
+async def caller_for(request: HttpRequest) -> quotas.Caller:
+    raw = bearer_key(request)
+    if quotas.APIKey.parse_public_id(raw) is None:
+        raise invalid_api_key(f"Incorrect API key provided: {quotas.redact(raw)}.")
+    return await sync_to_async(quotas.admit)(raw)
+
+
+def model_object(entry: CatalogEntry) -> dict:
+    model = entry.model
+    return {"id": model.name, "object": "model", "created": int(model.created_at.timestamp()), "owned_by": model.owned_by}
+
+
+@openai_endpoint("GET")
+async def list_models(request: HttpRequest) -> HttpResponse:
+    caller = await caller_for(request)
+    data = [model_object(e) for e in caller.visible_models()]
+    return HttpResponse(json.dumps({"object": "list", "data": data}), content_type="application/json")
+
+
+@openai_endpoint("GET")
+async def retrieve_model(request: HttpRequest, model_id: str) -> HttpResponse:
+    caller = await caller_for(request)
+    entry, _ = caller.resolve(model_id)
+    return HttpResponse(json.dumps(model_object(entry)), content_type="application/json")
+
+
+@openai_endpoint("POST")
+async def chat_completions(request: HttpRequest) -> HttpResponse:
+    return await complete(request, parse_chat)
+
+
+@openai_endpoint("POST")
+async def completions(request: HttpRequest) -> HttpResponse:
+    return await complete(request, parse_completion)
+
+
+@csrf_exempt
+async def unknown_path(request: HttpRequest, rest: str = "") -> HttpResponse:
+    response = error_response(404, f"Invalid URL ({request.method} {request.path})", code="unknown_url")
+    response["x-request-id"] = new_request_id()
+    return response
+
+
+def parse_body(request: HttpRequest, parser) -> InferenceRequest:
+    try:
+        body = json.loads(request.body)
+    except (ValueError, UnicodeDecodeError):
+        raise GatewayError(
+            400,
+            "We could not parse the JSON body of your request. The OpenAI API expects a JSON payload.",
+            code="invalid_json",
+        ) from None
+    return parser(body)
+
+
+async def complete(request: HttpRequest, parser) -> HttpResponse:
+    caller = await caller_for(request)
+    inference = parse_body(request, parser)
+    entry, entitlements = caller.resolve(inference.model)
+    upstream = catalog.pick(entry)
+    if upstream is None:
+        raise service_unavailable(f"The model `{inference.model}` is temporarily unavailable: no healthy replica. Please retry.")
+    key, organization = caller.api_key, caller.api_key.organization
+    tokens = inference.reservation(entry.model.context_length, settings.GATEWAY_PROMPT_OVERHEAD_TOKENS)
+    limiter = get_limiter()
+    decision = await limiter.acquire(key, organization, tokens)
+    request.ratelimit_headers = decision.headers
+    if not decision.allowed:
+        raise rate_limit_error(decision)
+    try:
+        hold = await sync_to_async(quotas.reserve)(entitlements, tokens, request.request_id)
+    except BaseException:
+        await limiter.release(decision)
+        raise
+    forward = Forward(request.request_id, inference, entry, caller, hold, decision, upstream)
+    return await forward.run()
+
+
+class Forward:
+    """One admitted request: forward it, then settle its reservation and write its usage record once."""
+
+    def __init__(self, request_id, inference, entry, caller, hold, decision: Decision, upstream: Upstream):
+        self.request_id = request_id
+        self.inference = inference
+        self.entry = entry
+        self.caller = caller
+        self.hold = hold
+        self.decision = decision
+        self.upstream = upstream
+        self.meter = proxy.Meter()
+        self.settled = False
+
+    def payload(self) -> bytes:
+        body = dict(self.inference.body)
+        body["cache_salt"] = self.caller.api_key.organization.cache_salt
+        if self.inference.stream:
+            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        return json.dumps(body).encode()
+
+    async def run(self) -> HttpResponse:
+        try:
+            response = await self.send()
+        except BaseException:
+            await self.finish()
+            raise
+        if not self.inference.stream:
+            try:
+                return await self.read_whole(response)
+            finally:
+                await self.finish()
+        if response.status_code != 200:
+            self.meter.status, self.meter.http_status = UsageStatus.REJECTED_UPSTREAM, response.status_code
+            try:
+                content = await response.aread()
+            finally:
+                await response.aclose()
+                catalog.finished(self.upstream)
+                await self.finish()
+            raise proxy.upstream_error_response(response.status_code, content)
+        streaming = StreamingHttpResponse(self.stream(response), content_type="text/event-stream")
+        streaming["cache-control"] = "no-cache"
+        streaming["x-accel-buffering"] = "no"
+        return streaming
+
+    async def send(self) -> httpx.Response:
+        """POST to a healthy replica; a replica that refuses the connection is benched and the next tried."""
+        payload, tried = self.payload(), set()
+        while True:
+            tried.add(self.upstream.id)
+            catalog.started(self.upstream)
+            try:
+                return await proxy.send(self.upstream, self.inference.endpoint, payload, self.request_id, self.inference.stream)
+            except httpx.HTTPError as exc:
+                catalog.finished(self.upstream)
+                status, error = proxy.upstream_failure(exc)
+                self.meter.status, self.meter.http_status = status, error.status
+                if status != UsageStatus.UPSTREAM_UNAVAILABLE:
+                    raise error from exc
+                logger.warning("upstream %s unreachable: %s", self.upstream.base_url, exc)
+                catalog.bench(self.upstream)
+                nxt = catalog.pick(self.entry)
+                if nxt is None or nxt.id in tried:
+                    raise error from exc
+                self.upstream = nxt
+
+    async def read_whole(self, response: httpx.Response) -> HttpResponse:
+        try:
+            content = response.content
+            if response.status_code != 200:
+                self.meter.status, self.meter.http_status = UsageStatus.REJECTED_UPSTREAM, response.status_code
+                raise proxy.upstream_error_response(response.status_code, content)
+            try:
+                self.meter.take_usage(json.loads(content).get("usage"))
+            except (ValueError, AttributeError):
+                self.meter.status, self.meter.http_status = UsageStatus.UPSTREAM_ERROR, 502
+                raise GatewayError(502, "The model server sent an invalid response.", "server_error", "upstream_error") from None
+            self.meter.mark_first_token()
+            return HttpResponse(content, content_type="application/json")
+        finally:
+            catalog.finished(self.upstream)
+
+    async def stream(self, response: httpx.Response):
+        try:
+            async for part in proxy.relay_stream(response, self.meter, self.inference.include_usage, self.upstream):
+                yield part
+        finally:
+            catalog.finished(self.upstream)
+            task = asyncio.ensure_future(self.finish(close_connections=True))
+            _background.add(task)
+            task.add_done_callback(_background.discard)
+            await asyncio.shield(task)
+
+    async def finish(self, close_connections: bool = False) -> None:
+        """Settle the hold and write the one usage record (idempotent)."""
+        if self.settled:
+            return
+        self.settled = True
+        meter = self.meter
+        try:
+            if meter.prompt_tokens is None and meter.completion_tokens:
+                # Stream cut before its usage chunk: the engine counts the prompt exactly.
+                meter.prompt_tokens = await proxy.count_prompt_tokens(self.upstream, self.inference.body, self.request_id)
+            prompt = meter.prompt_tokens or 0
+            model = self.entry.model
+            key = self.caller.api_key
+            record = UsageRecord(
+                organization_id=key.organization_id,
+                api_key_id=key.pk,
+                user_id=key.created_by_id,
+                entitlement_id=self.hold.entitlement_id,
+                model_id=model.pk,
+                model_name=model.name,
+                deployment_id=self.upstream.id,
+                endpoint=self.inference.endpoint,
+                prompt_tokens=prompt,
+                cached_tokens=min(meter.cached_tokens, prompt),
+                completion_tokens=meter.completion_tokens,
+                cost=model.cost(prompt, min(meter.cached_tokens, prompt), meter.completion_tokens),
+                status=meter.status,
+                http_status=meter.http_status,
+                stream=self.inference.stream,
+                time_to_first_token_ms=meter.ttft_ms,
+                latency_ms=meter.latency_ms,
+                request_id=self.request_id,
+            )
+            await sync_to_async(settle_and_close)(self.hold, prompt + meter.completion_tokens, record, key, close_connections)
+        except Exception:
+            logger.exception("could not settle %s; its reservation expires on its own", self.request_id)
+        finally:
+            await get_limiter().release(self.decision)
+
+
+def settle_and_close(hold, used, record, key, close_connections: bool) -> None:
+    try:
+        quotas.settle(hold, used, record, key)
+    finally:
+        if close_connections:
+            connections.close_all()
+
