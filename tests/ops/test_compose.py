@@ -1,0 +1,124 @@
+"""compose.yaml checked by parsing (Docker is not available on the test machines)."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+SECRET_NAME = re.compile(r"SECRET|PASSWORD|TOKEN|API_KEY")
+REFERENCE = re.compile(r"^\$\{[A-Z_][A-Z0-9_]*(:?[-?][^}]*)?\}$")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "compose.yaml").read_text())
+
+
+def test_services_present(compose):
+    services = compose["services"]
+    for name in ("postgres", "redis", "migrate", "web", "worker", "beat", "otel-collector"):
+        assert name in services, name
+    engines = [name for name in services if name.startswith("engine-")]
+    assert engines, "one engine service per model"
+
+
+def test_every_long_running_service_has_health_check_and_restart_policy(compose):
+    for name, service in compose["services"].items():
+        if name == "migrate":
+            assert service["restart"] == "no"
+            continue
+        assert service.get("restart") in {"unless-stopped", "always"}, name
+        check = service.get("healthcheck")
+        assert check and check["test"] and check["interval"], name
+
+
+def test_no_secret_inline(compose):
+    """Secret-looking variables are only ${...} references (filled from .env), never literal values."""
+    for name, service in compose["services"].items():
+        for key, value in (service.get("environment") or {}).items():
+            value = str(value)
+            if SECRET_NAME.search(key):
+                assert REFERENCE.match(value), f"{name}.{key} must come from .env"
+            # Credentials inside URLs must be references too.
+            for credential in re.findall(r"://[^:/@]+:([^@]+)@", value):
+                assert REFERENCE.match(credential), f"{name}.{key} has an inline password"
+        assert "env_file" not in service or service["env_file"] == ".env"
+    text = (ROOT / "compose.yaml").read_text()
+    assert "SECRET_KEY=" not in text and "SECRET_KEY:" not in text
+
+
+def test_env_example_lists_every_referenced_variable():
+    example = {
+        line.split("=", 1)[0]
+        for line in (ROOT / ".env.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    }
+    referenced = set(re.findall(r"\$\{([A-Z_][A-Z0-9_]*)", (ROOT / "compose.yaml").read_text()))
+    assert referenced <= example, referenced - example
+    for required in ("SECRET_KEY", "API_KEY_HMAC_SECRET", "POSTGRES_PASSWORD", "METRICS_TOKEN", "ALLOWED_HOSTS"):
+        assert required in example
+    assert not [line for line in (ROOT / ".env.example").read_text().splitlines() if line.startswith("SECRET_KEY=") and line != "SECRET_KEY="]
+
+
+def test_web_worker_beat_run_the_real_processes(compose):
+    services = compose["services"]
+    web = " ".join(services["web"]["command"])
+    assert "uvicorn maas.asgi:application" in web and "--workers" in web
+    assert services["web"]["environment"]["PROMETHEUS_MULTIPROC_DIR"] in services["web"]["tmpfs"]
+    assert "celery -A maas worker" in " ".join(services["worker"]["command"])
+    assert services["beat"]["command"][:4] == ["celery", "-A", "maas", "beat"]
+    for name in ("web", "worker", "beat"):
+        env = services[name]["environment"]
+        assert env["CELERY_BROKER_URL"].startswith("redis://redis:")
+        assert env["DATABASE_URL"].startswith("postgres://")
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4318"
+        assert services[name]["build"]["dockerfile"] == "platform/Dockerfile.web"
+        assert services[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+        assert services[name]["depends_on"]["postgres"]["condition"] == "service_healthy"
+
+
+def test_engine_reserves_a_gpu_and_mounts_models(compose):
+    for name, service in compose["services"].items():
+        if not name.startswith("engine-"):
+            continue
+        devices = service["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["capabilities"] == ["gpu"] and devices[0]["count"] >= 1
+        assert any(v.endswith(":/models:ro") for v in service["volumes"])
+        assert service["build"]["dockerfile"] == "platform/Dockerfile.engine"
+        assert "python -m engine serve" in " ".join(service["command"])
+        assert service["environment"]["OTEL_SERVICE_NAME"].startswith("maas-engine")
+
+
+def test_named_volumes_and_platform_files(compose):
+    assert {"pgdata", "redisdata", "beatdata"} <= set(compose["volumes"])
+    assert "pgdata:/var/lib/postgresql/data" in compose["services"]["postgres"]["volumes"]
+    for path in ("platform/Dockerfile.web", "platform/Dockerfile.engine", "platform/otel-collector.yaml"):
+        assert (ROOT / path).is_file(), path
+    collector = yaml.safe_load((ROOT / "platform/otel-collector.yaml").read_text())
+    assert "otlp" in collector["service"]["pipelines"]["traces"]["receivers"]
+    assert collector["receivers"]["otlp"]["protocols"]["http"]["endpoint"].endswith(":4318")
+
+
+def test_check_deploy_passes_under_production_settings(tmp_path):
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(tmp_path),
+        "SECRET_KEY": "k8Jq2vX9mZ4tR7wB1nL5cF3hY6pD0sG8aE2uI4oK7jM9bV1xN3zQ5rT7yU9wC2eA",
+        "API_KEY_HMAC_SECRET": "a-separate-hmac-secret-for-api-keys-7f3b9c1d5e",
+        "ALLOWED_HOSTS": "maas.example.com",
+        "DATABASE_URL": "postgres://postgres@127.0.0.1:5432/postgres",
+        "REDIS_URL": "redis://127.0.0.1:6379/4",
+        "METRICS_TOKEN": "metrics-token",
+        "DJANGO_SETTINGS_MODULE": "maas.settings",
+    }
+    result = subprocess.run(
+        [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no issues" in result.stdout
