@@ -35,13 +35,23 @@ class EntitlementSerializer(serializers.ModelSerializer):
         return entitlement.is_active()
 
 
+class StrictCharField(serializers.CharField):
+    """A string and nothing else (DRF's CharField would turn 12345 into "12345")."""
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
 class RedeemSerializer(serializers.Serializer):
-    code = serializers.CharField(
+    code = StrictCharField(
         max_length=200,
         error_messages={
-            "required": "Send the authorization code as {\"code\": \"mac-…\"}.",
+            "required": 'Send the authorization code as {{"code": "mac-…"}}.',
             "blank": "The authorization code is empty.",
             "invalid": "The authorization code must be a string.",
+            "null": "The authorization code is null; send it as a string.",
             "max_length": "That is too long to be an authorization code.",
         },
     )
