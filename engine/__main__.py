@@ -1,0 +1,71 @@
+"""`python -m engine serve --model PATH [...]`: load the model, then serve the OpenAI API with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import torch
+
+from engine.config import EngineConfig, parse_bytes
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    serve.add_argument("--model", required=True, help="a Hugging Face model directory or a .gguf file")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8100)
+    serve.add_argument("--served-model-name", help="the model id clients send (default: the file/directory stem)")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer TOKEN' on /v1 and /tokenize")
+    serve.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    serve.add_argument("--kv-cache-memory", type=parse_bytes,
+                       help="bytes for the KV-cache pool, e.g. 2GiB (default: --gpu-memory-fraction of free GPU "
+                            "memory on CUDA, 1GiB on CPU)")
+    serve.add_argument("--gpu-memory-fraction", type=float, default=0.9,
+                       help="fraction of free CUDA memory (after loading the weights) for the KV cache")
+    serve.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one batch")
+    serve.add_argument("--max-num-batched-tokens", type=int, default=1024,
+                       help="per-step token budget; longer prompts are prefilled in chunks")
+    serve.add_argument("--max-model-len", type=int, help="context length cap (default: the model's)")
+    serve.add_argument("--max-waiting-requests", type=int, default=1024, help="beyond this, answer 503")
+    serve.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
+    serve.add_argument("--dtype", choices=sorted(_DTYPES), help="default: float32 on CPU, bfloat16 on CUDA")
+    serve.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    serve.add_argument("--threads", type=int, help="torch CPU threads")
+    serve.add_argument("--log-level", default="info")
+    return parser
+
+
+def serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from engine.async_engine import AsyncEngine
+    from engine.llm_engine import LLMEngine
+    from engine.server import build_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = EngineConfig(
+        model=args.model, served_model_name=args.served_model_name, dtype=_DTYPES.get(args.dtype),
+        device=args.device, block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
+        gpu_memory_fraction=args.gpu_memory_fraction, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+        max_waiting_requests=args.max_waiting_requests, enable_prefix_caching=not args.no_prefix_caching,
+        torch_threads=args.threads,
+    )
+    engine = AsyncEngine(LLMEngine(config))
+    app = build_app(engine, api_key=args.api_key)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        serve(args)
+
+
+if __name__ == "__main__":
+    main()

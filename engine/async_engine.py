@@ -1,0 +1,122 @@
+"""Runs LLMEngine in its own thread; each request gets an asyncio queue of its RequestOutputs.
+
+The HTTP side only enqueues commands (add, abort) and awaits its queue, so it never blocks generation;
+the engine thread owns the LLMEngine and is the only one touching it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from collections.abc import AsyncIterator
+
+from engine.llm_engine import LLMEngine, RequestOutput
+from engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineOverloadedError(RuntimeError):
+    """Too many requests are waiting; the server answers 503."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._commands: deque = deque()
+        self._wakeup = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
+        self.error: BaseException | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stop = True
+        self._wakeup.set()
+        self._thread.join(timeout=10)
+
+    @property
+    def healthy(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    @property
+    def num_pending(self) -> int:
+        return len(self.engine.scheduler.waiting) + len(self._commands)
+
+    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
+                 cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Submit a request (validation and overload errors raise here, before any output) and return
+        the stream of its outputs; leaving the stream early (client disconnect) aborts the request."""
+        if not self.healthy:
+            raise EngineOverloadedError("the engine is not running")
+        if self.num_pending >= self.engine.config.max_waiting_requests:
+            raise EngineOverloadedError("too many requests are waiting; retry later")
+        self.engine.check_prompt(prompt_token_ids, params)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), queue)
+        self._commands.append(("add", request_id, prompt_token_ids, params, cache_salt))
+        self._wakeup.set()
+        return self._stream(request_id, queue)
+
+    async def _stream(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.append(("abort", request_id))
+        self._wakeup.set()
+
+    def _deliver(self, request_id: str, item) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            loop, queue = stream
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    def _apply_commands(self) -> None:
+        engine = self.engine
+        while self._commands:
+            command = self._commands.popleft()
+            if command[0] == "abort":
+                engine.abort(command[1])
+                continue
+            _, request_id, token_ids, params, salt = command
+            if request_id not in self._streams:
+                continue  # the client left before the engine saw it
+            try:
+                engine.add_request(request_id, token_ids, params, cache_salt=salt)
+            except Exception as exc:  # noqa: BLE001 - handed to the waiting client
+                self._deliver(request_id, exc)
+
+    def _loop(self) -> None:
+        engine = self.engine
+        try:
+            while not self._stop:
+                self._apply_commands()
+                if not engine.has_unfinished():
+                    self._wakeup.wait()
+                    self._wakeup.clear()
+                    continue
+                for out in engine.step():
+                    self._deliver(out.request_id, out)
+        except BaseException as exc:
+            log.exception("engine loop crashed")
+            self.error = exc
+            for request_id in list(self._streams):
+                self._deliver(request_id, RuntimeError(f"engine failure: {exc}"))

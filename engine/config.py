@@ -1,0 +1,45 @@
+"""Runtime knobs of one engine instance."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class EngineConfig:
+    model: str
+    served_model_name: str | None = None
+    dtype: torch.dtype | None = None  # None: float32 on CPU, bfloat16 on CUDA (the loader decides)
+    device: str = "cpu"
+    block_size: int = 16
+    kv_cache_memory: int | None = None  # bytes for the KV pool; None: see gpu_memory_fraction / CPU default
+    gpu_memory_fraction: float = 0.9  # of free CUDA memory after the weights are loaded
+    cpu_kv_cache_memory: int = 1 << 30  # CPU default when kv_cache_memory is not given
+    num_kv_blocks: int | None = None  # exact pool size (tests); overrides the memory budget
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024  # per-step token budget (prefill chunks + decodes)
+    max_model_len: int | None = None  # None: the model's context length
+    max_waiting_requests: int = 1024  # beyond this the server answers 503
+    enable_prefix_caching: bool = True
+    torch_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError("block_size must be a power of two")
+        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
+            raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
+
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
+          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_bytes(text: str) -> int:
+    """'2GiB', '512MB', '1e9' or '1073741824' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a byte size: {text!r} (examples: 2GiB, 512MB, 1073741824)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])

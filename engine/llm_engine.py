@@ -1,0 +1,263 @@
+"""LLMEngine: requests in, one scheduler step at a time, text deltas out. LLM: the offline batch API."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.metrics import EngineMetrics
+from engine.model_runner import ModelRunner
+from engine.sampling_params import SamplingParamError, SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+
+
+class ContextLengthError(SamplingParamError):
+    """The prompt (plus the requested max_tokens) does not fit the model's context or the KV pool."""
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), most likely first
+
+
+@dataclass
+class CompletionDelta:
+    """What one choice produced in one step (or, from LLM.generate, in total)."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    outputs: list[CompletionDelta]
+    finished: bool
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    num_output_tokens: int  # over all choices, so far
+    prompt_token_ids: list[int] = field(default_factory=list)
+    arrival_time: float = 0.0
+    first_token_time: float | None = None
+    finish_time: float | None = None
+
+
+class Request:
+    __slots__ = ("request_id", "prompt_token_ids", "params", "seqs", "detoks", "arrival_time", "first_token_time",
+                 "num_unfinished")
+
+    def __init__(self, request_id, prompt_token_ids, params, seqs, detoks, arrival_time):
+        self.request_id = request_id
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
+        self.seqs = seqs
+        self.detoks = detoks
+        self.arrival_time = arrival_time
+        self.first_token_time = None
+        self.num_unfinished = len(seqs)
+
+    @property
+    def num_cached_tokens(self) -> int:
+        return max(self.seqs[0].num_cached_tokens, 0)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return sum(s.num_output_tokens for s in self.seqs)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, *, loaded=None, metrics: bool = True):
+        from engine.loader import load_model
+
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
+        self.config = config
+        self.loaded = loaded or load_model(config.model, dtype=config.dtype, device=config.device)
+        self.tokenizer = self.loaded.tokenizer
+        self.model_name = config.served_model_name or self.loaded.name
+        self.runner = ModelRunner(self.loaded, config)
+        self.max_model_len = min(config.max_model_len or self.loaded.spec.max_position_embeddings,
+                                 self.loaded.spec.max_position_embeddings)
+        block_manager = BlockManager(
+            self.runner.num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching,
+            extra_key=f"{self.loaded.name}:{self.loaded.spec.dtype}",
+        )
+        self.scheduler = Scheduler(
+            block_manager, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=self.max_model_len, eos_token_ids=self.loaded.eos_token_ids,
+        )
+        self.requests: dict[str, Request] = {}
+        self.metrics = EngineMetrics(self.model_name) if metrics else None
+
+    # -- requests -------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams, *,
+                    cache_salt: str | None = None, arrival_time: float | None = None) -> Request:
+        if request_id in self.requests:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self.check_prompt(token_ids, params)
+        limit = self.scheduler.max_model_len
+        max_tokens = min(params.max_tokens or limit, limit - len(token_ids))
+        arrival = arrival_time if arrival_time is not None else time.perf_counter()
+        seqs = [Sequence(request_id, token_ids, params, max_tokens, index=i, cache_salt=cache_salt,
+                         arrival_time=arrival) for i in range(params.n)]
+        detoks = [IncrementalDetokenizer(self.tokenizer, token_ids, params) for _ in seqs]
+        request = Request(request_id, token_ids, params, seqs, detoks, arrival)
+        self.requests[request_id] = request
+        for seq in seqs:
+            self.scheduler.add(seq)
+        if self.metrics:
+            self.metrics.prompt_tokens.inc(len(token_ids))
+        return request
+
+    def check_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
+        """Reject up front what can never run: empty prompts, unknown ids, prompts over the context."""
+        if not token_ids:
+            raise SamplingParamError("the prompt is empty", "prompt")
+        vocab = self.loaded.spec.vocab_size
+        if min(token_ids) < 0 or max(token_ids) >= vocab:
+            raise SamplingParamError(f"prompt token ids must be in [0, {vocab})", "prompt")
+        limit = self.scheduler.max_model_len
+        if len(token_ids) >= limit:
+            raise ContextLengthError(
+                f"This model's maximum context length is {limit} tokens. However, your prompt has "
+                f"{len(token_ids)} tokens; it must leave room for at least one generated token.", "messages")
+        if params.max_tokens and len(token_ids) + params.max_tokens > limit:
+            raise ContextLengthError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{len(token_ids) + params.max_tokens} tokens ({len(token_ids)} in the prompt, "
+                f"{params.max_tokens} in the completion). Please reduce the prompt or max_tokens.", "max_tokens")
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request (client gone); its blocks return to the pool now."""
+        request = self.requests.pop(request_id, None)
+        if request is not None:
+            for seq in request.seqs:
+                self.scheduler.finish(seq, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the loop -------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run one forward pass, sample, detokenize; returns what each touched request produced."""
+        scheduler = self.scheduler
+        batch = scheduler.schedule()
+        if not batch:
+            return []
+        sampling, result = self.runner.run(batch)
+        sampled = {}
+        if result is not None:
+            sampled = {seq.seq_id: token for seq, token in zip(sampling, result.token_ids, strict=True)}
+        scheduler.update(batch, sampled)
+        now = time.perf_counter()
+        outputs: dict[str, RequestOutput] = {}
+        for row, seq in enumerate(sampling):
+            request = self.requests.get(seq.request_id)
+            if request is None or seq.seq_id not in sampled:
+                continue
+            if request.first_token_time is None:
+                request.first_token_time = now
+                if self.metrics:
+                    self.metrics.ttft.observe(now - request.arrival_time)
+            token = sampled[seq.seq_id]
+            detok = request.detoks[seq.index]
+            delta = CompletionDelta(seq.index, token_ids=[token])
+            if seq.params.logprobs:
+                chosen, top = result.logprobs[row]
+                delta.logprobs = [TokenLogprob(token, chosen, top)]
+            stopped_by_token = seq.is_finished and seq.finish_reason == "stop"
+            if not stopped_by_token:
+                detok.add_token(token)
+                if detok.stopped:
+                    scheduler.finish(seq, "stop")
+            delta.text = detok.take(final=seq.is_finished)
+            if seq.is_finished:
+                delta.finish_reason = seq.finish_reason
+                request.num_unfinished -= 1
+            out = outputs.get(seq.request_id)
+            if out is None:
+                out = outputs[seq.request_id] = RequestOutput(
+                    request.request_id, [], False, len(request.prompt_token_ids), request.num_cached_tokens, 0,
+                    arrival_time=request.arrival_time, first_token_time=request.first_token_time)
+            out.outputs.append(delta)
+        for out in outputs.values():
+            request = self.requests[out.request_id]
+            out.num_output_tokens = request.num_output_tokens
+            if request.num_unfinished == 0:
+                out.finished = True
+                out.finish_time = now
+                del self.requests[out.request_id]
+                if self.metrics:
+                    for seq in request.seqs:
+                        self.metrics.observe_finished(request.arrival_time, request.first_token_time, now,
+                                                      seq.num_output_tokens, seq.finish_reason)
+        if self.metrics:
+            self.metrics.generation_tokens.inc(len(sampled))
+            self.metrics.observe_step(self)
+        return list(outputs.values())
+
+
+_request_ids = itertools.count()
+
+
+class LLM:
+    """Offline API: `LLM(path).generate(prompts, SamplingParams(...))`."""
+
+    def __init__(self, model: str, **config):
+        self.engine = LLMEngine(EngineConfig(model=model, **config), metrics=False)
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(self, prompts: str | list[int] | list[str | list[int]],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Run all prompts to completion (continuous batching); one RequestOutput per prompt, in order,
+        with each choice's full text and token ids."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        ids = []
+        for prompt, p in zip(prompts, params, strict=True):
+            request_id = f"offline-{next(_request_ids)}"
+            self.engine.add_request(request_id, prompt, p)
+            ids.append(request_id)
+        results: dict[str, RequestOutput] = {}
+        while self.engine.has_unfinished():
+            for out in self.engine.step():
+                merged = results.get(out.request_id)
+                if merged is None:
+                    merged = results[out.request_id] = out
+                    out.outputs = _merge([], out.outputs)
+                else:
+                    merged.outputs = _merge(merged.outputs, out.outputs)
+                    merged.finished, merged.finish_time = out.finished, out.finish_time
+                    merged.num_output_tokens = out.num_output_tokens
+        for request_id in ids:
+            results[request_id].outputs.sort(key=lambda d: d.index)
+        return [results[i] for i in ids]
+
+
+def _merge(total: list[CompletionDelta], deltas: list[CompletionDelta]) -> list[CompletionDelta]:
+    by_index = {d.index: d for d in total}
+    for d in deltas:
+        acc = by_index.get(d.index)
+        if acc is None:
+            acc = by_index[d.index] = CompletionDelta(d.index, logprobs=[] if d.logprobs is not None else None)
+        acc.text += d.text
+        acc.token_ids += d.token_ids
+        if d.logprobs is not None:
+            acc.logprobs = (acc.logprobs or []) + d.logprobs
+        acc.finish_reason = d.finish_reason or acc.finish_reason
+    return list(by_index.values())

@@ -1,0 +1,122 @@
+"""Owns the model and the KV pool; turns a scheduled batch into one forward pass and sampled tokens."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from engine.config import EngineConfig
+from engine.layers.attention import AttentionMetadata, allocate_kv_cache, kv_cache_bytes_per_block
+from engine.sampler import Sampler, SampleResult
+from engine.scheduler import ScheduledBatch
+from engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+def available_memory(device: torch.device) -> int:
+    """Free bytes on the device (CUDA), or MemAvailable on the host."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("cannot read MemAvailable from /proc/meminfo")
+
+
+class ModelRunner:
+    def __init__(self, loaded, config: EngineConfig):
+        self.model = loaded.model
+        self.spec = loaded.spec
+        self.config = config
+        self.block_size = config.block_size
+        self.device = next(self.model.parameters()).device
+        self.dtype = self.spec.dtype
+        self.num_blocks = self._num_blocks()
+        self.kv_caches = allocate_kv_cache(
+            self.spec.num_layers, self.num_blocks, self.block_size, self.spec.num_kv_heads, self.spec.head_dim,
+            self.dtype, self.device,
+        )
+        self.sampler = Sampler()
+
+    def _num_blocks(self) -> int:
+        cfg, spec = self.config, self.spec
+        if cfg.num_kv_blocks is not None:
+            return cfg.num_kv_blocks
+        per_block = kv_cache_bytes_per_block(spec.num_layers, self.block_size, spec.num_kv_heads, spec.head_dim,
+                                             self.dtype)
+        if cfg.kv_cache_memory is not None:
+            budget = cfg.kv_cache_memory
+        elif self.device.type == "cuda":
+            budget = int(available_memory(self.device) * cfg.gpu_memory_fraction)
+        else:
+            budget = min(cfg.cpu_kv_cache_memory, available_memory(self.device) // 2)
+        num_blocks = budget // per_block
+        if num_blocks < 1:
+            raise ValueError(f"KV cache budget of {budget} bytes is less than one block ({per_block} bytes)")
+        log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, self.block_size,
+                 num_blocks * per_block / 2**20)
+        return num_blocks
+
+    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Flatten the step's tokens (no padding) and describe where their K/V live."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        query_lens: list[int] = []
+        seq_lens: list[int] = []
+        tables: list[list[int]] = []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            start = seq.num_computed_tokens
+            end = start + n
+            if n == 1:
+                input_ids.append(seq.token_ids[start])
+                positions.append(start)
+            else:
+                input_ids.extend(seq.token_ids[start:end])
+                positions.extend(range(start, end))
+            query_lens.append(n)
+            seq_lens.append(end)
+            tables.append(seq.block_table)
+        width = max(len(t) for t in tables)
+        device = self.device
+        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        positions_t = torch.tensor(positions, dtype=torch.long)
+        query_lens_t = torch.tensor(query_lens, dtype=torch.long)
+        seq_index = torch.repeat_interleave(torch.arange(len(tables)), query_lens_t)
+        bs = self.block_size
+        slot_mapping = block_tables[seq_index, positions_t // bs].long() * bs + positions_t % bs
+        query_start_loc = torch.zeros(len(tables) + 1, dtype=torch.int32)
+        torch.cumsum(query_lens_t, 0, out=query_start_loc[1:])
+        attn = AttentionMetadata(
+            slot_mapping=slot_mapping.to(device, non_blocking=True),
+            query_start_loc=query_start_loc.to(device, non_blocking=True),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(device, non_blocking=True),
+            block_tables=block_tables.to(device, non_blocking=True),
+            max_query_len=max(query_lens),
+            max_seq_len=max(seq_lens),
+            block_size=bs,
+            query_lens_cpu=query_lens,
+            seq_lens_cpu=seq_lens,
+        )
+        input_ids_t = torch.tensor(input_ids, dtype=torch.long).to(device, non_blocking=True)
+        return input_ids_t, positions_t.to(device, non_blocking=True), attn
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], SampleResult | None]:
+        """One forward pass over the batch; samples for the sequences whose chunk ends their tokens."""
+        input_ids, positions, attn = self.prepare(batch)
+        hidden = self.model(input_ids, positions, self.kv_caches, attn)
+        rows, sampling = [], []
+        end = 0
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            end += n
+            if seq.num_computed_tokens + n == seq.num_tokens:
+                rows.append(end - 1)
+                sampling.append(seq)
+        if not sampling:
+            return [], None
+        last = hidden if len(rows) == hidden.shape[0] else hidden[torch.tensor(rows, device=hidden.device)]
+        logits = self.model.compute_logits(last).float()
+        return sampling, self.sampler(logits, sampling)

@@ -1,0 +1,314 @@
+"""OpenAI-compatible HTTP server over an AsyncEngine (Starlette, run by uvicorn)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from functools import lru_cache
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from engine.async_engine import AsyncEngine, EngineOverloadedError
+from engine.llm_engine import CompletionDelta, ContextLengthError, RequestOutput
+from engine.protocol import APIError, ParsedRequest, invalid, parse_chat_request, parse_completion_request
+from engine.sampling_params import SamplingParamError
+
+
+class OpenAIServer:
+    def __init__(self, engine: AsyncEngine, *, api_key: str | None = None):
+        self.engine = engine
+        self.llm = engine.engine
+        self.tokenizer = self.llm.tokenizer
+        self.model_name = self.llm.model_name
+        self.api_key = api_key
+        self.created = int(time.time())
+        self.token_text = lru_cache(maxsize=65536)(
+            lambda token_id: self.tokenizer.decode([token_id], skip_special_tokens=False))
+
+    # -- plumbing -------------------------------------------------------------------------------
+    def _authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise APIError("Invalid or missing API key", status=401, type="invalid_request_error",
+                           code="invalid_api_key")
+
+    async def _json(self, request: Request) -> dict:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise invalid("the request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise invalid("the request body must be a JSON object")
+        return body
+
+    def _check_model(self, model: str) -> None:
+        if model != self.model_name:
+            raise APIError(f"The model `{model}` does not exist.", status=404, param="model", code="model_not_found")
+
+    def _prompt_ids(self, parsed: ParsedRequest) -> list[int]:
+        if parsed.messages is not None:
+            try:
+                text = self.tokenizer.apply_chat_template(parsed.messages, add_generation_prompt=True)
+            except Exception as exc:  # noqa: BLE001 - template errors are the client's messages
+                raise invalid(f"cannot apply the chat template: {exc}", "messages") from None
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        if isinstance(parsed.prompt, str):
+            return self.tokenizer.encode(parsed.prompt)
+        return list(parsed.prompt)
+
+    def _check_prompt(self, ids: list[int], parsed: ParsedRequest) -> None:
+        try:
+            self.llm.check_prompt(ids, parsed.params)
+        except ContextLengthError as exc:
+            param = exc.param if exc.param == "max_tokens" else ("messages" if parsed.messages else "prompt")
+            raise APIError(str(exc), param=param, code="context_length_exceeded") from None
+        except SamplingParamError as exc:
+            raise invalid(str(exc), exc.param) from None
+
+    def _usage(self, out: RequestOutput) -> dict:
+        return {
+            "prompt_tokens": out.num_prompt_tokens,
+            "completion_tokens": out.num_output_tokens,
+            "total_tokens": out.num_prompt_tokens + out.num_output_tokens,
+            "prompt_tokens_details": {"cached_tokens": out.num_cached_tokens},
+        }
+
+    # -- logprobs in the two OpenAI shapes ------------------------------------------------------
+    def _chat_logprobs(self, delta: CompletionDelta) -> dict | None:
+        if delta.logprobs is None:
+            return None
+
+        def entry(token_id: int, logprob: float) -> dict:
+            text = self.token_text(token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+                            for lp in delta.logprobs]}
+
+    def _completion_logprobs(self, delta: CompletionDelta, offset: int) -> dict | None:
+        if delta.logprobs is None:
+            return None
+        tokens, token_logprobs, top, offsets = [], [], [], []
+        for lp in delta.logprobs:
+            text = self.token_text(lp.token_id)
+            tokens.append(text)
+            token_logprobs.append(lp.logprob)
+            top.append({self.token_text(t): v for t, v in lp.top} if lp.top else None)
+            offsets.append(offset)
+            offset += len(text)
+        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+    # -- endpoints ------------------------------------------------------------------------------
+    async def models(self, request: Request) -> Response:
+        self._authorize(request)
+        return JSONResponse({"object": "list", "data": [{
+            "id": self.model_name, "object": "model", "created": self.created, "owned_by": "maas",
+            "max_model_len": self.llm.scheduler.max_model_len,
+        }]})
+
+    async def health(self, request: Request) -> Response:
+        if self.engine.healthy:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "unhealthy", "error": repr(self.engine.error)}, status_code=503)
+
+    async def metrics(self, request: Request) -> Response:
+        return Response(self.llm.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def tokenize(self, request: Request) -> Response:
+        self._authorize(request)
+        body = await self._json(request)
+        if body.get("model") is not None:
+            self._check_model(body["model"])
+        if "messages" in body:
+            parsed = parse_chat_request({**body, "model": self.model_name})
+        elif isinstance(body.get("prompt"), str):
+            parsed = ParsedRequest(self.model_name, None, False, False, None, None, prompt=body["prompt"])
+        else:
+            raise invalid("give 'prompt' (a string) or 'messages'", "prompt")
+        ids = self._prompt_ids(parsed)
+        return JSONResponse({"count": len(ids), "tokens": ids, "max_model_len": self.llm.scheduler.max_model_len})
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._complete(request, chat=True)
+
+    async def completions(self, request: Request) -> Response:
+        return await self._complete(request, chat=False)
+
+    async def _complete(self, request: Request, *, chat: bool) -> Response:
+        self._authorize(request)
+        body = await self._json(request)
+        parse = parse_chat_request if chat else parse_completion_request
+        parsed = parse(body, self.llm.loaded.generation_defaults)
+        self._check_model(parsed.model)
+        ids = self._prompt_ids(parsed)
+        self._check_prompt(ids, parsed)
+        request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        try:
+            stream = self.engine.generate(request_id, ids, parsed.params, cache_salt=parsed.cache_salt)
+        except EngineOverloadedError as exc:
+            raise APIError(str(exc), status=503, type="server_error", code="engine_overloaded") from None
+        created = int(time.time())
+        if parsed.stream:
+            return StreamingResponse(self._stream(stream, parsed, request_id, created, chat, ids),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        final = await _until_disconnect(request, self._collect(stream, parsed, ids))
+        if final is None:
+            return Response(status_code=499)
+        out, choices = final
+        if chat:
+            body = {"id": request_id, "object": "chat.completion", "created": created, "model": self.model_name,
+                    "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                                 "logprobs": self._chat_logprobs(c), "finish_reason": c.finish_reason}
+                                for c in choices],
+                    "usage": self._usage(out), "system_fingerprint": None}
+        else:
+            body = {"id": request_id, "object": "text_completion", "created": created, "model": self.model_name,
+                    "choices": [{"index": c.index, "text": c.text, "logprobs": self._completion_logprobs(c, 0),
+                                 "finish_reason": c.finish_reason} for c in choices],
+                    "usage": self._usage(out), "system_fingerprint": None}
+        return JSONResponse(body)
+
+    async def _collect(self, stream: AsyncIterator[RequestOutput], parsed: ParsedRequest, ids: list[int]):
+        choices = {i: CompletionDelta(i, logprobs=[] if parsed.params.logprobs else None)
+                   for i in range(parsed.params.n)}
+        if parsed.echo:
+            echo = parsed.prompt if isinstance(parsed.prompt, str) else self.tokenizer.decode(ids)
+            for c in choices.values():
+                c.text = echo
+        out = None
+        async for out in _engine_errors(stream):
+            for d in out.outputs:
+                c = choices[d.index]
+                c.text += d.text
+                c.token_ids += d.token_ids
+                if d.logprobs is not None:
+                    c.logprobs += d.logprobs
+                c.finish_reason = d.finish_reason or c.finish_reason
+        return out, list(choices.values())
+
+    async def _stream(self, stream, parsed: ParsedRequest, request_id: str, created: int, chat: bool,
+                      ids: list[int]) -> AsyncIterator[str]:
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        usage_field = {"usage": None} if parsed.include_usage else {}
+        offsets = dict.fromkeys(range(parsed.params.n), 0)
+
+        def chunk(choices: list[dict]) -> str:
+            payload = {"id": request_id, "object": obj, "created": created, "model": self.model_name,
+                       "choices": choices, "system_fingerprint": None, **usage_field}
+            return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+        if chat:
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None} for i in range(parsed.params.n)])
+        elif parsed.echo:
+            echo = parsed.prompt if isinstance(parsed.prompt, str) else self.tokenizer.decode(ids)
+            yield chunk([{"index": i, "text": echo, "logprobs": None, "finish_reason": None}
+                         for i in range(parsed.params.n)])
+        out = None
+        try:
+            async for out in _engine_errors(stream):
+                choices = []
+                for d in out.outputs:
+                    if not d.text and d.finish_reason is None and d.logprobs is None:
+                        continue  # nothing to show yet (held back or an incomplete character)
+                    if chat:
+                        delta = {"content": d.text} if d.text or d.finish_reason is None else {}
+                        choices.append({"index": d.index, "delta": delta, "logprobs": self._chat_logprobs(d),
+                                        "finish_reason": d.finish_reason})
+                    else:
+                        choices.append({"index": d.index, "text": d.text,
+                                        "logprobs": self._completion_logprobs(d, offsets[d.index]),
+                                        "finish_reason": d.finish_reason})
+                        offsets[d.index] += len(d.text)
+                if choices:
+                    yield chunk(choices)
+        except APIError as exc:
+            yield f"data: {json.dumps(exc.body())}\n\n"
+            yield "data: [DONE]\n\n"
+            return
+        if parsed.include_usage and out is not None:
+            payload = {"id": request_id, "object": obj, "created": created, "model": self.model_name,
+                       "choices": [], "system_fingerprint": None, "usage": self._usage(out)}
+            yield f"data: {json.dumps(payload)}\n\n"
+        yield "data: [DONE]\n\n"
+
+
+async def _engine_errors(stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+    """Engine-side failures become OpenAI errors."""
+    try:
+        async for out in stream:
+            yield out
+    except EngineOverloadedError as exc:
+        raise APIError(str(exc), status=503, type="server_error", code="engine_overloaded") from None
+    except ContextLengthError as exc:
+        raise APIError(str(exc), param=exc.param, code="context_length_exceeded") from None
+    except SamplingParamError as exc:
+        raise invalid(str(exc), exc.param) from None
+    except RuntimeError as exc:
+        raise APIError(str(exc), status=500, type="server_error") from None
+
+
+async def _until_disconnect(request: Request, work):
+    """Run `work`; if the client disconnects first, cancel it (its request is aborted) and return None."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                task.cancel()
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if watcher.done():
+            return None
+        raise
+    finally:
+        watcher.cancel()
+
+
+def build_app(engine: AsyncEngine, *, api_key: str | None = None) -> Starlette:
+    server = OpenAIServer(engine, api_key=api_key)
+
+    async def on_api_error(request: Request, exc: APIError) -> Response:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    async def on_server_error(request: Request, exc: Exception) -> Response:
+        return JSONResponse(APIError(f"internal error: {exc}", status=500, type="server_error").body(),
+                            status_code=500)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        if not engine.healthy:
+            engine.start()
+        yield
+        engine.shutdown()
+
+    app = Starlette(
+        routes=[
+            Route("/v1/models", server.models, methods=["GET"]),
+            Route("/v1/chat/completions", server.chat_completions, methods=["POST"]),
+            Route("/v1/completions", server.completions, methods=["POST"]),
+            Route("/tokenize", server.tokenize, methods=["POST"]),
+            Route("/health", server.health, methods=["GET"]),
+            Route("/metrics", server.metrics, methods=["GET"]),
+        ],
+        exception_handlers={APIError: on_api_error, Exception: on_server_error},
+        lifespan=lifespan,
+    )
+    app.state.server = server
+    return app
