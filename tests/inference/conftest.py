@@ -1,0 +1,156 @@
+"""Real processes for the gateway tests: the gateway under uvicorn (maas.asgi), the stub upstream with
+purpose-built faults, and (for the end-to-end tests) `python -m engine serve` on SmolLM2.
+
+The gateway process reads the test database pytest-django created, so tests that talk to it use
+`transaction=True` (their rows are committed and visible to it).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+REDIS_DB = 6  # GATEWAY's Redis database for the test run
+REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(url: str, process: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args} exited with {process.returncode}")
+        try:
+            httpx.get(url, timeout=1.0)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise TimeoutError(f"{url} did not come up within {timeout}s")
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def start_stub_upstream() -> tuple[str, subprocess.Popen]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests/inference/stub_upstream.py"), "--port", str(port)], cwd=ROOT
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_until_up(f"{url}/health", process)
+    return url, process
+
+
+def test_database_url() -> str:
+    from django.db import connection
+
+    settings = connection.settings_dict
+    host = settings.get("HOST") or "127.0.0.1"
+    port = settings.get("PORT") or 5432
+    user = settings.get("USER") or "postgres"
+    return f"postgres://{user}@{host}:{port}/{settings['NAME']}"
+
+
+def start_gateway(**env_overrides: str) -> tuple[str, subprocess.Popen]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "DATABASE_URL": test_database_url(),
+        "DATABASE_POOL": "1",
+        "REDIS_URL": REDIS_URL,
+        "GATEWAY_CATALOG_CACHE_SECONDS": "0",
+        "GATEWAY_UPSTREAM_READ_TIMEOUT": "3",
+        "GATEWAY_UNHEALTHY_BACKOFF_SECONDS": "1",
+        "LOG_LEVEL": "WARNING",
+    }
+    env.pop("TEST_DATABASE_NAME", None)
+    env.update(env_overrides)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "maas.asgi:application", "--host", "127.0.0.1", "--port", str(port),
+         "--log-level", "warning", "--no-access-log"],
+        cwd=ROOT, env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_until_up(f"{url}/v1/models", process)
+    return url, process
+
+
+@pytest.fixture(scope="session")
+def redis_clean():
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    client.flushdb()
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def stub_upstream():
+    url, process = start_stub_upstream()
+    yield url
+    stop(process)
+
+
+@pytest.fixture(scope="session")
+def gateway(django_db_setup, redis_clean):
+    url, process = start_gateway()
+    yield url
+    stop(process)
+
+
+@dataclass
+class Tenant:
+    organization: object
+    user: object
+    api_key: object
+    raw_key: str
+    entitlement: object
+
+
+def make_tenant(
+    name: str = "acme",
+    token_quota: int | None = 1_000_000,
+    model_names: list[str] | None = None,
+    **key_fields,
+) -> Tenant:
+    """A user and organization holding a redeemed authorization code and an API key."""
+    from accounts.codes import issue_codes, redeem
+    from accounts.models import APIKey, User
+    from accounts.tenancy import create_organization
+
+    user = User.objects.create_user(f"{name}-{time.monotonic_ns()}@example.com", "pw-not-used-123")
+    organization = create_organization(user, name)
+    code = issue_codes(1, token_quota=token_quota, model_names=model_names or [])[0]
+    entitlement = redeem(organization, code.raw, user)
+    key, raw = APIKey.objects.create_key(organization, "test key", created_by=user, **key_fields)
+    return Tenant(organization, user, key, raw, entitlement)
+
+
+def add_model(name: str, base_url: str, context_length: int = 2048, **fields):
+    from inference.models import AIModel, Deployment
+
+    model = AIModel.objects.create(name=name, display_name=name, context_length=context_length, **fields)
+    Deployment.objects.create(model=model, base_url=base_url)
+    return model
