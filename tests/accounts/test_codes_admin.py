@@ -41,6 +41,7 @@ def generate(client, **extra):
 
 def test_generate_page_shows_batch_once_with_csv(admin_client):
     assert reverse("admin:accounts_authorizationcode_generate") == GENERATE
+    assert f'href="{GENERATE}"' in admin_client.get(CODES).content.decode()  # the changelist's button
     assert admin_client.get(GENERATE).status_code == 200
     response = generate(admin_client)
     assert response.status_code == 200
