@@ -1,0 +1,152 @@
+"""BlockManager: allocation, reference counts, prefix hits, cache salts, LRU eviction, collision safety."""
+
+import pytest
+
+from engine import block_manager as bm_module
+from engine.block_manager import BlockManager
+from engine.sampling_params import SamplingParams
+from engine.sequence import Sequence
+
+BS = 4
+
+
+def make_seq(tokens, salt=None):
+    return Sequence("r", list(tokens), SamplingParams(), max_tokens=16, cache_salt=salt)
+
+
+def admit(bm: BlockManager, seq: Sequence) -> list[int]:
+    """Allocate like the scheduler does on admission (cached prefix + the rest), then mark all computed."""
+    cached = bm.find_cached_blocks(seq)
+    n = seq.num_tokens - len(cached) * BS
+    assert bm.can_allocate(seq, n, cached)
+    bm.allocate(seq, n, cached)
+    seq.num_computed_tokens += n
+    bm.cache_full_blocks(seq)
+    return cached
+
+
+def test_allocation_covers_tokens_and_free_returns_blocks():
+    bm = BlockManager(8, BS)
+    seq = make_seq(range(10))
+    admit(bm, seq)
+    assert len(seq.block_table) == 3  # ceil(10 / 4)
+    assert len(set(seq.block_table)) == 3
+    assert bm.num_free_blocks == 5
+    assert all(bm.blocks[b].ref_count == 1 for b in seq.block_table)
+    bm.free_blocks(seq)
+    assert bm.num_free_blocks == 8 and seq.block_table == []
+
+
+def test_prefix_hit_shares_blocks_with_refcounts():
+    bm = BlockManager(16, BS)
+    a = make_seq(list(range(100, 110)))  # 2 full blocks + 2 tokens
+    admit(bm, a)
+    b = make_seq(list(range(100, 108)) + [7, 7, 7])  # same first two blocks
+    cached = admit(bm, b)
+    assert cached == a.block_table[:2]
+    assert b.block_table[:2] == a.block_table[:2] and b.block_table[2] != a.block_table[2]
+    assert [bm.blocks[x].ref_count for x in a.block_table[:2]] == [2, 2]
+    bm.free_blocks(a)
+    assert [bm.blocks[x].ref_count for x in b.block_table[:2]] == [1, 1]  # still alive for b
+    assert bm.prefix_hits == 8
+
+
+def test_full_hit_still_leaves_the_last_token_to_compute():
+    bm = BlockManager(16, BS)
+    a = make_seq(range(8))  # exactly two full blocks
+    admit(bm, a)
+    b = make_seq(range(8))
+    cached = bm.find_cached_blocks(b)
+    assert len(cached) == 1  # the block holding the last token is recomputed
+    bm.allocate(b, 8 - BS, cached)
+    assert b.num_computed_tokens == 4 and len(b.block_table) == 2
+    assert b.block_table[1] != a.block_table[1]  # never writes into a shared block
+
+
+def test_cache_salt_separates_entries():
+    bm = BlockManager(16, BS)
+    admit(bm, make_seq(range(9), salt="org-a"))
+    assert bm.find_cached_blocks(make_seq(range(9), salt="org-b")) == []
+    assert bm.find_cached_blocks(make_seq(range(9))) == []
+    assert len(bm.find_cached_blocks(make_seq(range(9), salt="org-a"))) == 2
+
+
+def test_model_key_separates_entries():
+    a, b = BlockManager(16, BS, extra_key="model-a"), BlockManager(16, BS, extra_key="model-b")
+    seq_a, seq_b = make_seq(range(9)), make_seq(range(9))
+    admit(a, seq_a)
+    admit(b, seq_b)
+    assert seq_a.block_hashes[0] != seq_b.block_hashes[0]
+
+
+def test_hash_is_chained_over_previous_blocks():
+    bm = BlockManager(16, BS)
+    admit(bm, make_seq([1, 2, 3, 4, 5, 6, 7, 8, 9]))
+    # Same second block, different first block: no hit at all.
+    assert bm.find_cached_blocks(make_seq([0, 2, 3, 4, 5, 6, 7, 8, 9])) == []
+
+
+def test_freed_blocks_stay_cached_and_lru_evicts_oldest_first():
+    bm = BlockManager(6, BS)
+    old, new = make_seq([1] * 4 + [0]), make_seq([2] * 4 + [0])
+    admit(bm, old)
+    admit(bm, new)
+    bm.free_blocks(old)
+    bm.free_blocks(new)
+    assert len(bm.find_cached_blocks(make_seq([1] * 4 + [0]))) == 1
+    assert len(bm.find_cached_blocks(make_seq([2] * 4 + [0]))) == 1
+    # Need 5 fresh blocks out of 6: the 4 uncached ones go first, then the least recently freed (old's).
+    filler = make_seq([9, 8, 7, 6] * 5)
+    bm.allocate(filler, 20)
+    assert bm.find_cached_blocks(make_seq([1] * 4 + [0])) == []
+    assert len(bm.find_cached_blocks(make_seq([2] * 4 + [0]))) == 1
+
+
+def test_reused_cached_block_is_moved_out_of_the_eviction_queue():
+    bm = BlockManager(4, BS)
+    a = make_seq([5] * 4 + [1])
+    admit(bm, a)
+    bm.free_blocks(a)
+    b = make_seq([5] * 4 + [2])
+    cached = admit(bm, b)
+    assert cached and bm.blocks[cached[0]].ref_count == 1
+    other = make_seq([3] * 8)
+    assert not bm.can_allocate(other, 9)  # would need 3 blocks, only 2 are free
+    bm.allocate(other, 8)
+    assert bm.blocks[cached[0]].ref_count == 1 and bm.blocks[cached[0]].hash is not None
+
+
+def test_blocks_filled_during_decode_become_cacheable():
+    bm = BlockManager(16, BS)
+    seq = make_seq(range(6))
+    admit(bm, seq)
+    for token in (50, 51, 52):  # generated tokens; each is computed in the next step
+        seq.token_ids.append(token)
+        bm.allocate(seq, 1)
+        seq.num_computed_tokens += 1
+        bm.cache_full_blocks(seq)
+    assert seq.num_computed_tokens == 9
+    probe = make_seq([0, 1, 2, 3, 4, 5, 50, 51, 52, 99])
+    assert len(bm.find_cached_blocks(probe)) == 2
+
+
+def test_hash_collision_never_serves_other_tokens(monkeypatch):
+    monkeypatch.setattr(bm_module, "hash_block", lambda prev, tokens: b"same-hash-for-everything")
+    bm = BlockManager(16, BS)
+    admit(bm, make_seq([1, 2, 3, 4, 0]))
+    assert bm.find_cached_blocks(make_seq([5, 6, 7, 8, 0])) == []  # same hash, other tokens: a miss
+    assert len(bm.find_cached_blocks(make_seq([1, 2, 3, 4, 0]))) == 1
+
+
+def test_prefix_caching_disabled():
+    bm = BlockManager(16, BS, enable_prefix_caching=False)
+    admit(bm, make_seq(range(9)))
+    assert bm.find_cached_blocks(make_seq(range(9))) == [] and bm.cached == {}
+
+
+@pytest.mark.parametrize("num_blocks", [1, 3])
+def test_can_allocate_counts_free_blocks(num_blocks):
+    bm = BlockManager(num_blocks, BS)
+    seq = make_seq(range(4 * num_blocks + 1))
+    assert not bm.can_allocate(seq, seq.num_tokens)
+    assert bm.can_allocate(seq, 4 * num_blocks)

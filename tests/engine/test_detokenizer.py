@@ -1,0 +1,73 @@
+"""Incremental detokenization: no broken UTF-8 mid-stream, stop strings never emitted (across tokens too)."""
+
+import gguf
+import pytest
+
+from engine.detokenizer import IncrementalDetokenizer
+from engine.loader import demo_model_path
+from engine.loader.gguf import GGUFMetadata, build_tokenizer
+from engine.sampling_params import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    path = demo_model_path()
+    return build_tokenizer(GGUFMetadata(gguf.GGUFReader(str(path)), path))
+
+
+def stream(tokenizer, text, stop=(), prompt="Say:"):
+    """Feed text's tokens one by one; returns (deltas, detokenizer)."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    detok = IncrementalDetokenizer(tokenizer, tokenizer.encode(prompt), SamplingParams(stop=list(stop)))
+    deltas = []
+    for i, token in enumerate(ids):
+        detok.add_token(token)
+        final = detok.stopped or i == len(ids) - 1
+        deltas.append(detok.take(final=final))
+        if detok.stopped:
+            break
+    return deltas, detok
+
+
+def test_multibyte_characters_split_across_tokens(tokenizer):
+    text = " héllo wörld: 你好, 🙂🚀 ok"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    # The premise: some token is a partial character on its own.
+    assert any("\ufffd" in tokenizer.decode([t]) for t in ids)
+    deltas, _ = stream(tokenizer, text)
+    assert all("\ufffd" not in d for d in deltas)
+    assert "" in deltas[:-1]  # waited for the rest of a character at least once
+    assert "".join(deltas) == text
+
+
+def test_plain_text_streams_every_token(tokenizer):
+    text = " The quick brown fox jumps over the lazy dog."
+    deltas, _ = stream(tokenizer, text)
+    assert "".join(deltas) == text and all(deltas)
+
+
+def test_stop_string_across_token_boundaries_is_never_emitted(tokenizer):
+    text = " The quick brown fox jumps over the lazy dog."
+    stop = "n fox ju"  # spans several tokens and starts mid-token
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert not any(stop in tokenizer.decode([t]) for t in ids)
+    deltas, detok = stream(tokenizer, text, stop=[stop])
+    assert detok.stopped
+    assert "".join(deltas) == " The quick brow"
+    assert not any("n f" in d or "fox" in d for d in deltas)
+
+
+def test_earliest_of_several_stop_strings_wins(tokenizer):
+    deltas, detok = stream(tokenizer, " one two three four", stop=["four", "two"])
+    assert detok.stopped and "".join(deltas) == " one "
+
+
+def test_held_back_text_is_released_when_no_stop_follows(tokenizer):
+    text = " the end is not the ending"
+    deltas, detok = stream(tokenizer, text, stop=["the endgame"])
+    assert not detok.stopped and "".join(deltas) == text
+
+
+def test_stop_string_with_multibyte_text(tokenizer):
+    deltas, detok = stream(tokenizer, " 你好世界再见", stop=["世界"])
+    assert detok.stopped and "".join(deltas) == " 你好"

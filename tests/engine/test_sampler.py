@@ -1,0 +1,129 @@
+"""Sampler: greedy, penalties, top-k / top-p / min-p, seeds independent of batch neighbours, logprobs."""
+
+import pytest
+import torch
+
+from engine.sampler import Sampler, apply_penalties, filter_logits
+from engine.sampling_params import SamplingParamError, SamplingParams
+from engine.sequence import Sequence
+
+torch.set_num_threads(2)
+VOCAB = 50
+
+
+def seq(prompt=(1, 2, 3), output=(), **params):
+    s = Sequence("r", list(prompt), SamplingParams(**params), max_tokens=100)
+    s.token_ids += list(output)
+    return s
+
+
+def test_greedy_is_argmax():
+    logits = torch.randn(3, VOCAB)
+    out = Sampler()(logits, [seq(temperature=0) for _ in range(3)])
+    assert out.token_ids == logits.argmax(-1).tolist()
+    assert out.logprobs == [None, None, None]
+
+
+def test_presence_and_frequency_penalties_hit_generated_tokens_only():
+    logits = torch.zeros(1, VOCAB)
+    s = seq(prompt=(4,), output=(5, 5, 6), presence_penalty=0.5, frequency_penalty=0.25)
+    apply_penalties(logits, [0], [s])
+    assert logits[0, 5].item() == pytest.approx(-(0.5 + 2 * 0.25))
+    assert logits[0, 6].item() == pytest.approx(-(0.5 + 0.25))
+    assert logits[0, 4].item() == 0.0  # prompt token untouched
+    assert logits[0, 7].item() == 0.0
+
+
+def test_repetition_penalty_divides_positive_multiplies_negative():
+    logits = torch.zeros(1, VOCAB)
+    logits[0, 1], logits[0, 2], logits[0, 9] = 2.0, -2.0, 3.0
+    apply_penalties(logits, [0], [seq(prompt=(1,), output=(2,), repetition_penalty=2.0)])
+    assert logits[0, 1].item() == 1.0 and logits[0, 2].item() == -4.0 and logits[0, 9].item() == 3.0
+
+
+def test_penalties_change_the_greedy_choice():
+    logits = torch.zeros(1, VOCAB)
+    logits[0, 5] = 1.0
+    logits[0, 6] = 0.9
+    out = Sampler()(logits, [seq(output=(5,), temperature=0, presence_penalty=0.5)])
+    assert out.token_ids == [6]
+
+
+def test_top_k_keeps_k_best():
+    logits = torch.arange(VOCAB, dtype=torch.float32).repeat(2, 1)
+    filter_logits(logits, torch.tensor([3, 0]), torch.tensor([1.0, 1.0]), torch.tensor([0.0, 0.0]))
+    assert torch.isfinite(logits[0]).nonzero().flatten().tolist() == [47, 48, 49]
+    assert torch.isfinite(logits[1]).all()  # top_k 0: off
+
+
+def test_top_p_keeps_the_nucleus():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log()
+    filter_logits(logits, torch.tensor([0]), torch.tensor([0.8]), torch.tensor([0.0]))
+    assert torch.isfinite(logits[0]).tolist() == [True, True, False, False]
+    logits = probs.log()
+    filter_logits(logits, torch.tensor([0]), torch.tensor([0.81]), torch.tensor([0.0]))
+    assert torch.isfinite(logits[0]).tolist() == [True, True, True, False]
+
+
+def test_min_p_drops_tokens_below_a_fraction_of_the_top():
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    filter_logits(logits, torch.tensor([0]), torch.tensor([1.0]), torch.tensor([0.2]))  # threshold 0.1
+    assert torch.isfinite(logits[0]).tolist() == [True, True, True, False]
+
+
+def test_sampling_respects_filters():
+    torch.manual_seed(0)
+    logits = torch.randn(1, VOCAB).repeat(64, 1)
+    allowed = set(logits[0].topk(2).indices.tolist())
+    out = Sampler()(logits, [seq(temperature=1.5, top_k=2) for _ in range(64)])
+    assert set(out.token_ids) <= allowed and len(set(out.token_ids)) == 2
+
+
+def test_sampling_follows_the_distribution():
+    logits = torch.tensor([[0.0, 1.0, 2.0]]).repeat(3000, 1)
+    out = Sampler()(logits, [seq(temperature=1.0) for _ in range(3000)])
+    counts = torch.bincount(torch.tensor(out.token_ids), minlength=3).float() / 3000
+    assert torch.allclose(counts, logits[0].softmax(-1), atol=0.04)
+
+
+def test_seed_reproduces_regardless_of_batch_neighbours():
+    torch.manual_seed(1)
+    steps = [torch.randn(1, VOCAB) for _ in range(8)]
+
+    def run(neighbours: int) -> list[int]:
+        target = seq(temperature=1.0, top_p=0.95, seed=1234)
+        others = [seq(temperature=1.0) for _ in range(neighbours)]
+        tokens = []
+        for row in steps:
+            logits = torch.cat([torch.randn(neighbours, VOCAB), row]) if neighbours else row.clone()
+            tokens.append(Sampler()(logits, [*others, target]).token_ids[-1])
+        return tokens
+
+    alone = run(0)
+    assert run(5) == alone and run(13) == alone
+    other_seed = seq(temperature=1.0, top_p=0.95, seed=4321)
+    assert [Sampler()(r.clone(), [other_seed]).token_ids[0] for r in steps] != alone
+
+
+def test_logprobs_are_of_the_raw_distribution():
+    logits = torch.randn(2, VOCAB)
+    out = Sampler()(logits, [seq(temperature=0, logprobs=True, top_logprobs=3),
+                             seq(temperature=0, logprobs=True, presence_penalty=1.0)])
+    ref = logits.log_softmax(-1)
+    chosen, top = out.logprobs[0]
+    assert chosen == pytest.approx(ref[0].max().item(), abs=1e-6)
+    assert [t for t, _ in top] == ref[0].topk(3).indices.tolist()
+    assert out.logprobs[1][1] == []
+
+
+@pytest.mark.parametrize(("kwargs", "param"), [
+    ({"temperature": 3}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_k": -5}, "top_k"),
+    ({"min_p": 2}, "min_p"), ({"presence_penalty": 5}, "presence_penalty"), ({"n": 0}, "n"),
+    ({"max_tokens": 0}, "max_tokens"), ({"stop": ["a"] * 5}, "stop"), ({"top_logprobs": 3}, "top_logprobs"),
+    ({"repetition_penalty": 0}, "repetition_penalty"), ({"frequency_penalty": -3}, "frequency_penalty"),
+])
+def test_invalid_params_name_the_field(kwargs, param):
+    with pytest.raises(SamplingParamError) as info:
+        SamplingParams(**kwargs)
+    assert info.value.param == param and isinstance(info.value, ValueError)

@@ -1,0 +1,152 @@
+"""Scheduler: token budget, chunked prefill, decodes keep flowing, preemption of the newest, abort, limits."""
+
+from engine.block_manager import BlockManager
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence, SequenceStatus
+
+BS = 4
+
+
+def make_scheduler(num_blocks=64, budget=32, max_num_seqs=8, max_model_len=1024, eos=(0,)):
+    return Scheduler(
+        BlockManager(num_blocks, BS),
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=budget,
+        max_model_len=max_model_len,
+        eos_token_ids=list(eos),
+    )
+
+
+def make_seq(n, request_id="r", max_tokens=100, **params):
+    return Sequence(request_id, list(range(1, n + 1)), SamplingParams(**params), max_tokens=max_tokens)
+
+
+def run_step(sched: Scheduler, token=7):
+    """Schedule one step and pretend the model sampled `token` for every sequence that reached its end."""
+    batch = sched.schedule()
+    plan = {s.seq_id: n for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)}
+    sampled = {
+        s.seq_id: token
+        for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
+        if s.num_computed_tokens + n == s.num_tokens
+    }
+    sched.update(batch, sampled)
+    return batch, plan
+
+
+def test_budget_bounds_each_step_and_long_prompt_is_chunked():
+    sched = make_scheduler(budget=16)
+    seq = make_seq(40)
+    sched.add(seq)
+    chunks = []
+    while seq.num_output_tokens == 0:
+        batch, plan = run_step(sched)
+        assert batch.num_tokens <= 16
+        chunks.append(plan[seq.seq_id])
+    assert chunks == [16, 16, 8]
+    assert seq.num_computed_tokens == 40 and seq.num_tokens == 41
+
+
+def test_decodes_keep_flowing_during_a_chunked_prefill():
+    sched = make_scheduler(budget=8)
+    short = make_seq(3, "short")
+    sched.add(short)
+    run_step(sched)  # short is prefilled, now decoding
+    long = make_seq(30, "long")
+    sched.add(long)
+    for _ in range(4):
+        batch, plan = run_step(sched)
+        assert plan[short.seq_id] == 1  # one decode token every step
+        assert plan[long.seq_id] == 7  # the rest of the budget goes to the prefill chunk
+    assert short.num_output_tokens == 5
+
+
+def test_max_num_seqs_limits_the_running_batch():
+    sched = make_scheduler(max_num_seqs=2)
+    for i in range(3):
+        sched.add(make_seq(4, f"r{i}"))
+    batch, _ = run_step(sched)
+    assert len(batch.seqs) == 2 and len(sched.waiting) == 1
+
+
+def test_preempts_newest_when_blocks_run_out_and_recomputes_it_later():
+    sched = make_scheduler(num_blocks=4, budget=64)
+    old, new = make_seq(4, "old", ignore_eos=True), make_seq(4, "new", ignore_eos=True)
+    sched.add(old)
+    sched.add(new)
+    run_step(sched)  # both prefilled: 2 blocks used; each now holds 5 tokens
+    batch, plan = run_step(sched)  # each decode needs a second block: 4 blocks used
+    assert set(plan) == {old.seq_id, new.seq_id}
+    for _ in range(4):
+        run_step(sched)  # positions 5..7 fit; position 8 needs a third block each: only old gets one
+    assert new.status is SequenceStatus.WAITING and sched.waiting[0] is new
+    assert new.block_table == [] and new.num_computed_tokens == 0
+    assert sched.num_preemptions == 1
+    assert old.status is SequenceStatus.RUNNING
+    tokens_before = list(new.token_ids)
+    sched.finish(old, "stop")
+    batch, plan = run_step(sched)
+    assert plan[new.seq_id] < len(tokens_before)  # recomputed, mostly from the prefix cache
+    assert new.token_ids[: len(tokens_before)] == tokens_before
+
+
+def test_abort_frees_blocks_at_once():
+    sched = make_scheduler(num_blocks=8)
+    seq = make_seq(10)
+    sched.add(seq)
+    run_step(sched)
+    assert sched.block_manager.num_free_blocks == 5
+    sched.finish(seq, "abort")
+    assert sched.block_manager.num_free_blocks == 8
+    assert not sched.has_unfinished() and seq.finish_reason == "abort"
+
+
+def test_abort_of_a_waiting_sequence():
+    sched = make_scheduler()
+    seq = make_seq(5)
+    sched.add(seq)
+    sched.finish(seq, "abort")
+    assert not sched.waiting and not sched.schedule()
+
+
+def test_prompt_that_can_never_fit_is_rejected():
+    sched = make_scheduler(num_blocks=4, max_model_len=1024)  # the pool holds 16 tokens
+    assert sched.max_model_len == 16
+    assert sched.prompt_fits(15)
+    assert not sched.prompt_fits(16)
+    small = make_scheduler(num_blocks=64, max_model_len=20)
+    assert not small.prompt_fits(20)
+
+
+def test_finish_reasons_eos_stop_token_max_tokens_and_context():
+    sched = make_scheduler(eos=(7,))
+    a = make_seq(3, "a")
+    sched.add(a)
+    run_step(sched, token=7)
+    assert a.finish_reason == "stop"
+    b = make_seq(3, "b", stop_token_ids=[9])
+    sched.add(b)
+    run_step(sched, token=9)
+    assert b.finish_reason == "stop"
+    c = make_seq(3, "c", max_tokens=2)
+    sched.add(c)
+    run_step(sched, token=5)
+    run_step(sched, token=5)
+    assert c.finish_reason == "length" and c.num_output_tokens == 2
+    d = make_seq(3, "d", ignore_eos=True)
+    sched.add(d)
+    run_step(sched, token=7)
+    assert d.status is SequenceStatus.RUNNING  # ignore_eos
+    assert sched.block_manager.num_free_blocks == sched.block_manager.num_blocks - 1
+
+
+def test_admission_uses_prefix_cache_and_records_cached_tokens():
+    sched = make_scheduler()
+    first = make_seq(13, "first")
+    sched.add(first)
+    run_step(sched)
+    second = make_seq(13, "second")
+    sched.add(second)
+    batch, plan = run_step(sched)
+    assert second.num_cached_tokens == 12 and plan[second.seq_id] == 1
