@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import secrets
+
 from django.contrib import messages
+from django.core.cache import cache
 from django.core.exceptions import PermissionDenied
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
@@ -32,12 +35,21 @@ def _org_keys(request):
     return APIKey.objects.for_org(request.organization).select_related("created_by")
 
 
+def _first_submission(request) -> bool:
+    """False when this create form was already submitted (a reload re-posting it): no second key."""
+    nonce = request.POST.get("submission", "")
+    return not nonce or cache.add(f"console:key-form:{request.user.pk}:{nonce[:64]}", 1, timeout=3600)
+
+
 @tenancy.org_member_required
 def keys(request):
     form = APIKeyForm(request.POST or None)
     created = raw_key = None
     status_code = 200
     if request.method == "POST":
+        if not _first_submission(request):
+            messages.info(request, "That key was already created; its full value was shown once and cannot be shown again.")
+            return redirect("console:keys")
         if form.is_valid():
             data = form.cleaned_data
             created, raw_key = create_key(request.organization, request.user, **data)
@@ -45,7 +57,10 @@ def keys(request):
         else:
             status_code = 400
     # The full key is rendered in this one response only; it is never stored or shown again.
-    context = {"keys": _org_keys(request), "form": form, "created": created, "raw_key": raw_key}
+    context = {
+        "keys": _org_keys(request), "form": form, "created": created, "raw_key": raw_key,
+        "submission": secrets.token_urlsafe(16),
+    }
     response = render(request, "console/keys.html", context, status=status_code)
     if raw_key:
         response["Cache-Control"] = "no-store"

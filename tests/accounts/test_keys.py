@@ -46,6 +46,16 @@ def test_console_creates_key_shows_it_once_and_stores_only_hmac(client_a, org_a,
     assert secret_part not in client_a.get(reverse("console:api-keys")).content.decode()
 
 
+def test_reposting_the_create_form_makes_no_second_key(client_a):
+    data = {"name": "once", "submission": "nonce-123"}
+    assert client_a.post(reverse("console:keys"), data).status_code == 200
+    response = client_a.post(reverse("console:keys"), data, follow=True)
+    assert "already created" in response.content.decode() and not response.context.get("raw_key")
+    assert APIKey.objects.count() == 1
+    assert client_a.post(reverse("console:keys"), {**data, "submission": "nonce-456"}).status_code == 200
+    assert APIKey.objects.count() == 2
+
+
 @pytest.mark.parametrize(
     "data,error",
     [

@@ -1,0 +1,121 @@
+"""A real browser (headless Chromium) walks the console: sign up, verify the email from the sent message,
+redeem an authorization code, create an API key and read it from the page; the key then authenticates."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from django.core import mail
+
+from accounts import codes
+from accounts.models import APIKey, Membership
+
+from .console_helpers import *  # noqa: F403  (fixtures)
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Chromium is installed by `make services` (.ci/services)"),
+]
+
+
+@pytest.fixture
+def browser_page(tmp_path, monkeypatch):
+    from playwright.sync_api import sync_playwright
+
+    # Playwright's sync API keeps an event loop in this thread; the ORM calls the test makes between
+    # browser steps are still synchronous and never run concurrently with it.
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "1")
+
+    with sync_playwright() as p:
+        # A fresh profile every run: Playwright takes it as user_data_dir (it refuses --user-data-dir in args).
+        context = p.chromium.launch_persistent_context(
+            user_data_dir=str(tmp_path / "profile"),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport={"width": 1280, "height": 900},
+        )
+        page = context.new_page()
+        page.set_default_timeout(20_000)
+        try:
+            yield page
+        finally:
+            context.close()
+
+
+def wait_for_mail(count: int, timeout: float = 10.0) -> mail.EmailMessage:
+    deadline = time.monotonic() + timeout
+    while len(mail.outbox) < count:
+        assert time.monotonic() < deadline, "no email was sent"
+        time.sleep(0.05)
+    return mail.outbox[count - 1]
+
+
+def test_sign_up_verify_redeem_create_key(live_server, browser_page, tmp_path):
+    page = browser_page
+    email, password = "browser.user@example.com", "a-long-browser-password-31"
+
+    page.goto(f"{live_server.url}/accounts/signup/")
+    page.get_by_label("Email").fill(email)
+    page.locator("#id_password1").fill(password)
+    page.locator("#id_password2").fill(password)
+    page.get_by_role("button", name="Sign Up").click()
+    page.wait_for_url(re.compile(r"/accounts/confirm-email/$"))
+
+    message = wait_for_mail(1)
+    assert message.to == [email]
+    link = re.search(r"https?://\S+/accounts/confirm-email/\S+/", message.body).group(0)
+    page.goto(link)
+    page.get_by_role("button", name="Confirm").click()
+    page.wait_for_url(f"{live_server.url}/")
+    assert page.get_by_role("heading", name="No active entitlement").is_visible()
+    org = Membership.objects.get(user__email=email).organization
+
+    raw_code = codes.issue_codes(1, token_quota=50_000, validity_days=30, model_names=["smollm2-135m"])[0].raw
+    page.get_by_role("link", name="Redeem code").click()
+    page.get_by_label("Authorization code").fill(raw_code)
+    page.get_by_role("button", name=re.compile("Redeem")).click()
+    page.get_by_text("Code redeemed").wait_for()
+
+    page.get_by_role("link", name="Dashboard").click()
+    assert page.get_by_text("50,000 tokens").first.is_visible()
+    assert page.get_by_text("smollm2-135m").is_visible()
+    page.set_viewport_size({"width": 390, "height": 844})  # a phone
+    shot = tmp_path / "dashboard-phone.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 0
+    if os.environ.get("CONSOLE_SCREENSHOT_DIR"):
+        shutil.copy(shot, Path(os.environ["CONSOLE_SCREENSHOT_DIR"]) / shot.name)
+    page.set_viewport_size({"width": 1280, "height": 900})
+
+    page.get_by_role("link", name="API keys").click()
+    page.get_by_label("Name").fill("browser key")
+    page.get_by_label("Allowed models").fill("smollm2-135m")
+    page.get_by_role("button", name="Create key").click()
+    revealed = page.locator("#new-key")
+    raw_key = revealed.input_value()
+    assert raw_key.startswith("sk-")
+    page.get_by_role("button", name="Copy").click()
+    assert page.locator("#copy-status").inner_text() != ""
+
+    key = APIKey.objects.get_by_raw(raw_key)
+    assert key is not None and key.is_usable()
+    assert key.organization == org and key.name == "browser key" and key.allowed_models == ["smollm2-135m"]
+    assert key.created_by.email == email
+
+    page.reload()  # re-posts the form: no second key, and the key is never shown again
+    page.get_by_text("already created").wait_for()
+    assert page.locator("#new-key").count() == 0 and raw_key not in page.content()
+    assert APIKey.objects.for_org(org).count() == 1
