@@ -185,7 +185,8 @@ async def complete(request: HttpRequest, parser) -> HttpResponse:
         raise
     forward = Forward(request.request_id, inference, entry, caller, hold, decision, upstream)
     # The engine's spans join this trace (traceparent) and learn the tenant (baggage).
-    return await forward.run()
+    with telemetry.tenant_baggage(organization.pk, key.public_id):
+        return await forward.run()
 
 
 class Forward:
@@ -331,9 +332,9 @@ class Forward:
                 },
             ):
                 await sync_to_async(settle_and_close)(self.hold, prompt + meter.completion_tokens, record, key, close_connections)
+            metrics.observe_usage(model.name, key.organization.slug, self.upstream.id, meter)
         except Exception:
             logger.exception("could not settle %s; its reservation expires on its own", self.request_id)
-            import traceback; open("/tmp/ops/err.log", "a").write(traceback.format_exc())  # DEBUG-OPS
         finally:
             await get_limiter().release(self.decision)
 

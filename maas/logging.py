@@ -35,6 +35,12 @@ def new_request_id(incoming: str | None = None) -> str:
     return uuid.uuid4().hex
 
 
+def bind_request_id(request, request_id: str) -> None:
+    """Adopt an id chosen by the view (the gateway's `req_...` ids) for the rest of the request."""
+    request.request_id = request_id
+    request_id_var.set(request_id)
+
+
 class RequestContextFilter(logging.Filter):
     """Adds request_id, trace_id and span_id (None when absent) to each record."""
 

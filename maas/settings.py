@@ -244,6 +244,9 @@ GATEWAY_CATALOG_CACHE_SECONDS = env_float("GATEWAY_CATALOG_CACHE_SECONDS", 5.0)
 GATEWAY_UNHEALTHY_BACKOFF_SECONDS = env_float("GATEWAY_UNHEALTHY_BACKOFF_SECONDS", 10.0)
 GATEWAY_HEALTH_CHECK_TIMEOUT = env_float("GATEWAY_HEALTH_CHECK_TIMEOUT", 2.0)
 
+# GET /metrics (Prometheus) needs `Authorization: Bearer <METRICS_TOKEN>`; empty: /metrics answers 404.
+METRICS_TOKEN = os.environ.get("METRICS_TOKEN", "")
+
 # Celery: a real broker when configured, tasks run in-process otherwise.
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", REDIS_URL)
 CELERY_RESULT_BACKEND = os.environ.get("CELERY_RESULT_BACKEND", "")
