@@ -101,7 +101,8 @@ class BlockManager:
 
     def blocks_needed(self, seq: Sequence, num_new_tokens: int, cached_blocks: list[int] = ()) -> int:
         """Free-pool blocks an allocation would consume (cached blocks sitting in the pool count too)."""
-        total = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size)
+        computed = seq.num_computed_tokens + len(cached_blocks) * self.block_size
+        total = -(-(computed + num_new_tokens) // self.block_size)
         fresh = total - len(seq.block_table) - len(cached_blocks)
         revived = sum(1 for b in cached_blocks if self.blocks[b].ref_count == 0)
         return max(fresh, 0) + revived

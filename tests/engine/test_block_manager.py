@@ -150,3 +150,19 @@ def test_can_allocate_counts_free_blocks(num_blocks):
     seq = make_seq(range(4 * num_blocks + 1))
     assert not bm.can_allocate(seq, seq.num_tokens)
     assert bm.can_allocate(seq, 4 * num_blocks)
+
+
+def test_can_allocate_with_a_cached_prefix_counts_the_blocks_after_it():
+    bm = BlockManager(4, BS)
+    a = make_seq(range(9))  # 3 blocks, 2 of them cacheable
+    admit(bm, a)
+    b = make_seq(list(range(8)) + [50, 51, 52, 53, 54])  # 2 cached blocks + 5 new tokens = 2 more blocks
+    cached = bm.find_cached_blocks(b)
+    assert len(cached) == 2
+    assert bm.blocks_needed(b, 5, cached) == 2
+    assert not bm.can_allocate(b, 5, cached)  # only 1 block is free
+    bm.free_blocks(a)
+    assert bm.blocks_needed(b, 5, cached) == 4  # the cached ones now come out of the free pool too
+    assert bm.can_allocate(b, 5, cached)
+    bm.allocate(b, 5, cached)
+    assert len(b.block_table) == 4 and bm.num_free_blocks == 0
