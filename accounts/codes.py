@@ -11,6 +11,7 @@ surrounding whitespace is ignored.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hmac
 import re
@@ -212,34 +213,42 @@ def end_of_day(day: dt.date) -> dt.datetime:
 class FailureLimiter:
     """Fixed-window counters of failed redemptions per user and per IP in the shared cache (Redis).
 
-    Only failures count; a refused (limited) attempt is not checked and not counted, so it cannot
-    extend the window. Counters are atomic (`cache.add` then `cache.incr`, INCRBY in Redis).
+    An attempt takes a slot (atomic INCR) before the code is looked up, so a burst of concurrent
+    guesses cannot all pass the check at once; a success gives its slot back, a failure keeps it.
+    Past the limit an attempt is refused before the code is checked, and gives its slot back too,
+    so refused attempts neither count nor extend the window.
     """
 
     def __init__(self, user: User | None, ip: str | None):
         self.keys: list[tuple[str, int]] = []
-        window = settings.REDEEM_FAILURE_WINDOW_SECONDS
-        self.window = window
+        self.window = settings.REDEEM_FAILURE_WINDOW_SECONDS
+        self.taken: list[str] = []
         if user is not None and getattr(user, "pk", None) is not None:
             self.keys.append((f"redeem-fail:user:{user.pk}", settings.REDEEM_FAILURES_PER_USER))
         if ip:
             self.keys.append((f"redeem-fail:ip:{ip}", settings.REDEEM_FAILURES_PER_IP))
 
-    def check(self) -> None:
-        if not self.keys:
-            return
-        counts = cache.get_many([key for key, _ in self.keys])
+    def acquire(self) -> None:
+        """Take a slot under every key, or raise `RedemptionRateLimited` holding none."""
         for key, limit in self.keys:
-            if int(counts.get(key, 0)) >= limit:
-                raise RedemptionRateLimited(retry_after=self._ttl(key))
-
-    def record_failure(self) -> None:
-        for key, _ in self.keys:
-            cache.add(key, 0, timeout=self.window)
+            cache.add(key, 0, timeout=self.window)  # starts the window; no-op when it exists
             try:
-                cache.incr(key)
-            except ValueError:  # expired between add and incr: a new window starts with this failure
-                cache.add(key, 1, timeout=self.window)
+                count = cache.incr(key)
+            except ValueError:  # the window ended between add and incr: start a new one
+                cache.add(key, 0, timeout=self.window)
+                count = cache.incr(key)
+            self.taken.append(key)
+            if count > limit:
+                retry_after = self._ttl(key)
+                self.release()
+                raise RedemptionRateLimited(retry_after=retry_after)
+
+    def release(self) -> None:
+        """Give the slots back: the attempt was refused by the limit, or it succeeded."""
+        for key in self.taken:
+            with contextlib.suppress(ValueError):  # its window already ended
+                cache.decr(key)
+        self.taken = []
 
     def _ttl(self, key: str) -> int:
         """Seconds until the window of `key` ends (exact on Redis, the whole window elsewhere)."""
@@ -285,12 +294,16 @@ def redeem(
     if organization is None:
         raise NoOrganization()
     limiter = FailureLimiter(user, ip)
-    limiter.check()
+    limiter.acquire()
     try:
-        return _redeem(organization, raw_code)
+        entitlement = _redeem(organization, raw_code)
     except RedemptionError:
-        limiter.record_failure()
+        raise  # the slots stay taken: one more failure in this window
+    except Exception:
+        limiter.release()  # a server error is not the caller's failed guess
         raise
+    limiter.release()
+    return entitlement
 
 
 def _redeem(organization: Organization, raw_code: str) -> Entitlement:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
+from django.core.cache import cache
 from django.core.exceptions import ValidationError
 from django.test import override_settings
 from django.utils import timezone
@@ -250,10 +251,19 @@ def test_limit_window_expires(alice):
 
 
 @override_settings(REDEEM_FAILURES_PER_USER=2)
-def test_successes_do_not_count_and_limited_attempts_do_not_extend(alice):
+def test_successes_and_refused_attempts_do_not_count(alice):
     user, org = alice
+    counter = f"redeem-fail:user:{user.pk}"
     for _ in range(3):
         codes.redeem(org, issue_one(), user)
+    assert cache.get(counter) == 0
     with pytest.raises(codes.UnknownCode):
         codes.redeem(org, "garbage", user)
     assert codes.redeem(org, issue_one(), user).pk
+    with pytest.raises(codes.UnknownCode):
+        codes.redeem(org, "garbage", user)
+    assert cache.get(counter) == 2
+    for _ in range(3):
+        with pytest.raises(codes.RedemptionRateLimited):
+            codes.redeem(org, issue_one(), user)
+    assert cache.get(counter) == 2  # refused attempts gave their slot back

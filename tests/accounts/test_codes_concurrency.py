@@ -6,6 +6,7 @@ import threading
 
 import pytest
 from django.db import connection
+from django.test import override_settings
 
 from accounts import codes
 from accounts.models import AuthorizationCode, Entitlement
@@ -16,21 +17,21 @@ from .codes_fixtures import issue_one, make_member
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-def race(attempts: list[tuple], raw: str) -> list:
-    """Start every (organization, user) redemption at the same instant; return each outcome."""
+def race(attempts: list[tuple], raw: str | None = None) -> list:
+    """Start every (organization, user[, code]) redemption at the same instant; return each outcome."""
     barrier = threading.Barrier(len(attempts))
     outcomes: list = [None] * len(attempts)
 
-    def attempt(i: int, org, user) -> None:
+    def attempt(i: int, org, user, code=None) -> None:
         try:
             barrier.wait(timeout=30)
-            outcomes[i] = codes.redeem(org, raw, user)
+            outcomes[i] = codes.redeem(org, code or raw, user)
         except Exception as exc:  # recorded, asserted below
             outcomes[i] = exc
         finally:
             connection.close()  # each thread has its own connection
 
-    threads = [threading.Thread(target=attempt, args=(i, org, user)) for i, (org, user) in enumerate(attempts)]
+    threads = [threading.Thread(target=attempt, args=(i, *args)) for i, args in enumerate(attempts)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -65,9 +66,19 @@ def test_code_with_k_redemptions_yields_exactly_k_entitlements_under_a_race():
 
 def test_same_org_racing_itself_gets_one_entitlement():
     raw = issue_one(max_redemptions=5)
-    user, org = make_member("self@example.com", "self-race")
-    outcomes = race([(org, user)] * 6, raw)
+    racers = [make_member(f"self{i}@example.com", "self-race") for i in range(6)]  # six members, one org
+    org = racers[0][1]
+    outcomes = race([(org, user) for user, _ in racers], raw)
     assert sum(isinstance(o, Entitlement) for o in outcomes) == 1, outcomes
     assert all(isinstance(o, Entitlement | codes.AlreadyRedeemed) for o in outcomes), outcomes
     assert Entitlement.objects.for_org(org).count() == 1
     assert AuthorizationCode.objects.get().redemption_count == 1
+
+
+@override_settings(REDEEM_FAILURES_PER_USER=3, REDEEM_FAILURES_PER_IP=100)
+def test_a_burst_of_concurrent_guesses_is_capped_at_the_limit():
+    user, org = make_member("burst@example.com", "burst")
+    guesses = [(org, user, f"mac-{i:08x}-" + "a" * 26) for i in range(10)]
+    outcomes = race(guesses)
+    assert sum(isinstance(o, codes.UnknownCode) for o in outcomes) == 3, outcomes
+    assert sum(isinstance(o, codes.RedemptionRateLimited) for o in outcomes) == 7, outcomes
