@@ -48,12 +48,17 @@ class EngineMetrics:
         self._model_name = model_name
         self._seen_queries = self._seen_hits = self._seen_preemptions = 0
 
+    def observe_gauges(self, engine) -> None:
+        """Batch and pool occupancy; also called at scrape time (aborts change them between steps)."""
+        sched = engine.scheduler
+        self.running.set(len(sched.running))
+        self.waiting.set(len(sched.waiting))
+        self.kv_usage.set(sched.block_manager.usage)
+
     def observe_step(self, engine) -> None:
         sched = engine.scheduler
         bm = sched.block_manager
-        self.running.set(len(sched.running))
-        self.waiting.set(len(sched.waiting))
-        self.kv_usage.set(bm.usage)
+        self.observe_gauges(engine)
         if bm.prefix_queries > self._seen_queries:
             self.prefix_queries.inc(bm.prefix_queries - self._seen_queries)
             self.prefix_hits.inc(bm.prefix_hits - self._seen_hits)

@@ -123,6 +123,7 @@ class OpenAIServer:
         return JSONResponse({"status": "unhealthy", "error": repr(self.engine.error)}, status_code=503)
 
     async def metrics(self, request: Request) -> Response:
+        self.llm.metrics.observe_gauges(self.llm)
         return Response(self.llm.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def tokenize(self, request: Request) -> Response:

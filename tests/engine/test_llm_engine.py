@@ -1,0 +1,120 @@
+"""LLMEngine / LLM on a tiny checkpoint: n > 1, seeds, stop strings, stop tokens, abort, logprobs, limits."""
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from engine.llm_engine import ContextLengthError
+from engine.sampling_params import SamplingParamError
+from tests.engine.checkpoints import tiny_checkpoint
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(str(tiny_checkpoint("llama")), block_size=4, num_kv_blocks=128)
+
+
+def test_generate_keeps_prompt_order_and_counts(llm):
+    outs = llm.generate(
+        ["The quick brown fox", "Hello"], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    )
+    assert [o.num_prompt_tokens for o in outs] == [
+        len(llm.tokenizer.encode(p)) for p in ["The quick brown fox", "Hello"]
+    ]
+    for out in outs:
+        choice = out.outputs[0]
+        assert out.finished and choice.finish_reason == "length" and len(choice.token_ids) == 6
+        assert choice.text == llm.tokenizer.decode(choice.token_ids)
+        assert out.num_output_tokens == 6
+
+
+def test_n_choices_with_a_seed_are_distinct_and_reproducible(llm):
+    params = SamplingParams(n=4, temperature=1.0, seed=7, max_tokens=8, ignore_eos=True)
+    first = llm.generate("Tell me a story", params)[0]
+    assert [c.index for c in first.outputs] == [0, 1, 2, 3]
+    assert len({tuple(c.token_ids) for c in first.outputs}) > 1
+    assert first.num_output_tokens == 32
+    # Same seed, other requests in the batch: the same choices.
+    noisy = llm.generate(
+        ["Tell me a story", "noise one", "noise two and more"],
+        [
+            params,
+            SamplingParams(temperature=1.0, max_tokens=5),
+            SamplingParams(temperature=1.0, max_tokens=9),
+        ],
+    )[0]
+    assert [c.token_ids for c in noisy.outputs] == [c.token_ids for c in first.outputs]
+
+
+def test_stop_string_truncates_text_and_finishes(llm):
+    free = llm.generate("The quick", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[
+        0
+    ].outputs[0]
+    stop = free.text[3:6]
+    assert stop.strip(), "the continuation must have text to stop on"
+    out = llm.generate(
+        "The quick", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop])
+    )
+    choice = out[0].outputs[0]
+    assert choice.finish_reason == "stop" and choice.text == free.text[: free.text.index(stop)]
+    assert stop not in choice.text
+
+
+def test_stop_token_ids_finish_without_their_text(llm):
+    free = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0].outputs[0]
+    stop_id = free.token_ids[2]
+    out = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[stop_id]))
+    choice = out[0].outputs[0]
+    first_stop = free.token_ids.index(stop_id)
+    assert choice.finish_reason == "stop" and choice.token_ids == free.token_ids[: first_stop + 1]
+    assert choice.text == llm.tokenizer.decode(free.token_ids[:first_stop])
+
+
+def test_logprobs(llm):
+    out = llm.generate(
+        "Hello", SamplingParams(temperature=0, max_tokens=3, logprobs=True, top_logprobs=2, ignore_eos=True)
+    )[0].outputs[0]
+    assert len(out.logprobs) == 3
+    for lp, token in zip(out.logprobs, out.token_ids, strict=True):
+        assert lp.token_id == token and lp.logprob <= 0 and len(lp.top) == 2
+        assert lp.top[0][0] == token and lp.top[0][1] == pytest.approx(lp.logprob)
+
+
+def test_abort_frees_blocks_immediately(llm):
+    engine = llm.engine
+    free_before = engine.scheduler.block_manager.num_free_blocks
+    engine.add_request(
+        "to-abort", "The quick brown fox jumps", SamplingParams(max_tokens=50, ignore_eos=True)
+    )
+    engine.step()
+    engine.step()
+    assert engine.scheduler.block_manager.num_free_blocks < free_before
+    engine.abort("to-abort")
+    assert engine.scheduler.block_manager.num_free_blocks == free_before
+    assert not engine.has_unfinished() and "to-abort" not in engine.requests
+
+
+def test_prompt_over_the_context_is_rejected_up_front(llm):
+    limit = llm.engine.scheduler.max_model_len
+    with pytest.raises(ContextLengthError) as info:
+        llm.engine.add_request("long", [5] * limit, SamplingParams())
+    assert "maximum context length" in str(info.value)
+    with pytest.raises(ContextLengthError) as info:
+        llm.engine.add_request("long2", [5, 6, 7], SamplingParams(max_tokens=limit))
+    assert info.value.param == "max_tokens"
+    with pytest.raises(SamplingParamError):
+        llm.engine.add_request("bad", [10**6], SamplingParams())
+    assert not llm.engine.has_unfinished()
+
+
+def test_a_prompt_that_fills_the_pool_is_rejected():
+    small = LLM(str(tiny_checkpoint("llama")), block_size=4, num_kv_blocks=8)  # 32 tokens in all
+    assert small.engine.scheduler.max_model_len == 32
+    with pytest.raises(ContextLengthError):
+        small.engine.add_request("x", list(range(3, 35)), SamplingParams())
+    out = small.generate(
+        [list(range(3, 30))], SamplingParams(temperature=0, max_tokens=None, ignore_eos=True)
+    )[0]
+    assert out.outputs[0].finish_reason == "length" and out.num_prompt_tokens + out.num_output_tokens == 32
