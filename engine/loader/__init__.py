@@ -146,9 +146,9 @@ def model_spec(config: LlamaConfig, dtype: torch.dtype) -> ModelSpec:
 
 
 def resident_bytes(model: torch.nn.Module) -> int:
-    """Bytes of parameters and buffers, counting tied parameters once."""
+    """Bytes of the weights, counting tied parameters once."""
     seen, total = set(), 0
-    for tensor in [*model.parameters(), *model.buffers()]:
+    for tensor in model.parameters():
         if tensor.data_ptr() not in seen:
             seen.add(tensor.data_ptr())
             total += tensor.numel() * tensor.element_size()

@@ -128,8 +128,10 @@ def load_hf_directory(
     if not files:
         raise ModelLoadError(f"{directory}: no *.safetensors weight files")
     tokenizer = load_tokenizer(directory)
+    # A missing tensor is reported against the weight file (or the directory when sharded).
+    source = str(files[0]) if len(files) == 1 else f"{directory} (*.safetensors)"
     model = build_model(
-        config, iter_safetensors(files), dtype=dtype, device=device, quant=quant, source=str(directory)
+        config, iter_safetensors(files), dtype=dtype, device=device, quant=quant, source=source
     )
     generation = read_json(directory / "generation_config.json", required=False)
     eos = unique_ids(generation.get("eos_token_id"), raw_config.get("eos_token_id"), tokenizer.eos_token_id)

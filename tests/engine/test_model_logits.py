@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine.loader import load_model
-from tests.engine.checkpoints import KINDS, load_reference, smollm2_gguf_path, tiny_checkpoint
+from tests.engine.checkpoints import KINDS, load_reference, smollm2_gguf_path, tiny_checkpoint, tiny_gguf
 from tests.engine.paged_driver import PagedDriver
 
 torch.set_num_threads(2)
@@ -61,6 +61,15 @@ def test_tiny_checkpoint_chunked_prefill_matches_transformers(kind):
         "Continuous batching lets requests join and leave the batch at every step."
     )
     check_against_reference(path, prompt, atol=1e-4, chunk_size=5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_tiny_gguf_logits_and_greedy_match_transformers(kind):
+    """Q8_0 GGUFs laid out as llama.cpp does (llama q/k permuted), read by transformers' GGUF loader."""
+    path = tiny_gguf(kind)
+    loaded = load_model(path)
+    prompt = loaded.tokenizer.encode("What is the capital of France? Paris is the capital of France.")
+    check_against_reference(path, prompt, atol=1e-4)
 
 
 def test_smollm2_gguf_logits_and_greedy_match_transformers():
