@@ -9,6 +9,7 @@ import io
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.models import ADDITION, CHANGE, LogEntry
 from django.core.exceptions import PermissionDenied
 from django.db.models import F, Q
 from django.http import HttpResponse
@@ -36,6 +37,12 @@ def batch_csv(issued: list[codes.IssuedCode]) -> str:
             c.expires_at.isoformat() if c.expires_at else "", c.note,
         ])
     return out.getvalue()
+
+
+def log(request, objects, flag: int, message: str) -> None:
+    """One admin history entry per object (bulk insert), so operators see who issued or revoked what."""
+    if objects:
+        LogEntry.objects.log_actions(request.user.pk, objects, flag, message)
 
 
 class CodeStatusFilter(admin.SimpleListFilter):
@@ -160,6 +167,7 @@ class AuthorizationCodeAdmin(admin.ModelAdmin):
         }
         if request.method == "POST" and form.is_valid():
             issued = form.issue(created_by=request.user)
+            log(request, [item.code for item in issued], ADDITION, f"Generated in batch {issued[0].code.batch}")
             content = batch_csv(issued)
             filename = f"authorization-codes-{issued[0].code.batch}.csv"
             if "_csv" in request.POST:
@@ -180,7 +188,10 @@ class AuthorizationCodeAdmin(admin.ModelAdmin):
 
     @admin.action(description="Revoke selected codes (no further redemptions)", permissions=["change"])
     def revoke_codes(self, request, queryset):
-        count = queryset.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())
+        targets = list(queryset.filter(revoked_at__isnull=True))
+        pending = AuthorizationCode.objects.filter(pk__in=[c.pk for c in targets], revoked_at__isnull=True)
+        count = pending.update(revoked_at=timezone.now())
+        log(request, targets, CHANGE, "Revoked")
         self.message_user(request, f"Revoked {count} code(s); existing entitlements are unchanged.", messages.SUCCESS)
 
     @admin.action(description="Revoke selected codes and the entitlements they granted", permissions=["change"])
@@ -188,7 +199,9 @@ class AuthorizationCodeAdmin(admin.ModelAdmin):
         revoked_codes = revoked_entitlements = 0
         for code in queryset:
             revoked_codes += code.revoked_at is None
-            revoked_entitlements += codes.revoke_code(code, with_entitlements=True)
+            count = codes.revoke_code(code, with_entitlements=True)
+            revoked_entitlements += count
+            log(request, [code], CHANGE, f"Revoked with its entitlements ({count} revoked)")
         self.message_user(
             request,
             f"Revoked {revoked_codes} code(s) and {revoked_entitlements} entitlement(s); effective on the next request.",
@@ -222,8 +235,46 @@ class EntitlementStatusFilter(admin.SimpleListFilter):
         return queryset
 
 
+class EntitlementForm(forms.ModelForm):
+    """An operator's grant or edit: the same rules a redeemed code would satisfy."""
+
+    class Meta:
+        model = Entitlement
+        fields = ["organization", "token_quota", "model_names", "starts_at", "ends_at"]
+        help_texts = {"model_names": 'A JSON list of public model names, e.g. ["smollm2"]; [] for every model.'}
+
+    def clean_model_names(self):
+        value = self.cleaned_data.get("model_names")
+        if value in (None, ""):
+            return []
+        if not isinstance(value, list) or not all(isinstance(name, str) for name in value):
+            raise forms.ValidationError('Enter a JSON list of model names, e.g. ["smollm2"], or [] for every model.')
+        try:
+            return codes.clean_model_names(value)
+        except forms.ValidationError as exc:
+            raise forms.ValidationError(exc.messages[0]) from exc
+
+    def clean_token_quota(self):
+        quota = self.cleaned_data.get("token_quota")
+        if quota is None:
+            return None
+        if quota < 1:
+            raise forms.ValidationError("The quota must be a positive number of tokens (empty: unlimited).")
+        if self.instance.pk and quota < self.instance.tokens_used:
+            raise forms.ValidationError(f"{self.instance.tokens_used:,} tokens are already used; the quota cannot be lower.")
+        return quota
+
+    def clean(self):
+        data = super().clean()
+        starts, ends = data.get("starts_at"), data.get("ends_at")
+        if starts and ends and ends <= starts:
+            self.add_error("ends_at", "The end must be after the start.")
+        return data
+
+
 @admin.register(Entitlement)
 class EntitlementAdmin(admin.ModelAdmin):
+    form = EntitlementForm
     list_display = (
         "id", "organization", "status", "usage", "tokens_reserved", "models", "starts_at", "ends_at", "code",
         "revoked_at", "created_at",
@@ -271,5 +322,8 @@ class EntitlementAdmin(admin.ModelAdmin):
 
     @admin.action(description="Revoke selected entitlements (effective on the next request)", permissions=["change"])
     def revoke_entitlements(self, request, queryset):
-        count = queryset.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())
+        targets = list(queryset.filter(revoked_at__isnull=True))
+        pending = Entitlement.objects.filter(pk__in=[e.pk for e in targets], revoked_at__isnull=True)
+        count = pending.update(revoked_at=timezone.now())
+        log(request, targets, CHANGE, "Revoked")
         self.message_user(request, f"Revoked {count} entitlement(s).", messages.SUCCESS)

@@ -208,3 +208,48 @@ def test_admin_can_grant_an_entitlement_without_a_code(admin_client, alice):
     assert response.status_code == 302
     entitlement = Entitlement.objects.for_org(alice[1]).active().get()
     assert entitlement.code is None and entitlement.token_quota == 5000
+
+
+def entitlement_form(org, **extra):
+    data = {"organization": org.pk, "token_quota": "5000", "model_names": "[]",
+            "starts_at_0": "2020-01-01", "starts_at_1": "00:00:00", "ends_at_0": "", "ends_at_1": ""}
+    data.update(extra)
+    return data
+
+
+@pytest.mark.parametrize(
+    "extra, field, message",
+    [
+        ({"model_names": '"smollm2"'}, "model_names", "Enter a JSON list of model names"),
+        ({"model_names": "[1, 2]"}, "model_names", "Enter a JSON list of model names"),
+        ({"model_names": '["bad name"]'}, "model_names", "not a valid model name"),
+        ({"model_names": "not json"}, "model_names", "Enter a valid JSON"),
+        ({"token_quota": "0"}, "token_quota", "positive number"),
+        ({"ends_at_0": "2019-12-31", "ends_at_1": "00:00:00"}, "ends_at", "after the start"),
+    ],
+)
+def test_entitlement_admin_form_rejects_bad_input(admin_client, alice, extra, field, message):
+    response = admin_client.post(f"{ENTITLEMENTS}add/", entitlement_form(alice[1], **extra))
+    assert response.status_code == 200
+    assert message in " ".join(response.context["adminform"].form.errors[field])
+    assert not Entitlement.objects.exists()
+
+
+def test_entitlement_quota_cannot_drop_below_usage(admin_client, alice):
+    entitlement = Entitlement.objects.create(organization=alice[1], token_quota=1000, tokens_used=600)
+    response = admin_client.post(f"{ENTITLEMENTS}{entitlement.pk}/change/", entitlement_form(alice[1], token_quota="500"))
+    assert response.status_code == 200
+    assert "600 tokens are already used" in response.content.decode()
+    entitlement.refresh_from_db()
+    assert entitlement.token_quota == 1000
+
+
+def test_generate_and_revoke_are_in_the_admin_history(admin_client, alice):
+    from django.contrib.admin.models import ADDITION, CHANGE, LogEntry
+
+    generate(admin_client, count="2")
+    assert LogEntry.objects.filter(action_flag=ADDITION, user=admin_client.admin).count() == 2
+    code = AuthorizationCode.objects.first()
+    admin_client.post(CODES, {"action": "revoke_codes", "_selected_action": [code.pk]})
+    entry = LogEntry.objects.get(action_flag=CHANGE, object_id=str(code.pk))
+    assert entry.change_message == "Revoked" and entry.user == admin_client.admin
