@@ -109,6 +109,9 @@ def test_sign_up_verify_redeem_create_key(live_server, browser_page, tmp_path):
     assert raw_key.startswith("sk-")
     page.get_by_role("button", name="Copy").click()
     assert page.locator("#copy-status").inner_text() != ""
+    if os.environ.get("CONSOLE_SCREENSHOT_DIR"):  # for a person to look at the phone layout of the key table
+        page.set_viewport_size({"width": 390, "height": 844})
+        page.screenshot(path=str(Path(os.environ["CONSOLE_SCREENSHOT_DIR"]) / "keys-phone.png"), full_page=True)
 
     key = APIKey.objects.get_by_raw(raw_key)
     assert key is not None and key.is_usable()
