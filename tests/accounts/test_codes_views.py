@@ -271,3 +271,17 @@ def test_entitlement_api_requires_login(client, alice):
 def test_url_names():
     assert reverse("console:redeem") == REDEEM
     assert reverse("console:api-redeem") == API
+
+
+def test_api_redeem_without_an_organization(db):
+    from accounts.models import User
+
+    lonely = User.objects.create_user("lonely@example.com", "pw-not-used-123")
+    client = Client()
+    client.force_login(lonely)
+    response = client.post(API, {"code": issue_one()}, content_type="application/json")
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "no_organization"
+    assert "not a member of any organization" in response.json()["detail"]
+    assert not Entitlement.objects.exists()
+    assert client.get(REDEEM)["Location"] == reverse("console:org-new")  # the console sends them to create one
