@@ -1,0 +1,53 @@
+"""All mail takes the queued path: allauth's messages included (tasks run eagerly in the test settings)."""
+
+import pytest
+from celery.signals import task_prerun
+from django.core import mail
+from django.core.mail import EmailMultiAlternatives
+
+from accounts.models import User
+from accounts.tasks import send_email
+from maas.mail import deserialize_message, serialize_message
+
+
+def test_message_round_trips_through_json():
+    message = EmailMultiAlternatives("Hi", "text", "from@example.com", ["to@example.com"], cc=["cc@example.com"],
+                                     reply_to=["r@example.com"], headers={"X-Tag": "1"})
+    message.attach_alternative("<b>html</b>", "text/html")
+    copy = deserialize_message(serialize_message(message))
+    assert (copy.subject, copy.body, copy.to, copy.cc, copy.reply_to) == ("Hi", "text", ["to@example.com"], ["cc@example.com"], ["r@example.com"])
+    assert copy.alternatives[0][0] == "<b>html</b>" and copy.extra_headers == {"X-Tag": "1"}
+
+
+def test_attachments_are_refused_with_a_clear_error():
+    message = EmailMultiAlternatives("Hi", "text", "f@example.com", ["t@example.com"])
+    message.attach("a.txt", "data", "text/plain")
+    with pytest.raises(ValueError, match="attachments"):
+        serialize_message(message)
+
+
+def test_send_email_task_is_retried_with_backoff_on_delivery_errors():
+    assert send_email.autoretry_for and OSError in send_email.autoretry_for
+    assert send_email.retry_backoff and send_email.max_retries >= 3 and send_email.acks_late
+
+
+@pytest.mark.django_db
+def test_allauth_password_reset_mail_goes_through_the_task(client, settings):
+    settings.EMAIL_BACKEND = "maas.mail.CeleryEmailBackend"
+    settings.EMAIL_DELIVERY_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+    User.objects.create_user("reset-me@example.com", "a-long-password-123")
+    ran = []
+
+    def record(sender=None, **kwargs):
+        ran.append(sender.name)
+
+    task_prerun.connect(record)
+    try:
+        response = client.post("/accounts/password/reset/", {"email": "reset-me@example.com"})
+    finally:
+        task_prerun.disconnect(record)
+    assert response.status_code == 302
+    assert ran == ["accounts.tasks.send_email"]
+    assert len(mail.outbox) == 1
+    assert mail.outbox[0].to == ["reset-me@example.com"]
+    assert "/accounts/password/reset/key/" in mail.outbox[0].body
