@@ -7,7 +7,7 @@ from .models import AIModel, Deployment, Reservation, UsageRecord
 class DeploymentInline(admin.TabularInline):
     model = Deployment
     extra = 0
-    fields = ["base_url", "internal_token", "weight", "enabled", "healthy", "last_checked_at", "last_error"]
+    fields = ["base_url", "served_model_name", "internal_token", "weight", "enabled", "healthy", "last_checked_at", "last_error"]
     readonly_fields = ["healthy", "last_checked_at", "last_error"]
 
 

@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 class Upstream:
     id: int
     base_url: str
+    served_model_name: str
     internal_token: str
     weight: int
     healthy: bool
@@ -70,7 +71,8 @@ class Catalog:
             if model.visibility == Visibility.LISTED:
                 visible_to = frozenset(org.pk for org in model.organizations.all())
             upstreams = tuple(
-                Upstream(d.pk, d.base_url.rstrip("/"), d.internal_token, d.weight, d.healthy)
+                Upstream(d.pk, d.base_url.rstrip("/"), d.served_model_name or model.name, d.internal_token, d.weight,
+                         d.healthy)
                 for d in model.deployments.all()
                 if d.enabled
             )

@@ -58,6 +58,9 @@ class Deployment(models.Model):
 
     model = models.ForeignKey(AIModel, on_delete=models.CASCADE, related_name="deployments")
     base_url = models.URLField(max_length=300, help_text="Engine root, e.g. http://10.0.0.5:8001 (without /v1).")
+    served_model_name = models.CharField(
+        max_length=128, blank=True, help_text="The model id the engine serves, if not the public name."
+    )
     internal_token = models.CharField(max_length=300, blank=True, help_text="Sent upstream as a Bearer token.")
     weight = models.PositiveIntegerField(default=1, help_text="Tie-breaker between equally loaded replicas.")
     enabled = models.BooleanField(default=True)

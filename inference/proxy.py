@@ -4,8 +4,7 @@ relaying streams chunk by chunk and metering what each request consumed.
 Streams: the engine is always asked for `include_usage`; the final usage chunk is passed to the
 client only if it asked for it. When the client disconnects, Django cancels the response iterator;
 closing the upstream response then aborts generation in the engine at once, and the request is
-charged exactly the tokens generated so far (one per content-bearing chunk received from the engine,
-plus the prompt as counted by the engine's /tokenize).
+charged the tokens generated so far (see `count_cut_stream`).
 """
 
 from __future__ import annotations
@@ -61,6 +60,7 @@ class Meter:
     cached_tokens: int = 0
     completion_tokens: int = 0  # from the engine's usage, or counted chunk by chunk
     usage_reported: bool = False
+    streamed_text: dict[int, list[str]] = field(default_factory=dict)  # per choice, for cut streams
     status: str = UsageStatus.OK
     http_status: int = 200
 
@@ -129,30 +129,56 @@ async def send(
     return await client.send(request, stream=stream)
 
 
-async def count_prompt_tokens(upstream: Upstream, body: dict, request_id: str) -> int | None:
-    """Exact prompt tokens from the engine's /tokenize (used when a stream ends before its usage chunk)."""
-    payload = {k: body[k] for k in ("model", "messages", "prompt", "add_generation_prompt", "tools") if k in body}
+async def count_tokens(upstream: Upstream, payload: dict, request_id: str) -> int | None:
+    """Token count of a prompt (`messages` through the chat template, or `prompt`) by the engine's /tokenize."""
     try:
         response = await http_client().post(
             f"{upstream.base_url}/tokenize", json=payload, headers=upstream_headers(upstream, request_id), timeout=5.0
         )
         if response.status_code == 200:
             return int(response.json()["count"])
+        logger.warning("/tokenize answered %s for %s", response.status_code, request_id)
     except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
-        logger.warning("could not count prompt tokens for %s: %s", request_id, exc)
+        logger.warning("could not count tokens for %s: %s", request_id, exc)
     return None
 
 
-def tokens_in_chunk(chunk: dict) -> int:
-    """Generated tokens a stream chunk carries: one per choice whose delta (or text) is non-empty."""
+async def count_cut_stream(upstream: Upstream, body: dict, meter: Meter, request_id: str) -> None:
+    """A stream that ended before its usage chunk (client gone, engine failed): count what it consumed.
+
+    Prompt: the engine's own count (/tokenize applies the same chat template). Completion: the streamed
+    text of each choice re-tokenized by the engine (minus the special tokens /tokenize adds to any text),
+    never less than one token per content chunk received.
+    """
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+        prompt_job = asyncio.sleep(0, len(prompt))  # token ids: already counted
+    else:
+        payload = {"messages": body["messages"]} if "messages" in body else {
+            "prompt": prompt[0] if isinstance(prompt, list) else prompt}
+        prompt_job = count_tokens(upstream, payload, request_id)
+    texts = list(meter.streamed_text.values())
+    results = await asyncio.gather(
+        prompt_job,
+        count_tokens(upstream, {"prompt": ""}, request_id),
+        *(count_tokens(upstream, {"prompt": "".join(parts)}, request_id) for parts in texts),
+    )
+    meter.prompt_tokens = results[0]
+    specials, counts = results[1], results[2:]
+    if specials is not None and all(c is not None for c in counts):
+        meter.completion_tokens = max(meter.completion_tokens, sum(c - specials for c in counts))
+
+
+def tokens_in_chunk(chunk: dict, streamed_text: dict[int, list[str]]) -> int:
+    """Choices with new text in a stream chunk (each carries at least one generated token); the text
+    is kept per choice in `streamed_text`."""
     count = 0
     for choice in chunk.get("choices") or ():
         delta = choice.get("delta")
-        if delta is not None:
-            if delta.get("content") or delta.get("tool_calls") or delta.get("reasoning_content"):
-                count += 1
-        elif choice.get("text"):
+        text = (delta or {}).get("content") if delta is not None else choice.get("text")
+        if text:
             count += 1
+            streamed_text.setdefault(choice.get("index", 0), []).append(text)
     return count
 
 
@@ -186,7 +212,7 @@ async def relay_stream(
                 yield f"data: {data}\n\n".encode()
                 done = True
                 break
-            generated = tokens_in_chunk(chunk)
+            generated = tokens_in_chunk(chunk, meter.streamed_text)
             if generated:
                 meter.mark_first_token()
                 if not meter.usage_reported:

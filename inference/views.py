@@ -205,6 +205,7 @@ class Forward:
 
     def payload(self) -> bytes:
         body = dict(self.inference.body)
+        body["model"] = self.upstream.served_model_name
         body["cache_salt"] = self.caller.api_key.organization.cache_salt
         if self.inference.stream:
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
@@ -238,9 +239,10 @@ class Forward:
 
     async def send(self) -> httpx.Response:
         """POST to a healthy replica; a replica that refuses the connection is benched and the next tried."""
-        payload, tried = self.payload(), set()
+        tried = set()
         while True:
             tried.add(self.upstream.id)
+            payload = self.payload()
             catalog.started(self.upstream)
             try:
                 with telemetry.span("gateway.upstream_request", {"maas.deployment.id": self.upstream.id}):
@@ -296,9 +298,8 @@ class Forward:
         self.settled = True
         meter = self.meter
         try:
-            if meter.prompt_tokens is None and meter.completion_tokens:
-                # Stream cut before its usage chunk: the engine counts the prompt exactly.
-                meter.prompt_tokens = await proxy.count_prompt_tokens(self.upstream, self.inference.body, self.request_id)
+            if not meter.usage_reported and meter.completion_tokens:
+                await proxy.count_cut_stream(self.upstream, self.inference.body, meter, self.request_id)
             prompt = meter.prompt_tokens or 0
             model = self.entry.model
             key = self.caller.api_key

@@ -80,7 +80,7 @@ def start_gateway(**env_overrides: str) -> tuple[str, subprocess.Popen]:
         "DATABASE_POOL": "1",
         "REDIS_URL": REDIS_URL,
         "GATEWAY_CATALOG_CACHE_SECONDS": "0",
-        "GATEWAY_UPSTREAM_READ_TIMEOUT": "3",
+        "GATEWAY_UPSTREAM_READ_TIMEOUT": "60",
         "GATEWAY_UNHEALTHY_BACKOFF_SECONDS": "1",
         "LOG_LEVEL": "WARNING",
     }
@@ -154,3 +154,20 @@ def add_model(name: str, base_url: str, context_length: int = 2048, **fields):
     model = AIModel.objects.create(name=name, display_name=name, context_length=context_length, **fields)
     Deployment.objects.create(model=model, base_url=base_url)
     return model
+
+
+@pytest.fixture(scope="session")
+def engine_server():
+    """`python -m engine serve` on the SmolLM2 demo model, serving it as `smollm2`."""
+    from engine.loader import demo_model_path
+
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "engine", "serve", "--model", str(demo_model_path()), "--port", str(port),
+         "--served-model-name", "smollm2", "--threads", "1", "--max-model-len", "2048", "--log-level", "warning"],
+        cwd=ROOT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_until_up(f"{url}/health", process, timeout=180)
+    yield url
+    stop(process)

@@ -30,7 +30,7 @@ def prompt_tokens(body: dict) -> int:
         text = "".join(str(m.get("content") or "") for m in body["messages"])
         return max(1, len(text.split())) + 4 * len(body["messages"])
     prompt = body.get("prompt", "")
-    return len(prompt) if isinstance(prompt, list) else max(1, len(str(prompt).split()))
+    return len(prompt) if isinstance(prompt, list) else len(str(prompt).split())
 
 
 def usage(body: dict, completion: int) -> dict:

@@ -21,6 +21,14 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 MESSAGES = [{"role": "user", "content": "Tell me a story"}]
 
 
+@pytest.fixture(scope="module")
+def gateway(django_db_setup, redis_clean):
+    """This module's gateway gives up on a silent engine after 3 s."""
+    url, process = start_gateway(GATEWAY_UPSTREAM_READ_TIMEOUT="3")
+    yield url
+    stop(process)
+
+
 @pytest.fixture
 def tenant(stub_upstream):
     add_model("stub-model", stub_upstream)

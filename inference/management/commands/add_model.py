@@ -28,6 +28,7 @@ class Command(BaseCommand):
         parser.add_argument("name", help="Public model name clients send as `model`.")
         parser.add_argument("--engine-url", required=True, help="Engine root URL, e.g. http://127.0.0.1:8001")
         parser.add_argument("--internal-token", default="", help="Bearer token the engine expects, if any.")
+        parser.add_argument("--served-model-name", default="", help="The model id the engine serves, if not NAME.")
         parser.add_argument("--weight", type=int, default=1)
         parser.add_argument("--display-name", default="")
         parser.add_argument("--description", default="")
@@ -75,7 +76,10 @@ class Command(BaseCommand):
         model.organizations.set(orgs)
         Deployment.objects.update_or_create(
             model=model, base_url=url,
-            defaults={"internal_token": options["internal_token"], "weight": options["weight"], "enabled": True},
+            defaults={
+                "internal_token": options["internal_token"], "served_model_name": options["served_model_name"],
+                "weight": options["weight"], "enabled": True,
+            },
         )
         verb = "Added" if created else "Updated"
         self.stdout.write(self.style.SUCCESS(f"{verb} model {model.name} served by {url}"))

@@ -1,0 +1,162 @@
+"""End to end: the openai SDK → the gateway (uvicorn, maas.asgi) → `python -m engine serve` on SmolLM2,
+with PostgreSQL and Redis. Keys come from redeemed authorization codes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import openai
+import pytest
+from asgiref.sync import sync_to_async
+from django.db import connections
+
+from accounts.models import Entitlement
+from inference.models import Reservation, UsageRecord, UsageStatus
+
+from .conftest import add_model, make_tenant
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
+
+MESSAGES = [{"role": "user", "content": "Hi"}]
+
+
+@pytest.fixture
+def smollm2(engine_server):
+    return add_model("smollm2", engine_server, context_length=2048, price_input_per_million=1, price_output_per_million=4)
+
+
+def sync_client(gateway, tenant) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gateway}/v1", api_key=tenant.raw_key, max_retries=0, timeout=120)
+
+
+def async_client(gateway, tenant) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key=tenant.raw_key, max_retries=0, timeout=300)
+
+
+def in_thread(fn):
+    """Run ORM code from an async test and give its connection back."""
+    def run():
+        try:
+            return fn()
+        finally:
+            connections.close_all()
+    return sync_to_async(run, thread_sensitive=False)()
+
+
+async def test_redeemed_key_chats_sync_async_stream_and_not(gateway, smollm2):
+    tenant = await in_thread(make_tenant)
+    client = sync_client(gateway, tenant)
+
+    def sync_calls():
+        plain = client.chat.completions.create(model="smollm2", messages=MESSAGES, max_tokens=6)
+        assert plain.choices[0].message.content and plain.usage.completion_tokens <= 6
+        chunks = list(client.chat.completions.create(
+            model="smollm2", messages=MESSAGES, max_tokens=6, stream=True, stream_options={"include_usage": True}))
+        assert chunks[-1].usage.prompt_tokens == plain.usage.prompt_tokens
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        legacy = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=4)
+        assert legacy.choices[0].text
+        return plain.usage.prompt_tokens
+
+    prompt_tokens = await sync_to_async(sync_calls, thread_sensitive=False)()
+    aclient = async_client(gateway, tenant)
+    plain = await aclient.chat.completions.create(model="smollm2", messages=MESSAGES, max_tokens=5)
+    assert plain.usage.prompt_tokens == prompt_tokens
+    stream = await aclient.chat.completions.create(model="smollm2", messages=MESSAGES, max_tokens=5, stream=True)
+    chunks = [c async for c in stream]
+    assert all(c.usage is None for c in chunks)  # usage was requested upstream, stripped for this client
+    await aclient.close()
+
+    def check():
+        rows = list(UsageRecord.objects.filter(organization=tenant.organization))
+        assert len(rows) == 5 and {r.status for r in rows} == {UsageStatus.OK}
+        assert sorted(r.stream for r in rows) == [False, False, False, True, True]
+        entitlement = Entitlement.objects.get(pk=tenant.entitlement.pk)
+        assert entitlement.tokens_used == sum(r.prompt_tokens + r.completion_tokens for r in rows)
+        assert entitlement.tokens_reserved == 0 and not Reservation.objects.exists()
+        assert all(r.cost > 0 and r.user_id == tenant.user.pk for r in rows)
+
+    await in_thread(check)
+
+
+def test_sdk_exception_classes_against_the_engine(gateway, smollm2, stub_upstream):
+    tenant = make_tenant("errors", token_quota=400, requests_per_minute=3)
+    client = sync_client(gateway, tenant)
+    assert client.chat.completions.create(model="smollm2", messages=MESSAGES, max_tokens=4).choices
+    with pytest.raises(openai.RateLimitError) as quota:
+        client.chat.completions.create(model="smollm2", messages=MESSAGES, max_tokens=200)
+    assert quota.value.code == "insufficient_quota"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=4)
+    client.chat.completions.create(model="smollm2", messages=MESSAGES, max_tokens=2)
+    with pytest.raises(openai.RateLimitError) as rate:  # third admitted request of the minute was the 2nd: 3 max
+        for _ in range(3):
+            client.chat.completions.create(model="smollm2", messages=MESSAGES, max_tokens=2)
+    assert rate.value.code == "rate_limit_exceeded"
+
+    no_grant = make_tenant("nogrant")
+    Entitlement.objects.filter(pk=no_grant.entitlement.pk).delete()
+    with pytest.raises(openai.PermissionDeniedError):
+        sync_client(gateway, no_grant).chat.completions.create(model="smollm2", messages=MESSAGES)
+    tenant.api_key.revoke()
+    with pytest.raises(openai.AuthenticationError):
+        client.chat.completions.create(model="smollm2", messages=MESSAGES, max_tokens=2)
+
+
+def test_client_disconnect_against_the_engine(gateway, smollm2, engine_server):
+    tenant = make_tenant("disconnect")
+    body = {"model": "smollm2", "messages": [{"role": "user", "content": "Write a long story about a cat."}],
+            "max_tokens": 400, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{gateway}/v1/chat/completions", json=body,
+                      headers={"authorization": f"Bearer {tenant.raw_key}"}, timeout=60) as response:
+        assert response.status_code == 200
+        received = []
+        for line in response.iter_lines():
+            if line.startswith("data:") and '"content": ""' not in line:
+                received.append(line)
+            if len(received) == 5:
+                break
+    deadline = time.monotonic() + 20
+    while not UsageRecord.objects.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    row = UsageRecord.objects.get()
+    assert row.status == UsageStatus.CLIENT_DISCONNECTED
+    expected_prompt = httpx.post(f"{engine_server}/tokenize", json={"messages": body["messages"]}).json()["count"]
+    assert row.prompt_tokens == expected_prompt
+    assert 5 <= row.completion_tokens < 400
+    entitlement = Entitlement.objects.get(pk=tenant.entitlement.pk)
+    assert (entitlement.tokens_used, entitlement.tokens_reserved) == (row.prompt_tokens + row.completion_tokens, 0)
+
+
+async def test_100_concurrent_requests_never_exceed_quota(gateway, smollm2):
+    # One reservation: 2 bytes + 4 (role) + 8 (per message) + 256 (template overhead) + 4 completion = 274.
+    tenant = await in_thread(lambda: make_tenant("crowd", token_quota=2800, requests_per_minute=100_000))
+    client = async_client(gateway, tenant)
+
+    async def one(i: int):
+        try:
+            raw = await client.chat.completions.with_raw_response.create(model="smollm2", messages=MESSAGES, max_tokens=4)
+            return "ok", raw.headers["x-request-id"]
+        except openai.RateLimitError as exc:
+            return exc.code, exc.response.headers["x-request-id"]
+
+    results = await asyncio.gather(*(one(i) for i in range(100)))
+    await client.close()
+    admitted = [rid for outcome, rid in results if outcome == "ok"]
+    refused = [outcome for outcome, _ in results if outcome != "ok"]
+    assert set(refused) <= {"insufficient_quota"}
+    assert 10 <= len(admitted) < 100
+
+    def check():
+        entitlement = Entitlement.objects.get(pk=tenant.entitlement.pk)
+        rows = list(UsageRecord.objects.filter(organization=tenant.organization))
+        assert entitlement.tokens_used <= entitlement.token_quota
+        assert entitlement.tokens_reserved == 0 and not Reservation.objects.exists()
+        assert sorted(r.request_id for r in rows) == sorted(admitted)  # exactly one row per admitted request
+        assert entitlement.tokens_used == sum(r.prompt_tokens + r.completion_tokens for r in rows)
+        return entitlement.tokens_used
+
+    used = await in_thread(check)
+    print(f"admitted {len(admitted)} of 100, {used} of 2800 tokens used")
