@@ -67,6 +67,19 @@ def test_allauth_pages_use_the_console_layout(client, name):
     assert re.search(r'<label for="id_(email|login)"', page)
 
 
+@pytest.mark.parametrize(
+    "name,heading", [("account_logout", "Sign Out"), ("account_reset_password_done", "Password Reset"),
+                     ("account_email_verification_sent", "Verify Your Email Address")],
+)
+def test_other_allauth_pages_use_the_console_layout(client_a, name, heading):
+    if name != "account_logout":
+        client_a.logout()
+    page = client_a.get(reverse(name)).content.decode()
+    assert "css/console.css" in page and "Skip to content" in page and heading in page
+    if name == "account_logout":
+        assert '<button class="button primary" type="submit">' in page
+
+
 def test_signup_form_errors_are_shown_in_the_form(client):
     page = client.post(reverse("account_signup"), {"email": "a@example.com", "password1": "x", "password2": "y"}).content.decode()
     assert 'class="field has-error"' in page and "errorlist" in page
