@@ -1,6 +1,6 @@
 from django.urls import path, re_path
 
-from . import views
+from . import console, views
 
 urlpatterns = [
     path("v1/models", views.list_models, name="v1-models"),
@@ -8,4 +8,6 @@ urlpatterns = [
     path("v1/chat/completions", views.chat_completions, name="v1-chat-completions"),
     path("v1/completions", views.completions, name="v1-completions"),
     re_path(r"^v1(?:/(?P<rest>.*))?$", views.unknown_path),
+    path("api/usage", console.UsageAPI.as_view(), name="api-usage"),
+    path("usage/", console.usage_page, name="usage"),
 ]
