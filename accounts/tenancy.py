@@ -169,36 +169,46 @@ def revoke_invitation(actor: Membership, invitation: Invitation) -> None:
 # ---- members -------------------------------------------------------------------------------------
 
 
-def _check_can_touch(actor: Membership, target: Membership, new_role: str | None) -> None:
-    require_manager(actor)
+def _locked_members(actor: Membership, target: Membership) -> tuple[Membership, Membership, int]:
+    """Re-read actor and target with the organization's memberships locked (always in pk order, so
+    concurrent changes queue instead of deadlocking): roles are checked as they are now, not as loaded."""
     if target.organization_id != actor.organization_id:
         raise Http404
+    members = {
+        m.pk: m
+        for m in Membership.objects.select_for_update().filter(organization_id=actor.organization_id).order_by("pk")
+    }
+    fresh_actor, fresh_target = members.get(actor.pk), members.get(target.pk)
+    if fresh_target is None:
+        raise Http404
+    require_manager(fresh_actor)
+    owners = sum(1 for m in members.values() if m.role == Role.OWNER)
+    return fresh_actor, fresh_target, owners
+
+
+def _check_can_touch(actor: Membership, target: Membership, new_role: str | None) -> None:
     if actor.role != Role.OWNER and (target.role == Role.OWNER or new_role == Role.OWNER):
         raise TenancyError("Only owners can change or remove owners.")
-
-
-def _owner_count(organization_id: int) -> int:
-    # Locks the owners' rows so two concurrent demotions cannot both see "another owner left".
-    return len(
-        Membership.objects.select_for_update().filter(organization_id=organization_id, role=Role.OWNER).values_list("pk")
-    )
 
 
 @transaction.atomic
 def change_role(actor: Membership, target: Membership, role: str) -> Membership:
     if role not in Role.values:
         raise TenancyError(f"Unknown role {role!r}.")
-    _check_can_touch(actor, target, role)
-    if target.role == Role.OWNER and role != Role.OWNER and _owner_count(target.organization_id) <= 1:
+    actor, fresh, owners = _locked_members(actor, target)
+    _check_can_touch(actor, fresh, role)
+    if fresh.role == Role.OWNER and role != Role.OWNER and owners <= 1:
         raise TenancyError("An organization needs at least one owner: make someone else owner first.")
+    fresh.role = role
+    fresh.save(update_fields=["role"])
     target.role = role
-    target.save(update_fields=["role"])
     return target
 
 
 @transaction.atomic
 def remove_member(actor: Membership, target: Membership) -> None:
-    _check_can_touch(actor, target, None)
-    if target.role == Role.OWNER and _owner_count(target.organization_id) <= 1:
+    actor, fresh, owners = _locked_members(actor, target)
+    _check_can_touch(actor, fresh, None)
+    if fresh.role == Role.OWNER and owners <= 1:
         raise TenancyError("The last owner cannot be removed.")
-    target.delete()
+    fresh.delete()

@@ -52,6 +52,7 @@ class RequestOutput:
     arrival_time: float = 0.0
     first_token_time: float | None = None
     finish_time: float | None = None
+    first_scheduled_time: float | None = None
 
 
 class Request:
@@ -191,7 +192,8 @@ class LLMEngine:
             if out is None:
                 out = outputs[seq.request_id] = RequestOutput(
                     request.request_id, [], False, len(request.prompt_token_ids), request.num_cached_tokens, 0,
-                    arrival_time=request.arrival_time, first_token_time=request.first_token_time)
+                    arrival_time=request.arrival_time, first_token_time=request.first_token_time,
+                    first_scheduled_time=request.seqs[0].first_scheduled_time)
             out.outputs.append(delta)
         for out in outputs.values():
             request = self.requests[out.request_id]

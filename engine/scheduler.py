@@ -9,6 +9,7 @@ the prefix cache, so the recompute is mostly cache hits).
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -89,6 +90,8 @@ class Scheduler:
             if seq.num_cached_tokens < 0:
                 seq.num_cached_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
             seq.status = SequenceStatus.RUNNING
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.perf_counter()
             running.append(seq)
             batch.seqs.append(seq)
             batch.num_new_tokens.append(n)

@@ -23,7 +23,8 @@ class Sequence:
     __slots__ = (
         "seq_id", "request_id", "index", "token_ids", "num_prompt_tokens", "num_computed_tokens",
         "num_cached_tokens", "block_table", "block_hashes", "status", "params", "cache_salt",
-        "finish_reason", "arrival_time", "first_token_time", "generator", "max_tokens", "num_registered_blocks",
+        "finish_reason", "arrival_time", "first_scheduled_time", "first_token_time", "generator", "max_tokens",
+        "num_registered_blocks",
     )
 
     def __init__(
@@ -52,6 +53,7 @@ class Sequence:
         self.cache_salt = cache_salt
         self.finish_reason: str | None = None
         self.arrival_time = arrival_time
+        self.first_scheduled_time: float | None = None  # end of its queue wait (tracing)
         self.first_token_time: float | None = None
         self.generator = None  # torch.Generator for seeded sampling, made by the sampler
         self.max_tokens = max_tokens

@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from engine import telemetry
 from engine.async_engine import AsyncEngine, EngineOverloadedError
 from engine.llm_engine import CompletionDelta, ContextLengthError, RequestOutput
 from engine.protocol import APIError, ParsedRequest, invalid, parse_chat_request, parse_completion_request
@@ -161,12 +162,16 @@ class OpenAIServer:
             raise APIError(str(exc), status=503, type="server_error", code="engine_overloaded") from None
         created = int(time.time())
         if parsed.stream:
-            return StreamingResponse(self._stream(stream, parsed, request_id, created, chat, ids),
+            return StreamingResponse(self._stream(stream, parsed, request_id, created, chat, ids,
+                                                  caller_request_id=request.headers.get("x-request-id")),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         final = await _until_disconnect(request, self._collect(stream, parsed, ids))
         if final is None:
             return Response(status_code=499)
         out, choices = final
+        telemetry.record_request(out, model=self.model_name, finish_reasons=[c.finish_reason for c in choices],
+                                 request_id=request.headers.get("x-request-id"),
+                                 prompt=parsed.messages or parsed.prompt, completion=[c.text for c in choices])
         if chat:
             body = {"id": request_id, "object": "chat.completion", "created": created, "model": self.model_name,
                     "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
@@ -199,7 +204,7 @@ class OpenAIServer:
         return out, list(choices.values())
 
     async def _stream(self, stream, parsed: ParsedRequest, request_id: str, created: int, chat: bool,
-                      ids: list[int]) -> AsyncIterator[str]:
+                      ids: list[int], caller_request_id: str | None = None) -> AsyncIterator[str]:
         obj = "chat.completion.chunk" if chat else "text_completion"
         usage_field = {"usage": None} if parsed.include_usage else {}
         offsets = dict.fromkeys(range(parsed.params.n), 0)
@@ -217,10 +222,13 @@ class OpenAIServer:
             yield chunk([{"index": i, "text": echo, "logprobs": None, "finish_reason": None}
                          for i in range(parsed.params.n)])
         out = None
+        texts = dict.fromkeys(range(parsed.params.n), "") if telemetry.capture_content() else None
         try:
             async for out in _engine_errors(stream):
                 choices = []
                 for d in out.outputs:
+                    if texts is not None:
+                        texts[d.index] += d.text
                     if not d.text and d.finish_reason is None and d.logprobs is None:
                         continue  # nothing to show yet (held back or an incomplete character)
                     if chat:
@@ -238,6 +246,9 @@ class OpenAIServer:
             yield f"data: {json.dumps(exc.body())}\n\n"
             yield "data: [DONE]\n\n"
             return
+        telemetry.record_request(out, model=self.model_name, finish_reasons=[d.finish_reason for d in out.outputs]
+                                 if out else [], request_id=caller_request_id, prompt=parsed.messages or parsed.prompt,
+                                 completion=list(texts.values()) if texts is not None else None)
         if parsed.include_usage and out is not None:
             payload = {"id": request_id, "object": obj, "created": created, "model": self.model_name,
                        "choices": [], "system_fingerprint": None, "usage": self._usage(out)}
@@ -312,4 +323,5 @@ def build_app(engine: AsyncEngine, *, api_key: str | None = None) -> Starlette:
         lifespan=lifespan,
     )
     app.state.server = server
+    telemetry.instrument_app(app)
     return app
