@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
+    from engine import telemetry
     from engine.async_engine import AsyncEngine
     from engine.llm_engine import LLMEngine
     from engine.server import build_app
@@ -56,6 +57,7 @@ def serve(args: argparse.Namespace) -> None:
         max_waiting_requests=args.max_waiting_requests, enable_prefix_caching=not args.no_prefix_caching,
         torch_threads=args.threads,
     )
+    telemetry.configure_tracing()  # from OTEL_* variables; nothing without them
     engine = AsyncEngine(LLMEngine(config))
     app = build_app(engine, api_key=args.api_key)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)

@@ -19,7 +19,15 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
-from tests.inference.conftest import ROOT, add_model, free_port, make_tenant, start_gateway, stop, wait_until_up
+from tests.inference.conftest import (
+    ROOT,
+    add_model,
+    free_port,
+    make_tenant,
+    start_gateway,
+    stop,
+    wait_until_up,
+)
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
