@@ -278,3 +278,21 @@ def test_get_for_org_or_404_scopes_by_organization(org_a, org_b):
         tenancy.get_for_org_or_404(APIKey, org_a, pk=key_b.pk)
     with pytest.raises(Http404):
         tenancy.get_for_org_or_404(APIKey.objects.all(), None, pk=key_b.pk)
+
+
+def test_invitations_and_allauth_mail_share_the_adapter_send_path(client_a, monkeypatch, client):
+    from accounts.adapters import AccountAdapter
+
+    sent: list[str] = []
+    original = AccountAdapter.send_mail
+
+    def recording(self, template_prefix, email, context):
+        sent.append(template_prefix)
+        return original(self, template_prefix, email, context)
+
+    monkeypatch.setattr(AccountAdapter, "send_mail", recording)
+    client_a.post(reverse("console:member-invite"), {"email": "path@example.com", "role": "member"})
+    client_a.logout()
+    signup(client, "path2@example.com")
+    assert sent == ["accounts/email/invitation", "account/email/email_confirmation_signup"]
+    assert len(mail.outbox) == 2
