@@ -20,7 +20,7 @@ install: $(STAMP)
 
 # Runs the whole platform on embedded defaults: SQLite, tasks in-process, the SmolLM2 demo model.
 run: install
-	$(PY) manage.py runplatform
+	DEBUG=$${DEBUG:-1} $(PY) manage.py runplatform
 
 # Local services the suite talks to (PostgreSQL, Redis, RabbitMQ), started if they are down,
 # and Chromium for the browser tests.
