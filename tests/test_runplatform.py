@@ -1,0 +1,73 @@
+"""`make run` end to end: runplatform on embedded defaults (SQLite, no Redis, no broker, SmolLM2),
+then the operator commands and the official openai client against what it printed."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.inference.conftest import free_port, stop
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def embedded_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL",
+                                                            "SECRET_KEY", "TEST_DATABASE_NAME"}}
+    env.update(DEBUG="1", DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite3'}", PYTHONUNBUFFERED="1")
+    return env
+
+
+def manage(env: dict[str, str], *args: str) -> str:
+    done = subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_runplatform_serves_chat_on_embedded_defaults(tmp_path):
+    env = embedded_env(tmp_path)
+    port, engine_port = free_port(), free_port()
+    process = subprocess.Popen(
+        [sys.executable, "manage.py", "runplatform", "--port", str(port), "--engine-port", str(engine_port)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        for line in process.stdout:
+            lines.append(line)
+            if "Uvicorn running on" in line and f":{port}" in line:
+                ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        assert ready.wait(300), "".join(lines[-40:])
+        output = "".join(lines)
+        assert f"http://127.0.0.1:{port}/admin/" in output
+        code = re.search(r"demo authorization code .*: (mac-\S+)", output).group(1)
+
+        manage(env, "create_org", "tour", "--owner", "tour@example.com")
+        manage(env, "redeem_code", "--org", "tour", code)
+        key = re.search(r"sk-\S+", manage(env, "create_api_key", "--org", "tour", "--name", "tour")).group(0)
+
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
+        assert [m.id for m in client.models.list()] == ["smollm2-135m-instruct"]
+        reply = client.chat.completions.create(
+            model="smollm2-135m-instruct", temperature=0, max_tokens=12,
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+        )
+        assert "Paris" in reply.choices[0].message.content
+        assert reply.usage.completion_tokens > 0
+    finally:
+        stop(process)
+    assert process.returncode is not None
