@@ -7,16 +7,19 @@ import datetime as dt
 from dataclasses import dataclass
 from decimal import Decimal
 
-from django.db.models import Count, F, Q, Sum
+from django.db.models import Count, F, Min, Q, Sum
 from django.db.models.functions import TruncDate
 from django.utils import timezone
 
 from accounts.models import Organization
 
-from .models import UsageRecord, UsageStatus
+from .models import DailyUsage, UsageRecord, UsageStatus
 
 GROUPS = ("model", "key", "day")
 DEFAULT_DAYS = 30
+# A day's DailyUsage rows are final once built this long after the day ended (late commits).
+ROLLUP_SETTLE = dt.timedelta(minutes=1)
+SUMMED = ("requests", "failed_requests", "prompt_tokens", "cached_tokens", "completion_tokens", "cost")
 
 
 class ReportError(ValueError):
@@ -59,7 +62,14 @@ def _parse(value: str, param: str, end_of_day: bool) -> dt.datetime:
 def report(organization: Organization, period: Period, group_by: str) -> dict:
     if group_by not in GROUPS:
         raise ReportError("group_by", f"'group_by' must be one of {', '.join(GROUPS)}.")
-    records = UsageRecord.objects.for_org(organization).filter(created_at__gte=period.start, created_at__lt=period.end)
+    # Whole days already rolled up (the Celery task) come from DailyUsage; the rest from the raw records.
+    rolled = rolled_up_days(organization, period)
+    records = (
+        UsageRecord.objects.for_org(organization)
+        .filter(created_at__gte=period.start, created_at__lt=period.end)
+        .annotate(day=TruncDate("created_at", tzinfo=dt.UTC))
+        .exclude(day__in=rolled)
+    )
     sums = {
         "requests": Count("id"),
         "failed_requests": Count("id", filter=~Q(status=UsageStatus.OK)),
@@ -68,17 +78,16 @@ def report(organization: Organization, period: Period, group_by: str) -> dict:
         "completion_tokens": Sum("completion_tokens"),
         "cost": Sum("cost"),
     }
+    rollups = DailyUsage.objects.for_org(organization).filter(day__in=rolled)
+    rollup_sums = {name: Sum(name) for name in SUMMED}
     if group_by == "model":
-        rows = records.values(group=F("model_name")).annotate(**sums).order_by("group")
+        rows = [*records.values(group=F("model_name")).annotate(**sums), *rollups.values(group=F("model_name")).annotate(**rollup_sums)]
     elif group_by == "day":
-        rows = records.annotate(day=TruncDate("created_at", tzinfo=dt.UTC)).values(group=F("day")).annotate(**sums).order_by("group")
+        rows = [*records.values(group=F("day")).annotate(**sums), *rollups.values(group=F("day")).annotate(**rollup_sums)]
     else:
-        rows = (
-            records.values(group=F("api_key_id"), key_name=F("api_key__name"), key_id=F("api_key__public_id"))
-            .annotate(**sums)
-            .order_by("key_name", "group")
-        )
-    data = [_row(group_by, row) for row in rows]
+        key_fields = {"group": F("api_key_id"), "key_name": F("api_key__name"), "key_id": F("api_key__public_id")}
+        rows = [*records.values(**key_fields).annotate(**sums), *rollups.values(**key_fields).annotate(**rollup_sums)]
+    data = [_row(group_by, row) for row in _merge(rows, group_by)]
     totals = {name: sum(r[name] for r in data) for name in
               ("requests", "failed_requests", "prompt_tokens", "cached_tokens", "completion_tokens", "total_tokens")}
     totals["cost"] = str(sum((Decimal(r["cost"]) for r in data), Decimal(0)))
@@ -91,6 +100,34 @@ def report(organization: Organization, period: Period, group_by: str) -> dict:
         "data": data,
         "totals": totals,
     }
+
+
+def rolled_up_days(organization: Organization, period: Period) -> list[dt.date]:
+    """Whole UTC days of the period whose DailyUsage rows were built after the day was over."""
+    first = period.start.astimezone(dt.UTC).date()
+    if dt.datetime.combine(first, dt.time.min, tzinfo=dt.UTC) < period.start:
+        first += dt.timedelta(days=1)
+    last = (period.end.astimezone(dt.UTC) - dt.timedelta(days=1)).date()
+    built = (
+        DailyUsage.objects.for_org(organization).filter(day__gte=first, day__lte=last)
+        .values("day").annotate(built=Min("updated_at"))
+    )
+    return [
+        row["day"] for row in built
+        if row["built"] >= dt.datetime.combine(row["day"], dt.time.min, tzinfo=dt.UTC) + dt.timedelta(days=1) + ROLLUP_SETTLE
+    ]
+
+
+def _merge(rows: list[dict], group_by: str) -> list[dict]:
+    """Add up rows of the same group (one from the raw records, one from the rollups), in report order."""
+    merged: dict = {}
+    for row in rows:
+        into = merged.setdefault(row["group"], {**row, **dict.fromkeys(SUMMED, 0)})
+        for name in SUMMED:
+            into[name] += row[name] or 0
+    if group_by == "key":
+        return sorted(merged.values(), key=lambda r: (r["key_name"] is None, r["key_name"] or "", r["group"] or 0))
+    return sorted(merged.values(), key=lambda r: r["group"])
 
 
 def _row(group_by: str, row: dict) -> dict:
