@@ -20,6 +20,14 @@ from accounts.codes import issue_codes
 from accounts.models import AuthorizationCode, User
 
 
+def _terminate_with_parent() -> None:
+    """Linux: the engine gets SIGTERM if this process dies without cleaning up (e.g. SIGKILL)."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class Command(BaseCommand):
     help = "Run the engine, the gateway and the console together (embedded defaults)."
 
@@ -39,6 +47,7 @@ class Command(BaseCommand):
         engine = subprocess.Popen(
             [sys.executable, "-m", "engine", "serve", "--model", model_path, "--port", str(options["engine_port"]),
              "--served-model-name", options["model_name"]],
+            preexec_fn=_terminate_with_parent,
         )
         try:
             context_length = self.wait_for_engine(engine, engine_url, options["startup_timeout"])
@@ -54,7 +63,8 @@ class Command(BaseCommand):
             self.stdout.write(f"  {code_line}\n")
             import uvicorn
 
-            uvicorn.run("maas.asgi:application", host=options["host"], port=options["port"], log_level="info")
+            uvicorn.run("maas.asgi:application", host=options["host"], port=options["port"], log_level="info",
+                        timeout_graceful_shutdown=5)
         finally:
             engine.terminate()
             try:
