@@ -108,3 +108,38 @@ def test_metric_names_follow_prometheus_conventions(gateway):
     for name in ours:
         assert re.fullmatch(r"maas_gateway_[a-z_]+", name), name
         assert not name.endswith("_total_total")
+
+
+def test_several_uvicorn_workers_report_the_same_totals(stub, tmp_path):
+    """With PROMETHEUS_MULTIPROC_DIR every worker process answers /metrics with the sum over all workers."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.inference.conftest import REDIS_URL, ROOT, free_port, test_database_url, wait_until_up
+
+    add_model("multi-model", stub)
+    tenant = make_tenant("multi")
+    port = free_port()
+    env = {
+        **os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings", "DATABASE_URL": test_database_url(),
+        "REDIS_URL": REDIS_URL, "GATEWAY_CATALOG_CACHE_SECONDS": "0", "METRICS_TOKEN": TOKEN,
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "LOG_LEVEL": "WARNING",
+    }
+    env.pop("TEST_DATABASE_NAME", None)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "maas.asgi:application", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "2", "--log-level", "warning", "--no-access-log"], cwd=ROOT, env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(f"{url}/health", process)
+        for _ in range(6):  # fresh connections: spread over both workers
+            with openai.OpenAI(base_url=f"{url}/v1", api_key=tenant.raw_key, max_retries=0) as client:
+                client.chat.completions.create(model="multi-model", messages=MESSAGES, max_tokens=2)
+        labels = dict(model="multi-model", organization=tenant.organization.slug, status="200")
+        seen = {value(scrape(url), "maas_gateway_requests_total", **labels) for _ in range(8)}
+        assert seen == {6.0}
+        assert len(list(tmp_path.glob("counter_*.db"))) >= 1
+    finally:
+        stop(process)
