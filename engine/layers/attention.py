@@ -135,7 +135,7 @@ def _gather_context(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values [seq_len, kv_heads, D] of one sequence, read through its block table."""
     num_blocks = -(-seq_len // block_size)
-    blocks = kv_cache[:, block_table[:num_blocks]]  # [2, n, block_size, kv_heads, D]
+    blocks = kv_cache.index_select(1, block_table[:num_blocks].long())  # [2, n, block_size, kv_heads, D]
     blocks = blocks.flatten(1, 2)[:, :seq_len]
     return blocks[0], blocks[1]
 
@@ -175,27 +175,32 @@ def _decode_torch(
     scale: float,
     derived: dict | None = None,
 ) -> torch.Tensor:
-    """Batched decode attention in plain PyTorch: gather each sequence's blocks, mask past its length."""
+    """Batched decode attention in plain PyTorch: gather each sequence's blocks, mask past its length.
+
+    index_select on the block dimension is several times faster than advanced indexing on CPU; the G query
+    heads sharing a KV head are passed to SDPA as G query rows, so K/V are never repeated per head.
+    """
     batch, num_heads, head_dim = q.shape
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     group = num_heads // num_kv_heads
     num_blocks = -(-max(seq_lens_cpu) // block_size)
     context = num_blocks * block_size
 
-    mask = derived.get("decode_mask") if derived is not None else None
-    if mask is None:
+    cached = derived.get("decode_gather") if derived is not None else None
+    if cached is None:
+        block_ids = block_tables[:, :num_blocks].reshape(-1).long()
         positions = torch.arange(context, device=q.device)
-        mask = positions[None, :] >= seq_lens[:, None].to(q.device)  # True = not part of the context
-        mask = mask[:, None, None, :]  # [B, 1, 1, L]
+        mask = positions[None, :] < seq_lens[:, None].to(q.device)  # True = part of the context
+        cached = (block_ids, mask[:, None, None, :])  # mask [B, 1, 1, L]
         if derived is not None:
-            derived["decode_mask"] = mask
+            derived["decode_gather"] = cached
+    block_ids, mask = cached
 
-    kv = kv_cache[:, block_tables[:, :num_blocks]]  # [2, B, n, block_size, Hkv, D]
-    keys = kv[0].view(batch, context, num_kv_heads, head_dim).permute(0, 2, 3, 1)  # [B, Hkv, D, L]
-    values = kv[1].view(batch, context, num_kv_heads, head_dim).transpose(1, 2)  # [B, Hkv, L, D]
+    kv = kv_cache.index_select(1, block_ids)  # [2, B * n, block_size, Hkv, D]
+    keys = kv[0].view(batch, context, num_kv_heads, head_dim).transpose(1, 2)  # [B, Hkv, L, D]
+    values = kv[1].view(batch, context, num_kv_heads, head_dim).transpose(1, 2)
     qg = q.view(batch, num_kv_heads, group, head_dim)
-    scores = torch.matmul(qg, keys.to(q.dtype)).float() * scale  # [B, Hkv, G, L]
-    scores.masked_fill_(mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(q.dtype)
-    out = torch.matmul(probs, values.to(q.dtype))  # [B, Hkv, G, D]
+    out = F.scaled_dot_product_attention(
+        qg, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, scale=scale
+    )  # [B, Hkv, G, D]
     return out.reshape(batch, num_heads, head_dim)
