@@ -68,13 +68,22 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, kv_cache: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
         tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(tokens, self.num_heads, self.head_dim)
-        k = k.view(tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        qkv = self.qkv_proj(x)
+        v = qkv[:, self.q_size + self.kv_size :].view(tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is None:
+            # q and k side by side: one rotary pass over [T, heads + kv_heads, D].
+            qk = qkv[:, : self.q_size + self.kv_size].view(
+                tokens, self.num_heads + self.num_kv_heads, self.head_dim
+            )
+            q, k = apply_rotary(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
+        else:
+            q = self.q_norm(qkv[:, : self.q_size].view(tokens, self.num_heads, self.head_dim))
+            k = self.k_norm(
+                qkv[:, self.q_size : self.q_size + self.kv_size].view(
+                    tokens, self.num_kv_heads, self.head_dim
+                )
+            )
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = paged_attention(q, k, v, kv_cache, attn, self.scale)
         return self.o_proj(out.reshape(tokens, self.q_size))
 
