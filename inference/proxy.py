@@ -60,6 +60,7 @@ class Meter:
     cached_tokens: int = 0
     completion_tokens: int = 0  # from the engine's usage, or counted chunk by chunk
     usage_reported: bool = False
+    done: bool = False  # the engine sent [DONE]
     streamed_text: dict[int, list[str]] = field(default_factory=dict)  # per choice, for cut streams
     status: str = UsageStatus.OK
     http_status: int = 200
@@ -200,8 +201,7 @@ async def relay_stream(
                 continue
             data = line[5:].strip()
             if data == "[DONE]":
-                done = True
-                yield b"data: [DONE]\n\n"
+                done = meter.done = True  # the caller sends [DONE] once the usage is recorded
                 break
             try:
                 chunk = json.loads(data)

@@ -16,16 +16,29 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from django.conf import settings
-from django.db import transaction
-from django.db.models import F, Q, Value
-from django.db.models.functions import Greatest, Least
+from django.db import connection, transaction
+from django.db.models import F
 from django.utils import timezone
 
 from accounts.models import APIKey, Entitlement
+from maas import telemetry
 
-from .catalog import CatalogEntry, catalog
-from .errors import GatewayError, insufficient_quota, invalid_api_key, model_not_found, no_entitlement
+from .catalog import CatalogEntry, Upstream, catalog
+from .errors import (
+    GatewayError,
+    insufficient_quota,
+    invalid_api_key,
+    model_not_found,
+    no_entitlement,
+    service_unavailable,
+)
 from .models import Reservation, UsageRecord
+from .ratelimit import Decision, RateLimiter, rate_limit_error
+from .validation import InferenceRequest
+
+ENTITLEMENTS = Entitlement._meta.db_table
+RESERVATIONS = Reservation._meta.db_table
+API_KEYS = APIKey._meta.db_table
 
 logger = logging.getLogger(__name__)
 
@@ -98,27 +111,27 @@ def admit(raw_key: str) -> Caller:
 
 
 def reserve(entitlements: list[Entitlement], tokens: int, request_id: str) -> Hold:
-    """Hold `tokens` on the first covering entitlement where they fit, or raise insufficient_quota."""
+    """Hold `tokens` on the first covering entitlement where they fit, or raise insufficient_quota.
+
+    Plain SQL on the hot path: the conditional UPDATE and the Reservation row in one transaction.
+    """
     expires_at = timezone.now() + timedelta(seconds=settings.GATEWAY_RESERVATION_TTL_SECONDS)
-    for entitlement in entitlements:
-        if entitlement.token_quota is not None and entitlement.token_quota - entitlement.tokens_used < tokens:
-            continue  # cannot fit even with nothing in flight: skip the round trip
-        fits = Q(token_quota__isnull=True) | Q(token_quota__gte=F("tokens_used") + F("tokens_reserved") + tokens)
-        with transaction.atomic():
-            updated = (
-                Entitlement.objects.filter(pk=entitlement.pk, revoked_at__isnull=True)
-                .filter(fits)
-                .update(tokens_reserved=F("tokens_reserved") + tokens)
+    with transaction.atomic(), connection.cursor() as cursor:
+        for entitlement in entitlements:
+            if entitlement.token_quota is not None and entitlement.token_quota - entitlement.tokens_used < tokens:
+                continue  # cannot fit even with nothing in flight: skip the round trip
+            cursor.execute(
+                f"UPDATE {ENTITLEMENTS} SET tokens_reserved = tokens_reserved + %s WHERE id = %s"
+                " AND revoked_at IS NULL AND (token_quota IS NULL OR tokens_used + tokens_reserved + %s <= token_quota)",
+                [tokens, entitlement.pk, tokens],
             )
-            if updated:
-                reservation = Reservation.objects.create(
-                    organization_id=entitlement.organization_id,
-                    entitlement_id=entitlement.pk,
-                    tokens=tokens,
-                    request_id=request_id,
-                    expires_at=expires_at,
+            if cursor.rowcount == 1:
+                cursor.execute(
+                    f"INSERT INTO {RESERVATIONS} (organization_id, entitlement_id, tokens, request_id, created_at, expires_at)"
+                    " VALUES (%s, %s, %s, %s, %s, %s) RETURNING id",
+                    [entitlement.organization_id, entitlement.pk, tokens, request_id, timezone.now(), expires_at],
                 )
-                return Hold(reservation.pk, entitlement.pk, tokens)
+                return Hold(cursor.fetchone()[0], entitlement.pk, tokens)
     raise insufficient_quota()
 
 
@@ -132,29 +145,74 @@ def charge_for(hold: Hold, used: int) -> int:
 
 def settle(hold: Hold | None, used: int, record: UsageRecord | None, touch_key: APIKey | None = None) -> None:
     """Charge `used` tokens, release the rest of the hold and write the usage record, in one transaction."""
-    with transaction.atomic():
+    with transaction.atomic(), connection.cursor() as cursor:
         if hold is not None:
             charge = charge_for(hold, used)
-            released = Reservation.objects.filter(pk=hold.reservation_id).delete()[0]
-            if released:
-                Entitlement.objects.filter(pk=hold.entitlement_id).update(
-                    tokens_reserved=F("tokens_reserved") - hold.tokens, tokens_used=F("tokens_used") + charge
+            cursor.execute(f"DELETE FROM {RESERVATIONS} WHERE id = %s", [hold.reservation_id])
+            if cursor.rowcount:
+                cursor.execute(
+                    f"UPDATE {ENTITLEMENTS} SET tokens_reserved = tokens_reserved - %s, tokens_used = tokens_used + %s"
+                    " WHERE id = %s",
+                    [hold.tokens, charge, hold.entitlement_id],
                 )
             elif charge:
                 # The hold already expired and was released: charge only what still fits.
-                room = Greatest(F("token_quota") - F("tokens_used") - F("tokens_reserved"), Value(0))
-                Entitlement.objects.filter(pk=hold.entitlement_id, token_quota__isnull=False).update(
-                    tokens_used=F("tokens_used") + Least(Value(charge), room)
-                )
-                Entitlement.objects.filter(pk=hold.entitlement_id, token_quota__isnull=True).update(
-                    tokens_used=F("tokens_used") + charge
+                cursor.execute(
+                    f"UPDATE {ENTITLEMENTS} SET tokens_used = tokens_used + CASE"
+                    " WHEN token_quota IS NULL OR token_quota - tokens_used - tokens_reserved >= %s THEN %s"
+                    " WHEN token_quota - tokens_used - tokens_reserved > 0 THEN token_quota - tokens_used - tokens_reserved"
+                    " ELSE 0 END WHERE id = %s",
+                    [charge, charge, hold.entitlement_id],
                 )
         if record is not None:
             record.save(force_insert=True)
         if touch_key is not None:
             now = timezone.now()
             if touch_key.last_used_at is None or now - touch_key.last_used_at > timedelta(minutes=1):
-                APIKey.objects.filter(pk=touch_key.pk).update(last_used_at=now)
+                cursor.execute(f"UPDATE {API_KEYS} SET last_used_at = %s WHERE id = %s", [now, touch_key.pk])
+
+
+@dataclass
+class Admission:
+    """An admitted request: who, which model and replica, its rate-limit decision and token hold."""
+
+    caller: Caller
+    entry: CatalogEntry
+    upstream: Upstream
+    decision: Decision
+    hold: Hold
+
+
+def admit_request(
+    raw_key: str, inference: InferenceRequest | None, invalid: GatewayError | None, request_id: str, limiter: RateLimiter
+) -> Admission:
+    """Everything before forwarding, in one worker-thread hop: key (401), entitlement (403), then the
+    body's validation error if any (400), model (404), replica (503), rate limits (429
+    rate_limit_exceeded) and the token hold (429 insufficient_quota)."""
+    with telemetry.span("gateway.auth"):
+        caller = admit(raw_key)
+    if invalid is not None or inference is None:
+        raise invalid or GatewayError(400, "Invalid request.")
+    entry, entitlements = caller.resolve(inference.model)
+    upstream = catalog.pick(entry)
+    if upstream is None:
+        raise service_unavailable(f"The model `{inference.model}` is temporarily unavailable: no healthy replica. Please retry.")
+    key = caller.api_key
+    tokens = inference.reservation(entry.model.context_length, settings.GATEWAY_PROMPT_OVERHEAD_TOKENS)
+    decision = limiter.acquire(key, key.organization, tokens)
+    if not decision.allowed:
+        raise rate_limit_error(decision)
+    try:
+        with telemetry.span("gateway.quota_reservation", {"maas.reserved_tokens": tokens}):
+            hold = reserve(entitlements, tokens, request_id)
+    except GatewayError as exc:
+        limiter.release(decision)
+        exc.headers = {**decision.headers, **exc.headers}
+        raise
+    except BaseException:
+        limiter.release(decision)
+        raise
+    return Admission(caller, entry, upstream, decision, hold)
 
 
 def expire_reservations(now=None) -> int:

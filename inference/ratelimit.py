@@ -10,7 +10,6 @@ When Redis is configured but unreachable, `GATEWAY_RATELIMIT_ON_REDIS_ERROR` dec
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import threading
@@ -110,6 +109,7 @@ class Decision:
     denied_kind: str | None = None  # "requests", "tokens" or "concurrency"
     headers: dict[str, str] = field(default_factory=dict)
     concurrency_key: str | None = None
+    local: bool = False  # decided by this process's buckets (no Redis)
 
 
 def buckets_for(api_key, organization, tokens: int) -> list[Bucket]:
@@ -191,62 +191,57 @@ class LocalLimiter:
 
 
 class RateLimiter:
-    """Front door: Redis when configured (one script call per request), local buckets otherwise."""
+    """Front door: Redis when configured (one script call per request), local buckets otherwise.
+
+    Synchronous: it runs in the same worker-thread hop as the key lookup and the quota reservation.
+    """
 
     def __init__(self, redis_url: str, on_redis_error: str, timeout: float) -> None:
         if on_redis_error not in ("refuse", "local"):
             raise ValueError("GATEWAY_RATELIMIT_ON_REDIS_ERROR must be 'refuse' or 'local'.")
         self.redis_url = redis_url
         self.on_redis_error = on_redis_error
-        self.timeout = timeout
         self.local = LocalLimiter()
-        self._clients: dict[asyncio.AbstractEventLoop, object] = {}
-        self._script = None
+        self.redis = None
+        if redis_url:
+            import redis
 
-    def _client(self):
-        import redis.asyncio as aioredis
+            self.redis = redis.Redis.from_url(redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
+            self.script = self.redis.register_script(LUA_ACQUIRE)
 
-        loop = asyncio.get_running_loop()
-        client = self._clients.get(loop)
-        if client is None:
-            client = aioredis.Redis.from_url(
-                self.redis_url, socket_timeout=self.timeout, socket_connect_timeout=self.timeout
-            )
-            self._clients = {loop: client}  # one event loop per process under uvicorn
-        return client
-
-    async def acquire(self, api_key, organization, tokens: int) -> Decision:
+    def acquire(self, api_key, organization, tokens: int) -> Decision:
         buckets = buckets_for(api_key, organization, tokens)
         cap = organization.max_concurrent_requests or 0
         concurrency_key = f"rl:org:{organization.pk}:concurrent" if cap else None
         if not buckets and not concurrency_key:
             return Decision(True)
-        if self.redis_url:
+        if self.redis is not None:
             try:
-                client = self._client()
                 keys = [b.key for b in buckets] + ([concurrency_key] if concurrency_key else [])
                 args = [x for b in buckets for x in (b.capacity, b.cost)] + [cap]
-                raw = await client.eval(LUA_ACQUIRE, len(keys), *keys, *args)
-                return decide(buckets, raw, concurrency_key)
+                return decide(buckets, self.script(keys=keys, args=args), concurrency_key)
             except Exception as exc:  # redis.ConnectionError, TimeoutError, ...
                 if self.on_redis_error == "refuse":
                     logger.warning("rate limiter: Redis unreachable, refusing: %s", exc)
                     raise service_unavailable("The rate limiter is temporarily unavailable; retry shortly.") from exc
                 logger.warning("rate limiter: Redis unreachable, using per-process limits: %s", exc)
-        raw = self.local.acquire(buckets, concurrency_key, cap)
-        return decide(buckets, raw, concurrency_key)
+        decision = decide(buckets, self.local.acquire(buckets, concurrency_key, cap), concurrency_key)
+        decision.local = True
+        return decision
 
-    async def release(self, decision: Decision) -> None:
+    def release(self, decision: Decision) -> None:
         """Give back a concurrency slot taken by `acquire`."""
         key = decision.concurrency_key
         if key is None:
             return
-        if self.redis_url:
+        decision.concurrency_key = None  # once
+        if self.redis is not None and not decision.local:
             try:
-                await self._client().decr(key)
+                self.redis.decr(key)
                 return
-            except Exception as exc:
+            except Exception as exc:  # the slot's key expires on its own (CONCURRENCY_TTL_S)
                 logger.warning("rate limiter: could not release %s in Redis: %s", key, exc)
+                return
         self.local.release(key)
 
 

@@ -1,9 +1,9 @@
 """The OpenAI-compatible /v1/ API: async views on the request's path, every error in OpenAI form.
 
-Path of a completion request: bearer key → body validation → key, organization and entitlements
-(one thread hop, two queries) → model resolution (404) → deployment choice (503) → rate limits (429,
-one Redis call) → quota reservation (429 insufficient_quota, one conditional UPDATE) → forward →
-settle and record usage (one transaction).
+Path of a completion request: bearer key and body validation (no I/O) → one worker-thread hop for the
+admission (key and organization, active entitlements: two queries; model 404; replica 503; rate limits:
+one Redis script call; quota hold: one conditional UPDATE) → forward → one hop to settle and record
+usage (one transaction).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import uuid
 
 import httpx
 from asgiref.sync import sync_to_async
-from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.db import DatabaseError, connections
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
@@ -30,7 +29,7 @@ from . import metrics, proxy, quotas
 from .catalog import CatalogEntry, Upstream, catalog
 from .errors import GatewayError, error_response, invalid_api_key, service_unavailable
 from .models import UsageRecord, UsageStatus
-from .ratelimit import Decision, get_limiter, rate_limit_error
+from .ratelimit import Decision, get_limiter
 from .validation import InferenceRequest, parse_chat, parse_completion
 
 logger = logging.getLogger(__name__)
@@ -98,11 +97,16 @@ def bearer_key(request: HttpRequest) -> str:
     return raw
 
 
-async def caller_for(request: HttpRequest) -> quotas.Caller:
+def checked_key(request: HttpRequest) -> str:
+    """The bearer key if it is well formed (401 otherwise, without touching the database)."""
     raw = bearer_key(request)
     if quotas.APIKey.parse_public_id(raw) is None:
         raise invalid_api_key(f"Incorrect API key provided: {quotas.redact(raw)}.")
-    return await sync_to_async(quotas.admit)(raw)
+    return raw
+
+
+async def caller_for(request: HttpRequest) -> quotas.Caller:
+    return await sync_to_async(quotas.admit)(checked_key(request))
 
 
 def model_object(entry: CatalogEntry) -> dict:
@@ -154,36 +158,24 @@ def parse_body(request: HttpRequest, parser) -> InferenceRequest:
 
 
 async def complete(request: HttpRequest, parser) -> HttpResponse:
-    with telemetry.span("gateway.auth"):
-        caller = await caller_for(request)
-    inference = parse_body(request, parser)
-    entry, entitlements = caller.resolve(inference.model)
-    upstream = catalog.pick(entry)
-    if upstream is None:
-        raise service_unavailable(f"The model `{inference.model}` is temporarily unavailable: no healthy replica. Please retry.")
-    key, organization = caller.api_key, caller.api_key.organization
+    raw_key = checked_key(request)
+    try:
+        inference, invalid = parse_body(request, parser), None
+    except GatewayError as exc:  # reported after authentication, as OpenAI does
+        inference, invalid = None, exc
+    admission = await sync_to_async(quotas.admit_request)(raw_key, inference, invalid, request.request_id, get_limiter())
+    request.ratelimit_headers = admission.decision.headers
+    key, organization, entry = admission.caller.api_key, admission.caller.api_key.organization, admission.entry
     request.metric_labels = {"model": entry.model.name, "organization": organization.slug}
     telemetry.annotate(
         {
             "maas.organization.id": organization.pk,
             "maas.api_key.id": key.public_id,
             "gen_ai.request.model": entry.model.name,
-            "maas.deployment.id": upstream.id,
+            "maas.deployment.id": admission.upstream.id,
         }
     )
-    tokens = inference.reservation(entry.model.context_length, settings.GATEWAY_PROMPT_OVERHEAD_TOKENS)
-    limiter = get_limiter()
-    decision = await limiter.acquire(key, organization, tokens)
-    request.ratelimit_headers = decision.headers
-    if not decision.allowed:
-        raise rate_limit_error(decision)
-    try:
-        with telemetry.span("gateway.quota_reservation", {"maas.reserved_tokens": tokens}):
-            hold = await sync_to_async(quotas.reserve)(entitlements, tokens, request.request_id)
-    except BaseException:
-        await limiter.release(decision)
-        raise
-    forward = Forward(request.request_id, inference, entry, caller, hold, decision, upstream)
+    forward = Forward(request.request_id, inference, admission)
     # The engine's spans join this trace (traceparent) and learn the tenant (baggage).
     with telemetry.tenant_baggage(organization.pk, key.public_id):
         return await forward.run()
@@ -192,14 +184,14 @@ async def complete(request: HttpRequest, parser) -> HttpResponse:
 class Forward:
     """One admitted request: forward it, then settle its reservation and write its usage record once."""
 
-    def __init__(self, request_id, inference, entry, caller, hold, decision: Decision, upstream: Upstream):
+    def __init__(self, request_id: str, inference: InferenceRequest, admission: quotas.Admission):
         self.request_id = request_id
         self.inference = inference
-        self.entry = entry
-        self.caller = caller
-        self.hold = hold
-        self.decision = decision
-        self.upstream = upstream
+        self.entry = admission.entry
+        self.caller = admission.caller
+        self.hold = admission.hold
+        self.decision = admission.decision
+        self.upstream: Upstream = admission.upstream
         self.meter = proxy.Meter()
         self.settled = False
 
@@ -286,10 +278,13 @@ class Forward:
                 yield part
         finally:
             catalog.finished(self.upstream)
+            # Shielded: a client that disconnects cancels the stream, never the settlement.
             task = asyncio.ensure_future(self.finish(close_connections=True))
             _background.add(task)
             task.add_done_callback(_background.discard)
             await asyncio.shield(task)
+        if self.meter.done:
+            yield b"data: [DONE]\n\n"  # only once the usage is recorded
 
     async def finish(self, close_connections: bool = False) -> None:
         """Settle the hold and write the one usage record (idempotent)."""
@@ -332,18 +327,20 @@ class Forward:
                     "maas.usage.status": meter.status,
                 },
             ):
-                await sync_to_async(settle_and_close)(self.hold, prompt + meter.completion_tokens, record, key, close_connections)
+                await sync_to_async(settle_and_close)(
+                    self.hold, prompt + meter.completion_tokens, record, key, self.decision, close_connections
+                )
             metrics.observe_usage(model.name, key.organization.slug, self.upstream.id, meter)
         except Exception:
             logger.exception("could not settle %s; its reservation expires on its own", self.request_id)
-        finally:
-            await get_limiter().release(self.decision)
 
 
-def settle_and_close(hold, used, record, key, close_connections: bool) -> None:
+def settle_and_close(hold, used, record, key, decision: Decision, close_connections: bool) -> None:
+    """Settle in the database, give back the concurrency slot, and (off the request cycle) the connection."""
     try:
         quotas.settle(hold, used, record, key)
     finally:
+        get_limiter().release(decision)
         if close_connections:
             connections.close_all()
 
