@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from django.core import mail
+from playwright.sync_api import expect
 
 from accounts import codes
 from accounts.models import APIKey, Membership
@@ -64,7 +65,16 @@ def wait_for_mail(count: int, timeout: float = 30.0) -> mail.EmailMessage:
 
 
 def test_sign_up_verify_redeem_create_key(live_server, browser_page, tmp_path):
-    page = browser_page
+    try:
+        walk_the_console(live_server, browser_page, tmp_path)
+    except BaseException:
+        # Shown by pytest on failure: where the browser was and what it saw.
+        print("URL:", browser_page.url)
+        print(browser_page.content()[:5000])
+        raise
+
+
+def walk_the_console(live_server, page, tmp_path):
     email, password = "browser.user@example.com", "a-long-browser-password-31"
 
     page.goto(f"{live_server.url}/accounts/signup/")
@@ -108,7 +118,7 @@ def test_sign_up_verify_redeem_create_key(live_server, browser_page, tmp_path):
     raw_key = revealed.input_value()
     assert raw_key.startswith("sk-")
     page.get_by_role("button", name="Copy").click()
-    assert page.locator("#copy-status").inner_text() != ""
+    expect(page.locator("#copy-status")).to_have_text(re.compile(r"Copied|Press Ctrl"))
     if os.environ.get("CONSOLE_SCREENSHOT_DIR"):  # for a person to look at the phone layout of the key table
         page.set_viewport_size({"width": 390, "height": 844})
         page.screenshot(path=str(Path(os.environ["CONSOLE_SCREENSHOT_DIR"]) / "keys-phone.png"), full_page=True)
