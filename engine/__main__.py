@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
 import torch
 
@@ -48,7 +47,7 @@ def serve(args: argparse.Namespace) -> None:
     from engine.llm_engine import LLMEngine
     from engine.server import build_app
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_config = telemetry.configure_logging(args.log_level)  # LOG_FORMAT=json: JSON lines with trace ids
     config = EngineConfig(
         model=args.model, served_model_name=args.served_model_name, dtype=_DTYPES.get(args.dtype),
         device=args.device, block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
@@ -60,7 +59,8 @@ def serve(args: argparse.Namespace) -> None:
     telemetry.configure_tracing()  # from OTEL_* variables; nothing without them
     engine = AsyncEngine(LLMEngine(config))
     app = build_app(engine, api_key=args.api_key)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5,
+                **({"log_config": log_config} if log_config else {}))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.config
 import os
 import time
 from typing import Any
@@ -86,6 +87,41 @@ def configure_tracing(default_service_name: str = "maas-engine") -> bool:
 
 def enabled() -> bool:
     return bool(_enabled)
+
+
+class TraceContextFilter(logging.Filter):
+    """Adds trace_id and span_id of the current span (None outside one) to each record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        span_context = trace.get_current_span().get_span_context()
+        record.trace_id = format(span_context.trace_id, "032x") if span_context.is_valid else None
+        record.span_id = format(span_context.span_id, "016x") if span_context.is_valid else None
+        return True
+
+
+def configure_logging(level: str) -> dict | None:
+    """LOG_FORMAT=json: one JSON object per line with trace_id/span_id (uvicorn's loggers included);
+    returns the logging config to hand to uvicorn, or None for uvicorn's own text format."""
+    if os.environ.get("LOG_FORMAT", "text").strip().lower() != "json":
+        logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return None
+    config = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "filters": {"trace": {"()": TraceContextFilter}},
+        "formatters": {
+            "json": {
+                "()": "pythonjsonlogger.json.JsonFormatter",
+                "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s %(trace_id)s %(span_id)s",
+                "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
+            }
+        },
+        "handlers": {"console": {"class": "logging.StreamHandler", "filters": ["trace"], "formatter": "json"}},
+        "root": {"handlers": ["console"], "level": level.upper()},
+        "loggers": {name: {"handlers": [], "propagate": True} for name in ("uvicorn", "uvicorn.error", "uvicorn.access")},
+    }
+    logging.config.dictConfig(config)
+    return config
 
 
 def instrument_app(app) -> None:

@@ -80,3 +80,25 @@ def test_off_without_otel_environment(monkeypatch):
     assert telemetry.tracing_requested()
     monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
     assert not telemetry.tracing_requested()
+
+
+def test_engine_json_logs_carry_the_trace_id():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import logging; from opentelemetry.sdk.trace import TracerProvider; from engine import telemetry; "
+        "telemetry.configure_logging('info'); tracer = TracerProvider().get_tracer('t'); "
+        "span = tracer.start_span('s'); from opentelemetry import trace; "
+        "ctx = trace.use_span(span, end_on_exit=True); ctx.__enter__(); "
+        "logging.getLogger('engine.x').warning('inside %s', 'span'); "
+        "print(format(span.get_span_context().trace_id, '032x'))"
+    )
+    env = {**os.environ, "LOG_FORMAT": "json"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    line = json.loads(result.stderr.strip().splitlines()[-1])
+    assert line["message"] == "inside span" and line["level"] == "WARNING" and line["logger"] == "engine.x"
+    assert line["trace_id"] == result.stdout.strip()

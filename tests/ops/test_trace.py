@@ -128,7 +128,7 @@ def traced_engine(collector):
     from engine.loader import demo_model_path
 
     port = free_port()
-    env = {**os.environ, **otel_env(collector, "maas-engine-test")}
+    env = {**os.environ, **otel_env(collector, "maas-engine-test"), "LOG_FORMAT": "json"}
     process = subprocess.Popen(
         [sys.executable, "-m", "engine", "serve", "--model", str(demo_model_path()), "--port", str(port),
          "--served-model-name", "smollm2", "--threads", "1", "--max-model-len", "1024", "--api-key", ENGINE_TOKEN,
