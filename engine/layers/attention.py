@@ -157,7 +157,8 @@ def decode_attention(
     q: torch.Tensor, kv_cache: torch.Tensor, attn: AttentionMetadata, scale: float
 ) -> torch.Tensor:
     """Decode-only step: one query per sequence, q [B, H, D]."""
-    if q.is_cuda:
+    block_size = kv_cache.shape[2]
+    if q.is_cuda and block_size & (block_size - 1) == 0:  # the kernel tiles a block with tl.arange
         from engine.layers.triton_attention import paged_decode_attention
 
         return paged_decode_attention(q, kv_cache, attn.block_tables, attn.seq_lens, scale)
