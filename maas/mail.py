@@ -12,6 +12,7 @@ import uuid
 
 from django.core.mail import EmailMessage, EmailMultiAlternatives
 from django.core.mail.backends.base import BaseEmailBackend
+from django.db import transaction
 
 
 def serialize_message(message: EmailMessage) -> dict:
@@ -55,7 +56,10 @@ class CeleryEmailBackend(BaseEmailBackend):
         for message in email_messages:
             if not message.recipients():
                 continue
-            # The key is fixed now, so a redelivered or retried task never sends the message twice.
-            send_email.delay(serialize_message(message), idempotency_key=uuid.uuid4().hex)
+            # The key is fixed now, so a redelivered or retried task never sends the message twice; queued
+            # when the surrounding transaction commits (at once outside one), so a rolled-back invitation
+            # or sign-up sends nothing.
+            payload, key = serialize_message(message), uuid.uuid4().hex
+            transaction.on_commit(lambda payload=payload, key=key: send_email.delay(payload, idempotency_key=key))
             count += 1
         return count

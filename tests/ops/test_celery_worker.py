@@ -139,9 +139,9 @@ def test_send_email_delivers_once_per_idempotency_key(worker, producer):
     subject = f"Verify your address {uuid.uuid4().hex[:6]}"
     message = EmailMultiAlternatives(subject, "plain body", "noreply@example.com", ["user@example.com"])
     message.attach_alternative("<p>html body</p>", "text/html")
-    payload = serialize_message(message)
-    run(producer, "accounts.tasks.send_email", payload, "key-1")
-    run(producer, "accounts.tasks.send_email", payload, "key-1")  # a redelivery
+    payload, key = serialize_message(message), f"key-{uuid.uuid4().hex}"
+    run(producer, "accounts.tasks.send_email", payload, key)
+    run(producer, "accounts.tasks.send_email", payload, key)  # a redelivery
     sentinel(worker, producer)
     mails = [m for m in delivered(worker) if subject in m]
     assert len(mails) == 1

@@ -32,7 +32,7 @@ def test_send_email_task_is_retried_with_backoff_on_delivery_errors():
 
 
 @pytest.mark.django_db
-def test_allauth_password_reset_mail_goes_through_the_task(client, settings):
+def test_allauth_password_reset_mail_goes_through_the_task(client, settings, django_capture_on_commit_callbacks):
     settings.EMAIL_BACKEND = "maas.mail.CeleryEmailBackend"
     settings.EMAIL_DELIVERY_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
     User.objects.create_user("reset-me@example.com", "a-long-password-123")
@@ -43,7 +43,8 @@ def test_allauth_password_reset_mail_goes_through_the_task(client, settings):
 
     task_prerun.connect(record)
     try:
-        response = client.post("/accounts/password/reset/", {"email": "reset-me@example.com"})
+        with django_capture_on_commit_callbacks(execute=True):
+            response = client.post("/accounts/password/reset/", {"email": "reset-me@example.com"})
     finally:
         task_prerun.disconnect(record)
     assert response.status_code == 302
@@ -51,3 +52,19 @@ def test_allauth_password_reset_mail_goes_through_the_task(client, settings):
     assert len(mail.outbox) == 1
     assert mail.outbox[0].to == ["reset-me@example.com"]
     assert "/accounts/password/reset/key/" in mail.outbox[0].body
+
+
+@pytest.mark.django_db(transaction=True)
+def test_mail_of_a_rolled_back_transaction_is_not_sent(settings):
+    from django.db import transaction
+
+    settings.EMAIL_BACKEND = "maas.mail.CeleryEmailBackend"
+    settings.EMAIL_DELIVERY_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+    with pytest.raises(RuntimeError), transaction.atomic():
+        mail.send_mail("Invitation", "join us", "from@example.com", ["new@example.com"])
+        raise RuntimeError("the invitation could not be saved")
+    assert mail.outbox == []
+    with transaction.atomic():
+        mail.send_mail("Invitation", "join us", "from@example.com", ["new@example.com"])
+        assert mail.outbox == []  # not before the commit
+    assert [m.subject for m in mail.outbox] == ["Invitation"]
