@@ -95,8 +95,10 @@ def parse_config(meta: GGUFMetadata, tensor_names: set[str]) -> LlamaConfig:
         )
     elif scaling not in (None, "none"):
         raise ModelLoadError(f"{meta.path}: unsupported rope scaling {scaling!r}")
-    if "rope_freqs.weight" in tensor_names:
-        raise ModelLoadError(f"{meta.path}: per-frequency rope factors (rope_freqs.weight) are not supported")
+    freq_factors = next((t for t in meta.reader.tensors if t.name == "rope_freqs.weight"), None)
+    if freq_factors is not None:
+        # llama.cpp stores Llama 3.1+ rope scaling as divisors of the base frequencies (same result as llama3).
+        rope["freq_factors"] = np.asarray(freq_factors.data, dtype=np.float32).reshape(-1).tolist()
     tokens = meta.reader.get_field("tokenizer.ggml.tokens")
     vocab_size = meta.get(f"{arch}.vocab_size") or (len(tokens.data) if tokens is not None else None)
     if vocab_size is None:
