@@ -1,6 +1,7 @@
 """Rotary position embedding (HF "rotate_half" layout) with the scaling variants Llama/Qwen configs use.
 
-`rope_parameters` is the HF dict: {"rope_type": "default" | "linear" | "llama3" | "yarn", "rope_theta": ..., ...}
+`rope_parameters` is the HF dict: {"rope_type": "default" | "linear" | "llama3" | "yarn", "rope_theta": ..., ...},
+plus "freq_factors" (GGUF's rope_freqs.weight: per-frequency divisors) when loaded from GGUF.
 (old configs' `rope_scaling` + `rope_theta` are normalised to it by the loader). Dynamic NTK is refused: its
 frequencies depend on the batch's longest sequence in the reference, which no paged engine can reproduce
 token for token.
@@ -21,6 +22,13 @@ def compute_inv_freq(head_dim: int, params: dict, max_position_embeddings: int) 
     rope_type = params.get("rope_type", params.get("type", "default"))
     base = float(params["rope_theta"])
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if "freq_factors" in params:  # GGUF's form of llama3 scaling: one divisor per frequency
+        factors = torch.tensor(params["freq_factors"], dtype=torch.float32)
+        if factors.shape != inv_freq.shape:
+            raise ValueError(
+                f"bad shape {tuple(factors.shape)} of rope frequency factors, expected {tuple(inv_freq.shape)}"
+            )
+        return inv_freq / factors, 1.0
     if rope_type == "default":
         return inv_freq, 1.0
     if rope_type == "linear":

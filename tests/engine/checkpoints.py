@@ -233,13 +233,16 @@ def write_tiny_gguf(
     architecture: str | None = None,
     drop_tensors: tuple[str, ...] = (),
     quantize: bool = True,
+    llama3_rope_freqs: bool = False,
     seed: int = 0,
 ) -> Path:
     """A tiny GGUF of `kind` (llama: default rope, since GGUF stores llama3 scaling as a tensor; qwen3:
     head_dim 128, the only value transformers' GGUF loader handles, as in real Qwen3 models).
 
     Matrices are Q8_0 when `quantize`; `architecture` overrides general.architecture and `drop_tensors`
-    leaves tensors out (GGUF names), both for error tests.
+    leaves tensors out (GGUF names), both for error tests. `llama3_rope_freqs` (llama) stores the tiny HF
+    checkpoint's llama3 rope scaling the way llama.cpp does, as a rope_freqs.weight tensor; with
+    quantize=False the file then holds exactly the weights of tiny_checkpoint("llama").
     """
     import gguf
     import numpy as np
@@ -248,7 +251,8 @@ def write_tiny_gguf(
 
     tokenizer = _train_tokenizer()
     config = _config(kind, tokenizer)
-    if kind == "llama":
+    llama3_rope = dict(config.rope_parameters) if kind == "llama" else None
+    if kind == "llama" and not llama3_rope_freqs:
         config.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
     if kind == "qwen3":  # transformers' GGUF loader ignores attention.key_length and assumes Qwen3's 128
         config.head_dim = 128
@@ -296,6 +300,14 @@ def write_tiny_gguf(
             elif name.endswith("bias"):
                 param.normal_(0.0, 0.3)
     state = model.state_dict()
+    if llama3_rope_freqs:
+        from engine.layers.rotary import compute_inv_freq
+
+        head_dim = config.hidden_size // config.num_attention_heads
+        base = {"rope_type": "default", "rope_theta": llama3_rope["rope_theta"]}
+        scaled, _ = compute_inv_freq(head_dim, llama3_rope, config.max_position_embeddings)
+        default, _ = compute_inv_freq(head_dim, base, config.max_position_embeddings)
+        writer.add_tensor("rope_freqs.weight", (default / scaled).numpy().astype(np.float32))
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     for hf_name, tensor in state.items():

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from engine.loader import load_model
-from tests.engine.checkpoints import KINDS, load_reference, smollm2_gguf_path, tiny_checkpoint, tiny_gguf
+from tests.engine.checkpoints import (
+    KINDS,
+    load_reference,
+    smollm2_gguf_path,
+    tiny_checkpoint,
+    tiny_gguf,
+    write_tiny_gguf,
+)
 from tests.engine.paged_driver import PagedDriver
 
 torch.set_num_threads(2)
@@ -70,6 +77,17 @@ def test_tiny_gguf_logits_and_greedy_match_transformers(kind):
     loaded = load_model(path)
     prompt = loaded.tokenizer.encode("What is the capital of France? Paris is the capital of France.")
     check_against_reference(path, prompt, atol=1e-4)
+
+
+def test_gguf_rope_freqs_equal_llama3_scaling(tmp_path):
+    """Llama 3.1+ GGUFs carry llama3 rope scaling as rope_freqs.weight: same logits as the HF checkpoint."""
+    path = write_tiny_gguf("llama", tmp_path / "llama3.gguf", quantize=False, llama3_rope_freqs=True)
+    from_gguf = load_model(path)
+    assert "freq_factors" in from_gguf.model.config.rope_parameters
+    prompt = from_gguf.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 3)
+    reference = load_reference(tiny_checkpoint("llama"))
+    logits = PagedDriver(from_gguf.model, from_gguf.spec).greedy(prompt, 1)[0]
+    torch.testing.assert_close(logits, reference_logits(reference, prompt), atol=1e-4, rtol=0)
 
 
 def test_smollm2_gguf_logits_and_greedy_match_transformers():
