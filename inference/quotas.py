@@ -184,16 +184,22 @@ class Admission:
 
 
 def admit_request(
-    raw_key: str, inference: InferenceRequest | None, invalid: GatewayError | None, request_id: str, limiter: RateLimiter
+    raw_key: str, inference: InferenceRequest | None, invalid: GatewayError | None, request_id: str, limiter: RateLimiter,
+    labels: dict | None = None,
 ) -> Admission:
     """Everything before forwarding, in one worker-thread hop: key (401), entitlement (403), then the
     body's validation error if any (400), model (404), replica (503), rate limits (429
-    rate_limit_exceeded) and the token hold (429 insufficient_quota)."""
+    rate_limit_exceeded) and the token hold (429 insufficient_quota). `labels` receives the organization
+    and model for the gateway's metrics as soon as they are known, refusals included."""
     with telemetry.span("gateway.auth"):
         caller = admit(raw_key)
+    if labels is not None:
+        labels["organization"] = caller.api_key.organization.slug
     if invalid is not None or inference is None:
         raise invalid or GatewayError(400, "Invalid request.")
     entry, entitlements = caller.resolve(inference.model)
+    if labels is not None:
+        labels["model"] = entry.model.name
     upstream = catalog.pick(entry)
     if upstream is None:
         raise service_unavailable(f"The model `{inference.model}` is temporarily unavailable: no healthy replica. Please retry.")

@@ -163,10 +163,12 @@ async def complete(request: HttpRequest, parser) -> HttpResponse:
         inference, invalid = parse_body(request, parser), None
     except GatewayError as exc:  # reported after authentication, as OpenAI does
         inference, invalid = None, exc
-    admission = await sync_to_async(quotas.admit_request)(raw_key, inference, invalid, request.request_id, get_limiter())
+    request.metric_labels = {}
+    admission = await sync_to_async(quotas.admit_request)(
+        raw_key, inference, invalid, request.request_id, get_limiter(), labels=request.metric_labels
+    )
     request.ratelimit_headers = admission.decision.headers
     key, organization, entry = admission.caller.api_key, admission.caller.api_key.organization, admission.entry
-    request.metric_labels = {"model": entry.model.name, "organization": organization.slug}
     telemetry.annotate(
         {
             "maas.organization.id": organization.pk,
