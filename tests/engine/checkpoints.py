@@ -336,3 +336,41 @@ def tiny_gguf(kind: str) -> Path:
     directory = _root() / f"{kind}-gguf"
     directory.mkdir(parents=True, exist_ok=True)
     return write_tiny_gguf(kind, directory / f"tiny-{kind}.Q8_0.gguf")
+
+
+def write_sentencepiece_gguf_vocab(path: Path) -> Path:
+    """A GGUF with a Llama-2 style (sentencepiece BPE, byte fallback) tokenizer and no tensors.
+
+    Enough for tokenizer tests: transformers' and engine.loader.gguf's tokenizers are built from its metadata.
+    """
+    import json
+
+    import gguf
+    from tokenizers import SentencePieceBPETokenizer
+
+    trained = SentencePieceBPETokenizer()
+    trained.train_from_iterator(_CORPUS * 4, vocab_size=300, show_progress=False)
+    model = json.loads(trained.to_str())["model"]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL] + [
+        gguf.TokenType.BYTE
+    ] * 256
+    for token in sorted(model["vocab"], key=model["vocab"].get):
+        if token not in tokens:
+            tokens.append(token)
+            types.append(gguf.TokenType.NORMAL)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_scores([0.0] * len(tokens))
+    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in model["merges"]])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_chat_template(CHAT_TEMPLATE)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

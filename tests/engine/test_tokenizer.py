@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
 from functools import cache
+from pathlib import Path
 
 import jinja2
 import pytest
@@ -11,7 +15,12 @@ from engine.loader import load_model
 from engine.loader.gguf import GGUFMetadata, build_tokenizer
 from engine.loader.hf import load_tokenizer
 from engine.loader.tokenizer import Tokenizer
-from tests.engine.checkpoints import load_reference_tokenizer, smollm2_gguf_path, tiny_checkpoint
+from tests.engine.checkpoints import (
+    load_reference_tokenizer,
+    smollm2_gguf_path,
+    tiny_checkpoint,
+    write_sentencepiece_gguf_vocab,
+)
 
 CONVERSATIONS = {
     "system_multi_turn": [
@@ -34,10 +43,15 @@ TEXTS = [
 
 @cache
 def tokenizers_for(source: str) -> tuple[Tokenizer, object]:
-    if source == "smollm2-gguf":
+    if source in ("smollm2-gguf", "sentencepiece-gguf"):
         import gguf
 
-        path = smollm2_gguf_path()
+        if source == "smollm2-gguf":
+            path = smollm2_gguf_path()
+        else:
+            directory = Path(tempfile.mkdtemp(prefix="engine-spm-"))
+            atexit.register(shutil.rmtree, directory, ignore_errors=True)
+            path = write_sentencepiece_gguf_vocab(directory / "spm.gguf")
         ours = build_tokenizer(GGUFMetadata(gguf.GGUFReader(str(path)), path))
     else:
         path = tiny_checkpoint("qwen2")
@@ -45,7 +59,9 @@ def tokenizers_for(source: str) -> tuple[Tokenizer, object]:
     return ours, load_reference_tokenizer(path)
 
 
-SOURCES = ["smollm2-gguf", "tiny-hf"]
+# byte-level BPE from GGUF metadata (SmolLM2), a tokenizer.json directory, and a Llama-2 style
+# sentencepiece BPE with byte fallback from GGUF metadata.
+SOURCES = ["smollm2-gguf", "tiny-hf", "sentencepiece-gguf"]
 
 
 @pytest.mark.parametrize("source", SOURCES)
