@@ -63,6 +63,15 @@ def test_env_example_lists_every_referenced_variable():
     for required in ("SECRET_KEY", "API_KEY_HMAC_SECRET", "POSTGRES_PASSWORD", "METRICS_TOKEN", "ALLOWED_HOSTS"):
         assert required in example
     assert not [line for line in (ROOT / ".env.example").read_text().splitlines() if line.startswith("SECRET_KEY=") and line != "SECRET_KEY="]
+    hosts = next(line for line in (ROOT / ".env.example").read_text().splitlines() if line.startswith("ALLOWED_HOSTS="))
+    collector = yaml.safe_load((ROOT / "platform/otel-collector.yaml").read_text())
+    for job in collector["receivers"]["prometheus"]["config"]["scrape_configs"]:
+        for target in job["static_configs"][0]["targets"]:
+            host = target.split(":")[0]
+            if host == "web":  # Django checks the Host header of the scrape
+                assert "web" in hosts.split("=", 1)[1].split(",")
+            else:
+                assert host in yaml.safe_load((ROOT / "compose.yaml").read_text())["services"], host
 
 
 def test_web_worker_beat_run_the_real_processes(compose):
