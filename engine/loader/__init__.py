@@ -123,11 +123,18 @@ def build_model(
             raise
         except ValueError as exc:
             raise ModelLoadError(f"{file}: tensor {name}: {exc}") from None
-        loaded.add(name)
+        # a quantized weight arrives as several tensors (qweight, scales...): count it under its .weight name
+        loaded.add(quant.logical_name(name) if hasattr(quant, "logical_name") else name)
     missing = sorted(expected - loaded)
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise ModelLoadError(f"{source}: missing tensor {missing[0]}{more}")
+    for module_name, module in model.named_modules():
+        if hasattr(module, "check_loaded"):  # quantized projections: every piece of every part arrived
+            try:
+                module.check_loaded()
+            except ValueError as exc:
+                raise ModelLoadError(f"{source}: {module_name}: {exc}") from None
     return model.eval()
 
 

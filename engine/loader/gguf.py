@@ -128,14 +128,18 @@ def _unpermute_rotary(weight: np.ndarray, num_heads: int) -> np.ndarray:
 
 
 def iter_tensors(
-    reader: gguf.GGUFReader, config: LlamaConfig, path: Path
+    reader: gguf.GGUFReader, config: LlamaConfig, path: Path, keep_quantized: tuple[str, ...] = ()
 ) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """HF-named tensors; projections of a type in `keep_quantized` stay raw GGUF blocks (GGUFTensor)."""
     for tensor in reader.tensors:
         name = hf_tensor_name(tensor.name)
         if name is None:
             continue
+        raw = tensor.tensor_type.name in keep_quantized and name.endswith("_proj.weight")
         try:
-            if tensor.tensor_type in _UNQUANTIZED:
+            if raw:
+                data = np.array(tensor.data)  # [out, bytes per row]: rows are whole output channels
+            elif tensor.tensor_type in _UNQUANTIZED:
                 data = np.array(tensor.data)  # copy: the reader maps the file read-only
             else:
                 data = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
@@ -144,7 +148,9 @@ def iter_tensors(
                 f"{path}: tensor {tensor.name}: unsupported quantization {tensor.tensor_type.name}"
             ) from None
         # GGUF lists dims fastest-first; numpy's shape is the reverse (= the HF [out, in] layout).
-        data = data.reshape(tuple(int(d) for d in reversed(tensor.shape)))
+        shape = tuple(int(d) for d in reversed(tensor.shape))
+        if not raw:
+            data = data.reshape(shape)
         if config.architecture == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config.num_heads if "q_proj" in name else config.num_kv_heads
             if data.shape[0] % (2 * heads):
@@ -152,6 +158,11 @@ def iter_tensors(
                     f"{path}: tensor {tensor.name}: bad shape {data.shape} for {heads} heads"
                 )
             data = _unpermute_rotary(data, heads)
+        if raw:
+            from engine.quant import GGUFTensor
+
+            yield name, GGUFTensor(np.ascontiguousarray(data), tensor.tensor_type.name, shape), str(path)
+            continue
         yield name, torch.from_numpy(np.ascontiguousarray(data)), str(path)
 
 
@@ -277,8 +288,19 @@ def load_gguf_file(
     tensor_names = {t.name for t in reader.tensors}
     config = parse_config(meta, tensor_names)
     tokenizer = build_tokenizer(meta)
+    keep: tuple[str, ...] = ()
+    if quant is None and any(t.tensor_type not in _UNQUANTIZED for t in reader.tensors):
+        from engine.quant import gguf_quantization
+
+        quant = gguf_quantization(dtype, device)
+    if getattr(quant, "method", None) == "gguf":
+        # Quantized projections stay quantized in memory (engine/quant kernels); embeddings and
+        # types the kernels do not take are dequantized as before.
+        from engine.quant.formats import GGUF_TYPES
+
+        keep = GGUF_TYPES
     model = build_model(
-        config, iter_tensors(reader, config, path), dtype=dtype, device=device, quant=quant, source=str(path)
+        config, iter_tensors(reader, config, path, keep), dtype=dtype, device=device, quant=quant, source=str(path)
     )
     eos = unique_ids(
         meta.get("tokenizer.ggml.eos_token_id"),

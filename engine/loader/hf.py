@@ -118,6 +118,16 @@ def load_tokenizer(directory: Path) -> Tokenizer:
     return Tokenizer(backend, special_tokens=special, chat_template=template)
 
 
+def quantization(quantization_config: dict, source: Path) -> QuantSpec:
+    """AWQ / GPTQ / FP8 checkpoints: weights stay quantized (engine/quant converts them at load)."""
+    from engine.quant import quant_config_from_hf
+
+    try:
+        return quant_config_from_hf(quantization_config)
+    except ValueError as exc:
+        raise ModelLoadError(f"{source}: {exc}") from None
+
+
 def load_hf_directory(
     directory: Path, *, dtype: torch.dtype, device: str | torch.device, quant: QuantSpec | None
 ) -> LoadedModel:
@@ -127,6 +137,8 @@ def load_hf_directory(
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{directory}: no *.safetensors weight files")
+    if quant is None and raw_config.get("quantization_config"):
+        quant = quantization(raw_config["quantization_config"], config_path)
     tokenizer = load_tokenizer(directory)
     # A missing tensor is reported against the weight file (or the directory when sharded).
     source = str(files[0]) if len(files) == 1 else f"{directory} (*.safetensors)"

@@ -2,8 +2,17 @@
 (int8 / float8_e4m3fn + scales), converted at load from AWQ, GPTQ, FP8 and GGUF, with CPU and Triton kernels.
 """
 
-from engine.quant.config import GGUFTensor, QuantConfig, quant_config_from_hf
+from engine.quant.config import DEQUANTIZED, GGUFTensor, QuantConfig, gguf_quantization, quant_config_from_hf
 from engine.quant.linear import QuantLinear
 from engine.quant.weights import Int4Weight, Int8Weight
 
-__all__ = ["GGUFTensor", "Int4Weight", "Int8Weight", "QuantConfig", "QuantLinear", "quant_config_from_hf"]
+__all__ = [
+    "DEQUANTIZED",
+    "GGUFTensor",
+    "Int4Weight",
+    "Int8Weight",
+    "QuantConfig",
+    "QuantLinear",
+    "gguf_quantization",
+    "quant_config_from_hf",
+]

@@ -55,6 +55,11 @@ class QuantConfig:
         """Checkpoint tensors that belong to a quantized linear but are not needed for W*A16."""
         return frozenset({"input_scale", "weight_zero_point", "input_zero_point"})
 
+    def logical_name(self, name: str) -> str:
+        """ "...q_proj.qweight" -> "...q_proj.weight": the name the model expects for the whole weight."""
+        base, _, suffix = name.rpartition(".")
+        return f"{base}.weight" if suffix in self.weight_names or suffix in self.ignored_names else name
+
     def create_linear(
         self, in_features: int, output_sizes: Sequence[int], bias: bool, dtype: torch.dtype | None
     ) -> QuantLinear:
@@ -139,3 +144,27 @@ def _compressed_tensors(qc: dict) -> QuantConfig:
     if bits == 8 and kind == "int" and strategy in ("tensor", "channel"):
         return QuantConfig("int8")
     raise ValueError(f"compressed-tensors: weights of {bits}-bit {kind} {strategy} are not supported")
+
+
+class Dequantized:
+    """QuantSpec that builds plain dense projections: `load_model(path, quant=DEQUANTIZED)` loads a GGUF
+    file the old way (every tensor dequantized to the compute dtype), for comparisons and benchmarks."""
+
+    def create_linear(
+        self, in_features: int, output_sizes: Sequence[int], bias: bool, dtype: torch.dtype | None
+    ):
+        from engine.layers.linear import Linear
+
+        return Linear(in_features, output_sizes, bias, dtype)
+
+
+DEQUANTIZED = Dequantized()
+
+
+def gguf_quantization(dtype: torch.dtype, device: str | torch.device) -> QuantConfig | None:
+    """Default for a quantized GGUF file: keep its projections quantized wherever that is not slower than
+    dense, i.e. on CUDA (Triton W4A16/W8A16) and on CPU in bfloat16 (ATen's int4 GEMM). A float32 CPU
+    model gets dense dequantized weights unless the caller asks for QuantConfig("gguf") (exact, slower)."""
+    if torch.device(device).type == "cuda" or dtype == torch.bfloat16:
+        return QuantConfig("gguf")
+    return None

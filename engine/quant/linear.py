@@ -48,7 +48,7 @@ class QuantLinear(nn.Module):
         self.dtype = dtype or torch.get_default_dtype()
         self.config = config
         self.target_device = torch.empty(0).device  # honours `with torch.device(...)` at model build
-        self.bias = torch.zeros(self.offsets[-1], dtype=self.dtype) if bias else None
+        self.bias = _frozen(torch.zeros(self.offsets[-1], dtype=self.dtype)) if bias else None
         self._pieces: dict[int, dict[str, object]] = {}
         self._parts: list[Part | None] = [None] * len(self.output_sizes)
         self._kernels: list[tuple[int, Callable[[torch.Tensor], torch.Tensor]]] = []
@@ -88,7 +88,8 @@ class QuantLinear(nn.Module):
             self._build_kernels()
 
     def _build_kernels(self) -> None:
-        """Fuse runs of compatible parts and bind each run to its kernel; register what stays resident."""
+        """Fuse runs of compatible parts and bind each run to its kernel; what stays resident is registered
+        as (frozen) parameters, which is what the loader counts as weight bytes."""
         runs: list[list[int]] = []
         for i, part in enumerate(self._parts):
             if runs and _fusable(self._parts[runs[-1][0]], part):
@@ -101,20 +102,32 @@ class QuantLinear(nn.Module):
                 weight = torch.cat(parts, 0) if len(parts) > 1 else parts[0]
                 self._kernels.append((self.offsets[run[0]], _dense_kernel(weight)))
                 self.kernel_names.append("dense")
-                self.register_buffer(f"run{run_index}_weight", weight)
+                self.register_parameter(f"run{run_index}_weight", _frozen(weight))
                 continue
             weight = concat_out(parts)
             name, kernel, held = _bind(weight, self.dtype)
             self._kernels.append((self.offsets[run[0]], kernel))
             self.kernel_names.append(name)
             for tensor_name, tensor in held.items():
-                self.register_buffer(f"run{run_index}_{tensor_name}", tensor)
+                self.register_parameter(f"run{run_index}_{tensor_name}", _frozen(tensor))
         self._parts = [None] * len(self._parts)  # the buffers hold them now
+
+    def check_loaded(self) -> None:
+        """ValueError naming what a checkpoint failed to provide (called by the loader after loading)."""
+        if self._kernels:
+            return
+        missing = []
+        for index, part in enumerate(self._parts):
+            if part is None:
+                have = set(self._pieces.get(index, {}))
+                need = [n for n in self.config.weight_names if n not in have]
+                missing.append(f"part {index}: {', '.join(need)}")
+        raise ValueError(f"quantized projection incomplete ({'; '.join(missing)})")
 
     @property
     def weight_bytes(self) -> int:
         """Bytes this projection keeps resident (codes, scales, dense parts, bias)."""
-        return sum(t.numel() * t.element_size() for t in self.buffers())
+        return sum(t.numel() * t.element_size() for t in self.parameters())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._kernels:
@@ -132,6 +145,10 @@ class QuantLinear(nn.Module):
             f"in_features={self.in_features}, output_sizes={self.output_sizes}, "
             f"method={self.config.method}, kernels={self.kernel_names}"
         )
+
+
+def _frozen(tensor: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(tensor, requires_grad=False)
 
 
 def _fusable(a: Part | None, b: Part | None) -> bool:
