@@ -48,20 +48,24 @@ def make_case(
     num_blocks: int = 64,
     seed: int = 0,
     shuffle: bool = True,
+    num_heads: int = NUM_HEADS,
+    num_kv_heads: int = NUM_KV_HEADS,
+    head_dim: int = HEAD_DIM,
 ) -> Case:
+    """Scores are scaled by SCALE whatever head_dim is."""
     gen = torch.Generator().manual_seed(seed)
-    (kv_cache,) = allocate_kv_cache(1, num_blocks, block_size, NUM_KV_HEADS, HEAD_DIM, torch.float32, "cpu")
+    (kv_cache,) = allocate_kv_cache(1, num_blocks, block_size, num_kv_heads, head_dim, torch.float32, "cpu")
     kv_cache.normal_(generator=gen)  # garbage everywhere: unread slots must not matter
     order = torch.randperm(num_blocks, generator=gen).tolist() if shuffle else list(range(num_blocks))
     qs, ks, vs, expected, slots, tables = [], [], [], [], [], []
     for seq_len, query_len in seqs:
-        keys = torch.randn(seq_len, NUM_KV_HEADS, HEAD_DIM, generator=gen)
-        values = torch.randn(seq_len, NUM_KV_HEADS, HEAD_DIM, generator=gen)
-        q = torch.randn(query_len, NUM_HEADS, HEAD_DIM, generator=gen)
+        keys = torch.randn(seq_len, num_kv_heads, head_dim, generator=gen)
+        values = torch.randn(seq_len, num_kv_heads, head_dim, generator=gen)
+        q = torch.randn(query_len, num_heads, head_dim, generator=gen)
         table = [order.pop() for _ in range(-(-seq_len // block_size))]
         seq_slots = [table[p // block_size] * block_size + p % block_size for p in range(seq_len)]
         cached = seq_len - query_len
-        flat = kv_cache.view(2, -1, NUM_KV_HEADS, HEAD_DIM)
+        flat = kv_cache.view(2, -1, num_kv_heads, head_dim)
         flat[0, seq_slots[:cached]] = keys[:cached]
         flat[1, seq_slots[:cached]] = values[:cached]
         qs.append(q)
@@ -104,6 +108,14 @@ def check_triton_decode() -> None:
     assert type(_paged_decode_kernel).__name__ == "InterpretedFunction", type(_paged_decode_kernel)
     for block_size in (4, 16):
         case = make_case(DECODE_BATCH, block_size=block_size, seed=block_size)
+        attention.write_kv(case.kv_cache, case.k, case.v, case.attn.slot_mapping)
+        out = paged_decode_attention(case.q, case.kv_cache, case.attn.block_tables, case.attn.seq_lens, SCALE)
+        torch.testing.assert_close(out, case.expected, atol=1e-5, rtol=1e-5)
+    # multi-head (group 1), a group that is not a power of two (Qwen2.5-7B: 28 / 4) and head_dim 24
+    for heads, kv_heads, dim in ((4, 4, 16), (14, 2, 24)):
+        case = make_case(
+            DECODE_BATCH, block_size=8, seed=heads, num_heads=heads, num_kv_heads=kv_heads, head_dim=dim
+        )
         attention.write_kv(case.kv_cache, case.k, case.v, case.attn.slot_mapping)
         out = paged_decode_attention(case.q, case.kv_cache, case.attn.block_tables, case.attn.seq_lens, SCALE)
         torch.testing.assert_close(out, case.expected, atol=1e-5, rtol=1e-5)

@@ -106,3 +106,9 @@ def test_triton_decode_kernel_under_triton_interpret():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "triton decode kernel: ok" in result.stdout
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(4, 4, 16), (14, 2, 24), (8, 1, 32)])
+def test_head_layouts_mha_gqa_mqa(heads, kv_heads, head_dim):
+    for seqs in (DECODE_BATCH, [(7, 7), (10, 1), (12, 3)]):
+        run(make_case(seqs, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, seed=heads))
