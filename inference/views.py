@@ -165,7 +165,7 @@ async def complete(request: HttpRequest, parser) -> HttpResponse:
         inference, invalid = None, exc
     request.metric_labels = {}
     admission = await sync_to_async(quotas.admit_request)(
-        raw_key, inference, invalid, request.request_id, get_limiter(), labels=request.metric_labels
+        raw_key, inference, invalid, request.request_id, get_limiter(), request.metric_labels
     )
     request.ratelimit_headers = admission.decision.headers
     key, organization, entry = admission.caller.api_key, admission.caller.api_key.organization, admission.entry
