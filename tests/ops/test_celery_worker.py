@@ -106,7 +106,7 @@ def worker(django_db_setup, django_db_blocker, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def producer():
-    app = Celery("ops-test-producer", broker=BROKER)
+    app = Celery("ops-test-producer", broker=BROKER, set_as_current=False)
     app.conf.task_default_queue = QUEUE
     yield app
     app.close()
