@@ -125,3 +125,21 @@ def test_loaded_model_metadata():
     assert loaded.name == "qwen2"
     assert loaded.spec.architecture == "qwen2" and loaded.spec.num_kv_heads == 2
     assert loaded.weight_bytes == sum(p.numel() * 4 for p in loaded.model.parameters())
+
+
+@pytest.mark.parametrize(("add_bos", "add_eos"), [(True, False), (True, True), (False, False)])
+def test_add_bos_eos_flags_follow_tokenizer_json_like_transformers(tmp_path, add_bos, add_eos):
+    """transformers 5 keeps the post-processor of tokenizer.json whatever tokenizer_config's flags say."""
+    import json
+    import shutil as sh
+
+    directory = tmp_path / "tok"
+    sh.copytree(tiny_checkpoint("llama"), directory)
+    config_file = directory / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config.update(add_bos_token=add_bos, add_eos_token=add_eos)
+    config_file.write_text(json.dumps(config))
+    ours, reference = load_tokenizer(directory), load_reference_tokenizer(directory)
+    for text in TEXTS:
+        assert ours.encode(text) == reference.encode(text), text
+        assert ours.encode(text, add_special_tokens=False) == reference.encode(text, add_special_tokens=False)
