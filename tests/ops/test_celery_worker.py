@@ -41,23 +41,28 @@ def database_url(**query: str) -> str:
     return url + ("?" + "&".join(f"{k}={v}" for k, v in query.items()) if query else "")
 
 
+def process_env(mail_dir: Path) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        # Locks held longer than 1 s make a task fail with a DatabaseError (the retry test uses it).
+        "DATABASE_URL": database_url(options="-c%20lock_timeout%3D1000"),
+        "REDIS_URL": BROKER,
+        "CELERY_BROKER_URL": BROKER,
+        "CELERY_TASK_ALWAYS_EAGER": "0",
+        "CELERY_TASK_DEFAULT_QUEUE": QUEUE,
+        "EMAIL_BACKEND": "django.core.mail.backends.filebased.EmailBackend",
+        "EMAIL_FILE_PATH": str(mail_dir),
+        "LOG_FORMAT": "text",
+    }
+    env.pop("TEST_DATABASE_NAME", None)
+    return env
+
+
 class Worker:
     def __init__(self, mail_dir: Path, log_path: Path) -> None:
         self.mail_dir, self.log_path = mail_dir, log_path
-        env = {
-            **os.environ,
-            "DJANGO_SETTINGS_MODULE": "tests.settings",
-            # Locks held longer than 1 s make a task fail with a DatabaseError (the retry test uses it).
-            "DATABASE_URL": database_url(options="-c%20lock_timeout%3D1000"),
-            "REDIS_URL": BROKER,
-            "CELERY_BROKER_URL": BROKER,
-            "CELERY_TASK_ALWAYS_EAGER": "0",
-            "CELERY_TASK_DEFAULT_QUEUE": QUEUE,
-            "EMAIL_BACKEND": "django.core.mail.backends.filebased.EmailBackend",
-            "EMAIL_FILE_PATH": str(mail_dir),
-            "LOG_FORMAT": "text",
-        }
-        env.pop("TEST_DATABASE_NAME", None)
+        env = process_env(mail_dir)
         self.log = open(log_path, "w")  # noqa: SIM115 (closed in stop)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "maas", "worker", "-Q", QUEUE, "--pool", "solo",
@@ -280,3 +285,31 @@ def test_entitlement_threshold_notices_are_sent_once(worker, producer):
     wait_for(lambda: len([m for m in delivered(worker) if tenant.user.email in m]) == 2, "quota exhausted email")
     assert EntitlementNotice.objects.filter(entitlement=tenant.entitlement, threshold="quota-100").count() == 1
     assert any("Token quota exhausted" in m for m in delivered(worker))
+
+
+def test_beat_schedules_the_periodic_tasks_onto_the_worker(worker, tmp_path):
+    """A real `celery -A maas beat` with the settings' schedule (health checks every second here)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    add_model("beat-model", f"http://127.0.0.1:{server.server_port}")
+    env = {**process_env(worker.mail_dir), "DEPLOYMENT_HEALTH_CHECK_SECONDS": "1"}
+    log = open(tmp_path / "beat.log", "w")  # noqa: SIM115
+    beat = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "maas", "beat", "--loglevel", "INFO",
+         "--schedule", str(tmp_path / "celerybeat-schedule")],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        checks = wait_for(
+            lambda: Deployment.objects.filter(model__name="beat-model", last_checked_at__isnull=False).first(),
+            "a health check scheduled by beat", check=beat,
+        )
+        first = checks.last_checked_at
+        wait_for(lambda: Deployment.objects.get(pk=checks.pk).last_checked_at > first, "the next check", check=beat)
+        assert "Sending due task check-deployments" in (tmp_path / "beat.log").read_text()
+    finally:
+        beat.terminate()
+        beat.wait(timeout=20)
+        log.close()
+        server.shutdown()
+        server.server_close()
