@@ -60,13 +60,13 @@ def process_env(mail_dir: Path) -> dict[str, str]:
 
 
 class Worker:
-    def __init__(self, mail_dir: Path, log_path: Path) -> None:
+    def __init__(self, mail_dir: Path, log_path: Path, queue: str = QUEUE, **extra_env: str) -> None:
         self.mail_dir, self.log_path = mail_dir, log_path
-        env = process_env(mail_dir)
+        env = {**process_env(mail_dir), "CELERY_TASK_DEFAULT_QUEUE": queue, **extra_env}
         self.log = open(log_path, "w")  # noqa: SIM115 (closed in stop)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "maas", "worker", "-Q", QUEUE, "--pool", "solo",
-             "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--hostname", f"{QUEUE}@%h"],
+            [sys.executable, "-m", "celery", "-A", "maas", "worker", "-Q", queue, "--pool", "solo",
+             "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--hostname", f"{queue}@%h"],
             cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
         )
         wait_for(lambda: "ready." in self.output(), "worker ready", check=self.process)

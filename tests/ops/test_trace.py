@@ -272,3 +272,49 @@ def test_streamed_request_is_traced_too(collector, traced_engine, traced_gateway
     same_trace = {s.name for s in collector.snapshot() if s.trace_id == generate.trace_id}
     assert {"gateway.auth", "gateway.quota_reservation", "gateway.upstream_request", "engine.prefill",
             "engine.decode"} <= same_trace
+
+
+def test_celery_task_continues_the_producers_trace(collector, tmp_path):
+    """Celery instrumentation: the task run in a real worker is a child of the publish in the producer."""
+    import uuid
+
+    from tests.ops.test_celery_worker import BROKER, Worker
+
+    queue = f"ops-trace-{uuid.uuid4().hex[:8]}"
+    (tmp_path / "mail").mkdir()
+    worker = Worker(tmp_path / "mail", tmp_path / "worker.log", queue, **otel_env(collector, "maas-worker-test"))
+    try:
+        producer = "\n".join([
+            "import django",
+            "django.setup()",
+            "from maas.telemetry import configure_telemetry, flush, span",
+            "configure_telemetry('producer')",
+            "from maas.celery import app",
+            "with span('producer.request'):",
+            "    app.send_task('inference.tasks.expire_reservations')",
+            "flush()",
+        ])
+        env = {**os.environ, **otel_env(collector, "maas-producer-test"), "DJANGO_SETTINGS_MODULE": "tests.settings",
+               "CELERY_BROKER_URL": BROKER, "CELERY_TASK_ALWAYS_EAGER": "0", "CELERY_TASK_DEFAULT_QUEUE": queue}
+        env.pop("TEST_DATABASE_NAME", None)
+        result = subprocess.run([sys.executable, "-c", producer], cwd=ROOT, env=env, capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0, result.stderr
+
+        def task_spans():
+            spans = collector.snapshot()
+            run = [s for s in spans if s.name == "run/inference.tasks.expire_reservations"]
+            publish = [s for s in spans if s.name == "apply_async/inference.tasks.expire_reservations"]
+            return (run, publish) if run and publish else None
+
+        deadline = time.monotonic() + 60
+        while not task_spans() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert task_spans(), [s.name for s in collector.snapshot()][-20:]
+        [run], [publish] = task_spans()
+        assert (run.service, publish.service) == ("maas-worker-test", "maas-producer-test")
+        assert run.trace_id == publish.trace_id and run.parent_id == publish.span_id
+        parent = [s for s in collector.snapshot() if s.span_id == publish.parent_id]
+        assert parent and parent[0].name == "producer.request"
+    finally:
+        worker.stop()
