@@ -117,6 +117,7 @@ def paged_attention(
             attn.seq_lens[seqs],
             [seq_lens[b] for b in decodes],
             scale,
+            attn._derived.setdefault("mixed_decodes", {}),
         )
     for b, n in enumerate(query_lens):
         if n <= 1:
