@@ -96,3 +96,41 @@ def test_smollm2_gguf_logits_and_greedy_match_transformers():
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     prompt = loaded.tokenizer.encode(loaded.tokenizer.apply_chat_template(messages), add_special_tokens=False)
     check_against_reference(path, prompt, atol=2e-3)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_mixed_steps_match_each_sequence_alone(kind):
+    """Decodes, chunked prefills and a prefix-sharing prefill in the same steps (all layers share the
+    step's metadata) give each sequence the logits it gets alone."""
+    loaded = load_model(tiny_checkpoint(kind))
+    tok = loaded.tokenizer
+    prompt_a = tok.encode("The quick brown fox jumps over the lazy dog.")
+    prompt_b = tok.encode("Continuous batching lets requests join and leave the batch at every step.")
+    steps = 4
+
+    def alone(prompt):
+        return PagedDriver(loaded.model, loaded.spec).greedy(prompt, steps + 1)
+
+    _, a_logits, a_tokens = alone(prompt_a)
+    _, b_logits, b_tokens = alone(prompt_b)
+    _, c_logits, c_tokens = alone(prompt_a[:8] + prompt_b[:5])
+
+    driver = PagedDriver(loaded.model, loaded.spec, block_order=list(range(127, -1, -1)))
+    a, b = driver.add_sequence(), driver.add_sequence()
+    got_a = [driver.step([(a, prompt_a)])]
+    half = len(prompt_b) // 2
+    got_a.append(driver.step([(a, [a_tokens[0]]), (b, prompt_b[:half])])[:1])
+    # c shares a's first 2 blocks (8 tokens, block size 4) as a prefix-cache hit would.
+    c = driver.add_sequence(shared_prefix_of=a, prefix_blocks=2)
+    out = driver.step([(b, prompt_b[half:]), (a, [a_tokens[1]]), (c, prompt_b[:5])])
+    got_b, got_c = [out[0:1]], [out[2:3]]
+    got_a.append(out[1:2])
+    for i in range(2, steps):
+        out = driver.step([(a, [a_tokens[i]]), (b, [b_tokens[i - 2]]), (c, [c_tokens[i - 2]])])
+        got_a.append(out[0:1])
+        got_b.append(out[1:2])
+        got_c.append(out[2:3])
+    assert len(got_a) == steps + 1 and len(got_b) == len(got_c) == steps - 1
+    torch.testing.assert_close(torch.cat(got_a), torch.cat(a_logits), atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.cat(got_b), torch.cat(b_logits[: steps - 1]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.cat(got_c), torch.cat(c_logits[: steps - 1]), atol=1e-4, rtol=0)
