@@ -29,8 +29,6 @@ TRACER_NAME = "maas"
 # knowing anything about tenants.
 BAGGAGE_ORGANIZATION = "maas.organization.id"
 BAGGAGE_API_KEY = "maas.api_key.id"
-# The OpenTelemetry GenAI convention's switch for recording prompt and completion text.
-CAPTURE_CONTENT_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 
 _configured: bool | None = None
 
@@ -43,11 +41,6 @@ def tracing_requested(environ: os._Environ | dict = os.environ) -> bool:
     if exporters and exporters != {"none"}:
         return True
     return bool(environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
-
-
-def capture_content() -> bool:
-    """Whether an operator allowed prompt/completion text in spans (off by default)."""
-    return os.environ.get(CAPTURE_CONTENT_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
 def _span_exporters() -> list:
@@ -151,14 +144,6 @@ def tenant_baggage(organization_id: Any, api_key_id: Any) -> Iterator[None]:
         yield
     finally:
         context.detach(token)
-
-
-def current_trace_ids() -> tuple[str, str] | None:
-    """(trace id, span id) as hex of the current span, or None outside a recorded span."""
-    span_context = trace.get_current_span().get_span_context()
-    if not span_context.is_valid:
-        return None
-    return format(span_context.trace_id, "032x"), format(span_context.span_id, "016x")
 
 
 def _clean(attributes: Mapping[str, Any]) -> dict[str, Any]:
