@@ -31,6 +31,7 @@ BAGGAGE_ORGANIZATION = "maas.organization.id"
 BAGGAGE_API_KEY = "maas.api_key.id"
 
 _configured: bool | None = None
+_NO_SPAN = contextlib.nullcontext(trace.INVALID_SPAN)
 
 
 def tracing_requested(environ: os._Environ | dict = os.environ) -> bool:
@@ -120,11 +121,12 @@ def tracer() -> trace.Tracer:
     return trace.get_tracer(TRACER_NAME)
 
 
-@contextlib.contextmanager
-def span(name: str, attributes: Mapping[str, Any] | None = None) -> Iterator[trace.Span]:
-    """A child span of the current one; attributes with value None are left out."""
-    with tracer().start_as_current_span(name, attributes=_clean(attributes or {})) as current:
-        yield current
+def span(name: str, attributes: Mapping[str, Any] | None = None) -> contextlib.AbstractContextManager[trace.Span]:
+    """A child span of the current one; attributes with value None are left out. Tracing off: a shared
+    no-op context manager (no span object, no context switch)."""
+    if not _configured:
+        return _NO_SPAN
+    return tracer().start_as_current_span(name, attributes=_clean(attributes or {}))
 
 
 def annotate(attributes: Mapping[str, Any]) -> None:
@@ -134,9 +136,15 @@ def annotate(attributes: Mapping[str, Any]) -> None:
         current.set_attributes(_clean(attributes))
 
 
-@contextlib.contextmanager
-def tenant_baggage(organization_id: Any, api_key_id: Any) -> Iterator[None]:
+def tenant_baggage(organization_id: Any, api_key_id: Any) -> contextlib.AbstractContextManager[None]:
     """Within the block, outgoing calls (httpx) carry the tenant ids as W3C baggage to the engine."""
+    if not _configured:
+        return contextlib.nullcontext()
+    return _baggage(organization_id, api_key_id)
+
+
+@contextlib.contextmanager
+def _baggage(organization_id: Any, api_key_id: Any) -> Iterator[None]:
     ctx = baggage.set_baggage(BAGGAGE_ORGANIZATION, str(organization_id))
     ctx = baggage.set_baggage(BAGGAGE_API_KEY, str(api_key_id), context=ctx)
     token = context.attach(ctx)
