@@ -235,11 +235,12 @@ def write_tiny_gguf(
     quantize: bool = True,
     llama3_rope_freqs: bool = False,
     seed: int = 0,
+    qtype: str = "Q8_0",
 ) -> Path:
     """A tiny GGUF of `kind` (llama: default rope, since GGUF stores llama3 scaling as a tensor; qwen3:
     head_dim 128, the only value transformers' GGUF loader handles, as in real Qwen3 models).
 
-    Matrices are Q8_0 when `quantize`; `architecture` overrides general.architecture and `drop_tensors`
+    Matrices are `qtype` (Q8_0 by default) when `quantize`; `architecture` overrides general.architecture and `drop_tensors`
     leaves tensors out (GGUF names), both for error tests. `llama3_rope_freqs` (llama) stores the tiny HF
     checkpoint's llama3 rope scaling the way llama.cpp does, as a rope_freqs.weight tensor; with
     quantize=False the file then holds exactly the weights of tiny_checkpoint("llama").
@@ -319,8 +320,8 @@ def write_tiny_gguf(
             heads = config.num_attention_heads if "attn_q" in name else config.num_key_value_heads
             data = _permute_for_gguf(data, heads)
         if quantize and data.ndim == 2:
-            qtype = gguf.GGMLQuantizationType.Q8_0
-            writer.add_tensor(name, gguf.quants.quantize(np.ascontiguousarray(data), qtype), raw_dtype=qtype)
+            gtype = gguf.GGMLQuantizationType[qtype]  # Q8_0 unless asked (engine/quant tests: Q4_0, Q4_1)
+            writer.add_tensor(name, gguf.quants.quantize(np.ascontiguousarray(data), gtype), raw_dtype=gtype)
         else:
             writer.add_tensor(name, np.ascontiguousarray(data))
     writer.write_header_to_file()
