@@ -64,34 +64,38 @@ class ModelRunner:
         """Flatten the step's tokens (no padding) and describe where their K/V live."""
         input_ids: list[int] = []
         positions: list[int] = []
+        slots: list[int] = []
         query_lens: list[int] = []
         seq_lens: list[int] = []
         tables: list[list[int]] = []
+        bs = self.block_size
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             start = seq.num_computed_tokens
             end = start + n
+            table = seq.block_table
             if n == 1:
                 input_ids.append(seq.token_ids[start])
                 positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
             else:
                 input_ids.extend(seq.token_ids[start:end])
                 positions.extend(range(start, end))
+                for block_index in range(start // bs, (end - 1) // bs + 1):
+                    base = table[block_index] * bs
+                    lo, hi = max(start, block_index * bs), min(end, (block_index + 1) * bs)
+                    slots.extend(range(base + lo % bs, base + (hi - 1) % bs + 1))
             query_lens.append(n)
             seq_lens.append(end)
-            tables.append(seq.block_table)
+            tables.append(table)
         width = max(len(t) for t in tables)
         device = self.device
         block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
-        positions_t = torch.tensor(positions, dtype=torch.long)
-        query_lens_t = torch.tensor(query_lens, dtype=torch.long)
-        seq_index = torch.repeat_interleave(torch.arange(len(tables)), query_lens_t)
-        bs = self.block_size
-        slot_mapping = block_tables[seq_index, positions_t // bs].long() * bs + positions_t % bs
-        query_start_loc = torch.zeros(len(tables) + 1, dtype=torch.int32)
-        torch.cumsum(query_lens_t, 0, out=query_start_loc[1:])
+        query_start_loc = [0]
+        for n in query_lens:
+            query_start_loc.append(query_start_loc[-1] + n)
         attn = AttentionMetadata(
-            slot_mapping=slot_mapping.to(device, non_blocking=True),
-            query_start_loc=query_start_loc.to(device, non_blocking=True),
+            slot_mapping=torch.tensor(slots, dtype=torch.long).to(device, non_blocking=True),
+            query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32).to(device, non_blocking=True),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(device, non_blocking=True),
             block_tables=block_tables.to(device, non_blocking=True),
             max_query_len=max(query_lens),
@@ -101,7 +105,7 @@ class ModelRunner:
             seq_lens_cpu=seq_lens,
         )
         input_ids_t = torch.tensor(input_ids, dtype=torch.long).to(device, non_blocking=True)
-        return input_ids_t, positions_t.to(device, non_blocking=True), attn
+        return input_ids_t, torch.tensor(positions, dtype=torch.long).to(device, non_blocking=True), attn
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], SampleResult | None]:
