@@ -35,6 +35,7 @@ CAPTURE_CONTENT_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 EXCLUDED_URLS = "health,metrics"
 
 _enabled: bool | None = None
+_TRACER = trace.get_tracer(TRACER_NAME)  # a proxy, bound to the SDK tracer once the provider is installed
 
 
 def tracing_requested(environ=os.environ) -> bool:
@@ -152,7 +153,7 @@ def record_request(
     children of the current (server) span."""
     if not enabled() or out is None or out.finish_time is None:
         return
-    tracer = trace.get_tracer(TRACER_NAME, tracer_provider=tracer_provider)
+    tracer = _TRACER if tracer_provider is None else trace.get_tracer(TRACER_NAME, tracer_provider=tracer_provider)
     now_perf, now_ns = time.perf_counter(), time.time_ns()
 
     def at(perf_time: float) -> int:

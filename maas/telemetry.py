@@ -32,6 +32,8 @@ BAGGAGE_API_KEY = "maas.api_key.id"
 
 _configured: bool | None = None
 _NO_SPAN = contextlib.nullcontext(trace.INVALID_SPAN)
+# A proxy that binds to the SDK's tracer once the provider is installed (get_tracer per span is costly).
+_TRACER = trace.get_tracer(TRACER_NAME)
 
 
 def tracing_requested(environ: os._Environ | dict = os.environ) -> bool:
@@ -118,7 +120,7 @@ def flush(timeout_millis: int = 5000) -> None:
 
 
 def tracer() -> trace.Tracer:
-    return trace.get_tracer(TRACER_NAME)
+    return _TRACER
 
 
 def span(name: str, attributes: Mapping[str, Any] | None = None) -> contextlib.AbstractContextManager[trace.Span]:
