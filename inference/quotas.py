@@ -11,6 +11,8 @@ crashed requests are released by `expire_reservations` (scheduled by Celery beat
 
 from __future__ import annotations
 
+import hmac
+import json
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
@@ -20,7 +22,7 @@ from django.db import connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from accounts.models import APIKey, Entitlement
+from accounts.models import APIKey, Entitlement, Organization, keyed_hash
 from maas import telemetry
 
 from .catalog import CatalogEntry, Upstream, catalog
@@ -39,6 +41,7 @@ from .validation import InferenceRequest
 ENTITLEMENTS = Entitlement._meta.db_table
 RESERVATIONS = Reservation._meta.db_table
 API_KEYS = APIKey._meta.db_table
+USAGE = UsageRecord._meta.db_table
 
 logger = logging.getLogger(__name__)
 
@@ -84,13 +87,47 @@ class Hold:
     tokens: int
 
 
-def authenticate(raw_key: str) -> APIKey:
-    key = APIKey.objects.get_by_raw(raw_key)
-    if key is None:
-        raise invalid_api_key(f"Incorrect API key provided: {redact(raw_key)}.")
-    if not key.is_usable():
-        raise invalid_api_key(f"The API key {key.redacted} is {key.status if key.organization.is_active else 'disabled'}.")
-    return key
+KEY_FIELDS = ("id", "organization_id", "public_id", "secret_hash", "name", "created_by_id", "expires_at",
+              "revoked_at", "last_used_at", "allowed_models", "requests_per_minute", "tokens_per_minute")
+ORG_FIELDS = ("id", "name", "slug", "cache_salt", "requests_per_minute", "tokens_per_minute",
+              "max_concurrent_requests", "is_active")
+ENTITLEMENT_FIELDS = ("id", "organization_id", "token_quota", "tokens_used", "tokens_reserved", "model_names",
+                      "starts_at", "ends_at", "revoked_at", "created_at")
+
+# The key, its organization and the organization's active entitlements (the rule of
+# EntitlementQuerySet.active, which test_quotas checks this against) in one round trip.
+ADMIT_SQL = (
+    "SELECT " + ", ".join([f"k.{f}" for f in KEY_FIELDS] + [f"o.{f}" for f in ORG_FIELDS] + [f"e.{f}" for f in ENTITLEMENT_FIELDS])
+    + f" FROM {API_KEYS} k JOIN {Organization._meta.db_table} o ON o.id = k.organization_id"
+    + f" LEFT JOIN {ENTITLEMENTS} e ON e.organization_id = o.id AND e.revoked_at IS NULL AND e.starts_at <= %s"
+    + " AND (e.ends_at IS NULL OR e.ends_at > %s)"
+    + " WHERE k.public_id = %s"
+)
+
+
+def _json(value):
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def load_caller_rows(public_id: str, now) -> tuple[APIKey, list[Entitlement]] | None:
+    with connection.cursor() as cursor:
+        cursor.execute(ADMIT_SQL, [now, now, public_id])
+        rows = cursor.fetchall()
+    if not rows:
+        return None
+    nk, no = len(KEY_FIELDS), len(ORG_FIELDS)
+    key_values = dict(zip(KEY_FIELDS, rows[0][:nk], strict=True))
+    key_values["allowed_models"] = _json(key_values["allowed_models"]) or []
+    organization = Organization(**dict(zip(ORG_FIELDS, rows[0][nk:nk + no], strict=True)))
+    key = APIKey(**key_values)
+    key.organization = organization
+    entitlements = []
+    for row in rows:
+        values = dict(zip(ENTITLEMENT_FIELDS, row[nk + no:], strict=True))
+        if values["id"] is not None:
+            values["model_names"] = _json(values["model_names"]) or []
+            entitlements.append(Entitlement(**values))
+    return key, entitlements
 
 
 def redact(raw_key: str) -> str:
@@ -100,11 +137,16 @@ def redact(raw_key: str) -> str:
 def admit(raw_key: str) -> Caller:
     """Who is calling: 401 for a bad key, 403 authorization_required without an active entitlement.
 
-    Two queries (the key with its organization, the active entitlements) plus, every few seconds,
-    the catalog refresh.
+    One query (key, organization and active entitlements) plus, every few seconds, the catalog refresh.
     """
-    key = authenticate(raw_key)
-    entitlements = list(Entitlement.objects.for_org(key.organization).active())
+    public_id = APIKey.parse_public_id(raw_key)
+    now = timezone.now()
+    found = load_caller_rows(public_id, now) if public_id else None
+    if found is None or not hmac.compare_digest(found[0].secret_hash, keyed_hash(raw_key)):
+        raise invalid_api_key(f"Incorrect API key provided: {redact(raw_key)}.")
+    key, entitlements = found
+    if not key.is_usable(now):
+        raise invalid_api_key(f"The API key {key.redacted} is {key.status if key.organization.is_active else 'disabled'}.")
     if not entitlements:
         raise no_entitlement()
     return Caller(key, entitlements, catalog.entries())
@@ -113,26 +155,55 @@ def admit(raw_key: str) -> Caller:
 def reserve(entitlements: list[Entitlement], tokens: int, request_id: str) -> Hold:
     """Hold `tokens` on the first covering entitlement where they fit, or raise insufficient_quota.
 
-    Plain SQL on the hot path: the conditional UPDATE and the Reservation row in one transaction.
+    On PostgreSQL the conditional UPDATE and the Reservation row are one statement (one round trip);
+    elsewhere two statements in a transaction.
     """
-    expires_at = timezone.now() + timedelta(seconds=settings.GATEWAY_RESERVATION_TTL_SECONDS)
-    with transaction.atomic(), connection.cursor() as cursor:
-        for entitlement in entitlements:
-            if entitlement.token_quota is not None and entitlement.token_quota - entitlement.tokens_used < tokens:
-                continue  # cannot fit even with nothing in flight: skip the round trip
-            cursor.execute(
-                f"UPDATE {ENTITLEMENTS} SET tokens_reserved = tokens_reserved + %s WHERE id = %s"
-                " AND revoked_at IS NULL AND (token_quota IS NULL OR tokens_used + tokens_reserved + %s <= token_quota)",
-                [tokens, entitlement.pk, tokens],
-            )
-            if cursor.rowcount == 1:
-                cursor.execute(
-                    f"INSERT INTO {RESERVATIONS} (organization_id, entitlement_id, tokens, request_id, created_at, expires_at)"
-                    " VALUES (%s, %s, %s, %s, %s, %s) RETURNING id",
-                    [entitlement.organization_id, entitlement.pk, tokens, request_id, timezone.now(), expires_at],
+    now = timezone.now()
+    expires_at = now + timedelta(seconds=settings.GATEWAY_RESERVATION_TTL_SECONDS)
+    fits = "revoked_at IS NULL AND (token_quota IS NULL OR tokens_used + tokens_reserved + %s <= token_quota)"
+    for entitlement in entitlements:
+        if entitlement.token_quota is not None and entitlement.token_quota - entitlement.tokens_used < tokens:
+            continue  # cannot fit even with nothing in flight: skip the round trip
+        if connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                execute_fast(
+                    cursor,
+                    f"WITH held AS (UPDATE {ENTITLEMENTS} SET tokens_reserved = tokens_reserved + %s"
+                    f" WHERE id = %s AND {fits} RETURNING id, organization_id)"
+                    f" INSERT INTO {RESERVATIONS} (organization_id, entitlement_id, tokens, request_id, created_at, expires_at)"
+                    " SELECT organization_id, id, %s, %s, %s, %s FROM held RETURNING id",
+                    [tokens, entitlement.pk, tokens, tokens, request_id, now, expires_at],
                 )
-                return Hold(cursor.fetchone()[0], entitlement.pk, tokens)
+                row = cursor.fetchone()
+        else:
+            with transaction.atomic(), connection.cursor() as cursor:
+                cursor.execute(
+                    f"UPDATE {ENTITLEMENTS} SET tokens_reserved = tokens_reserved + %s WHERE id = %s AND {fits}",
+                    [tokens, entitlement.pk, tokens],
+                )
+                row = None
+                if cursor.rowcount == 1:
+                    cursor.execute(
+                        f"INSERT INTO {RESERVATIONS} (organization_id, entitlement_id, tokens, request_id, created_at,"
+                        " expires_at) VALUES (%s, %s, %s, %s, %s, %s) RETURNING id",
+                        [entitlement.organization_id, entitlement.pk, tokens, request_id, now, expires_at],
+                    )
+                    row = cursor.fetchone()
+        if row is not None:
+            return Hold(row[0], entitlement.pk, tokens)
     raise insufficient_quota()
+
+
+def execute_fast(cursor, sql: str, params: list) -> None:
+    """One PostgreSQL statement in one round trip; with GATEWAY_ASYNC_COMMIT, without waiting for the
+    WAL flush (`synchronous_commit = off` for this transaction only). A PostgreSQL crash can then lose
+    the last fraction of a second of holds and settlements, each whole: never a partial one, never
+    usage above a quota; a lost settlement is usage not charged."""
+    if settings.GATEWAY_ASYNC_COMMIT:
+        cursor.execute("SET LOCAL synchronous_commit TO OFF; " + sql, params)
+        cursor.nextset()
+    else:
+        cursor.execute(sql, params)
 
 
 def charge_for(hold: Hold, used: int) -> int:
@@ -143,11 +214,41 @@ def charge_for(hold: Hold, used: int) -> int:
     return max(0, min(used, hold.tokens))
 
 
+def insert_statement(record: UsageRecord) -> tuple[str, list]:
+    """The usage record's INSERT, as Django would write it (defaults and auto_now_add applied)."""
+    fields = [f for f in UsageRecord._meta.concrete_fields if not f.primary_key]
+    values = [f.get_db_prep_save(f.pre_save(record, add=True), connection) for f in fields]
+    columns = ", ".join(connection.ops.quote_name(f.column) for f in fields)
+    placeholders = ", ".join(["%s"] * len(fields))
+    return f"INSERT INTO {USAGE} ({columns}) VALUES ({placeholders})", values
+
+
 def settle(hold: Hold | None, used: int, record: UsageRecord | None, touch_key: APIKey | None = None) -> None:
-    """Charge `used` tokens, release the rest of the hold and write the usage record, in one transaction."""
+    """Charge `used` tokens, release the rest of the hold, write the usage record and mark the key used,
+    atomically: on PostgreSQL one statement (one round trip), elsewhere one transaction."""
+    now = timezone.now()
+    touch = touch_key is not None and (touch_key.last_used_at is None or now - touch_key.last_used_at > timedelta(minutes=1))
+    charge = charge_for(hold, used) if hold is not None else 0
+    if connection.vendor == "postgresql" and hold is not None and record is not None:
+        insert_sql, insert_params = insert_statement(record)
+        with connection.cursor() as cursor:
+            execute_fast(
+                cursor,
+                f"WITH released AS (DELETE FROM {RESERVATIONS} WHERE id = %s RETURNING tokens),"
+                f" charged AS (UPDATE {ENTITLEMENTS} e SET tokens_reserved = e.tokens_reserved - released.tokens,"
+                " tokens_used = e.tokens_used + %s FROM released WHERE e.id = %s RETURNING e.id),"
+                f" touched AS (UPDATE {API_KEYS} SET last_used_at = %s WHERE id = %s AND %s RETURNING id),"
+                f" recorded AS ({insert_sql} RETURNING id)"
+                " SELECT (SELECT count(*) FROM released), (SELECT count(*) FROM recorded)",
+                [hold.reservation_id, charge, hold.entitlement_id, now, touch_key.pk if touch_key else None, touch,
+                 *insert_params],
+            )
+            released, _ = cursor.fetchone()
+        if not released and charge:
+            charge_expired_hold(hold, charge)
+        return
     with transaction.atomic(), connection.cursor() as cursor:
         if hold is not None:
-            charge = charge_for(hold, used)
             cursor.execute(f"DELETE FROM {RESERVATIONS} WHERE id = %s", [hold.reservation_id])
             if cursor.rowcount:
                 cursor.execute(
@@ -156,20 +257,23 @@ def settle(hold: Hold | None, used: int, record: UsageRecord | None, touch_key: 
                     [hold.tokens, charge, hold.entitlement_id],
                 )
             elif charge:
-                # The hold already expired and was released: charge only what still fits.
-                cursor.execute(
-                    f"UPDATE {ENTITLEMENTS} SET tokens_used = tokens_used + CASE"
-                    " WHEN token_quota IS NULL OR token_quota - tokens_used - tokens_reserved >= %s THEN %s"
-                    " WHEN token_quota - tokens_used - tokens_reserved > 0 THEN token_quota - tokens_used - tokens_reserved"
-                    " ELSE 0 END WHERE id = %s",
-                    [charge, charge, hold.entitlement_id],
-                )
+                charge_expired_hold(hold, charge)
         if record is not None:
             record.save(force_insert=True)
-        if touch_key is not None:
-            now = timezone.now()
-            if touch_key.last_used_at is None or now - touch_key.last_used_at > timedelta(minutes=1):
-                cursor.execute(f"UPDATE {API_KEYS} SET last_used_at = %s WHERE id = %s", [now, touch_key.pk])
+        if touch:
+            cursor.execute(f"UPDATE {API_KEYS} SET last_used_at = %s WHERE id = %s", [now, touch_key.pk])
+
+
+def charge_expired_hold(hold: Hold, charge: int) -> None:
+    """The hold already expired and was released: charge only what still fits the quota."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {ENTITLEMENTS} SET tokens_used = tokens_used + CASE"
+            " WHEN token_quota IS NULL OR token_quota - tokens_used - tokens_reserved >= %s THEN %s"
+            " WHEN token_quota - tokens_used - tokens_reserved > 0 THEN token_quota - tokens_used - tokens_reserved"
+            " ELSE 0 END WHERE id = %s",
+            [charge, charge, hold.entitlement_id],
+        )
 
 
 @dataclass

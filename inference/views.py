@@ -14,9 +14,11 @@ import json
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.db import DatabaseError, connections
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
@@ -35,6 +37,23 @@ from .validation import InferenceRequest, parse_chat, parse_completion
 logger = logging.getLogger(__name__)
 
 _background: set[asyncio.Task] = set()
+
+
+# A few long-lived threads for the blocking database and Redis calls: not a new thread per request (as
+# thread-sensitive calls get under ASGI), and not so many that they fight over the GIL.
+_db_threads = ThreadPoolExecutor(max_workers=settings.GATEWAY_DB_THREADS, thread_name_prefix="gateway-db")
+
+
+def in_worker_thread(function):
+    """Run `function` on the gateway's database threads, handing its connection back to the pool after."""
+
+    def run(*args):
+        try:
+            return function(*args)
+        finally:
+            connections.close_all()
+
+    return sync_to_async(run, thread_sensitive=False, executor=_db_threads)
 
 
 def new_request_id() -> str:
@@ -106,7 +125,7 @@ def checked_key(request: HttpRequest) -> str:
 
 
 async def caller_for(request: HttpRequest) -> quotas.Caller:
-    return await sync_to_async(quotas.admit)(checked_key(request))
+    return await in_worker_thread(quotas.admit)(checked_key(request))
 
 
 def model_object(entry: CatalogEntry) -> dict:
@@ -164,7 +183,7 @@ async def complete(request: HttpRequest, parser) -> HttpResponse:
     except GatewayError as exc:  # reported after authentication, as OpenAI does
         inference, invalid = None, exc
     request.metric_labels = {}
-    admission = await sync_to_async(quotas.admit_request)(
+    admission = await in_worker_thread(quotas.admit_request)(
         raw_key, inference, invalid, request.request_id, get_limiter(), request.metric_labels
     )
     request.ratelimit_headers = admission.decision.headers
@@ -281,14 +300,14 @@ class Forward:
         finally:
             catalog.finished(self.upstream)
             # Shielded: a client that disconnects cancels the stream, never the settlement.
-            task = asyncio.ensure_future(self.finish(close_connections=True))
+            task = asyncio.ensure_future(self.finish())
             _background.add(task)
             task.add_done_callback(_background.discard)
             await asyncio.shield(task)
         if self.meter.done:
             yield b"data: [DONE]\n\n"  # only once the usage is recorded
 
-    async def finish(self, close_connections: bool = False) -> None:
+    async def finish(self) -> None:
         """Settle the hold and write the one usage record (idempotent)."""
         if self.settled:
             return
@@ -329,20 +348,18 @@ class Forward:
                     "maas.usage.status": meter.status,
                 },
             ):
-                await sync_to_async(settle_and_close)(
-                    self.hold, prompt + meter.completion_tokens, record, key, self.decision, close_connections
+                await in_worker_thread(settle_and_release)(
+                    self.hold, prompt + meter.completion_tokens, record, key, self.decision
                 )
             metrics.observe_usage(model.name, key.organization.slug, self.upstream.id, meter)
         except Exception:
             logger.exception("could not settle %s; its reservation expires on its own", self.request_id)
 
 
-def settle_and_close(hold, used, record, key, decision: Decision, close_connections: bool) -> None:
-    """Settle in the database, give back the concurrency slot, and (off the request cycle) the connection."""
+def settle_and_release(hold, used, record, key, decision: Decision) -> None:
+    """Settle in the database and give back the concurrency slot."""
     try:
         quotas.settle(hold, used, record, key)
     finally:
         get_limiter().release(decision)
-        if close_connections:
-            connections.close_all()
 

@@ -11,4 +11,7 @@ from maas.telemetry import configure_telemetry  # noqa: E402
 # Before the application is built: the Django instrumentation inserts its middleware.
 configure_telemetry("maas-web")
 
-application = get_asgi_application()
+from inference.asgi import with_api_path  # noqa: E402
+
+# /v1/ runs through a fully asynchronous middleware chain (inference/asgi.py).
+application = with_api_path(get_asgi_application())

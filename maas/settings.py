@@ -245,6 +245,9 @@ GATEWAY_REDIS_TIMEOUT = env_float("GATEWAY_REDIS_TIMEOUT", 0.5)
 GATEWAY_CATALOG_CACHE_SECONDS = env_float("GATEWAY_CATALOG_CACHE_SECONDS", 5.0)
 GATEWAY_UNHEALTHY_BACKOFF_SECONDS = env_float("GATEWAY_UNHEALTHY_BACKOFF_SECONDS", 10.0)
 GATEWAY_HEALTH_CHECK_TIMEOUT = env_float("GATEWAY_HEALTH_CHECK_TIMEOUT", 2.0)
+# Quota holds and settlements commit without waiting for the WAL flush (see inference/quotas.py).
+GATEWAY_ASYNC_COMMIT = env_bool("GATEWAY_ASYNC_COMMIT", default=True)
+GATEWAY_DB_THREADS = env_int("GATEWAY_DB_THREADS", 4)  # per process, for the admission and settlement
 
 # GET /metrics (Prometheus) needs `Authorization: Bearer <METRICS_TOKEN>`; empty: /metrics answers 404.
 METRICS_TOKEN = os.environ.get("METRICS_TOKEN", "")
