@@ -1,0 +1,129 @@
+"""The rate limiter: token buckets in Redis (real server, the gateway test database 6) and in process,
+OpenAI's header formats, the concurrency cap, and both policies when Redis is unreachable."""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import pytest
+
+from inference.errors import GatewayError
+from inference.ratelimit import LocalLimiter, RateLimiter, format_duration, rate_limit_error
+
+from .conftest import REDIS_URL, free_port
+
+
+@pytest.mark.parametrize(("seconds", "text"), [
+    (0, "0s"), (0.02, "20ms"), (0.9994, "1s"), (1, "1s"), (1.5, "1.5s"), (59.25, "59.25s"), (60, "1m0s"),
+    (90.5, "1m30.5s"), (360, "6m0s"), (3600, "1h0m0s"), (3725, "1h2m5s"),
+])
+def test_reset_durations_are_go_style_like_openai(seconds, text):
+    assert format_duration(seconds) == text
+
+
+_ids = iter(range(10**6, 10**7))
+
+
+def owner(rpm=None, tpm=None, concurrent=None):
+    return SimpleNamespace(pk=next(_ids), requests_per_minute=rpm, tokens_per_minute=tpm, max_concurrent_requests=concurrent)
+
+
+@pytest.fixture(params=["redis", "local"])
+def limiter(request, redis_clean):
+    return RateLimiter(REDIS_URL if request.param == "redis" else "", "refuse", 0.5)
+
+
+def test_requests_per_minute_with_headers(limiter):
+    key, org = owner(rpm=3), owner()
+    decisions = [limiter.acquire(key, org, 10) for _ in range(4)]
+    assert [d.allowed for d in decisions] == [True, True, True, False]
+    assert [d.headers["x-ratelimit-remaining-requests"] for d in decisions] == ["2", "1", "0", "0"]
+    assert decisions[0].headers["x-ratelimit-limit-requests"] == "3"
+    assert decisions[0].headers["x-ratelimit-reset-requests"] == "20s"  # one request refills in 60/3 s
+    denied = decisions[-1]
+    assert denied.denied_kind == "requests" and 19_000 < denied.retry_after_ms <= 20_000
+    error = rate_limit_error(denied)
+    assert (error.status, error.code, error.type) == (429, "rate_limit_exceeded", "requests")
+    assert error.headers["retry-after"] == "20" and "x-should-retry" not in error.headers
+
+
+def test_tokens_per_minute_and_tightest_bucket_reported(limiter):
+    key, org = owner(tpm=1000), owner(tpm=500)
+    first = limiter.acquire(key, org, 300)
+    assert first.allowed
+    assert first.headers["x-ratelimit-limit-tokens"] == "500"  # the organization's bucket is tighter
+    assert first.headers["x-ratelimit-remaining-tokens"] == "200"
+    assert first.headers["x-ratelimit-reset-tokens"] == "36s"
+    second = limiter.acquire(key, org, 300)
+    assert not second.allowed and second.denied_kind == "tokens"
+    # A refusal consumes nothing: a smaller request still fits.
+    assert limiter.acquire(key, org, 200).allowed
+
+
+def test_no_limits_means_no_headers(limiter):
+    decision = limiter.acquire(owner(), owner(), 10**9)
+    assert decision.allowed and decision.headers == {}
+
+
+def test_organization_concurrency_cap(limiter):
+    key, org = owner(), owner(concurrent=2)
+    held = [limiter.acquire(key, org, 1) for _ in range(2)]
+    assert all(d.allowed for d in held)
+    refused = limiter.acquire(key, org, 1)
+    assert not refused.allowed and refused.denied_kind == "concurrency"
+    limiter.release(held[0])
+    limiter.release(held[0])  # releasing twice gives back one slot only
+    assert limiter.acquire(key, org, 1).allowed
+    assert not limiter.acquire(key, org, 1).allowed
+
+
+def test_redis_buckets_are_atomic_across_threads(redis_clean):
+    limiters = [RateLimiter(REDIS_URL, "refuse", 2.0) for _ in range(4)]  # as if four processes
+    key, org = owner(rpm=25), owner()
+    allowed = []
+
+    def hammer(limiter):
+        for _ in range(20):
+            allowed.append(limiter.acquire(key, org, 1).allowed)
+
+    threads = [threading.Thread(target=hammer, args=(limiters[i % 4],)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(allowed) == 160 and sum(allowed) == 25
+
+
+def test_unreachable_redis_refuses_with_503():
+    limiter = RateLimiter(f"redis://127.0.0.1:{free_port()}/0", "refuse", 0.2)
+    with pytest.raises(GatewayError) as err:
+        limiter.acquire(owner(rpm=5), owner(), 1)
+    assert err.value.status == 503 and err.value.type == "server_error"
+
+
+def test_unreachable_redis_falls_back_to_local_buckets():
+    limiter = RateLimiter(f"redis://127.0.0.1:{free_port()}/0", "local", 0.2)
+    key, org = owner(rpm=2), owner(concurrent=5)
+    decisions = [limiter.acquire(key, org, 1) for _ in range(3)]
+    assert [d.allowed for d in decisions] == [True, True, False]
+    assert all(d.local for d in decisions)
+    limiter.release(decisions[0])
+
+
+def test_policy_must_be_known():
+    with pytest.raises(ValueError, match="refuse"):
+        RateLimiter("", "ignore", 1)
+
+
+def test_local_limiter_refills_over_time(monkeypatch):
+    import inference.ratelimit as rl
+
+    clock = [1000.0]
+    monkeypatch.setattr(rl.time, "monotonic", lambda: clock[0])
+    local = LocalLimiter()
+    bucket = rl.Bucket("k", "requests", 60, 1)
+    assert [local.acquire([bucket], None, 0)[0] for _ in range(61)].count(1) == 60
+    clock[0] += 1.0  # one request per second comes back
+    assert local.acquire([bucket], None, 0)[0] == 1
+    assert local.acquire([bucket], None, 0)[0] == 0

@@ -1,0 +1,59 @@
+"""Request validation: OpenAI's 400 body with `param`, unknown fields kept for the engine."""
+
+from __future__ import annotations
+
+import pytest
+
+from inference.errors import GatewayError, error_body
+from inference.validation import parse_chat, parse_completion
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ([], None),
+    ({"messages": MESSAGES}, "model"),
+    ({"model": 3, "messages": MESSAGES}, "model"),
+    ({"model": "m", "messages": "hi"}, "messages"),
+    ({"model": "m", "messages": [{"role": "user"}]}, "messages[0].content"),
+    ({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0]"),
+    ({"model": "m", "messages": MESSAGES, "top_p": 1.5}, "top_p"),
+    ({"model": "m", "messages": MESSAGES, "temperature": True}, "temperature"),
+    ({"model": "m", "messages": MESSAGES, "max_tokens": 1.5}, "max_tokens"),
+    ({"model": "m", "messages": MESSAGES, "max_tokens": 5, "max_completion_tokens": 6}, "max_tokens"),
+    ({"model": "m", "messages": MESSAGES, "n": 0}, "n"),
+    ({"model": "m", "messages": MESSAGES, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"model": "m", "messages": MESSAGES, "logit_bias": {"x": 1}}, "logit_bias"),
+    ({"model": "m", "messages": MESSAGES, "stream": "yes"}, "stream"),
+    ({"model": "m", "messages": MESSAGES, "stream": True, "stream_options": []}, "stream_options"),
+    ({"model": "m", "messages": MESSAGES, "top_logprobs": 21}, "top_logprobs"),
+])
+def test_chat_errors_name_the_parameter(body, param):
+    with pytest.raises(GatewayError) as err:
+        parse_chat(body)
+    assert err.value.status == 400 and err.value.param == param and err.value.message
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"model": "m"}, "prompt"),
+    ({"model": "m", "prompt": ["a", "b"]}, "prompt"),
+    ({"model": "m", "prompt": "x", "logprobs": 6}, "logprobs"),
+    ({"model": "m", "prompt": "x", "echo": 1}, "echo"),
+])
+def test_completion_errors_name_the_parameter(body, param):
+    with pytest.raises(GatewayError) as err:
+        parse_completion(body)
+    assert err.value.param == param
+
+
+def test_valid_requests_keep_unknown_fields_and_flags():
+    request = parse_chat({"model": "m", "messages": MESSAGES, "stream": True, "stream_options": {"include_usage": True},
+                          "top_k": 5, "repetition_penalty": 1.1})
+    assert request.stream and request.include_usage
+    assert request.body["top_k"] == 5 and request.body["repetition_penalty"] == 1.1
+    plain = parse_chat({"model": "m", "messages": [{"role": "assistant", "content": None, "tool_calls": []}, *MESSAGES]})
+    assert not plain.stream and not plain.include_usage and plain.max_completion_tokens is None
+
+
+def test_error_body_shape():
+    assert error_body("m", "t") == {"error": {"message": "m", "type": "t", "param": None, "code": None}}
