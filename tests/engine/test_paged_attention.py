@@ -112,3 +112,21 @@ def test_triton_decode_kernel_under_triton_interpret():
 def test_head_layouts_mha_gqa_mqa(heads, kv_heads, head_dim):
     for seqs in (DECODE_BATCH, [(7, 7), (10, 1), (12, 3)]):
         run(make_case(seqs, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, seed=heads))
+
+
+def test_decode_step_is_one_batched_call_not_a_loop_over_sequences(monkeypatch):
+    from engine.layers import attention
+
+    calls = []
+    sdpa = attention.F.scaled_dot_product_attention
+
+    def counting(q, *args, **kwargs):
+        calls.append(q.shape)
+        return sdpa(q, *args, **kwargs)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", counting)
+    run(make_case(DECODE_BATCH))
+    assert len(calls) == 1 and calls[0][0] == len(DECODE_BATCH)
+    calls.clear()
+    run(make_case([(9, 1), (7, 7), (12, 1), (5, 1), (10, 4)]))  # mixed: one call for all decodes + one per prefill
+    assert [shape[0] for shape in calls] == [3, 1, 1]
