@@ -1,0 +1,44 @@
+"""`manage.py add_model`: adds or updates a catalog model with its deployment; bad input changes nothing."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from accounts.models import Organization
+from inference.models import AIModel, Deployment, Visibility
+
+pytestmark = pytest.mark.django_db
+
+
+def test_add_then_update():
+    call_command("add_model", "smollm2", "--engine-url", "http://127.0.0.1:8001/", "--display-name", "SmolLM2 135M",
+                 "--context-length", "8192", "--price-input", "0.1", "--price-cached-input", "0.05",
+                 "--price-output", "0.4", "--served-model-name", "SmolLM2-135M")
+    model = AIModel.objects.get(name="smollm2")
+    assert (model.display_name, model.context_length, model.visibility) == ("SmolLM2 135M", 8192, Visibility.ALL)
+    assert model.price_output_per_million == Decimal("0.4")
+    deployment = Deployment.objects.get(model=model)
+    assert (deployment.base_url, deployment.served_model_name) == ("http://127.0.0.1:8001", "SmolLM2-135M")
+    assert model.cost(1_000_000, 500_000, 1_000_000) == Decimal("0.05") + Decimal("0.025") + Decimal("0.4")
+
+    org = Organization.objects.create(name="A", slug="org-a")
+    call_command("add_model", "smollm2", "--engine-url", "http://127.0.0.1:8001", "--visibility", "org-a")
+    model.refresh_from_db()
+    assert model.visibility == Visibility.LISTED and list(model.organizations.all()) == [org]
+    assert Deployment.objects.filter(model=model).count() == 1
+
+
+@pytest.mark.parametrize("args", [
+    ["--engine-url", "ftp://x"],
+    ["--engine-url", "http://x:1", "--price-input", "-1"],
+    ["--engine-url", "http://x:1", "--price-output", "cheap"],
+    ["--engine-url", "http://x:1", "--visibility", "no-such-org"],
+    ["--engine-url", "http://x:1", "--context-length", "0"],
+])
+def test_bad_input_is_refused_and_changes_nothing(args):
+    with pytest.raises((CommandError, SystemExit)):
+        call_command("add_model", "m", *args)
+    assert not AIModel.objects.exists() and not Deployment.objects.exists()
