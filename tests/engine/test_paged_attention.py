@@ -129,4 +129,4 @@ def test_decode_step_is_one_batched_call_not_a_loop_over_sequences(monkeypatch):
     assert len(calls) == 1 and calls[0][0] == len(DECODE_BATCH)
     calls.clear()
     run(make_case([(9, 1), (7, 7), (12, 1), (5, 1), (10, 4)]))  # mixed: one call for all decodes + one per prefill
-    assert [shape[0] for shape in calls] == [3, 1, 1]
+    assert len(calls) == 3 and calls[0][0] == 3  # [decodes, kv_heads, group, D], then [heads, n, D] per prefill
