@@ -29,9 +29,26 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def server():
     port = free_port()
-    cmd = [sys.executable, "-m", "engine", "serve", "--model", str(demo_model_path()), "--port", str(port),
-           "--served-model-name", MODEL, "--kv-cache-memory", "128MiB", "--max-model-len", "1024",
-           "--threads", "2", "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "engine",
+        "serve",
+        "--model",
+        str(demo_model_path()),
+        "--port",
+        str(port),
+        "--served-model-name",
+        MODEL,
+        "--kv-cache-memory",
+        "128MiB",
+        "--max-model-len",
+        "1024",
+        "--threads",
+        "2",
+        "--log-level",
+        "warning",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
@@ -77,8 +94,9 @@ def test_health_and_models(server, client):
 
 
 def test_chat_completion(client):
-    resp = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is 2+2?"}],
-                                          max_tokens=16, temperature=0)
+    resp = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is 2+2?"}], max_tokens=16, temperature=0
+    )
     assert resp.id.startswith("chatcmpl-") and resp.object == "chat.completion" and resp.model == MODEL
     assert isinstance(resp.created, int)
     choice = resp.choices[0]
@@ -92,8 +110,16 @@ def test_chat_completion(client):
 def test_streaming_chat_with_usage_matches_non_streaming(client):
     messages = [{"role": "user", "content": "Name three colors."}]
     full = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
-    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -105,20 +131,28 @@ def test_streaming_chat_with_usage_matches_non_streaming(client):
 
 
 def test_completions_and_streaming_completions(client):
-    resp = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6,
-                                     temperature=0, logprobs=2)
+    resp = client.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=6, temperature=0, logprobs=2
+    )
     assert resp.object == "text_completion" and resp.id.startswith("cmpl-")
     choice = resp.choices[0]
     assert choice.text and len(choice.logprobs.tokens) == resp.usage.completion_tokens
     assert all(len(top) == 2 for top in choice.logprobs.top_logprobs)
-    stream = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6,
-                                       temperature=0, stream=True)
+    stream = client.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=6, temperature=0, stream=True
+    )
     assert "".join(c.choices[0].text for c in stream) == choice.text
 
 
 def test_chat_logprobs_shape(client):
-    resp = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
-                                          max_tokens=3, temperature=0, logprobs=True, top_logprobs=2)
+    resp = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=3,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
     content = resp.choices[0].logprobs.content
     assert len(content) == resp.usage.completion_tokens
     assert content[0].logprob <= 0 and len(content[0].top_logprobs) == 2 and content[0].bytes
@@ -126,12 +160,15 @@ def test_chat_logprobs_shape(client):
 
 def test_repeated_prompt_reports_cached_tokens_and_salt_separates(client):
     messages = [{"role": "user", "content": "Write one sentence about the sea and the sky at dawn."}]
-    first = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, temperature=0,
-                                           extra_body={"cache_salt": "org-a"})
-    second = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, temperature=0,
-                                            extra_body={"cache_salt": "org-a"})
-    other = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, temperature=0,
-                                           extra_body={"cache_salt": "org-b"})
+    first = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=2, temperature=0, extra_body={"cache_salt": "org-a"}
+    )
+    second = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=2, temperature=0, extra_body={"cache_salt": "org-a"}
+    )
+    other = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=2, temperature=0, extra_body={"cache_salt": "org-b"}
+    )
     assert first.usage.prompt_tokens_details.cached_tokens == 0
     cached = second.usage.prompt_tokens_details.cached_tokens
     assert cached >= 16 and cached % 16 == 0 and cached < second.usage.prompt_tokens
@@ -144,7 +181,9 @@ def test_errors(client):
         client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
     assert info.value.code == "model_not_found" and info.value.param == "model"
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], temperature=5)
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "x"}], temperature=5
+        )
     assert info.value.param == "temperature" and info.value.type == "invalid_request_error"
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], top_p=0)
@@ -169,8 +208,11 @@ def test_error_body_is_openai_shaped(server):
 
 
 def test_traceparent_header_is_tolerated(server):
-    resp = httpx.post(f"{server}/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2},
-                      headers={"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"})
+    resp = httpx.post(
+        f"{server}/v1/completions",
+        json={"model": MODEL, "prompt": "Hi", "max_tokens": 2},
+        headers={"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"},
+    )
     assert resp.status_code == 200
 
 
@@ -187,18 +229,29 @@ def test_tokenize(server, client):
 def test_metrics(server, client):
     client.completions.create(model=MODEL, prompt="Count: 1, 2, 3,", max_tokens=4)
     text = httpx.get(f"{server}/metrics").text
-    for name in ("engine_num_requests_running", "engine_num_requests_waiting", "engine_kv_cache_usage_ratio",
-                 "engine_prefix_cache_hit_rate", "engine_time_to_first_token_seconds_bucket",
-                 "engine_time_per_output_token_seconds_bucket", "engine_prompt_tokens_total",
-                 "engine_generation_tokens_total"):
+    for name in (
+        "engine_num_requests_running",
+        "engine_num_requests_waiting",
+        "engine_kv_cache_usage_ratio",
+        "engine_prefix_cache_hit_rate",
+        "engine_time_to_first_token_seconds_bucket",
+        "engine_time_per_output_token_seconds_bucket",
+        "engine_prompt_tokens_total",
+        "engine_generation_tokens_total",
+    ):
         assert name in text
     assert metric(server, "engine_generation_tokens_total") >= 4
     assert metric(server, "engine_time_to_first_token_seconds_count") >= 1
 
 
 def test_client_disconnect_frees_blocks(server):
-    body = {"model": MODEL, "prompt": "Tell me a very long story.", "max_tokens": 900, "ignore_eos": True,
-            "stream": True}
+    body = {
+        "model": MODEL,
+        "prompt": "Tell me a very long story.",
+        "max_tokens": 900,
+        "ignore_eos": True,
+        "stream": True,
+    }
     with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=60) as resp:
         lines = resp.iter_lines()
         received = []
@@ -210,6 +263,21 @@ def test_client_disconnect_frees_blocks(server):
         assert metric(server, "engine_num_requests_running") == 1
         assert metric(server, "engine_kv_cache_usage_ratio") > 0
     deadline = time.monotonic() + 30
-    while metric(server, "engine_num_requests_running") != 0 or metric(server, "engine_kv_cache_usage_ratio") != 0:
+    while (
+        metric(server, "engine_num_requests_running") != 0
+        or metric(server, "engine_kv_cache_usage_ratio") != 0
+    ):
         assert time.monotonic() < deadline, "the aborted request still holds blocks"
         time.sleep(0.2)
+
+
+def test_non_streaming_client_disconnect_aborts(server):
+    body = {"model": MODEL, "prompt": "Tell me a very long story.", "max_tokens": 900, "ignore_eos": True}
+    generated_before = metric(server, "engine_generation_tokens_total")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server}/v1/completions", json=body, timeout=httpx.Timeout(10, read=3))
+    deadline = time.monotonic() + 30
+    while metric(server, "engine_num_requests_running") != 0 or metric(server, "engine_kv_cache_usage_ratio") != 0:
+        assert time.monotonic() < deadline, "the abandoned request is still running"
+        time.sleep(0.2)
+    assert metric(server, "engine_generation_tokens_total") - generated_before < 900  # stopped early
