@@ -120,6 +120,16 @@ class _TemplateNamespace(jinja2.utils.Namespace):
             )
 
 
+class _TemplateDict:
+    """`dict` for templates: callable and `fromkeys`, but no class to reach through attributes."""
+
+    def __call__(self, *args, **kwargs):
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args, **kwargs):
+        return dict.fromkeys(*args, **kwargs)
+
+
 def _raise_exception(message):
     raise jinja2.exceptions.TemplateError(message)
 
@@ -142,7 +152,7 @@ def compile_chat_template(source: str) -> jinja2.Template:
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
-    env.globals["dict"] = dict
+    env.globals["dict"] = _TemplateDict()
     env.globals["namespace"] = _TemplateNamespace
     return env.from_string(source)
 

@@ -101,13 +101,16 @@ def test_chat_template_sandbox_and_helpers():
     template = (
         "{% if messages[0]['role'] == 'bad' %}{{ raise_exception('no bad roles') }}{% endif %}"
         "{{ bos_token }}{{ messages | tojson }}|{{ strftime_now('%Y') | length }}|{{ extra }}"
+        "|{{ dict(a=1) | tojson }}{{ dict.fromkeys(['k']) | tojson }}"
+        "{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}{% endfor %}|{{ ns.n }}"
     )
     from tokenizers import Tokenizer as Backend
     from tokenizers.models import BPE
 
     tok = Tokenizer(Backend(BPE()), special_tokens={"bos_token": "<s>"}, chat_template=template)
     text = tok.apply_chat_template([{"role": "user", "content": "é<b>", "name": None}], extra="x")
-    assert text == '<s>[{"role": "user", "content": "é<b>"}]|4|x'  # None keys dropped, no HTML escaping
+    # None-valued keys dropped, no HTML escaping, dict() and namespace() as in transformers
+    assert text == '<s>[{"role": "user", "content": "é<b>"}]|4|x|{"a": 1}{"k": null}|1'
     with pytest.raises(jinja2.exceptions.TemplateError, match="no bad roles"):
         tok.apply_chat_template([{"role": "bad", "content": ""}])
     evil = Tokenizer(Backend(BPE()), chat_template="{{ messages.__class__.__mro__ }}")
