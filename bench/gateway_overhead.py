@@ -117,6 +117,20 @@ async def throughput(url: str, path: str, headers: dict, concurrency: int, secon
     return done / (time.perf_counter() - t0), errors
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of these processes (Linux /proc)."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def process_tree(pid: int) -> list[int]:
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [pid, *map(int, children)]
+
+
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
@@ -189,10 +203,14 @@ def main() -> None:
             direct = await latencies(upstream, "/v1/chat/completions", {}, args.requests)
             through = await latencies(gateway, "/v1/chat/completions", auth, args.requests)
             direct_rps, e1 = await throughput(upstream, "/v1/chat/completions", {}, args.concurrency, args.seconds)
+            pids = process_tree(gateway_process.pid)
+            cpu_before, started = cpu_seconds(pids), time.perf_counter()
             gateway_rps, e2 = await throughput(gateway, "/v1/chat/completions", auth, args.concurrency, args.seconds)
-            return direct, through, direct_rps, gateway_rps, e1 + e2
+            served = gateway_rps * (time.perf_counter() - started)
+            cpu_ms = (cpu_seconds(pids) - cpu_before) / served * 1000
+            return direct, through, direct_rps, gateway_rps, e1 + e2, cpu_ms
 
-        direct, through, direct_rps, gateway_rps, errors = asyncio.run(run())
+        direct, through, direct_rps, gateway_rps, errors, cpu_ms = asyncio.run(run())
     finally:
         if gateway_process is not None:
             stop(gateway_process)
@@ -208,6 +226,9 @@ def main() -> None:
     print(f"  added    p50 {g50 - d50:.2f}  p99 {g99 - d99:.2f}")
     print(f"throughput, {args.concurrency} connections for {args.seconds:g}s: direct {direct_rps:.0f} req/s, "
           f"gateway {gateway_rps:.0f} req/s, non-200 answers: {errors}")
+    print(f"gateway CPU per request (all workers, user+system): {cpu_ms:.2f} ms, "
+          f"i.e. at most {1000 / cpu_ms:.0f} req/s per free core")
+    print(f"load average during the run: {os.getloadavg()[0]:.1f} (other processes share the cores)")
 
 
 if __name__ == "__main__":
