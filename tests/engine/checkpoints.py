@@ -9,6 +9,11 @@ here, a tokenizer_config.json and a chat template with a system-message branch):
 - "qwen2": Qwen2 with q/k/v bias, tied embeddings.
 - "qwen3": Qwen3 with per-head q/k RMSNorm, head_dim != hidden/heads, untied embeddings.
 
+Also: `tiny_gguf(kind)` / `write_tiny_gguf(...)` (the same models as GGUF files laid out as llama.cpp does,
+Q8_0 by default), `write_sentencepiece_gguf_vocab(path)` (a Llama-2 style tokenizer-only GGUF),
+`smollm2_gguf_path()`, and `load_reference(path)` / `load_reference_tokenizer(path)` (transformers).
+tests/engine/paged_driver.py runs a loaded model over a paged KV cache without the runtime.
+
 Checkpoints are written once per test process into a temporary directory removed at exit.
 Weights are drawn with a fixed seed and a larger init scale than the default, so logits are peaked and
 greedy argmax ties are unlikely.
