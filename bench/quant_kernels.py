@@ -3,6 +3,7 @@
     python bench/quant_kernels.py                        # CUDA: Llama-3-8B layer shapes, M = 1, 16, 64, 256
     python bench/quant_kernels.py --device cpu --small   # CPU: the same layers scaled down 16x (a smoke run)
     python bench/quant_kernels.py --e2e                  # also decode tok/s of an 8B-shaped random model
+    python bench/quant_kernels.py --device cpu --demo --skip-layers [--dtype float32]   # SmolLM2 dense vs 4-bit
 
 Weights are random (timings do not depend on values). Achieved bandwidth counts the bytes each kernel
 must read (weights + scales + activations) and write, over the measured time; it is compared with the
@@ -240,16 +241,34 @@ def decode_tokens_per_second(model, config, device: torch.device, dtype: torch.d
     return steps / (time.perf_counter() - start)
 
 
+def demo_models(device: torch.device, dtype: torch.dtype):
+    """The SmolLM2 demo GGUF loaded dequantized (dense) and kept 4-bit (engine/quant kernels)."""
+    from engine.loader import demo_model_path, load_model
+    from engine.quant import DEQUANTIZED, QuantConfig
+
+    for label, quant in (
+        ("dense (dequantized at load)", DEQUANTIZED),
+        ("4-bit (packed Q4_1)", QuantConfig("gguf")),
+    ):
+        loaded = load_model(demo_model_path(), dtype=dtype, device=device, quant=quant)
+        yield label, loaded.model, loaded.spec, loaded.weight_bytes
+        del loaded
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--small", action="store_true", help="layers 16x smaller (CPU smoke runs)")
     parser.add_argument("--m", type=int, nargs="+", default=list(MS))
     parser.add_argument("--e2e", action="store_true", help="also time decode of an 8B-shaped random model")
     parser.add_argument("--e2e-steps", type=int, default=32)
+    parser.add_argument(
+        "--demo", action="store_true", help="decode tok/s of the SmolLM2 demo, dense vs 4-bit"
+    )
+    parser.add_argument("--skip-layers", action="store_true", help="skip the per-layer GEMM table")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -258,7 +277,15 @@ def main() -> None:
     print(
         f"# quant kernels on {name}, activations {args.dtype}, {'small' if args.small else 'Llama-3-8B'} shapes\n"
     )
-    print("\n".join(bench_layers(args, device, dtype)))
+    if not args.skip_layers:
+        print("\n".join(bench_layers(args, device, dtype)))
+    if args.demo:
+        print(
+            f"\n| SmolLM2-135M Q4_1 ({args.dtype}) | weight bytes | decode tok/s (batch 1) |\n|---|---|---|"
+        )
+        for label, model, spec, nbytes in demo_models(device, dtype):
+            tps = decode_tokens_per_second(model, spec, device, dtype, args.e2e_steps)
+            print(f"| {label} | {nbytes / 2**20:.1f} MiB | {tps:.1f} |")
     if args.e2e:
         print("\n| weights | decode tok/s (batch 1) |\n|---|---|")
         for fmt in ("dense", "fp8", "int4"):
