@@ -94,3 +94,41 @@ def service_unavailable(message: str) -> GatewayError:
 
 def invalid_param(param: str, message: str) -> GatewayError:
     return GatewayError(400, message, "invalid_request_error", "invalid_value", param)
+
+
+def _under_api(request) -> bool:
+    return request.path == "/v1" or request.path.startswith("/v1/")
+
+
+def bad_request(request, exception=None):
+    """handler400: OpenAI JSON under /v1/ (e.g. a Host header not in ALLOWED_HOSTS), Django's page elsewhere."""
+    if _under_api(request):
+        return error_response(400, "Bad request.", code="bad_request")
+    from django.views.defaults import bad_request as default
+
+    return default(request, exception)
+
+
+def permission_denied(request, exception=None):
+    if _under_api(request):
+        return error_response(403, "Forbidden.", code="forbidden")
+    from django.views.defaults import permission_denied as default
+
+    return default(request, exception)
+
+
+def page_not_found(request, exception=None):
+    if _under_api(request):
+        return error_response(404, f"Invalid URL ({request.method} {request.path})", code="unknown_url")
+    from django.views.defaults import page_not_found as default
+
+    return default(request, exception)
+
+
+def server_error(request):
+    """handler500: an exception outside the views' own handling (e.g. in a middleware)."""
+    if _under_api(request):
+        return error_response(500, "The server had an error while processing your request.", "server_error")
+    from django.views.defaults import server_error as default
+
+    return default(request)

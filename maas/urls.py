@@ -12,3 +12,9 @@ urlpatterns = [
     path("", include("inference.urls")),
     path("", include("accounts.urls")),
 ]
+
+# Under /v1/ even errors raised outside the API views answer in OpenAI's JSON error format.
+handler400 = "inference.errors.bad_request"
+handler403 = "inference.errors.permission_denied"
+handler404 = "inference.errors.page_not_found"
+handler500 = "inference.errors.server_error"

@@ -217,6 +217,15 @@ def test_every_error_under_v1_is_openai_json(gateway, tenant):
         assert response.headers["x-request-id"]
 
 
+def test_errors_raised_before_the_views_are_openai_json_too(gateway):
+    response = httpx.get(f"{gateway}/v1/models", headers={"host": "not-allowed.example"})
+    assert response.status_code == 400
+    assert response.headers["content-type"] == "application/json"
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    console = httpx.get(f"{gateway}/usage/", headers={"host": "not-allowed.example"})
+    assert console.status_code == 400 and "application/json" not in console.headers["content-type"]
+
+
 def test_over_quota_is_429_insufficient_quota_without_retry(gateway, stub_model):
     tenant = make_tenant("small", token_quota=300)
     client = client_for(gateway, tenant.raw_key)
