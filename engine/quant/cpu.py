@@ -12,11 +12,13 @@ which is the precision a bfloat16 model asked for. It holds the same bits: ATen'
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from engine.quant.weights import PACK, Int4Weight, Int8Weight, unpack_int4_t
 
-TILE_ELEMENTS = 1 << 16
+TILE_ELEMENTS = 1 << 18  # floats per tile (1 MiB): fewer, larger ops; per-op overhead dominated smaller tiles
 
 
 def _tile_rows(n: int, group_size: int, k: int) -> int:
@@ -25,14 +27,16 @@ def _tile_rows(n: int, group_size: int, k: int) -> int:
 
 
 def _scratch(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """A reused buffer: fresh multi-megabyte tensors cost page faults on every call, more than the math."""
-    buf = _SCRATCH.get(name)
+    """A reused per-thread buffer: fresh multi-megabyte tensors cost page faults on every call, more than
+    the math does."""
+    buffers = _SCRATCH.__dict__
+    buf = buffers.get(name)
     if buf is None or buf.numel() < numel or buf.dtype != dtype:
-        buf = _SCRATCH[name] = torch.empty(numel, dtype=dtype)
+        buf = buffers[name] = torch.empty(numel, dtype=dtype)
     return buf[:numel]
 
 
-_SCRATCH: dict[str, torch.Tensor] = {}
+_SCRATCH = threading.local()
 
 
 def int4_matmul(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
