@@ -59,6 +59,12 @@ class Catalog:
                     self._loaded_at = time.monotonic()
         return self._entries
 
+    def cached_entries(self) -> dict[str, CatalogEntry] | None:
+        """The snapshot if still fresh, None when it is due for a database read."""
+        if time.monotonic() - self._loaded_at > settings.GATEWAY_CATALOG_CACHE_SECONDS:
+            return None
+        return self._entries
+
     def invalidate(self) -> None:
         self._loaded_at = float("-inf")
 

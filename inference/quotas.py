@@ -17,6 +17,7 @@ import logging
 from dataclasses import dataclass
 from datetime import timedelta
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import F
@@ -25,6 +26,7 @@ from django.utils import timezone
 from accounts.models import APIKey, Entitlement, Organization, keyed_hash
 from maas import telemetry
 
+from . import pgasync
 from .catalog import CatalogEntry, Upstream, catalog
 from .errors import (
     GatewayError,
@@ -112,7 +114,10 @@ def _json(value):
 def load_caller_rows(public_id: str, now) -> tuple[APIKey, list[Entitlement]] | None:
     with connection.cursor() as cursor:
         cursor.execute(ADMIT_SQL, [now, now, public_id])
-        rows = cursor.fetchall()
+        return caller_from_rows(cursor.fetchall())
+
+
+def caller_from_rows(rows: list[tuple]) -> tuple[APIKey, list[Entitlement]] | None:
     if not rows:
         return None
     nk, no = len(KEY_FIELDS), len(ORG_FIELDS)
@@ -142,6 +147,28 @@ def admit(raw_key: str) -> Caller:
     public_id = APIKey.parse_public_id(raw_key)
     now = timezone.now()
     found = load_caller_rows(public_id, now) if public_id else None
+    return check_caller(raw_key, found, now, catalog.entries())
+
+
+async def admit_async(raw_key: str) -> Caller:
+    """`admit` on the event loop (PostgreSQL)."""
+    public_id = APIKey.parse_public_id(raw_key)
+    now = timezone.now()
+    found = caller_from_rows(await pgasync.fetchall(ADMIT_SQL, [now, now, public_id])) if public_id else None
+    entries = catalog.cached_entries()
+    if entries is None:
+        entries = await sync_to_async(refresh_catalog, thread_sensitive=False)()
+    return check_caller(raw_key, found, now, entries)
+
+
+def refresh_catalog() -> dict:
+    try:
+        return catalog.entries()
+    finally:
+        connection.close()
+
+
+def check_caller(raw_key: str, found, now, entries) -> Caller:
     if found is None or not hmac.compare_digest(found[0].secret_hash, keyed_hash(raw_key)):
         raise invalid_api_key(f"Incorrect API key provided: {redact(raw_key)}.")
     key, entitlements = found
@@ -149,7 +176,7 @@ def admit(raw_key: str) -> Caller:
         raise invalid_api_key(f"The API key {key.redacted} is {key.status if key.organization.is_active else 'disabled'}.")
     if not entitlements:
         raise no_entitlement()
-    return Caller(key, entitlements, catalog.entries())
+    return Caller(key, entitlements, entries)
 
 
 def reserve(entitlements: list[Entitlement], tokens: int, request_id: str) -> Hold:
@@ -166,14 +193,7 @@ def reserve(entitlements: list[Entitlement], tokens: int, request_id: str) -> Ho
             continue  # cannot fit even with nothing in flight: skip the round trip
         if connection.vendor == "postgresql":
             with connection.cursor() as cursor:
-                execute_fast(
-                    cursor,
-                    f"WITH held AS (UPDATE {ENTITLEMENTS} SET tokens_reserved = tokens_reserved + %s"
-                    f" WHERE id = %s AND {fits} RETURNING id, organization_id)"
-                    f" INSERT INTO {RESERVATIONS} (organization_id, entitlement_id, tokens, request_id, created_at, expires_at)"
-                    " SELECT organization_id, id, %s, %s, %s, %s FROM held RETURNING id",
-                    [tokens, entitlement.pk, tokens, tokens, request_id, now, expires_at],
-                )
+                execute_fast(cursor, *hold_statement(entitlement, tokens, request_id, now, expires_at))
                 row = cursor.fetchone()
         else:
             with transaction.atomic(), connection.cursor() as cursor:
@@ -189,6 +209,31 @@ def reserve(entitlements: list[Entitlement], tokens: int, request_id: str) -> Ho
                         [entitlement.organization_id, entitlement.pk, tokens, request_id, now, expires_at],
                     )
                     row = cursor.fetchone()
+        if row is not None:
+            return Hold(row[0], entitlement.pk, tokens)
+    raise insufficient_quota()
+
+
+def hold_statement(entitlement: Entitlement, tokens: int, request_id: str, now, expires_at) -> tuple[str, list]:
+    """PostgreSQL: the conditional UPDATE and the Reservation row in one statement."""
+    return (
+        f"WITH held AS (UPDATE {ENTITLEMENTS} SET tokens_reserved = tokens_reserved + %s"
+        f" WHERE id = %s AND revoked_at IS NULL AND (token_quota IS NULL OR tokens_used + tokens_reserved + %s <= token_quota)"
+        " RETURNING id, organization_id)"
+        f" INSERT INTO {RESERVATIONS} (organization_id, entitlement_id, tokens, request_id, created_at, expires_at)"
+        " SELECT organization_id, id, %s, %s, %s, %s FROM held RETURNING id",
+        [tokens, entitlement.pk, tokens, tokens, request_id, now, expires_at],
+    )
+
+
+async def reserve_async(entitlements: list[Entitlement], tokens: int, request_id: str) -> Hold:
+    """`reserve` on the event loop (PostgreSQL)."""
+    now = timezone.now()
+    expires_at = now + timedelta(seconds=settings.GATEWAY_RESERVATION_TTL_SECONDS)
+    for entitlement in entitlements:
+        if entitlement.token_quota is not None and entitlement.token_quota - entitlement.tokens_used < tokens:
+            continue
+        row = await pgasync.fetchone(*hold_statement(entitlement, tokens, request_id, now, expires_at))
         if row is not None:
             return Hold(row[0], entitlement.pk, tokens)
     raise insufficient_quota()
@@ -230,19 +275,8 @@ def settle(hold: Hold | None, used: int, record: UsageRecord | None, touch_key: 
     touch = touch_key is not None and (touch_key.last_used_at is None or now - touch_key.last_used_at > timedelta(minutes=1))
     charge = charge_for(hold, used) if hold is not None else 0
     if connection.vendor == "postgresql" and hold is not None and record is not None:
-        insert_sql, insert_params = insert_statement(record)
         with connection.cursor() as cursor:
-            execute_fast(
-                cursor,
-                f"WITH released AS (DELETE FROM {RESERVATIONS} WHERE id = %s RETURNING tokens),"
-                f" charged AS (UPDATE {ENTITLEMENTS} e SET tokens_reserved = e.tokens_reserved - released.tokens,"
-                " tokens_used = e.tokens_used + %s FROM released WHERE e.id = %s RETURNING e.id),"
-                f" touched AS (UPDATE {API_KEYS} SET last_used_at = %s WHERE id = %s AND %s RETURNING id),"
-                f" recorded AS ({insert_sql} RETURNING id)"
-                " SELECT (SELECT count(*) FROM released), (SELECT count(*) FROM recorded)",
-                [hold.reservation_id, charge, hold.entitlement_id, now, touch_key.pk if touch_key else None, touch,
-                 *insert_params],
-            )
+            execute_fast(cursor, *settle_statement(hold, charge, record, touch_key, touch, now))
             released, _ = cursor.fetchone()
         if not released and charge:
             charge_expired_hold(hold, charge)
@@ -262,6 +296,37 @@ def settle(hold: Hold | None, used: int, record: UsageRecord | None, touch_key: 
             record.save(force_insert=True)
         if touch:
             cursor.execute(f"UPDATE {API_KEYS} SET last_used_at = %s WHERE id = %s", [now, touch_key.pk])
+
+
+def settle_statement(hold: Hold, charge: int, record: UsageRecord, touch_key, touch: bool, now) -> tuple[str, list]:
+    """PostgreSQL: release the hold, charge, mark the key used and insert the usage record in one statement."""
+    insert_sql, insert_params = insert_statement(record)
+    return (
+        f"WITH released AS (DELETE FROM {RESERVATIONS} WHERE id = %s RETURNING tokens),"
+        f" charged AS (UPDATE {ENTITLEMENTS} e SET tokens_reserved = e.tokens_reserved - released.tokens,"
+        " tokens_used = e.tokens_used + %s FROM released WHERE e.id = %s RETURNING e.id),"
+        f" touched AS (UPDATE {API_KEYS} SET last_used_at = %s WHERE id = %s AND %s RETURNING id),"
+        f" recorded AS ({insert_sql} RETURNING id)"
+        " SELECT (SELECT count(*) FROM released), (SELECT count(*) FROM recorded)",
+        [hold.reservation_id, charge, hold.entitlement_id, now, touch_key.pk if touch_key else None, touch, *insert_params],
+    )
+
+
+async def settle_async(hold: Hold, used: int, record: UsageRecord, touch_key: APIKey) -> None:
+    """`settle` on the event loop (PostgreSQL); the rare expired-hold case goes to a worker thread."""
+    now = timezone.now()
+    touch = touch_key.last_used_at is None or now - touch_key.last_used_at > timedelta(minutes=1)
+    charge = charge_for(hold, used)
+    released, _ = await pgasync.fetchone(*settle_statement(hold, charge, record, touch_key, touch, now))
+    if not released and charge:
+        await sync_to_async(charge_expired_hold_and_close, thread_sensitive=False)(hold, charge)
+
+
+def charge_expired_hold_and_close(hold: Hold, charge: int) -> None:
+    try:
+        charge_expired_hold(hold, charge)
+    finally:
+        connection.close()
 
 
 def charge_expired_hold(hold: Hold, charge: int) -> None:
@@ -321,6 +386,41 @@ def admit_request(
         raise
     except BaseException:
         limiter.release(decision)
+        raise
+    return Admission(caller, entry, upstream, decision, hold)
+
+
+async def admit_request_async(
+    raw_key: str, inference: InferenceRequest | None, invalid: GatewayError | None, request_id: str, limiter: RateLimiter,
+    labels: dict | None = None,
+) -> Admission:
+    """`admit_request` on the event loop (PostgreSQL): same steps, same order."""
+    with telemetry.span("gateway.auth"):
+        caller = await admit_async(raw_key)
+    if labels is not None:
+        labels["organization"] = caller.api_key.organization.slug
+    if invalid is not None or inference is None:
+        raise invalid or GatewayError(400, "Invalid request.")
+    entry, entitlements = caller.resolve(inference.model)
+    if labels is not None:
+        labels["model"] = entry.model.name
+    upstream = catalog.pick(entry)
+    if upstream is None:
+        raise service_unavailable(f"The model `{inference.model}` is temporarily unavailable: no healthy replica. Please retry.")
+    key = caller.api_key
+    tokens = inference.reservation(entry.model.context_length, settings.GATEWAY_PROMPT_OVERHEAD_TOKENS)
+    decision = await limiter.acquire_async(key, key.organization, tokens)
+    if not decision.allowed:
+        raise rate_limit_error(decision)
+    try:
+        with telemetry.span("gateway.quota_reservation", {"maas.reserved_tokens": tokens}):
+            hold = await reserve_async(entitlements, tokens, request_id)
+    except GatewayError as exc:
+        await limiter.release_async(decision)
+        exc.headers = {**decision.headers, **exc.headers}
+        raise
+    except BaseException:
+        await limiter.release_async(decision)
         raise
     return Admission(caller, entry, upstream, decision, hold)
 

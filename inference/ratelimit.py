@@ -202,6 +202,8 @@ class RateLimiter:
         self.redis_url = redis_url
         self.on_redis_error = on_redis_error
         self.local = LocalLimiter()
+        self.timeout = timeout
+        self._async = None  # (event loop, asyncio client, script) of this process's loop
         self.redis = None
         if redis_url:
             import redis
@@ -228,6 +230,55 @@ class RateLimiter:
         decision = decide(buckets, self.local.acquire(buckets, concurrency_key, cap), concurrency_key)
         decision.local = True
         return decision
+
+    async def acquire_async(self, api_key, organization, tokens: int) -> Decision:
+        """`acquire` on the event loop: the same script through the asyncio Redis client."""
+        buckets = buckets_for(api_key, organization, tokens)
+        cap = organization.max_concurrent_requests or 0
+        concurrency_key = f"rl:org:{organization.pk}:concurrent" if cap else None
+        if not buckets and not concurrency_key:
+            return Decision(True)
+        if self.redis is not None:
+            try:
+                keys = [b.key for b in buckets] + ([concurrency_key] if concurrency_key else [])
+                args = [x for b in buckets for x in (b.capacity, b.cost)] + [cap]
+                return decide(buckets, await self._async_script()(keys=keys, args=args), concurrency_key)
+            except Exception as exc:
+                if self.on_redis_error == "refuse":
+                    logger.warning("rate limiter: Redis unreachable, refusing: %s", exc)
+                    raise service_unavailable("The rate limiter is temporarily unavailable; retry shortly.") from exc
+                logger.warning("rate limiter: Redis unreachable, using per-process limits: %s", exc)
+        decision = decide(buckets, self.local.acquire(buckets, concurrency_key, cap), concurrency_key)
+        decision.local = True
+        return decision
+
+    async def release_async(self, decision: Decision) -> None:
+        key = decision.concurrency_key
+        if key is None:
+            return
+        decision.concurrency_key = None
+        if self.redis is not None and not decision.local:
+            try:
+                await self._async_client().decr(key)
+            except Exception as exc:  # the slot's key expires on its own (CONCURRENCY_TTL_S)
+                logger.warning("rate limiter: could not release %s in Redis: %s", key, exc)
+            return
+        self.local.release(key)
+
+    def _async_client(self):
+        import asyncio
+
+        import redis.asyncio as aioredis
+
+        loop = asyncio.get_running_loop()
+        if self._async is None or self._async[0] is not loop:
+            client = aioredis.Redis.from_url(self.redis_url, socket_timeout=self.timeout, socket_connect_timeout=self.timeout)
+            self._async = (loop, client, client.register_script(LUA_ACQUIRE))
+        return self._async[1]
+
+    def _async_script(self):
+        self._async_client()
+        return self._async[2]
 
     def release(self, decision: Decision) -> None:
         """Give back a concurrency slot taken by `acquire`."""

@@ -17,6 +17,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import psycopg
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
@@ -27,7 +28,7 @@ from django.views.decorators.csrf import csrf_exempt
 from maas import telemetry
 from maas.logging import bind_request_id
 
-from . import metrics, proxy, quotas
+from . import metrics, pgasync, proxy, quotas
 from .catalog import CatalogEntry, Upstream, catalog
 from .errors import GatewayError, error_response, invalid_api_key, service_unavailable
 from .models import UsageRecord, UsageStatus
@@ -83,7 +84,7 @@ def openai_endpoint(*methods: str):
                 response, error_code = exc.response(), exc.code
             except RequestDataTooBig:
                 response = error_response(413, "The request body is too large.")
-            except DatabaseError as exc:
+            except (DatabaseError, psycopg.Error) as exc:  # psycopg: the asyncio path (pgasync)
                 logger.error("database unavailable on %s: %s", request.path, exc)
                 response = service_unavailable("The service is temporarily unavailable. Please retry.").response()
             except Exception:
@@ -183,7 +184,8 @@ async def complete(request: HttpRequest, parser) -> HttpResponse:
     except GatewayError as exc:  # reported after authentication, as OpenAI does
         inference, invalid = None, exc
     request.metric_labels = {}
-    admission = await in_worker_thread(quotas.admit_request)(
+    admit = quotas.admit_request_async if pgasync.available() else in_worker_thread(quotas.admit_request)
+    admission = await admit(
         raw_key, inference, invalid, request.request_id, get_limiter(), request.metric_labels
     )
     request.ratelimit_headers = admission.decision.headers
@@ -348,9 +350,15 @@ class Forward:
                     "maas.usage.status": meter.status,
                 },
             ):
-                await in_worker_thread(settle_and_release)(
-                    self.hold, prompt + meter.completion_tokens, record, key, self.decision
-                )
+                if pgasync.available():
+                    try:
+                        await quotas.settle_async(self.hold, prompt + meter.completion_tokens, record, key)
+                    finally:
+                        await get_limiter().release_async(self.decision)
+                else:
+                    await in_worker_thread(settle_and_release)(
+                        self.hold, prompt + meter.completion_tokens, record, key, self.decision
+                    )
             metrics.observe_usage(model.name, key.organization.slug, self.upstream.id, meter)
         except Exception:
             logger.exception("could not settle %s; its reservation expires on its own", self.request_id)

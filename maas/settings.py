@@ -248,6 +248,10 @@ GATEWAY_HEALTH_CHECK_TIMEOUT = env_float("GATEWAY_HEALTH_CHECK_TIMEOUT", 2.0)
 # Quota holds and settlements commit without waiting for the WAL flush (see inference/quotas.py).
 GATEWAY_ASYNC_COMMIT = env_bool("GATEWAY_ASYNC_COMMIT", default=True)
 GATEWAY_DB_THREADS = env_int("GATEWAY_DB_THREADS", 4)  # per process, for the admission and settlement
+# PostgreSQL: admission and settlement on asyncio psycopg (no worker-thread hops), with a pool of its own.
+GATEWAY_ASYNC_DB = env_bool("GATEWAY_ASYNC_DB", default=True)
+GATEWAY_ASYNC_DB_POOL_SIZE = env_int("GATEWAY_ASYNC_DB_POOL_SIZE", 20)
+GATEWAY_ASYNC_DB_TIMEOUT = env_float("GATEWAY_ASYNC_DB_TIMEOUT", 5.0)
 
 # GET /metrics (Prometheus) needs `Authorization: Bearer <METRICS_TOKEN>`; empty: /metrics answers 404.
 METRICS_TOKEN = os.environ.get("METRICS_TOKEN", "")

@@ -1,0 +1,60 @@
+"""The hot path's statements on asyncio psycopg (PostgreSQL only), so admission and settlement run on
+the event loop itself instead of being handed to a worker thread and back. Same SQL as the
+synchronous path in quotas.py; a pool of its own per process (GATEWAY_ASYNC_DB_POOL_SIZE)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from django.conf import settings
+from django.db import connection
+from psycopg import AsyncClientCursor
+from psycopg.conninfo import make_conninfo
+from psycopg_pool import AsyncConnectionPool
+
+_pools: dict[asyncio.AbstractEventLoop, AsyncConnectionPool] = {}
+
+
+def available() -> bool:
+    return settings.GATEWAY_ASYNC_DB and connection.vendor == "postgresql"
+
+
+def conninfo() -> str:
+    s = connection.settings_dict
+    return make_conninfo(
+        dbname=s["NAME"], user=s["USER"] or None, password=s["PASSWORD"] or None, host=s["HOST"] or None,
+        port=str(s["PORT"]) if s["PORT"] else None,
+    )
+
+
+async def pool() -> AsyncConnectionPool:
+    loop = asyncio.get_running_loop()
+    current = _pools.get(loop)
+    if current is None:
+        current = AsyncConnectionPool(
+            conninfo(), min_size=1, max_size=settings.GATEWAY_ASYNC_DB_POOL_SIZE, open=False,
+            timeout=settings.GATEWAY_ASYNC_DB_TIMEOUT,
+            kwargs={"autocommit": True, "cursor_factory": AsyncClientCursor},
+        )
+        _pools.clear()
+        _pools[loop] = current
+        await current.open(wait=False)
+    return current
+
+
+async def fetchall(sql: str, params: list) -> list[tuple]:
+    async with (await pool()).connection() as conn:
+        cursor = await conn.execute(sql, params)
+        return await cursor.fetchall()
+
+
+async def fetchone(sql: str, params: list) -> tuple | None:
+    """One statement, one round trip; with GATEWAY_ASYNC_COMMIT without waiting for the WAL flush."""
+    async with (await pool()).connection() as conn:
+        cursor = conn.cursor()
+        if settings.GATEWAY_ASYNC_COMMIT:
+            await cursor.execute("SET LOCAL synchronous_commit TO OFF; " + sql, params)
+            cursor.nextset()
+        else:
+            await cursor.execute(sql, params)
+        return await cursor.fetchone()
