@@ -126,7 +126,10 @@ def checked_key(request: HttpRequest) -> str:
 
 
 async def caller_for(request: HttpRequest) -> quotas.Caller:
-    return await in_worker_thread(quotas.admit)(checked_key(request))
+    raw_key = checked_key(request)
+    if pgasync.available():
+        return await quotas.admit_async(raw_key)
+    return await in_worker_thread(quotas.admit)(raw_key)
 
 
 def model_object(entry: CatalogEntry) -> dict:
