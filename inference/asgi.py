@@ -55,6 +55,13 @@ def api_middleware() -> list[str]:
 
 
 class APIHandler(ASGIHandler):
+    async def __call__(self, scope, receive, send):
+        # Without Django's per-request ThreadSensitiveContext: on this path the only thread-sensitive
+        # call left is Django closing the response (request_finished), so it shares asgiref's one
+        # long-lived thread instead of starting a thread for every request. The views' blocking work
+        # goes to their own executor (views.in_worker_thread) and never relies on it.
+        await self.handle(scope, receive, send)
+
     def load_middleware(self, is_async: bool = False) -> None:
         full = settings.MIDDLEWARE
         settings.MIDDLEWARE = api_middleware()  # read once, at start-up
