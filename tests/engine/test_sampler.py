@@ -108,8 +108,13 @@ def test_seed_reproduces_regardless_of_batch_neighbours():
 
 def test_logprobs_are_of_the_raw_distribution():
     logits = torch.randn(2, VOCAB)
-    out = Sampler()(logits, [seq(temperature=0, logprobs=True, top_logprobs=3),
-                             seq(temperature=0, logprobs=True, presence_penalty=1.0)])
+    out = Sampler()(
+        logits,
+        [
+            seq(temperature=0, logprobs=True, top_logprobs=3),
+            seq(temperature=0, logprobs=True, presence_penalty=1.0),
+        ],
+    )
     ref = logits.log_softmax(-1)
     chosen, top = out.logprobs[0]
     assert chosen == pytest.approx(ref[0].max().item(), abs=1e-6)
@@ -117,12 +122,22 @@ def test_logprobs_are_of_the_raw_distribution():
     assert out.logprobs[1][1] == []
 
 
-@pytest.mark.parametrize(("kwargs", "param"), [
-    ({"temperature": 3}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_k": -5}, "top_k"),
-    ({"min_p": 2}, "min_p"), ({"presence_penalty": 5}, "presence_penalty"), ({"n": 0}, "n"),
-    ({"max_tokens": 0}, "max_tokens"), ({"stop": ["a"] * 5}, "stop"), ({"top_logprobs": 3}, "top_logprobs"),
-    ({"repetition_penalty": 0}, "repetition_penalty"), ({"frequency_penalty": -3}, "frequency_penalty"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"temperature": 3}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_k": -5}, "top_k"),
+        ({"min_p": 2}, "min_p"),
+        ({"presence_penalty": 5}, "presence_penalty"),
+        ({"n": 0}, "n"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"stop": ["a"] * 5}, "stop"),
+        ({"top_logprobs": 3}, "top_logprobs"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"frequency_penalty": -3}, "frequency_penalty"),
+    ],
+)
 def test_invalid_params_name_the_field(kwargs, param):
     with pytest.raises(SamplingParamError) as info:
         SamplingParams(**kwargs)

@@ -16,8 +16,11 @@ torch.set_num_threads(2)
 
 @pytest.fixture(scope="module")
 def keyed():
-    engine = LLMEngine(EngineConfig(model=str(tiny_checkpoint("llama")), served_model_name="tiny", block_size=4,
-                                    num_kv_blocks=64))
+    engine = LLMEngine(
+        EngineConfig(
+            model=str(tiny_checkpoint("llama")), served_model_name="tiny", block_size=4, num_kv_blocks=64
+        )
+    )
     with TestClient(build_app(AsyncEngine(engine), api_key="s3cret")) as client:
         yield client
 
@@ -26,7 +29,9 @@ def test_api_key_required_on_api_routes(keyed):
     body = {"model": "tiny", "prompt": "Hello", "max_tokens": 2}
     resp = keyed.post("/v1/completions", json=body)
     assert resp.status_code == 401 and resp.json()["error"]["code"] == "invalid_api_key"
-    assert keyed.post("/v1/completions", json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert (
+        keyed.post("/v1/completions", json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    )
     ok = keyed.post("/v1/completions", json=body, headers={"Authorization": "Bearer s3cret"})
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
     assert keyed.get("/v1/models").status_code == 401
@@ -36,8 +41,15 @@ def test_api_key_required_on_api_routes(keyed):
 
 
 def test_overloaded_engine_answers_503():
-    engine = LLMEngine(EngineConfig(model=str(tiny_checkpoint("llama")), served_model_name="tiny", block_size=4,
-                                    num_kv_blocks=64, max_waiting_requests=0))
+    engine = LLMEngine(
+        EngineConfig(
+            model=str(tiny_checkpoint("llama")),
+            served_model_name="tiny",
+            block_size=4,
+            num_kv_blocks=64,
+            max_waiting_requests=0,
+        )
+    )
     with TestClient(build_app(AsyncEngine(engine))) as client:
         resp = client.post("/v1/completions", json={"model": "tiny", "prompt": "Hello", "max_tokens": 2})
         assert resp.status_code == 503
@@ -45,41 +57,65 @@ def test_overloaded_engine_answers_503():
 
 
 def test_n_choices_over_http(keyed):
-    resp = keyed.post("/v1/chat/completions", headers={"Authorization": "Bearer s3cret"}, json={
-        "model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "n": 3, "max_tokens": 4, "seed": 3,
-        "temperature": 1.0, "ignore_eos": True})
+    resp = keyed.post(
+        "/v1/chat/completions",
+        headers={"Authorization": "Bearer s3cret"},
+        json={
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "Hi"}],
+            "n": 3,
+            "max_tokens": 4,
+            "seed": 3,
+            "temperature": 1.0,
+            "ignore_eos": True,
+        },
+    )
     body = resp.json()
     assert resp.status_code == 200 and [c["index"] for c in body["choices"]] == [0, 1, 2]
     assert body["usage"]["completion_tokens"] == 12  # 3 choices x 4 tokens
 
 
-@pytest.mark.parametrize(("body", "param"), [
-    ({"model": "m", "messages": "hi"}, "messages"),
-    ({"model": "m", "messages": [{"content": "x"}]}, "messages"),
-    ({"messages": [{"role": "user", "content": "x"}]}, "model"),
-    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}, "stream"),
-    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": True}},
-     "stream_options"),
-    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1.5}, "max_tokens"),
-    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0},
-     "max_completion_tokens"),
-    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
-    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": 3}, "stop"),
-    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "cache_salt": ""}, "cache_salt"),
-    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, "temperature"),
-])
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": "m", "messages": "hi"}, "messages"),
+        ({"model": "m", "messages": [{"content": "x"}]}, "messages"),
+        ({"messages": [{"role": "user", "content": "x"}]}, "model"),
+        ({"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}, "stream"),
+        (
+            {
+                "model": "m",
+                "messages": [{"role": "user", "content": "x"}],
+                "stream_options": {"include_usage": True},
+            },
+            "stream_options",
+        ),
+        ({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1.5}, "max_tokens"),
+        (
+            {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0},
+            "max_completion_tokens",
+        ),
+        ({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+        ({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": 3}, "stop"),
+        ({"model": "m", "messages": [{"role": "user", "content": "x"}], "cache_salt": ""}, "cache_salt"),
+        ({"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, "temperature"),
+    ],
+)
 def test_chat_request_validation_names_the_field(body, param):
     with pytest.raises(APIError) as info:
         parse_chat_request(body)
     assert info.value.param == param and info.value.status == 400
 
 
-@pytest.mark.parametrize(("body", "param"), [
-    ({"model": "m", "prompt": ""}, "prompt"),
-    ({"model": "m", "prompt": ["a", "b"]}, "prompt"),
-    ({"model": "m", "prompt": "x", "logprobs": 9}, "logprobs"),
-    ({"model": "m", "prompt": "x", "suffix": "y"}, "suffix"),
-])
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": "m", "prompt": ""}, "prompt"),
+        ({"model": "m", "prompt": ["a", "b"]}, "prompt"),
+        ({"model": "m", "prompt": "x", "logprobs": 9}, "logprobs"),
+        ({"model": "m", "prompt": "x", "suffix": "y"}, "suffix"),
+    ],
+)
 def test_completion_request_validation_names_the_field(body, param):
     with pytest.raises(APIError) as info:
         parse_completion_request(body)
@@ -89,6 +125,13 @@ def test_completion_request_validation_names_the_field(body, param):
 def test_completion_request_accepts_token_ids_and_one_element_batches():
     assert parse_completion_request({"model": "m", "prompt": [1, 2, 3]}).prompt == [1, 2, 3]
     assert parse_completion_request({"model": "m", "prompt": ["hello"]}).prompt == "hello"
-    parsed = parse_completion_request({"model": "m", "prompt": "x", "stream": True,
-                                       "stream_options": {"include_usage": True}, "cache_salt": "org-1"})
+    parsed = parse_completion_request(
+        {
+            "model": "m",
+            "prompt": "x",
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "cache_salt": "org-1",
+        }
+    )
     assert parsed.include_usage and parsed.cache_salt == "org-1"
