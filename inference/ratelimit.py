@@ -113,13 +113,21 @@ class Decision:
 
 
 def buckets_for(api_key, organization, tokens: int) -> list[Bucket]:
-    """Every limit that applies to one request; a limit left empty does not apply."""
+    """Every limit that applies to one request. A key limit left empty does not apply; an organization's
+    falls back to the platform default (GATEWAY_DEFAULT_ORG_*_PER_MINUTE), so every response carries
+    x-ratelimit-* headers unless an operator sets that default to 0."""
+    limits = (
+        ("key", api_key, api_key.requests_per_minute, api_key.tokens_per_minute),
+        ("org", organization,
+         organization.requests_per_minute or settings.GATEWAY_DEFAULT_ORG_REQUESTS_PER_MINUTE,
+         organization.tokens_per_minute or settings.GATEWAY_DEFAULT_ORG_TOKENS_PER_MINUTE),
+    )
     buckets = []
-    for scope, owner in (("key", api_key), ("org", organization)):
-        if owner.requests_per_minute:
-            buckets.append(Bucket(f"rl:{scope}:{owner.pk}:req", "requests", owner.requests_per_minute, 1))
-        if owner.tokens_per_minute:
-            buckets.append(Bucket(f"rl:{scope}:{owner.pk}:tok", "tokens", owner.tokens_per_minute, tokens))
+    for scope, owner, requests_per_minute, tokens_per_minute in limits:
+        if requests_per_minute:
+            buckets.append(Bucket(f"rl:{scope}:{owner.pk}:req", "requests", requests_per_minute, 1))
+        if tokens_per_minute:
+            buckets.append(Bucket(f"rl:{scope}:{owner.pk}:tok", "tokens", tokens_per_minute, tokens))
     return buckets
 
 

@@ -257,6 +257,16 @@ def test_rate_limit_429_with_openai_headers(gateway, stub_model):
     assert UsageRecord.objects.count() == 2
 
 
+def test_rate_limit_headers_on_every_response_from_platform_defaults(gateway, stub_model, settings):
+    tenant = make_tenant("unlimited")  # neither the key nor the organization sets a limit
+    client = client_for(gateway, tenant.raw_key)
+    reply = client.chat.completions.with_raw_response.create(model="stub-model", messages=MESSAGES, max_tokens=5)
+    assert reply.headers["x-ratelimit-limit-requests"] == str(settings.GATEWAY_DEFAULT_ORG_REQUESTS_PER_MINUTE)
+    assert int(reply.headers["x-ratelimit-remaining-requests"]) == settings.GATEWAY_DEFAULT_ORG_REQUESTS_PER_MINUTE - 1
+    assert reply.headers["x-ratelimit-limit-tokens"] == str(settings.GATEWAY_DEFAULT_ORG_TOKENS_PER_MINUTE)
+    assert reply.headers["x-ratelimit-reset-requests"].endswith("s")
+
+
 def test_org_concurrency_cap(gateway, stub_model):
     tenant = make_tenant("conc")
     tenant.organization.max_concurrent_requests = 1

@@ -61,9 +61,24 @@ def test_tokens_per_minute_and_tightest_bucket_reported(limiter):
     assert limiter.acquire(key, org, 200).allowed
 
 
-def test_no_limits_means_no_headers(limiter):
+def test_no_limits_and_no_platform_default_means_no_headers(limiter, settings):
+    settings.GATEWAY_DEFAULT_ORG_REQUESTS_PER_MINUTE = 0
+    settings.GATEWAY_DEFAULT_ORG_TOKENS_PER_MINUTE = 0
     decision = limiter.acquire(owner(), owner(), 10**9)
     assert decision.allowed and decision.headers == {}
+
+
+def test_organization_without_limits_gets_the_platform_default(limiter, settings):
+    settings.GATEWAY_DEFAULT_ORG_REQUESTS_PER_MINUTE = 2
+    settings.GATEWAY_DEFAULT_ORG_TOKENS_PER_MINUTE = 1000
+    key, org = owner(), owner()
+    first = limiter.acquire(key, org, 100)
+    assert first.headers["x-ratelimit-limit-requests"] == "2"
+    assert first.headers["x-ratelimit-remaining-tokens"] == "900"
+    assert limiter.acquire(key, org, 100).allowed
+    assert limiter.acquire(key, org, 100).denied_kind == "requests"
+    # An organization's own limit wins over the default.
+    assert limiter.acquire(key, owner(rpm=5), 100).headers["x-ratelimit-limit-requests"] == "5"
 
 
 def test_organization_concurrency_cap(limiter):
