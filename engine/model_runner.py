@@ -34,6 +34,8 @@ class ModelRunner:
         self.block_size = config.block_size
         self.device = next(self.model.parameters()).device
         self.dtype = self.spec.dtype
+        log.info("Weights: %.1f MiB resident, computing in %s on %s", loaded.weight_bytes / 2**20,
+                 str(self.dtype).removeprefix("torch."), self.device)
         self.num_blocks = self._num_blocks()
         self.kv_caches = allocate_kv_cache(
             self.spec.num_layers, self.num_blocks, self.block_size, self.spec.num_kv_heads, self.spec.head_dim,

@@ -54,6 +54,9 @@ def test_runplatform_serves_chat_on_embedded_defaults(tmp_path):
         assert ready.wait(300), "".join(lines[-40:])
         output = "".join(lines)
         assert f"http://127.0.0.1:{port}/admin/" in output
+        # The demo GGUF is served 4-bit: its projections stay packed (~63 MiB) beside the dense embedding.
+        resident_mib = float(re.search(r"Weights: ([\d.]+) MiB resident, computing in bfloat16", output).group(1))
+        assert resident_mib < 150, resident_mib
         code = re.search(r"demo authorization code .*: (mac-\S+)", output).group(1)
 
         manage(env, "create_org", "tour", "--owner", "tour@example.com")
