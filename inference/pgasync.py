@@ -8,7 +8,6 @@ import asyncio
 
 from django.conf import settings
 from django.db import connection
-from psycopg import AsyncClientCursor
 from psycopg.conninfo import make_conninfo
 from psycopg_pool import AsyncConnectionPool
 
@@ -24,6 +23,7 @@ def conninfo() -> str:
     return make_conninfo(
         dbname=s["NAME"], user=s["USER"] or None, password=s["PASSWORD"] or None, host=s["HOST"] or None,
         port=str(s["PORT"]) if s["PORT"] else None,
+        options="-c synchronous_commit=off" if settings.GATEWAY_ASYNC_COMMIT else None,
     )
 
 
@@ -34,7 +34,7 @@ async def pool() -> AsyncConnectionPool:
         current = AsyncConnectionPool(
             conninfo(), min_size=1, max_size=settings.GATEWAY_ASYNC_DB_POOL_SIZE, open=False,
             timeout=settings.GATEWAY_ASYNC_DB_TIMEOUT,
-            kwargs={"autocommit": True, "cursor_factory": AsyncClientCursor},
+            kwargs={"autocommit": True},
         )
         _pools.clear()
         _pools[loop] = current
@@ -44,17 +44,12 @@ async def pool() -> AsyncConnectionPool:
 
 async def fetchall(sql: str, params: list) -> list[tuple]:
     async with (await pool()).connection() as conn:
-        cursor = await conn.execute(sql, params)
+        cursor = await conn.execute(sql, params, prepare=True)
         return await cursor.fetchall()
 
 
 async def fetchone(sql: str, params: list) -> tuple | None:
     """One statement, one round trip; with GATEWAY_ASYNC_COMMIT without waiting for the WAL flush."""
     async with (await pool()).connection() as conn:
-        cursor = conn.cursor()
-        if settings.GATEWAY_ASYNC_COMMIT:
-            await cursor.execute("SET LOCAL synchronous_commit TO OFF; " + sql, params)
-            cursor.nextset()
-        else:
-            await cursor.execute(sql, params)
+        cursor = await conn.execute(sql, params, prepare=True)
         return await cursor.fetchone()
