@@ -27,6 +27,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 
+from .forms import validate_model_names
 from .models import AuthorizationCode, Entitlement, Organization, User, keyed_hash
 
 CODE_PREFIX = "mac-"
@@ -34,7 +35,6 @@ _SECRET_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"  # base32, lower case: 5 b
 _SECRET_LENGTH = 26  # 130 bits
 _CODE_RE = re.compile(r"^(mac-[0-9a-f]{8})-([a-z2-7]{26})$")
 MAX_CODES_PER_BATCH = 10_000
-MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,199}$")
 
 
 # --- outcomes -----------------------------------------------------------------------------------
@@ -136,16 +136,7 @@ def clean_model_names(names: Iterable[str] | str | None) -> list[str]:
         return []
     if isinstance(names, str):
         names = names.split(",")
-    cleaned: list[str] = []
-    for name in names:
-        name = name.strip()
-        if not name:
-            continue
-        if not MODEL_NAME_RE.match(name):
-            raise ValidationError(f"“{name}” is not a valid model name.", code="invalid_model")
-        if name not in cleaned:
-            cleaned.append(name)
-    return cleaned
+    return validate_model_names(list(names))
 
 
 def issue_codes(

@@ -62,7 +62,7 @@ def test_issue_codes_defaults_unlimited_single_use():
         (["--count", "1", "--max-redemptions", "0"], "--max-redemptions: Ensure this value is greater than or equal to 1."),
         (["--count", "1", "--expires", "2020-01-01"], "--expires: The expiry date must be today or later."),
         (["--count", "1", "--expires", "31/12/2030"], "--expires: Enter a valid date."),
-        (["--count", "1", "--models", "ok,not ok"], "--models: “not ok” is not a valid model name."),
+        (["--count", "1", "--models", "ok,not ok"], "--models: 'not ok' is not a valid model name (letters, digits and . _ : / @ + -, at most 128 characters)."),
     ],
 )
 def test_issue_codes_bad_options(args, message):
