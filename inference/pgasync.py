@@ -5,6 +5,7 @@ synchronous path in quotas.py; a pool of its own per process (GATEWAY_ASYNC_DB_P
 from __future__ import annotations
 
 import asyncio
+import functools
 
 from django.conf import settings
 from django.db import connection
@@ -15,7 +16,13 @@ _pools: dict[asyncio.AbstractEventLoop, AsyncConnectionPool] = {}
 
 
 def available() -> bool:
-    return settings.GATEWAY_ASYNC_DB and connection.vendor == "postgresql"
+    return settings.GATEWAY_ASYNC_DB and vendor() == "postgresql"
+
+
+@functools.cache
+def vendor() -> str:
+    """The default database's vendor (fixed for the process; `connection` is a per-context lookup)."""
+    return connection.vendor
 
 
 def conninfo() -> str:

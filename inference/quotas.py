@@ -11,6 +11,7 @@ crashed requests are released by `expire_reservations` (scheduled by Celery beat
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import logging
@@ -261,11 +262,17 @@ def charge_for(hold: Hold, used: int) -> int:
 
 def insert_statement(record: UsageRecord) -> tuple[str, list]:
     """The usage record's INSERT, as Django would write it (defaults and auto_now_add applied)."""
+    fields, sql = usage_insert()
+    return sql, [f.get_db_prep_save(f.pre_save(record, add=True), connection) for f in fields]
+
+
+@functools.cache
+def usage_insert() -> tuple[list, str]:
+    """The usage table's columns and INSERT text (the same text every time: a prepared statement)."""
     fields = [f for f in UsageRecord._meta.concrete_fields if not f.primary_key]
-    values = [f.get_db_prep_save(f.pre_save(record, add=True), connection) for f in fields]
     columns = ", ".join(connection.ops.quote_name(f.column) for f in fields)
     placeholders = ", ".join(["%s"] * len(fields))
-    return f"INSERT INTO {USAGE} ({columns}) VALUES ({placeholders})", values
+    return fields, f"INSERT INTO {USAGE} ({columns}) VALUES ({placeholders})"
 
 
 def settle(hold: Hold | None, used: int, record: UsageRecord | None, touch_key: APIKey | None = None) -> None:
