@@ -359,16 +359,11 @@ class Admission:
     hold: Hold
 
 
-def admit_request(
-    raw_key: str, inference: InferenceRequest | None, invalid: GatewayError | None, request_id: str, limiter: RateLimiter,
-    labels: dict | None = None,
-) -> Admission:
-    """Everything before forwarding, in one worker-thread hop: key (401), entitlement (403), then the
-    body's validation error if any (400), model (404), replica (503), rate limits (429
-    rate_limit_exceeded) and the token hold (429 insufficient_quota). `labels` receives the organization
-    and model for the gateway's metrics as soon as they are known, refusals included."""
-    with telemetry.span("gateway.auth"):
-        caller = admit(raw_key)
+def _route(
+    caller: Caller, inference: InferenceRequest | None, invalid: GatewayError | None, labels: dict | None,
+) -> tuple[CatalogEntry, list[Entitlement], Upstream, int]:
+    """The steps between authentication and the limits, shared by both admission paths: the body's
+    validation error (400), model (404), replica (503), and the tokens to hold."""
     if labels is not None:
         labels["organization"] = caller.api_key.organization.slug
     if invalid is not None or inference is None:
@@ -379,8 +374,22 @@ def admit_request(
     upstream = catalog.pick(entry)
     if upstream is None:
         raise service_unavailable(f"The model `{inference.model}` is temporarily unavailable: no healthy replica. Please retry.")
-    key = caller.api_key
     tokens = inference.reservation(entry.model.context_length, settings.GATEWAY_PROMPT_OVERHEAD_TOKENS)
+    return entry, entitlements, upstream, tokens
+
+
+def admit_request(
+    raw_key: str, inference: InferenceRequest | None, invalid: GatewayError | None, request_id: str, limiter: RateLimiter,
+    labels: dict | None = None,
+) -> Admission:
+    """Everything before forwarding, in one worker-thread hop: key (401), entitlement (403), then the
+    body's validation error if any (400), model (404), replica (503), rate limits (429
+    rate_limit_exceeded) and the token hold (429 insufficient_quota). `labels` receives the organization
+    and model for the gateway's metrics as soon as they are known, refusals included."""
+    with telemetry.span("gateway.auth"):
+        caller = admit(raw_key)
+    entry, entitlements, upstream, tokens = _route(caller, inference, invalid, labels)
+    key = caller.api_key
     decision = limiter.acquire(key, key.organization, tokens)
     if not decision.allowed:
         raise rate_limit_error(decision)
@@ -404,18 +413,8 @@ async def admit_request_async(
     """`admit_request` on the event loop (PostgreSQL): same steps, same order."""
     with telemetry.span("gateway.auth"):
         caller = await admit_async(raw_key)
-    if labels is not None:
-        labels["organization"] = caller.api_key.organization.slug
-    if invalid is not None or inference is None:
-        raise invalid or GatewayError(400, "Invalid request.")
-    entry, entitlements = caller.resolve(inference.model)
-    if labels is not None:
-        labels["model"] = entry.model.name
-    upstream = catalog.pick(entry)
-    if upstream is None:
-        raise service_unavailable(f"The model `{inference.model}` is temporarily unavailable: no healthy replica. Please retry.")
+    entry, entitlements, upstream, tokens = _route(caller, inference, invalid, labels)
     key = caller.api_key
-    tokens = inference.reservation(entry.model.context_length, settings.GATEWAY_PROMPT_OVERHEAD_TOKENS)
     decision = await limiter.acquire_async(key, key.organization, tokens)
     if not decision.allowed:
         raise rate_limit_error(decision)

@@ -198,6 +198,23 @@ class LocalLimiter:
             self._concurrent.clear()
 
 
+class _Plan:
+    """What one request asks of the limiter: its buckets, the concurrency slot, and the script's arguments."""
+
+    __slots__ = ("buckets", "cap", "concurrency_key", "keys", "args")
+
+    def __init__(self, api_key, organization, tokens: int) -> None:
+        self.buckets = buckets_for(api_key, organization, tokens)
+        self.cap = organization.max_concurrent_requests or 0
+        self.concurrency_key = f"rl:org:{organization.pk}:concurrent" if self.cap else None
+        self.keys = [b.key for b in self.buckets] + ([self.concurrency_key] if self.concurrency_key else [])
+        self.args = [x for b in self.buckets for x in (b.capacity, b.cost)] + [self.cap]
+
+    @property
+    def empty(self) -> bool:
+        return not self.buckets and not self.concurrency_key
+
+
 class RateLimiter:
     """Front door: Redis when configured (one script call per request), local buckets otherwise.
 
@@ -220,43 +237,39 @@ class RateLimiter:
             self.script = self.redis.register_script(LUA_ACQUIRE)
 
     def acquire(self, api_key, organization, tokens: int) -> Decision:
-        buckets = buckets_for(api_key, organization, tokens)
-        cap = organization.max_concurrent_requests or 0
-        concurrency_key = f"rl:org:{organization.pk}:concurrent" if cap else None
-        if not buckets and not concurrency_key:
+        plan = _Plan(api_key, organization, tokens)
+        if plan.empty:
             return Decision(True)
         if self.redis is not None:
             try:
-                keys = [b.key for b in buckets] + ([concurrency_key] if concurrency_key else [])
-                args = [x for b in buckets for x in (b.capacity, b.cost)] + [cap]
-                return decide(buckets, self.script(keys=keys, args=args), concurrency_key)
+                return decide(plan.buckets, self.script(keys=plan.keys, args=plan.args), plan.concurrency_key)
             except Exception as exc:  # redis.ConnectionError, TimeoutError, ...
-                if self.on_redis_error == "refuse":
-                    logger.warning("rate limiter: Redis unreachable, refusing: %s", exc)
-                    raise service_unavailable("The rate limiter is temporarily unavailable; retry shortly.") from exc
-                logger.warning("rate limiter: Redis unreachable, using per-process limits: %s", exc)
-        decision = decide(buckets, self.local.acquire(buckets, concurrency_key, cap), concurrency_key)
-        decision.local = True
-        return decision
+                self._redis_failed(exc)
+        return self._acquire_locally(plan)
 
     async def acquire_async(self, api_key, organization, tokens: int) -> Decision:
         """`acquire` on the event loop: the same script through the asyncio Redis client."""
-        buckets = buckets_for(api_key, organization, tokens)
-        cap = organization.max_concurrent_requests or 0
-        concurrency_key = f"rl:org:{organization.pk}:concurrent" if cap else None
-        if not buckets and not concurrency_key:
+        plan = _Plan(api_key, organization, tokens)
+        if plan.empty:
             return Decision(True)
         if self.redis is not None:
             try:
-                keys = [b.key for b in buckets] + ([concurrency_key] if concurrency_key else [])
-                args = [x for b in buckets for x in (b.capacity, b.cost)] + [cap]
-                return decide(buckets, await self._async_script()(keys=keys, args=args), concurrency_key)
+                answer = await self._async_script()(keys=plan.keys, args=plan.args)
+                return decide(plan.buckets, answer, plan.concurrency_key)
             except Exception as exc:
-                if self.on_redis_error == "refuse":
-                    logger.warning("rate limiter: Redis unreachable, refusing: %s", exc)
-                    raise service_unavailable("The rate limiter is temporarily unavailable; retry shortly.") from exc
-                logger.warning("rate limiter: Redis unreachable, using per-process limits: %s", exc)
-        decision = decide(buckets, self.local.acquire(buckets, concurrency_key, cap), concurrency_key)
+                self._redis_failed(exc)
+        return self._acquire_locally(plan)
+
+    def _redis_failed(self, exc: Exception) -> None:
+        """Apply GATEWAY_RATELIMIT_ON_REDIS_ERROR: refuse (503), or return to fall back to local buckets."""
+        if self.on_redis_error == "refuse":
+            logger.warning("rate limiter: Redis unreachable, refusing: %s", exc)
+            raise service_unavailable("The rate limiter is temporarily unavailable; retry shortly.") from exc
+        logger.warning("rate limiter: Redis unreachable, using per-process limits: %s", exc)
+
+    def _acquire_locally(self, plan: _Plan) -> Decision:
+        answer = self.local.acquire(plan.buckets, plan.concurrency_key, plan.cap)
+        decision = decide(plan.buckets, answer, plan.concurrency_key)
         decision.local = True
         return decision
 
