@@ -13,7 +13,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.inference.conftest import free_port, stop
+from tests.processes import free_port, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -1,78 +1,26 @@
 """`python -m engine serve` end to end: a real subprocess on SmolLM2, driven by the official openai client."""
 
 import json
-import os
 import re
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
 from engine.loader import demo_model_path
+from tests.processes import start_engine, stop
 
 MODEL = "smollm2-test"
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
 def server():
-    port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "engine",
-        "serve",
-        "--model",
-        str(demo_model_path()),
-        "--port",
-        str(port),
-        "--served-model-name",
-        MODEL,
-        "--kv-cache-memory",
-        "128MiB",
-        "--max-model-len",
-        "1024",
-        "--threads",
-        "2",
-        "--log-level",
-        "warning",
-    ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"engine server exited: {proc.stdout.read().decode()[-3000:]}")
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("engine server did not become healthy in 180 s")
-            time.sleep(0.5)
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    process, url = start_engine(demo_model_path(), "--served-model-name", MODEL, "--kv-cache-memory", "128MiB",
+                                "--max-model-len", "1024", "--threads", "2", "--log-level", "warning")
+    yield url
+    stop(process, timeout=20)
 
 
 @pytest.fixture(scope="session")

@@ -8,47 +8,17 @@ The gateway process reads the test database pytest-django created, so tests that
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-import httpx
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.processes import ROOT, free_port, start_engine, stop, wait_until_up
+
 REDIS_DB = 6  # GATEWAY's Redis database for the test run
 REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until_up(url: str, process: subprocess.Popen, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args} exited with {process.returncode}")
-        try:
-            httpx.get(url, timeout=1.0)
-            return
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    raise TimeoutError(f"{url} did not come up within {timeout}s")
-
-
-def stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 def start_stub_upstream() -> tuple[str, subprocess.Popen]:
@@ -161,13 +131,7 @@ def engine_server():
     """`python -m engine serve` on the SmolLM2 demo model, serving it as `smollm2`."""
     from engine.loader import demo_model_path
 
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "engine", "serve", "--model", str(demo_model_path()), "--port", str(port),
-         "--served-model-name", "smollm2", "--threads", "1", "--max-model-len", "2048", "--log-level", "warning"],
-        cwd=ROOT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    wait_until_up(f"{url}/health", process, timeout=180)
+    process, url = start_engine(demo_model_path(), "--served-model-name", "smollm2", "--threads", "1",
+                                "--max-model-len", "2048", "--log-level", "warning")
     yield url
     stop(process)

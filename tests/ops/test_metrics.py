@@ -11,7 +11,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from inference.models import Deployment
-from tests.inference.conftest import add_model, make_tenant, start_gateway, start_stub_upstream, stop
+from tests.inference.conftest import add_model, make_tenant, start_gateway, start_stub_upstream
+from tests.processes import stop
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -116,7 +117,8 @@ def test_several_uvicorn_workers_report_the_same_totals(stub, tmp_path):
     import subprocess
     import sys
 
-    from tests.inference.conftest import REDIS_URL, ROOT, free_port, test_database_url, wait_until_up
+    from tests.inference.conftest import REDIS_URL, test_database_url
+    from tests.processes import ROOT, free_port, wait_until_up
 
     add_model("multi-model", stub)
     tenant = make_tenant("multi")

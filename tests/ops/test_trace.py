@@ -19,15 +19,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
-from tests.inference.conftest import (
-    ROOT,
-    add_model,
-    free_port,
-    make_tenant,
-    start_gateway,
-    stop,
-    wait_until_up,
-)
+from tests.inference.conftest import add_model, make_tenant, start_gateway
+from tests.processes import ROOT, start_engine, stop
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -127,16 +120,10 @@ def collector():
 def traced_engine(collector):
     from engine.loader import demo_model_path
 
-    port = free_port()
-    env = {**os.environ, **otel_env(collector, "maas-engine-test"), "LOG_FORMAT": "json"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "engine", "serve", "--model", str(demo_model_path()), "--port", str(port),
-         "--served-model-name", "smollm2", "--threads", "1", "--max-model-len", "1024", "--api-key", ENGINE_TOKEN,
-         "--log-level", "warning"],
-        cwd=ROOT, env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
-    wait_until_up(f"{url}/health", process, timeout=240)
+    env = {**otel_env(collector, "maas-engine-test"), "LOG_FORMAT": "json"}
+    process, url = start_engine(demo_model_path(), "--served-model-name", "smollm2", "--threads", "1",
+                                "--max-model-len", "1024", "--api-key", ENGINE_TOKEN, "--log-level", "warning",
+                                env=env, timeout=240)
     yield url
     stop(process)
 
