@@ -37,21 +37,28 @@ def _group_size(group_size: int, k: int) -> int:
     return k if group_size in (-1, 0, None) else int(group_size)
 
 
-def from_awq(
-    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int
-) -> Int4Weight:
-    k, n = qweight.shape[0], qweight.shape[1] * PACK
-    group_size = _group_size(group_size, k)
-    groups = k // group_size
+def _check_packed_int4(
+    fmt: str, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, groups: int, n: int, group_size: int
+) -> None:
+    """AWQ and GPTQ share the int32 packing of weights and zeros and the [groups, N] scales."""
     if (
         qweight.dtype != torch.int32
         or tuple(qzeros.shape) != (groups, n // PACK)
         or tuple(scales.shape) != (groups, n)
     ):
         raise ValueError(
-            f"AWQ tensors do not fit: qweight {tuple(qweight.shape)} {qweight.dtype}, qzeros {tuple(qzeros.shape)}, "
+            f"{fmt} tensors do not fit: qweight {tuple(qweight.shape)} {qweight.dtype}, qzeros {tuple(qzeros.shape)}, "
             f"scales {tuple(scales.shape)}, group size {group_size}"
         )
+
+
+def from_awq(
+    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int
+) -> Int4Weight:
+    k, n = qweight.shape[0], qweight.shape[1] * PACK
+    group_size = _group_size(group_size, k)
+    groups = k // group_size
+    _check_packed_int4("AWQ", qweight, qzeros, scales, groups, n, group_size)
     codes = _unpack_cols(qweight, AWQ_ORDER)
     zeros = _unpack_cols(qzeros, AWQ_ORDER)
     return Int4Weight(pack_int4(codes), scales.contiguous(), _biases(zeros, scales), group_size)
@@ -70,15 +77,7 @@ def from_gptq(
     k, n = qweight.shape[0] * PACK, qweight.shape[1]
     group_size = _group_size(group_size, k)
     groups = k // group_size
-    if (
-        qweight.dtype != torch.int32
-        or tuple(qzeros.shape) != (groups, n // PACK)
-        or tuple(scales.shape) != (groups, n)
-    ):
-        raise ValueError(
-            f"GPTQ tensors do not fit: qweight {tuple(qweight.shape)} {qweight.dtype}, qzeros {tuple(qzeros.shape)}, "
-            f"scales {tuple(scales.shape)}, group size {group_size}"
-        )
+    _check_packed_int4("GPTQ", qweight, qzeros, scales, groups, n, group_size)
     if g_idx is not None:
         expected = torch.arange(k, device=g_idx.device) // group_size
         if not torch.equal(g_idx.to(torch.int64), expected):
