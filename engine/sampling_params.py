@@ -1,8 +1,34 @@
-"""Per-request sampling knobs, validated once when the request arrives."""
+"""Per-request sampling knobs, validated once when the request arrives.
+
+The range of every knob is written once, here, as an annotated type; the OpenAI request schema
+(`engine.schema`, shared by the engine server and the gateway) uses the same types, so the HTTP API and
+the offline `SamplingParams(...)` can never disagree on what is valid.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_STOP_SEQUENCES = 4
+
+Choices = Annotated[int, Field(ge=1, le=128)]
+Temperature = Annotated[float, Field(ge=0, le=2)]
+TopP = Annotated[float, Field(ge=0, le=1)]  # 0: only the most likely token
+TopK = Annotated[int, Field(ge=-1, le=INT64_MAX)]  # -1 or 0: off; at least the vocabulary: off
+MinP = Annotated[float, Field(ge=0, le=1)]
+Penalty = Annotated[float, Field(ge=-2, le=2)]
+RepetitionPenalty = Annotated[float, Field(gt=0, le=2)]
+Seed = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+MaxTokens = Annotated[int, Field(ge=1)]
+TopLogprobs = Annotated[int, Field(ge=0, le=20)]
+TokenId = Annotated[int, Field(ge=0, le=INT64_MAX)]  # below the vocabulary size: checked with the model
+LogitBias = Annotated[float, Field(ge=-100, le=100)]
+StopString = Annotated[str, Field(min_length=1)]
+StopList = Annotated[list[StopString], Field(max_length=MAX_STOP_SEQUENCES)]
 
 
 class SamplingParamError(ValueError):
@@ -11,6 +37,36 @@ class SamplingParamError(ValueError):
     def __init__(self, message: str, param: str):
         super().__init__(message)
         self.param = param
+
+
+class _Ranges(BaseModel):
+    """The ranges of SamplingParams' fields (the dataclass stays plain: it is read in the step loop)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    n: Choices
+    temperature: Temperature
+    top_p: TopP
+    top_k: TopK
+    min_p: MinP
+    seed: Seed | None
+    presence_penalty: Penalty
+    frequency_penalty: Penalty
+    repetition_penalty: RepetitionPenalty
+    max_tokens: MaxTokens | None
+    stop: StopList
+    stop_token_ids: list[TokenId]
+    ignore_eos: bool
+    logprobs: bool
+    top_logprobs: TopLogprobs
+    skip_special_tokens: bool
+    logit_bias: dict[TokenId, LogitBias]
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs to be true")
+        return self
 
 
 @dataclass
@@ -24,7 +80,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
-    max_tokens: int | None = None  # None: up to the context length
+    max_tokens: int | None = None  # None: up to the context length (and the server's per-request limit)
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
@@ -38,44 +94,21 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
-        self.logit_bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
+        self.logit_bias = dict(self.logit_bias or {})
+        self.validate()
+        self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
         if self.top_k == -1:
             self.top_k = 0
-        self.validate()
+        if self.top_p == 0:  # a nucleus of no mass keeps only the most likely token: greedy
+            self.temperature, self.top_p = 0.0, 1.0
 
     def validate(self) -> None:
-        def check(ok: bool, param: str, message: str) -> None:
-            if not ok:
-                raise SamplingParamError(message, param)
-
-        check(isinstance(self.n, int) and 1 <= self.n <= 128, "n", "n must be an integer between 1 and 128")
-        check(0.0 <= self.temperature <= 2.0, "temperature", "temperature must be between 0 and 2")
-        check(0.0 < self.top_p <= 1.0, "top_p", "top_p must be in (0, 1]")
-        check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "top_k must be -1, 0 or a positive integer")
-        check(0.0 <= self.min_p <= 1.0, "min_p", "min_p must be between 0 and 1")
-        check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "presence_penalty must be between -2 and 2")
-        check(
-            -2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "frequency_penalty must be between -2 and 2"
-        )
-        check(0.0 < self.repetition_penalty <= 2.0, "repetition_penalty", "repetition_penalty must be in (0, 2]")
-        check(
-            self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
-            "max_tokens",
-            "max_tokens must be a positive integer",
-        )
-        check(self.seed is None or isinstance(self.seed, int), "seed", "seed must be an integer")
-        check(
-            len(self.stop) <= 4 and all(isinstance(s, str) and s for s in self.stop),
-            "stop",
-            "stop must be a non-empty string or a list of at most 4 non-empty strings",
-        )
-        check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", "bad token id")
-        check(
-            isinstance(self.top_logprobs, int) and 0 <= self.top_logprobs <= 20,
-            "top_logprobs",
-            "top_logprobs must be between 0 and 20",
-        )
-        check(not self.top_logprobs or self.logprobs, "top_logprobs", "top_logprobs requires logprobs to be true")
+        try:
+            _Ranges.model_validate({f.name: getattr(self, f.name) for f in fields(self)})
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            param = str(error["loc"][0]) if error["loc"] else "top_logprobs"
+            raise SamplingParamError(f"{param}: {error['msg']}", param) from None
 
     @property
     def greedy(self) -> bool:

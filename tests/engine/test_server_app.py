@@ -79,7 +79,7 @@ def test_n_choices_over_http(keyed):
     ("body", "param"),
     [
         ({"model": "m", "messages": "hi"}, "messages"),
-        ({"model": "m", "messages": [{"content": "x"}]}, "messages"),
+        ({"model": "m", "messages": [{"content": "x"}]}, "messages[0].role"),
         ({"messages": [{"role": "user", "content": "x"}]}, "model"),
         ({"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}, "stream"),
         (

@@ -16,7 +16,7 @@ MESSAGES = [{"role": "user", "content": "hi"}]
     ({"model": 3, "messages": MESSAGES}, "model"),
     ({"model": "m", "messages": "hi"}, "messages"),
     ({"model": "m", "messages": [{"role": "user"}]}, "messages[0].content"),
-    ({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0]"),
+    ({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0].type"),
     ({"model": "m", "messages": MESSAGES, "top_p": 1.5}, "top_p"),
     ({"model": "m", "messages": MESSAGES, "temperature": True}, "temperature"),
     ({"model": "m", "messages": MESSAGES, "max_tokens": 1.5}, "max_tokens"),
