@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import sys
+import threading
 
 import torch
 
@@ -31,6 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="per-step token budget; longer prompts are prefilled in chunks")
     serve.add_argument("--max-model-len", type=int, help="context length cap (default: the model's)")
     serve.add_argument("--max-waiting-requests", type=int, default=1024, help="beyond this, answer 503")
+    serve.add_argument("--max-tokens-per-request", type=int, default=32768,
+                       help="most tokens one request may generate over all its choices (n x max_tokens); "
+                            "without max_tokens a choice gets up to the context length and at most this / n")
+    serve.add_argument("--fatal-exit-delay", type=float, default=2.0,
+                       help="seconds between an engine failure (reported by /health) and the process exiting "
+                            "with status 1, for its supervisor to restart it")
     serve.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
     serve.add_argument("--dtype", choices=sorted(_DTYPES), help="default: float32 on CPU, bfloat16 on CUDA")
     serve.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -44,6 +54,7 @@ def serve(args: argparse.Namespace) -> None:
 
     from engine import telemetry
     from engine.async_engine import AsyncEngine
+    from engine.failures import install_test_fault
     from engine.llm_engine import LLMEngine
     from engine.server import build_app
 
@@ -54,13 +65,28 @@ def serve(args: argparse.Namespace) -> None:
         gpu_memory_fraction=args.gpu_memory_fraction, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         max_waiting_requests=args.max_waiting_requests, enable_prefix_caching=not args.no_prefix_caching,
-        torch_threads=args.threads,
+        torch_threads=args.threads, max_tokens_per_request=args.max_tokens_per_request,
     )
     telemetry.configure_tracing()  # from OTEL_* variables; nothing without them
-    engine = AsyncEngine(LLMEngine(config))
+    llm_engine = LLMEngine(config)
+    install_test_fault(llm_engine, os.environ.get("ENGINE_TEST_FAULT"))
+    engine = AsyncEngine(llm_engine, on_fatal=lambda exc: exit_soon(args.fatal_exit_delay))
     app = build_app(engine, api_key=args.api_key)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5,
                 **({"log_config": log_config} if log_config else {}))
+
+
+def exit_soon(delay: float) -> None:
+    """The engine is broken: let /health report it for `delay` seconds, then exit non-zero (no cleanup that
+    could hang on a broken device), so that the supervisor (compose, systemd, Kubernetes) restarts us."""
+
+    def leave() -> None:
+        logging.getLogger("engine").critical("engine failure: exiting with status 1 for a restart")
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(1)
+
+    threading.Timer(delay, leave).start()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,8 +10,9 @@ import asyncio
 import logging
 import threading
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
+from engine.failures import RequestFailedError
 from engine.llm_engine import LLMEngine, RequestOutput
 from engine.sampling_params import SamplingParams
 
@@ -22,9 +23,15 @@ class EngineOverloadedError(RuntimeError):
     """Too many requests are waiting; the server answers 503."""
 
 
+class EngineDeadError(RuntimeError):
+    """The engine loop died; every request in flight answers 503 and the process is about to exit."""
+
+
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, *, on_fatal: Callable[[BaseException], None] | None = None):
+        """`on_fatal` is called (on the engine thread) once the loop has died; the server exits the process."""
         self.engine = engine
+        self.on_fatal = on_fatal
         self._commands: deque = deque()
         self._wakeup = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -114,9 +121,15 @@ class AsyncEngine:
                     self._wakeup.clear()
                     continue
                 for out in engine.step():
-                    self._deliver(out.request_id, out)
+                    if out.error is not None:
+                        self._deliver(out.request_id, RequestFailedError(
+                            f"The engine failed while generating this response ({out.error}). Please retry."))
+                    else:
+                        self._deliver(out.request_id, out)
         except BaseException as exc:
-            log.exception("engine loop crashed")
+            log.exception("engine loop crashed: the engine is unhealthy")
             self.error = exc
             for request_id in list(self._streams):
-                self._deliver(request_id, RuntimeError(f"engine failure: {exc}"))
+                self._deliver(request_id, EngineDeadError(f"The engine failed ({exc!r}) and is restarting. Please retry."))
+            if self.on_fatal is not None:
+                self.on_fatal(exc)

@@ -23,14 +23,17 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024  # per-step token budget (prefill chunks + decodes)
     max_model_len: int | None = None  # None: the model's context length
     max_waiting_requests: int = 1024  # beyond this the server answers 503
+    # Most tokens one request may generate over all its choices (n x max_tokens); a request without
+    # max_tokens gets up to the context length, and never more than this / n per choice.
+    max_tokens_per_request: int = 32768
     enable_prefix_caching: bool = True
     torch_threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError("block_size must be a power of two")
-        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
-            raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
+        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1 or self.max_tokens_per_request < 1:
+            raise ValueError("max_num_batched_tokens, max_num_seqs and max_tokens_per_request must be positive")
 
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,

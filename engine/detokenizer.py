@@ -49,16 +49,24 @@ class IncrementalDetokenizer:
             self.text = self.text[:min(hits)]
             self.stopped = True
 
+    def flush(self) -> None:
+        """The sequence ended: decode the bytes that never completed a character, checking stop strings
+        in them too (a stop string there still stops the sequence)."""
+        if self.stopped or self.read_offset >= len(self.ids):
+            return
+        start = len(self.text)
+        self.text += self._decode(self.ids[self.prefix_offset:])[
+            len(self._decode(self.ids[self.prefix_offset:self.read_offset])):]
+        self.read_offset = len(self.ids)
+        if self.stop:
+            self._find_stop(start)
+
     def take(self, final: bool = False) -> str:
         """The text not yet handed out; unless final, keep back what may begin a stop string."""
+        if final:
+            self.flush()
         end = len(self.text)
-        if final and not self.stopped and self.read_offset < len(self.ids):
-            # Flush bytes that never completed a character.
-            self.text += self._decode(self.ids[self.prefix_offset:])[
-                len(self._decode(self.ids[self.prefix_offset:self.read_offset])):]
-            self.read_offset = len(self.ids)
-            end = len(self.text)
-        elif not final and not self.stopped and self.stop:
+        if not final and not self.stopped and self.stop:
             end -= self._held_back()
         if end <= self.emitted:
             return ""

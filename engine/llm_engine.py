@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -11,12 +12,14 @@ import torch
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
+from engine.failures import is_fatal
 from engine.metrics import EngineMetrics
 from engine.model_runner import ModelRunner
 from engine.sampling_params import SamplingParamError, SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
 
+log = logging.getLogger(__name__)
 
 class ContextLengthError(SamplingParamError):
     """The prompt (plus the requested max_tokens) does not fit the model's context or the KV pool."""
@@ -53,6 +56,7 @@ class RequestOutput:
     first_token_time: float | None = None
     finish_time: float | None = None
     first_scheduled_time: float | None = None
+    error: str | None = None  # the request failed inside the engine (finished, answers 500)
 
 
 class Request:
@@ -109,8 +113,7 @@ class LLMEngine:
             raise ValueError(f"duplicate request id {request_id!r}")
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self.check_prompt(token_ids, params)
-        limit = self.scheduler.max_model_len
-        max_tokens = min(params.max_tokens or limit, limit - len(token_ids))
+        max_tokens = self.max_tokens_per_choice(len(token_ids), params)
         arrival = arrival_time if arrival_time is not None else time.perf_counter()
         seqs = [Sequence(request_id, token_ids, params, max_tokens, index=i, cache_salt=cache_salt,
                          arrival_time=arrival) for i in range(params.n)]
@@ -123,13 +126,25 @@ class LLMEngine:
             self.metrics.prompt_tokens.inc(len(token_ids))
         return request
 
+    def max_tokens_per_choice(self, num_prompt_tokens: int, params: SamplingParams) -> int:
+        """max_tokens, or without it what the context and the server's per-request limit leave."""
+        room = self.scheduler.max_model_len - num_prompt_tokens
+        if params.max_tokens is not None:
+            return min(params.max_tokens, room)
+        return min(room, self.config.max_tokens_per_request // params.n)
+
     def check_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
-        """Reject up front what can never run: empty prompts, unknown ids, prompts over the context."""
+        """Reject up front what can never run or depends on the model: empty prompts, ids outside the
+        vocabulary, prompts over the context, more tokens than the server's per-request limit."""
         if not token_ids:
             raise SamplingParamError("the prompt is empty", "prompt")
         vocab = self.loaded.spec.vocab_size
         if min(token_ids) < 0 or max(token_ids) >= vocab:
             raise SamplingParamError(f"prompt token ids must be in [0, {vocab})", "prompt")
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise SamplingParamError(f"'stop_token_ids' must be token ids in [0, {vocab})", "stop_token_ids")
+        if any(t >= vocab for t in params.logit_bias):
+            raise SamplingParamError(f"'logit_bias' keys must be token ids in [0, {vocab})", "logit_bias")
         limit = self.scheduler.max_model_len
         if len(token_ids) >= limit:
             raise ContextLengthError(
@@ -140,6 +155,13 @@ class LLMEngine:
                 f"This model's maximum context length is {limit} tokens. However, you requested "
                 f"{len(token_ids) + params.max_tokens} tokens ({len(token_ids)} in the prompt, "
                 f"{params.max_tokens} in the completion). Please reduce the prompt or max_tokens.", "max_tokens")
+        cap = self.config.max_tokens_per_request
+        if params.max_tokens is not None and params.n * params.max_tokens > cap:
+            raise SamplingParamError(
+                f"n x max_tokens is {params.n * params.max_tokens}, over this server's limit of {cap} generated "
+                f"tokens per request: lower n or max_tokens.", "max_tokens")
+        if params.n > cap:
+            raise SamplingParamError(f"n is over this server's limit of {cap} generated tokens per request", "n")
 
     def abort(self, request_id: str) -> None:
         """Drop a request (client gone); its blocks return to the pool now."""
@@ -153,41 +175,38 @@ class LLMEngine:
 
     # -- the loop -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule, run one forward pass, sample, detokenize; returns what each touched request produced."""
+        """Schedule, run one forward pass, sample, detokenize; returns what each touched request produced.
+
+        A failure in one sequence's sampling or postprocessing fails its request alone (an output with
+        `error`); a failure of the step itself (scheduling, the forward pass) propagates: the engine is broken.
+        """
         scheduler = self.scheduler
         batch = scheduler.schedule()
         if not batch:
             return []
         sampling, result = self.runner.run(batch)
-        sampled = {}
+        sampled: dict[int, int] = {}
+        failures: dict[str, BaseException] = {}
         if result is not None:
-            sampled = {seq.seq_id: token for seq, token in zip(sampling, result.token_ids, strict=True)}
+            for seq, token, error in zip(sampling, result.token_ids, result.errors, strict=True):
+                if error is None:
+                    sampled[seq.seq_id] = token
+                else:
+                    failures.setdefault(seq.request_id, error)
         scheduler.update(batch, sampled)
         now = time.perf_counter()
         outputs: dict[str, RequestOutput] = {}
         for row, seq in enumerate(sampling):
             request = self.requests.get(seq.request_id)
-            if request is None or seq.seq_id not in sampled:
+            if request is None or seq.seq_id not in sampled or seq.request_id in failures:
                 continue
-            if request.first_token_time is None:
-                request.first_token_time = now
-                if self.metrics:
-                    self.metrics.ttft.observe(now - request.arrival_time)
-            token = sampled[seq.seq_id]
-            detok = request.detoks[seq.index]
-            delta = CompletionDelta(seq.index, token_ids=[token])
-            if seq.params.logprobs:
-                chosen, top = result.logprobs[row]
-                delta.logprobs = [TokenLogprob(token, chosen, top)]
-            stopped_by_token = seq.is_finished and seq.finish_reason == "stop"
-            if not stopped_by_token:
-                detok.add_token(token)
-                if detok.stopped:
-                    scheduler.finish(seq, "stop")
-            delta.text = detok.take(final=seq.is_finished)
-            if seq.is_finished:
-                delta.finish_reason = seq.finish_reason
-                request.num_unfinished -= 1
+            try:
+                delta = self._postprocess(request, seq, sampled[seq.seq_id], result.logprobs[row], now)
+            except Exception as exc:  # noqa: BLE001 - one request's failure is that request's alone
+                if is_fatal(exc):
+                    raise
+                failures[seq.request_id] = exc
+                continue
             out = outputs.get(seq.request_id)
             if out is None:
                 out = outputs[seq.request_id] = RequestOutput(
@@ -195,8 +214,12 @@ class LLMEngine:
                     arrival_time=request.arrival_time, first_token_time=request.first_token_time,
                     first_scheduled_time=request.seqs[0].first_scheduled_time)
             out.outputs.append(delta)
+        for request_id, exc in failures.items():
+            outputs[request_id] = self._fail(request_id, exc, now)
         for out in outputs.values():
-            request = self.requests[out.request_id]
+            request = self.requests.get(out.request_id)
+            if request is None:
+                continue  # failed above
             out.num_output_tokens = request.num_output_tokens
             if request.num_unfinished == 0:
                 out.finished = True
@@ -210,6 +233,57 @@ class LLMEngine:
             self.metrics.generation_tokens.inc(len(sampled))
             self.metrics.observe_step(self)
         return list(outputs.values())
+
+    def _postprocess(self, request: Request, seq: Sequence, token: int, logprobs, now: float) -> CompletionDelta:
+        """One sampled token of one sequence: its text, its logprobs, and whether it finished the sequence."""
+        if request.first_token_time is None:
+            request.first_token_time = now
+            if self.metrics:
+                self.metrics.ttft.observe(now - request.arrival_time)
+        detok = request.detoks[seq.index]
+        delta = CompletionDelta(seq.index, token_ids=[token])
+        if seq.params.logprobs:
+            chosen, top = logprobs
+            delta.logprobs = [TokenLogprob(token, chosen, top)]
+        reason = self.finish_reason(seq, token, detok)
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            request.num_unfinished -= 1
+            delta.finish_reason = reason
+        delta.text = detok.take(final=reason is not None)
+        return delta
+
+    def finish_reason(self, seq: Sequence, token: int, detok: IncrementalDetokenizer) -> str | None:
+        """The one place that decides whether, and why, a sequence stops after `token` (its last token).
+
+        A stop token (EOS unless ignore_eos, or a stop_token_id) stops without its text; a stop string
+        found in the text so far stops, also on the very token that reached max_tokens; otherwise
+        max_tokens or the context length make it "length".
+        """
+        params = seq.params
+        if token in params.stop_token_ids or (not params.ignore_eos and token in self.scheduler.eos_token_ids):
+            return "stop"
+        detok.add_token(token)
+        if detok.stopped:
+            return "stop"
+        if seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.scheduler.max_model_len:
+            detok.flush()
+            return "stop" if detok.stopped else "length"
+        return None
+
+    def _fail(self, request_id: str, exc: BaseException, now: float) -> RequestOutput:
+        """Fail one request (all its choices) and free its blocks; the rest of the batch goes on."""
+        log.error("request %s failed in the engine: %r", request_id, exc, exc_info=exc)
+        request = self.requests.pop(request_id)
+        for seq in request.seqs:
+            self.scheduler.finish(seq, "error")
+        if self.metrics:
+            self.metrics.observe_finished(request.arrival_time, request.first_token_time, now,
+                                          request.num_output_tokens, "error")
+        return RequestOutput(request_id, [], True, len(request.prompt_token_ids), request.num_cached_tokens,
+                             request.num_output_tokens, arrival_time=request.arrival_time,
+                             first_token_time=request.first_token_time, finish_time=now,
+                             error=f"{type(exc).__name__}: {exc}")
 
 
 _request_ids = itertools.count()

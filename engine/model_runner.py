@@ -7,6 +7,7 @@ import logging
 import torch
 
 from engine.config import EngineConfig
+from engine.failures import is_fatal
 from engine.layers.attention import AttentionMetadata, allocate_kv_cache, kv_cache_bytes_per_block
 from engine.sampler import Sampler, SampleResult
 from engine.scheduler import ScheduledBatch
@@ -125,4 +126,32 @@ class ModelRunner:
             return [], None
         last = hidden if len(rows) == hidden.shape[0] else hidden[torch.tensor(rows, device=hidden.device)]
         logits = self.model.compute_logits(last).float()
-        return sampling, self.sampler(logits, sampling)
+        return sampling, self.sample(logits, sampling)
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
+        """The batch's tokens; `errors[i]` is set for a row whose sampling failed (that request fails alone).
+
+        The batch is sampled in one go; if that raises, each row is sampled on its own, so one bad row
+        cannot fail its neighbours. An error that breaks the device for everyone (is_fatal) propagates.
+        """
+        try:
+            result = self.sampler(logits, seqs)
+            result.errors = [None] * len(seqs)
+            return result
+        except Exception as exc:  # noqa: BLE001 - attributed row by row below
+            if is_fatal(exc):
+                raise
+            log.warning("batched sampling failed (%r); sampling row by row", exc)
+        result = SampleResult([], [], [])
+        for row, seq in enumerate(seqs):
+            try:
+                one = self.sampler(logits[row:row + 1], [seq])
+                token, logprobs, error = one.token_ids[0], one.logprobs[0], None
+            except Exception as exc:  # noqa: BLE001 - this row's request fails alone
+                if is_fatal(exc):
+                    raise
+                token, logprobs, error = 0, None, exc
+            result.token_ids.append(token)
+            result.logprobs.append(logprobs)
+            result.errors.append(error)
+        return result

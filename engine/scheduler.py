@@ -105,9 +105,9 @@ class Scheduler:
         self.num_preemptions += 1
 
     def update(self, batch: ScheduledBatch, sampled: dict[int, int]) -> list[Sequence]:
-        """Record a finished step: advance computed counts, append sampled tokens (seq_id -> token),
-        finish sequences that hit EOS, a stop token, max_tokens or the context length. Returns the
-        sequences that got a new token."""
+        """Record a finished step: advance computed counts and append sampled tokens (seq_id -> token).
+        Returns the sequences that got a new token; whether they finish is `LLMEngine.finish_reason`'s
+        decision (the one place that knows stop strings as well as stop tokens and lengths)."""
         bm = self.block_manager
         grown = []
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
@@ -117,14 +117,9 @@ class Scheduler:
             bm.cache_full_blocks(seq)
             token = sampled.get(seq.seq_id)
             if token is None:
-                continue  # a prefill chunk that did not reach the end of the prompt
+                continue  # a prefill chunk that did not reach the end of the prompt, or a failed sample
             seq.token_ids.append(token)
             grown.append(seq)
-            params = seq.params
-            if (not params.ignore_eos and token in self.eos_token_ids) or token in params.stop_token_ids:
-                self.finish(seq, "stop")
-            elif seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
-                self.finish(seq, "length")
         return grown
 
     def finish(self, seq: Sequence, reason: str) -> None:

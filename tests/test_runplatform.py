@@ -33,21 +33,24 @@ def manage(env: dict[str, str], *args: str) -> str:
     return done.stdout
 
 
-def test_runplatform_serves_chat_on_embedded_defaults(tmp_path):
+def test_runplatform_serves_chat_on_embedded_defaults_and_restarts_a_failed_engine(tmp_path):
     env = embedded_env(tmp_path)
+    env["ENGINE_TEST_FAULT"] = "fatal-after:40"  # the engine breaks on its 40th step (the test hook)
     port, engine_port = free_port(), free_port()
     process = subprocess.Popen(
         [sys.executable, "manage.py", "runplatform", "--port", str(port), "--engine-port", str(engine_port)],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     lines: list[str] = []
-    ready = threading.Event()
+    ready, back = threading.Event(), threading.Event()
 
     def read() -> None:
         for line in process.stdout:
             lines.append(line)
             if "Uvicorn running on" in line and f":{port}" in line:
                 ready.set()
+            if "The engine is back" in line:
+                back.set()
 
     threading.Thread(target=read, daemon=True).start()
     try:
@@ -71,6 +74,20 @@ def test_runplatform_serves_chat_on_embedded_defaults(tmp_path):
         )
         assert "Paris" in reply.choices[0].message.content
         assert reply.usage.completion_tokens > 0
+
+        # The engine breaks during the next request (its 40th step): that request fails with a server
+        # error, the engine exits non-zero, runplatform restarts it, and the next request succeeds.
+        with pytest.raises(openai.APIStatusError) as failed:
+            client.chat.completions.create(model="smollm2-135m-instruct", temperature=0, max_tokens=64,
+                                           extra_body={"ignore_eos": True},
+                                           messages=[{"role": "user", "content": "Count to one hundred."}])
+        assert failed.value.status_code in (502, 503)
+        assert back.wait(120), "".join(lines[-40:])
+        output = "".join(lines)
+        assert "The engine exited with status 1" in output
+        again = client.chat.completions.create(model="smollm2-135m-instruct", temperature=0, max_tokens=4,
+                                               messages=[{"role": "user", "content": "Hi"}])
+        assert again.choices[0].message.content and again.usage.completion_tokens > 0
     finally:
         stop(process)
     assert process.returncode is not None

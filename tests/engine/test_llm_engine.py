@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
+from engine.detokenizer import IncrementalDetokenizer
 from engine.llm_engine import ContextLengthError
 from engine.sampling_params import SamplingParamError
+from engine.sequence import Sequence
 from tests.engine.checkpoints import tiny_checkpoint
 
 torch.set_num_threads(2)
@@ -70,6 +72,36 @@ def test_stop_token_ids_finish_without_their_text(llm):
     first_stop = free.token_ids.index(stop_id)
     assert choice.finish_reason == "stop" and choice.token_ids == free.token_ids[: first_stop + 1]
     assert choice.text == llm.tokenizer.decode(free.token_ids[:first_stop])
+
+
+def test_finish_reasons_are_decided_in_one_place(llm):
+    """EOS and stop ids stop (unless ignore_eos), max_tokens and the context make "length"."""
+    engine = llm.engine
+    eos = next(iter(engine.scheduler.eos_token_ids))
+
+    def decide(token, **params):
+        params = SamplingParams(**{"max_tokens": 5, **params})
+        seq = Sequence("r", [3, 4, 5], params, engine.max_tokens_per_choice(3, params))
+        seq.token_ids.append(token)
+        return engine.finish_reason(seq, token, IncrementalDetokenizer(engine.tokenizer, [3, 4, 5], params))
+
+    assert decide(eos) == "stop"
+    assert decide(eos, ignore_eos=True) is None
+    assert decide(9, stop_token_ids=[9]) == "stop"
+    assert decide(9, max_tokens=1) == "length"
+    assert decide(9) is None
+
+
+def test_stop_string_completed_by_the_last_allowed_token_is_stop_not_length(llm):
+    free = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0].outputs[0]
+    last = llm.tokenizer.decode(free.token_ids[-1:])
+    stop = next(free.text[-k:] for k in range(1, len(free.text) + 1)
+                if free.text.find(free.text[-k:]) == len(free.text) - k and free.text[-k:].strip())
+    assert free.finish_reason == "length" and stop and last
+    out = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, stop=[stop]))
+    choice = out[0].outputs[0]
+    assert choice.finish_reason == "stop" and choice.text == free.text[: -len(stop)]
+    assert len(choice.token_ids) == 8
 
 
 def test_logprobs(llm):

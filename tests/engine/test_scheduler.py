@@ -119,26 +119,16 @@ def test_prompt_that_can_never_fit_is_rejected():
     assert not small.prompt_fits(20)
 
 
-def test_finish_reasons_eos_stop_token_max_tokens_and_context():
+def test_update_appends_tokens_and_leaves_finishing_to_the_engine():
+    """The scheduler only records tokens; LLMEngine.finish_reason is the one place that finishes."""
     sched = make_scheduler(eos=(7,))
-    a = make_seq(3, "a")
+    a = make_seq(3, "a", max_tokens=1)
     sched.add(a)
     run_step(sched, token=7)
-    assert a.finish_reason == "stop"
-    b = make_seq(3, "b", stop_token_ids=[9])
-    sched.add(b)
-    run_step(sched, token=9)
-    assert b.finish_reason == "stop"
-    c = make_seq(3, "c", max_tokens=2)
-    sched.add(c)
-    run_step(sched, token=5)
-    run_step(sched, token=5)
-    assert c.finish_reason == "length" and c.num_output_tokens == 2
-    d = make_seq(3, "d", ignore_eos=True)
-    sched.add(d)
-    run_step(sched, token=7)
-    assert d.status is SequenceStatus.RUNNING  # ignore_eos
-    assert sched.block_manager.num_free_blocks == sched.block_manager.num_blocks - 1
+    assert a.status is SequenceStatus.RUNNING and a.token_ids[-1] == 7 and a.finish_reason is None
+    sched.finish(a, "stop")
+    assert a.finish_reason == "stop" and not sched.has_unfinished()
+    assert sched.block_manager.num_free_blocks == sched.block_manager.num_blocks
 
 
 def test_admission_uses_prefix_cache_and_records_cached_tokens():

@@ -10,6 +10,7 @@ import os
 import secrets
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -48,13 +49,13 @@ class Command(BaseCommand):
         call_command("migrate", interactive=False, verbosity=0)
         admin_line = self.ensure_admin()
         engine_url = f"http://127.0.0.1:{options['engine_port']}"
-        engine = subprocess.Popen(
+        engine = EngineSupervisor(
             [sys.executable, "-m", "engine", "serve", "--model", model_path, "--port", str(options["engine_port"]),
              "--served-model-name", options["model_name"], "--dtype", options["dtype"]],
-            preexec_fn=_terminate_with_parent,
+            engine_url, options["startup_timeout"], self.stdout,
         )
         try:
-            context_length = self.wait_for_engine(engine, engine_url, options["startup_timeout"])
+            context_length = engine.start()
             call_command("add_model", options["model_name"], engine_url=engine_url,
                          context_length=context_length, verbosity=0)
             code_line = self.ensure_code()
@@ -67,14 +68,11 @@ class Command(BaseCommand):
             self.stdout.write(f"  {code_line}\n")
             import uvicorn
 
+            engine.watch()
             uvicorn.run("maas.asgi:application", host=options["host"], port=options["port"], log_level="info",
                         timeout_graceful_shutdown=5)
         finally:
-            engine.terminate()
-            try:
-                engine.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                engine.kill()
+            engine.stop()
 
     @staticmethod
     def demo_model_path():
@@ -96,17 +94,63 @@ class Command(BaseCommand):
         issued = issue_codes(1, token_quota=1_000_000, validity_days=30, note="runplatform demo code")
         return f"demo authorization code (1M tokens, 30 days): {issued[0].raw}"
 
-    def wait_for_engine(self, engine: subprocess.Popen, url: str, timeout: float) -> int:
-        """Poll /health until the model is loaded; returns the served context length."""
-        deadline = time.monotonic() + timeout
+
+
+class EngineSupervisor:
+    """Runs the engine child and restarts it when it exits (the engine exits non-zero when it breaks, see
+    the README's failure policy), as compose's `restart:` or systemd would; backoff 1 s doubling to 30 s."""
+
+    def __init__(self, command: list[str], url: str, startup_timeout: float, out):
+        self.command, self.url, self.startup_timeout, self.out = command, url, startup_timeout, out
+        self.process: subprocess.Popen | None = None
+        self.stopping = threading.Event()
+        self.restarts = 0
+
+    def start(self) -> int:
+        """Start the engine and wait until it is healthy; returns the served context length."""
+        self.process = subprocess.Popen(self.command, preexec_fn=_terminate_with_parent)
+        deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
-            if engine.poll() is not None:
-                raise CommandError(f"The engine exited with status {engine.returncode} while starting.")
+            if self.process.poll() is not None:
+                raise CommandError(f"The engine exited with status {self.process.returncode} while starting.")
             try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    models = httpx.get(f"{url}/v1/models", timeout=5).json()["data"]
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    models = httpx.get(f"{self.url}/v1/models", timeout=5).json()["data"]
                     return int(models[0].get("max_model_len") or 2048)
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
-        raise CommandError(f"The engine did not become healthy within {timeout:.0f} s.")
+        raise CommandError(f"The engine did not become healthy within {self.startup_timeout:.0f} s.")
+
+    def watch(self) -> None:
+        threading.Thread(target=self._watch, name="engine-supervisor", daemon=True).start()
+
+    def _watch(self) -> None:
+        backoff = 1.0
+        while not self.stopping.is_set():
+            status = self.process.wait()
+            if self.stopping.is_set():
+                return
+            self.restarts += 1
+            self.out.write(f"The engine exited with status {status}; restarting it in {backoff:.0f} s "
+                           f"(restart {self.restarts}).")
+            if self.stopping.wait(backoff):
+                return
+            try:
+                self.start()
+                self.out.write(f"The engine is back at {self.url}.")
+                backoff = 1.0
+            except CommandError as exc:
+                self.process.kill()
+                self.out.write(f"The engine did not come back: {exc}")
+                backoff = min(backoff * 2, 30.0)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
