@@ -60,7 +60,7 @@ class AsyncEngine:
         """Submit a request (validation and overload errors raise here, before any output) and return
         the stream of its outputs; leaving the stream early (client disconnect) aborts the request."""
         if not self.healthy:
-            raise EngineOverloadedError("the engine is not running")
+            raise EngineDeadError(f"The engine is not running ({self.error!r}); it is being restarted. Please retry.")
         if self.num_pending >= self.engine.config.max_waiting_requests:
             raise EngineOverloadedError("too many requests are waiting; retry later")
         self.engine.check_prompt(prompt_token_ids, params)

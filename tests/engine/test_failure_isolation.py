@@ -123,7 +123,7 @@ async def test_an_engine_failure_makes_it_unhealthy_fails_requests_in_flight_and
                 pass
         await asyncio.wait_for(died.wait(), 10)
         assert not engine.healthy and "ENGINE_TEST_FAULT" in str(reasons[0])
-        with pytest.raises(RuntimeError, match="not running"):
+        with pytest.raises(EngineDeadError, match="not running"):
             engine.generate("next", [1, 2], GREEDY)
     finally:
         engine.shutdown()
