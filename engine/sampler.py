@@ -1,13 +1,16 @@
 """Batched next-token sampling.
 
-Rows without penalties, filters or logprobs take a plain argmax. A seeded request draws from its own
-torch.Generator, so the same seed gives the same tokens whatever else is in the batch. Logprobs are those
-of the model's raw distribution (before temperature, penalties and filters), as OpenAI reports them.
+Rows without penalties, logit bias, filters or logprobs take a plain argmax. A seeded request draws from
+its own torch.Generator, so the same seed gives the same tokens whatever else is in the batch; each choice
+of an n > 1 request gets its own stream, seeded by a hash of (seed, index). Logprobs are those of the
+model's raw distribution (before temperature, penalties, logit bias and filters), as OpenAI reports them.
+Every tensor built here lives on the logits' device.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,27 +22,63 @@ class SampleResult:
     token_ids: list[int]
     # per row: None, or (logprob of the chosen token, [(token id, logprob)] of the top alternatives)
     logprobs: list[tuple[float, list[tuple[int, float]]] | None]
+    # per row: None, or why sampling that row failed (set by ModelRunner.sample; its request fails alone)
+    errors: list[BaseException | None] = field(default_factory=list)
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """The generator seed of choice `index` of a request seeded with `seed` (any integer a client may send).
+
+    A SHA-256 over both values, cut to 63 bits so torch's manual_seed always accepts it. Unlike
+    `seed + index`, it cannot overflow, and choice 1 of seed s does not replay choice 0 of seed s + 1.
+    """
+    digest = hashlib.sha256(f"{seed},{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[int], seqs: list[Sequence]) -> None:
     """OpenAI presence/frequency penalties over generated tokens; repetition penalty over all tokens."""
     vocab = logits.shape[1]
+    device = logits.device
     for row, seq in zip(rows, seqs, strict=True):
         p = seq.params
         out = seq.output_token_ids
         if (p.presence_penalty or p.frequency_penalty) and out:
-            counts = torch.bincount(torch.tensor(out), minlength=vocab)[:vocab].to(logits.dtype)
+            counts = torch.bincount(torch.tensor(out, device=device), minlength=vocab)[:vocab].to(logits.dtype)
             logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
         if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long)
+            seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long, device=device)
             seen = seen[seen < vocab]
             vals = logits[row, seen]
             logits[row, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
 
 
+def apply_logit_bias(logits: torch.Tensor, rows: list[int], seqs: list[Sequence]) -> None:
+    """Add each row's OpenAI logit_bias (token id -> bias) to its logits, in one scatter for the batch.
+    Ids outside the vocabulary are skipped (the request layer rejects them; a stray one must not fail the
+    whole batch)."""
+    vocab = logits.shape[1]
+    row_ids: list[int] = []
+    token_ids: list[int] = []
+    biases: list[float] = []
+    for row, seq in zip(rows, seqs, strict=True):
+        for token, bias in seq.params.logit_bias.items():
+            if 0 <= token < vocab:
+                row_ids.append(row)
+                token_ids.append(token)
+                biases.append(bias)
+    if not row_ids:
+        return
+    device = logits.device
+    index = (torch.tensor(row_ids, dtype=torch.long, device=device),
+             torch.tensor(token_ids, dtype=torch.long, device=device))
+    logits.index_put_(index, torch.tensor(biases, dtype=logits.dtype, device=device), accumulate=True)
+
+
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> None:
     """Mask (to -inf) tokens outside top-k, the top-p nucleus, or below min_p x the top probability.
-    top_k 0 = off; top_p 1 = off; min_p 0 = off. Operates in place on temperature-scaled logits."""
+    top_k 0 = off; top_p 1 = off; min_p 0 = off. Operates in place on temperature-scaled logits. The most
+    likely token always survives."""
     if bool((min_p > 0).any()):
         probs = logits.softmax(-1)
         threshold = probs.max(-1, keepdim=True).values * min_p.unsqueeze(1)
@@ -57,7 +96,9 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     if use_p:
         probs = sorted_logits.softmax(-1)
         before = probs.cumsum(-1) - probs  # mass strictly above each token
-        sorted_logits.masked_fill_(before >= top_p.unsqueeze(1), float("-inf"))
+        outside = before >= top_p.unsqueeze(1)
+        outside[:, 0] = False  # top_p 0 keeps the most likely token, not nothing
+        sorted_logits.masked_fill_(outside, float("-inf"))
     logits.scatter_(1, order, sorted_logits)
 
 
@@ -68,14 +109,18 @@ class Sampler:
         want_logprobs = [p.logprobs for p in params]
         raw_logprobs = logits.log_softmax(-1) if any(want_logprobs) else None
         penalized = [i for i, p in enumerate(params) if p.has_penalties]
-        if penalized:
-            logits = logits.clone()
-            apply_penalties(logits, penalized, [seqs[i] for i in penalized])
-        greedy = [p.greedy for p in params]
+        biased = [i for i, p in enumerate(params) if p.logit_bias]
+        if penalized or biased:
+            logits = logits.clone()  # the caller's logits (and raw_logprobs) stay those of the model
+            if penalized:
+                apply_penalties(logits, penalized, [seqs[i] for i in penalized])
+            if biased:
+                apply_logit_bias(logits, biased, [seqs[i] for i in biased])
         tokens = logits.argmax(-1)
-        sampled_rows = [i for i, g in enumerate(greedy) if not g]
+        sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
         if sampled_rows:
-            tokens[sampled_rows] = self._sample(logits[sampled_rows], [seqs[i] for i in sampled_rows])
+            rows = torch.tensor(sampled_rows, dtype=torch.long, device=logits.device)
+            tokens[rows] = self._sample(logits[rows], [seqs[i] for i in sampled_rows])
         token_list = tokens.tolist()
         logprobs: list = [None] * len(seqs)
         if raw_logprobs is not None:
@@ -92,13 +137,16 @@ class Sampler:
     @staticmethod
     def _sample(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         params = [s.params for s in seqs]
-        temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype)
+        device, vocab = logits.device, logits.shape[1]
+        temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=device)
         logits = logits / temps.unsqueeze(1)
         filter_logits(
             logits,
-            torch.tensor([p.top_k for p in params]),
-            torch.tensor([p.top_p for p in params], dtype=logits.dtype),
-            torch.tensor([p.min_p for p in params], dtype=logits.dtype),
+            # top_k at or past the vocabulary keeps everything: off (and a client's 2**63 fits no int64).
+            torch.tensor([p.top_k if 0 < p.top_k < vocab else 0 for p in params], dtype=torch.long,
+                         device=device),
+            torch.tensor([p.top_p for p in params], dtype=logits.dtype, device=device),
+            torch.tensor([p.min_p for p in params], dtype=logits.dtype, device=device),
         )
         probs = logits.softmax(-1)
         # Exponential race (argmax of p / E, E ~ Exp(1)) samples from probs; seeded rows draw E from
@@ -107,6 +155,15 @@ class Sampler:
         for row, seq in enumerate(seqs):
             if seq.params.seed is not None:
                 if seq.generator is None:
-                    seq.generator = torch.Generator(device=probs.device).manual_seed(seq.params.seed + seq.index)
+                    seq.generator = torch.Generator(device=probs.device).manual_seed(
+                        choice_seed(seq.params.seed, seq.index))
                 noise[row].exponential_(generator=seq.generator)
-        return (probs / noise).argmax(-1)
+        return _race(probs, noise)
+
+
+def _race(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """argmax(probs / noise) per row; clamps `noise` in place. exponential_ can return exactly 0:
+    unclamped, 0 / 0 is NaN, which argmax takes as the maximum, so a masked (zero-probability) token could
+    win. Clamped to the smallest normal number, a zero-probability token scores 0 and a live one a finite
+    (huge) value."""
+    return (probs / noise.clamp_min_(torch.finfo(noise.dtype).tiny)).argmax(-1)

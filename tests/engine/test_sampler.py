@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from engine.sampler import Sampler, apply_penalties, filter_logits
+from engine.sampler import Sampler, _race, apply_penalties, filter_logits
 from engine.sampling_params import SamplingParamError, SamplingParams
 from engine.sequence import Sequence
 
@@ -126,7 +126,7 @@ def test_logprobs_are_of_the_raw_distribution():
     ("kwargs", "param"),
     [
         ({"temperature": 3}, "temperature"),
-        ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
         ({"top_k": -5}, "top_k"),
         ({"min_p": 2}, "min_p"),
         ({"presence_penalty": 5}, "presence_penalty"),
@@ -142,3 +142,155 @@ def test_invalid_params_name_the_field(kwargs, param):
     with pytest.raises(SamplingParamError) as info:
         SamplingParams(**kwargs)
     assert info.value.param == param and isinstance(info.value, ValueError)
+
+
+# -- seeds ---------------------------------------------------------------------------------------
+
+
+def draws(s: Sequence, steps: int = 12) -> list[int]:
+    """Tokens a seeded sequence samples from a flat distribution over VOCAB (its random stream)."""
+    return [Sampler()(torch.zeros(1, VOCAB), [s]).token_ids[0] for _ in range(steps)]
+
+
+def choice(seed, index):
+    """A seeded choice; the seed is set past validation so any integer a client may send is tried."""
+    s = seq(temperature=1.0, seed=0)
+    s.params.seed, s.index = seed, index
+    return s
+
+
+@pytest.mark.parametrize("seed", [2**64 - 1, 2**63, 2**63 - 1, -(2**63), -1, 0])
+def test_every_api_seed_samples_for_every_choice(seed):
+    first, second = choice(seed, 0), choice(seed, 1)
+    out = Sampler()(torch.zeros(2, VOCAB), [first, second])
+    assert all(0 <= t < VOCAB for t in out.token_ids)
+    assert draws(choice(seed, 1)) != draws(choice(seed, 0))
+
+
+def test_choice_one_of_a_seed_is_not_choice_zero_of_the_next_seed():
+    assert draws(choice(1234, 1)) != draws(choice(1235, 0))
+    assert draws(choice(-1, 1)) != draws(choice(0, 0))
+
+
+def test_seeded_choice_reproduces_regardless_of_batch_neighbours():
+    torch.manual_seed(2)
+    steps = [torch.randn(1, VOCAB) for _ in range(8)]
+
+    def run(neighbours: int) -> list[int]:
+        target = choice(99, 3)
+        others = [choice(99, i) for i in range(neighbours)] + [seq(temperature=1.0)]
+        tokens = []
+        for row in steps:
+            logits = torch.cat([torch.randn(len(others), VOCAB), row])
+            tokens.append(Sampler()(logits, [*others, target]).token_ids[-1])
+        return tokens
+
+    assert run(0) == run(2) == run(5)
+
+
+# -- the exponential race -------------------------------------------------------------------------
+
+
+def test_race_never_picks_a_zero_probability_token_when_its_noise_is_zero():
+    probs = torch.tensor([[0.0, 0.6, 0.4], [0.7, 0.0, 0.3]])
+    noise = torch.tensor([[0.0, 1.0, 1.0], [2.0, 0.0, 0.0]])  # E = 0 happens: exponential_ can return 0
+    assert _race(probs, noise).tolist() == [1, 2]
+
+
+def test_race_with_zero_noise_on_a_live_token_picks_it():
+    probs = torch.tensor([[0.1, 0.0, 0.9]])
+    noise = torch.tensor([[0.0, 0.0, 1.0]])
+    assert _race(probs, noise).tolist() == [0]
+
+
+# -- top_k beyond the vocabulary ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("top_k", [VOCAB, VOCAB + 1, 2**63 - 1, 2**63, 2**64])
+def test_top_k_beyond_the_vocabulary_is_off(top_k):
+    torch.manual_seed(3)
+    logits = torch.tensor([[0.0, 1.0, 2.0] + [-1e9] * (VOCAB - 3)]).repeat(2000, 1)
+    rows = [seq(temperature=1.0) for _ in range(2000)]
+    for s in rows:
+        s.params.top_k = top_k  # past validation: the sampler copes with any integer
+    out = Sampler()(logits, rows)
+    counts = torch.bincount(torch.tensor(out.token_ids), minlength=VOCAB)[:3].float() / 2000
+    assert torch.allclose(counts, logits[0, :3].softmax(-1), atol=0.04)
+
+
+# -- logit_bias -----------------------------------------------------------------------------------
+
+
+def test_logit_bias_plus_100_makes_greedy_pick_the_token():
+    torch.manual_seed(4)
+    logits = torch.randn(3, VOCAB)
+    out = Sampler()(
+        logits,
+        [seq(temperature=0, logit_bias={17: 100.0}), seq(temperature=0), seq(temperature=0, logit_bias={3: 100})],
+    )
+    assert out.token_ids[0] == 17 and out.token_ids[2] == 3
+    assert out.token_ids[1] == int(logits[1].argmax())  # a row without bias in the same batch
+
+
+def test_logit_bias_minus_100_bans_the_token_greedy_and_sampled():
+    logits = torch.zeros(256, VOCAB)
+    logits[:, 5] = 8.0  # by far the likeliest token without the bias
+    rows = [seq(temperature=1.0, logit_bias={5: -100.0}) for _ in range(128)]
+    rows += [seq(temperature=1.0) for _ in range(127)] + [seq(temperature=0, logit_bias={5: -100})]
+    out = Sampler()(logits, rows)
+    assert 5 not in out.token_ids[:128] and out.token_ids[-1] != 5
+    assert out.token_ids[128:255].count(5) > 100  # unbiased neighbours still pick it
+
+
+def test_logit_bias_leaves_logprobs_of_the_raw_distribution():
+    torch.manual_seed(5)
+    logits = torch.randn(1, VOCAB)
+    out = Sampler()(logits, [seq(temperature=0, logprobs=True, top_logprobs=1, logit_bias={9: 100.0})])
+    raw = logits.log_softmax(-1)[0]
+    assert out.token_ids == [9]
+    assert out.logprobs[0][0] == pytest.approx(raw[9].item(), abs=1e-6)
+    assert out.logprobs[0][1][0][0] == int(raw.argmax())
+
+
+def test_logit_bias_does_not_change_the_callers_logits():
+    logits = torch.randn(2, VOCAB)
+    before = logits.clone()
+    Sampler()(logits, [seq(temperature=0, logit_bias={1: 100.0}), seq(temperature=1.0, logit_bias={2: -50.0})])
+    assert torch.equal(logits, before)
+
+
+def test_greedy_rows_without_bias_or_penalties_take_the_fast_path(monkeypatch):
+    logits = torch.randn(2, VOCAB)
+
+    def no_clone(*args, **kwargs):
+        raise AssertionError("the fast path must not copy the logits")
+
+    monkeypatch.setattr(torch.Tensor, "clone", no_clone)
+    out = Sampler()(logits, [seq(temperature=0), seq(temperature=0)])
+    assert out.token_ids == logits.argmax(-1).tolist()
+
+
+# -- device ---------------------------------------------------------------------------------------
+
+
+def test_every_tensor_the_sampler_builds_is_on_the_logits_device(monkeypatch):
+    """torch.tensor is wrapped to record calls without device=; the real tensors stay on CPU here."""
+    calls = []
+    real = torch.tensor
+
+    def recording(*args, **kwargs):
+        if "device" not in kwargs:
+            calls.append(args[0] if args else kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "tensor", recording)
+    logits = torch.randn(4, VOCAB)
+    rows = [
+        seq(output=(5, 5, 6), temperature=1.0, top_k=3, top_p=0.9, min_p=0.01, presence_penalty=0.5,
+            frequency_penalty=0.5, repetition_penalty=1.2, logit_bias={1: 2.0}, seed=1),
+        seq(temperature=0, logit_bias={2: 100.0}),
+        seq(temperature=0.7),
+        seq(temperature=0),
+    ]
+    Sampler()(logits, rows)
+    assert calls == []
