@@ -71,3 +71,20 @@ def test_held_back_text_is_released_when_no_stop_follows(tokenizer):
 def test_stop_string_with_multibyte_text(tokenizer):
     deltas, detok = stream(tokenizer, " 你好世界再见", stop=["世界"])
     assert detok.stopped and "".join(deltas) == " 你好"
+
+
+def test_stop_string_in_the_final_flush_of_incomplete_bytes(tokenizer):
+    """A sequence that ends (max_tokens) mid-character flushes its undecoded bytes; a stop string
+    completed by that flushed text still stops it and is not emitted."""
+    ids = tokenizer.encode(" The end 日本", add_special_tokens=False)
+    cut = next(k for k in range(1, len(ids) + 1) if tokenizer.decode(ids[:k]).endswith("\ufffd"))
+    assert tokenizer.decode(ids[:cut]) == " The end \ufffd"  # the premise: " 日"'s first bytes come with the space
+    detok = IncrementalDetokenizer(tokenizer, tokenizer.encode("Say:"), SamplingParams(stop=["end "]))
+    deltas = []
+    for token in ids[:cut]:
+        detok.add_token(token)
+        assert not detok.stopped
+        deltas.append(detok.take())
+    deltas.append(detok.take(final=True))
+    assert detok.stopped
+    assert "".join(deltas) == " The "

@@ -294,3 +294,9 @@ def test_every_tensor_the_sampler_builds_is_on_the_logits_device(monkeypatch):
     ]
     Sampler()(logits, rows)
     assert calls == []
+
+
+def test_top_p_zero_keeps_the_most_likely_token():
+    logits = torch.tensor([[0.1, 2.0, 1.0]])
+    filter_logits(logits, torch.tensor([0]), torch.tensor([0.0]), torch.tensor([0.0]))
+    assert torch.isfinite(logits[0]).tolist() == [False, True, False]
