@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
+import importlib.metadata
 import json
 import time
 import uuid
@@ -12,6 +14,7 @@ from collections.abc import AsyncIterator
 from functools import lru_cache
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -31,6 +34,7 @@ class OpenAIServer:
         self.model_name = self.llm.model_name
         self.api_key = api_key
         self.created = int(time.time())
+        self.system_fingerprint = _fingerprint(self.llm.loaded.name or self.model_name, self.llm.loaded.spec.dtype)
         self.token_text = lru_cache(maxsize=65536)(
             lambda token_id: self.tokenizer.decode([token_id], skip_special_tokens=False))
 
@@ -95,7 +99,7 @@ class OpenAIServer:
             return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
         return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
-                            for lp in delta.logprobs]}
+                            for lp in delta.logprobs], "refusal": None}
 
     def _completion_logprobs(self, delta: CompletionDelta, offset: int) -> dict | None:
         if delta.logprobs is None:
@@ -105,7 +109,7 @@ class OpenAIServer:
             text = self.token_text(lp.token_id)
             tokens.append(text)
             token_logprobs.append(lp.logprob)
-            top.append({self.token_text(t): v for t, v in lp.top} if lp.top else None)
+            top.append({self.token_text(t): v for t, v in lp.top})  # logprobs=0: {}; the spec allows no null
             offsets.append(offset)
             offset += len(text)
         return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
@@ -174,24 +178,30 @@ class OpenAIServer:
                                  prompt=parsed.messages or parsed.prompt, completion=[c.text for c in choices])
         if chat:
             body = {"id": request_id, "object": "chat.completion", "created": created, "model": self.model_name,
-                    "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                    "choices": [{"index": c.index,
+                                 "message": {"role": "assistant", "content": c.text, "refusal": None},
                                  "logprobs": self._chat_logprobs(c), "finish_reason": c.finish_reason}
                                 for c in choices],
-                    "usage": self._usage(out), "system_fingerprint": None}
+                    "usage": self._usage(out), "system_fingerprint": self.system_fingerprint}
         else:
+            echoed = len(self._echo_text(parsed, ids))  # text_offset counts from the start of `text`
             body = {"id": request_id, "object": "text_completion", "created": created, "model": self.model_name,
-                    "choices": [{"index": c.index, "text": c.text, "logprobs": self._completion_logprobs(c, 0),
+                    "choices": [{"index": c.index, "text": c.text, "logprobs": self._completion_logprobs(c, echoed),
                                  "finish_reason": c.finish_reason} for c in choices],
-                    "usage": self._usage(out), "system_fingerprint": None}
+                    "usage": self._usage(out), "system_fingerprint": self.system_fingerprint}
         return JSONResponse(body)
+
+    def _echo_text(self, parsed: ParsedRequest, ids: list[int]) -> str:
+        if not parsed.echo:
+            return ""
+        return parsed.prompt if isinstance(parsed.prompt, str) else self.tokenizer.decode(ids)
 
     async def _collect(self, stream: AsyncIterator[RequestOutput], parsed: ParsedRequest, ids: list[int]):
         choices = {i: CompletionDelta(i, logprobs=[] if parsed.params.logprobs else None)
                    for i in range(parsed.params.n)}
-        if parsed.echo:
-            echo = parsed.prompt if isinstance(parsed.prompt, str) else self.tokenizer.decode(ids)
-            for c in choices.values():
-                c.text = echo
+        echo = self._echo_text(parsed, ids)
+        for c in choices.values():
+            c.text = echo
         out = None
         async for out in _engine_errors(stream):
             for d in out.outputs:
@@ -206,19 +216,21 @@ class OpenAIServer:
     async def _stream(self, stream, parsed: ParsedRequest, request_id: str, created: int, chat: bool,
                       ids: list[int], caller_request_id: str | None = None) -> AsyncIterator[str]:
         obj = "chat.completion.chunk" if chat else "text_completion"
-        usage_field = {"usage": None} if parsed.include_usage else {}
-        offsets = dict.fromkeys(range(parsed.params.n), 0)
+        # chat chunks carry `usage: null` until the usage chunk; a completion's `usage` may not be null, so
+        # its chunks leave it out
+        usage_field = {"usage": None} if parsed.include_usage and chat else {}
+        echo = self._echo_text(parsed, ids)
+        offsets = dict.fromkeys(range(parsed.params.n), len(echo))
 
         def chunk(choices: list[dict]) -> str:
             payload = {"id": request_id, "object": obj, "created": created, "model": self.model_name,
-                       "choices": choices, "system_fingerprint": None, **usage_field}
+                       "choices": choices, "system_fingerprint": self.system_fingerprint, **usage_field}
             return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
         if chat:
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None} for i in range(parsed.params.n)])
         elif parsed.echo:
-            echo = parsed.prompt if isinstance(parsed.prompt, str) else self.tokenizer.decode(ids)
             yield chunk([{"index": i, "text": echo, "logprobs": None, "finish_reason": None}
                          for i in range(parsed.params.n)])
         out = None
@@ -251,9 +263,18 @@ class OpenAIServer:
                                  completion=list(texts.values()) if texts is not None else None)
         if parsed.include_usage and out is not None:
             payload = {"id": request_id, "object": obj, "created": created, "model": self.model_name,
-                       "choices": [], "system_fingerprint": None, "usage": self._usage(out)}
+                       "choices": [], "system_fingerprint": self.system_fingerprint, "usage": self._usage(out)}
             yield f"data: {json.dumps(payload)}\n\n"
         yield "data: [DONE]\n\n"
+
+
+def _fingerprint(model: str, dtype) -> str:
+    """`system_fingerprint`: which engine build serves which weights at which precision."""
+    try:
+        version = importlib.metadata.version("maas")
+    except importlib.metadata.PackageNotFoundError:
+        version = "dev"
+    return "fp_" + hashlib.sha256(f"{version}:{model}:{dtype}".encode()).hexdigest()[:10]
 
 
 async def _engine_errors(stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
@@ -299,6 +320,19 @@ def build_app(engine: AsyncEngine, *, api_key: str | None = None) -> Starlette:
     async def on_api_error(request: Request, exc: APIError) -> Response:
         return JSONResponse(exc.body(), status_code=exc.status)
 
+    async def on_http_error(request: Request, exc: HTTPException) -> Response:
+        """The router's 404 and 405 in the OpenAI error shape (with the gateway's wording), not plain text."""
+        if exc.status_code == 404:
+            message, code = f"Invalid URL ({request.method} {request.url.path})", "unknown_url"
+        elif exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow", "")
+            message, code = f"Method {request.method} is not allowed on {request.url.path}. Allowed: {allowed}.", None
+        else:
+            message, code = exc.detail, None
+        error = APIError(message, status=exc.status_code, code=code,
+                         type="server_error" if exc.status_code >= 500 else "invalid_request_error")
+        return JSONResponse(error.body(), status_code=exc.status_code, headers=exc.headers)
+
     async def on_server_error(request: Request, exc: Exception) -> Response:
         return JSONResponse(APIError(f"internal error: {exc}", status=500, type="server_error").body(),
                             status_code=500)
@@ -319,7 +353,7 @@ def build_app(engine: AsyncEngine, *, api_key: str | None = None) -> Starlette:
             Route("/health", server.health, methods=["GET"]),
             Route("/metrics", server.metrics, methods=["GET"]),
         ],
-        exception_handlers={APIError: on_api_error, Exception: on_server_error},
+        exception_handlers={APIError: on_api_error, HTTPException: on_http_error, Exception: on_server_error},
         lifespan=lifespan,
     )
     app.state.server = server
