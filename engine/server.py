@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from engine import telemetry
-from engine.async_engine import AsyncEngine, EngineOverloadedError
+from engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError
 from engine.llm_engine import CompletionDelta, ContextLengthError, RequestOutput
 from engine.protocol import APIError, ParsedRequest, invalid, parse_chat_request, parse_completion_request
 from engine.sampling_params import SamplingParamError
@@ -162,8 +162,8 @@ class OpenAIServer:
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         try:
             stream = self.engine.generate(request_id, ids, parsed.params, cache_salt=parsed.cache_salt)
-        except EngineOverloadedError as exc:
-            raise APIError(str(exc), status=503, type="server_error", code="engine_overloaded") from None
+        except RuntimeError as exc:  # overloaded, or not running
+            raise engine_error(exc) from None
         created = int(time.time())
         if parsed.stream:
             return StreamingResponse(self._stream(stream, parsed, request_id, created, chat, ids,
@@ -277,19 +277,27 @@ def _fingerprint(model: str, dtype) -> str:
     return "fp_" + hashlib.sha256(f"{version}:{model}:{dtype}".encode()).hexdigest()[:10]
 
 
+def engine_error(exc: Exception) -> APIError:
+    """The OpenAI error for a failure inside the engine."""
+    if isinstance(exc, EngineOverloadedError):
+        return APIError(str(exc), status=503, type="server_error", code="engine_overloaded")
+    if isinstance(exc, ContextLengthError):
+        return APIError(str(exc), param=exc.param, code="context_length_exceeded")
+    if isinstance(exc, SamplingParamError):
+        return invalid(str(exc), exc.param)
+    if isinstance(exc, EngineDeadError):
+        return APIError(str(exc), status=503, type="server_error", code="engine_unavailable")
+    # RequestFailedError: this request alone
+    return APIError(str(exc), status=500, type="server_error", code="engine_error")
+
+
 async def _engine_errors(stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
     """Engine-side failures become OpenAI errors."""
     try:
         async for out in stream:
             yield out
-    except EngineOverloadedError as exc:
-        raise APIError(str(exc), status=503, type="server_error", code="engine_overloaded") from None
-    except ContextLengthError as exc:
-        raise APIError(str(exc), param=exc.param, code="context_length_exceeded") from None
-    except SamplingParamError as exc:
-        raise invalid(str(exc), exc.param) from None
-    except RuntimeError as exc:
-        raise APIError(str(exc), status=500, type="server_error") from None
+    except (RuntimeError, ValueError) as exc:
+        raise engine_error(exc) from None
 
 
 async def _until_disconnect(request: Request, work):
