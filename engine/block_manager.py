@@ -4,6 +4,14 @@ A full block is named by a SHA-256 chained over the previous block's hash and it
 starts from a hash of the model key and the request's cache salt, so different models or tenants never
 share entries. A hit is also confirmed against the token ids the block holds. Freed blocks keep their
 contents and stay findable until the pool needs them; the least recently freed is reused first.
+
+A block is registered when it is allocated for a chunk that fills it, before the step runs, so a sequence
+admitted later in the same step (the other choices of an n > 1 request, or another request with the same
+prompt) takes it as a cached block instead of computing the prefix again. That is safe within one forward
+pass: every attention layer writes the K/V of all the step's tokens into the pool before any sequence
+reads its context through its block table (engine/layers/attention.py, paged_attention), so the later
+sequence reads, at each layer, what the earlier one has just written at that layer. A block whose sequence
+is freed before its chunk ran (its K/V were never written) is unregistered on free.
 """
 
 from __future__ import annotations
@@ -75,10 +83,14 @@ class BlockManager:
         return found
 
     def cache_full_blocks(self, seq: Sequence) -> None:
-        """Offer the blocks this sequence has filled completely to the prefix cache."""
+        """Offer the blocks this sequence has filled completely to the prefix cache (those registered at
+        allocation already are skipped)."""
+        self._register(seq, seq.num_computed_tokens // self.block_size)
+
+    def _register(self, seq: Sequence, num_full: int) -> None:
+        """Offer the seq's first `num_full` blocks (full, or filled by the chunk being scheduled)."""
         if not self.enable_prefix_caching:
             return
-        num_full = seq.num_computed_tokens // self.block_size
         bs = self.block_size
         for i in range(seq.num_registered_blocks, num_full):
             block = self.blocks[seq.block_table[i]]
@@ -111,7 +123,10 @@ class BlockManager:
         return self.blocks_needed(seq, num_new_tokens, cached_blocks) <= len(self.free)
 
     def allocate(self, seq: Sequence, num_new_tokens: int, cached_blocks: list[int] = ()) -> None:
-        """Give `seq` blocks for `num_new_tokens` more tokens, first taking the cached prefix blocks."""
+        """Give `seq` blocks for `num_new_tokens` more tokens, first taking the cached prefix blocks.
+
+        The caller schedules those tokens in this step: the blocks they fill completely are registered in
+        the prefix cache now (see the module docstring for why a same-step hit is safe)."""
         for block_id in cached_blocks:
             block = self.blocks[block_id]
             if block.ref_count == 0:
@@ -121,25 +136,38 @@ class BlockManager:
         if cached_blocks:
             seq.num_computed_tokens = len(seq.block_table) * self.block_size
             seq.num_registered_blocks = len(seq.block_table)
-        total = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size)
+        end = seq.num_computed_tokens + num_new_tokens
+        total = -(-end // self.block_size)
         for _ in range(total - len(seq.block_table)):
             seq.block_table.append(self._take_free_block())
+        self._register(seq, end // self.block_size)
 
     def _take_free_block(self) -> int:
         block_id, _ = self.free.popitem(last=False)
-        block = self.blocks[block_id]
-        if block.hash is not None:  # evict its cache entry
-            if self.cached.get(block.hash) == block_id:
+        self._uncache(self.blocks[block_id])
+        self.blocks[block_id].ref_count = 1
+        return block_id
+
+    def _uncache(self, block: Block) -> None:
+        if block.hash is not None:
+            if self.cached.get(block.hash) == block.block_id:
                 del self.cached[block.hash]
             block.hash = None
             block.token_ids = None
-        block.ref_count = 1
-        return block_id
 
     def free_blocks(self, seq: Sequence) -> None:
-        """Release the sequence's blocks; cached ones stay findable, tail blocks are evicted first."""
-        for block_id in reversed(seq.block_table):
+        """Release the sequence's blocks; cached ones stay findable, tail blocks are evicted first.
+
+        Blocks past the computed ones were registered for a chunk that has not run (the sequence is
+        preempted, aborted or failed between scheduling and the end of its step): their K/V may never have
+        been written, so they leave the prefix cache. (Cached prefix blocks a sequence took count as
+        computed: they lie below num_computed_tokens.)"""
+        num_computed_blocks = seq.num_computed_tokens // self.block_size
+        for i in range(len(seq.block_table) - 1, -1, -1):
+            block_id = seq.block_table[i]
             block = self.blocks[block_id]
+            if i >= num_computed_blocks:
+                self._uncache(block)
             block.ref_count -= 1
             if block.ref_count == 0:
                 self.free[block_id] = None

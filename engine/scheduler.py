@@ -54,6 +54,10 @@ class Scheduler:
         return num_prompt_tokens < self.max_model_len
 
     def schedule(self) -> ScheduledBatch:
+        """This step's sequences and token counts. Allocation registers the blocks each chunk will fill,
+        so a sequence admitted after another with the same prompt (the choices of an n > 1 request)
+        takes that prefix as cached blocks in this very step and computes only its tail; the forward
+        pass writes every layer's K/V before any sequence reads them (see engine/block_manager.py)."""
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
         bm = self.block_manager

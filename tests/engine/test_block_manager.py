@@ -166,3 +166,57 @@ def test_can_allocate_with_a_cached_prefix_counts_the_blocks_after_it():
     assert bm.can_allocate(b, 5, cached)
     bm.allocate(b, 5, cached)
     assert len(b.block_table) == 4 and bm.num_free_blocks == 0
+
+
+# -- blocks a scheduled chunk fills are findable in the same step -----------------------------------
+
+
+def schedule_chunk(bm: BlockManager, seq: Sequence, n: int) -> list[int]:
+    """Allocate like the scheduler does on admission, without running the step (nothing computed yet)."""
+    cached = bm.find_cached_blocks(seq)
+    assert bm.can_allocate(seq, n, cached)
+    bm.allocate(seq, n, cached)
+    return cached
+
+
+def test_blocks_a_scheduled_chunk_will_fill_are_found_before_the_step_runs():
+    bm = BlockManager(16, BS)
+    a = make_seq(range(100, 110))  # 2 full blocks + 2 tokens
+    schedule_chunk(bm, a, 10)
+    b = make_seq(range(100, 110))  # the same prompt, admitted in the same step
+    cached = schedule_chunk(bm, b, 2)
+    assert cached == a.block_table[:2]
+    assert b.num_computed_tokens == 8 and b.block_table[2] != a.block_table[2]
+    assert bm.num_free_blocks == 16 - 4  # a's 3 blocks + b's own last block
+    assert bm.prefix_queries == 20 and bm.prefix_hits == 8
+
+
+def test_only_blocks_the_chunk_fills_completely_are_registered():
+    bm = BlockManager(16, BS)
+    a = make_seq(range(100, 112))  # 3 full blocks
+    schedule_chunk(bm, a, 6)  # a chunk of 6: fills block 0, half of block 1
+    assert len(bm.find_cached_blocks(make_seq(range(100, 112)))) == 1
+    a.num_computed_tokens += 6
+    bm.cache_full_blocks(a)
+    bm.allocate(a, 6)  # the next chunk fills blocks 1 and 2
+    assert len(bm.find_cached_blocks(make_seq(range(100, 113)))) == 3
+
+
+def test_a_block_registered_at_allocation_but_never_computed_is_not_served_after_free():
+    bm = BlockManager(8, BS)
+    a = make_seq(range(100, 110))
+    schedule_chunk(bm, a, 10)
+    bm.free_blocks(a)  # preempted or aborted before its step ran: the blocks hold no K/V
+    assert bm.find_cached_blocks(make_seq(range(100, 110))) == []
+    assert bm.cached == {} and all(bm.blocks[b].hash is None for b in range(8))
+
+
+def test_computed_blocks_stay_cached_after_free_while_the_uncomputed_tail_does_not():
+    bm = BlockManager(8, BS)
+    a = make_seq(range(100, 117))  # 4 full blocks + 1 token
+    schedule_chunk(bm, a, 8)
+    a.num_computed_tokens += 8  # the first chunk ran
+    bm.cache_full_blocks(a)
+    bm.allocate(a, 8)  # the second chunk is scheduled, then a is freed before it runs
+    bm.free_blocks(a)
+    assert len(bm.find_cached_blocks(make_seq(range(100, 117)))) == 2

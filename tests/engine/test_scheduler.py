@@ -140,3 +140,62 @@ def test_admission_uses_prefix_cache_and_records_cached_tokens():
     sched.add(second)
     batch, plan = run_step(sched)
     assert second.num_cached_tokens == 12 and plan[second.seq_id] == 1
+
+
+def test_identical_prompts_in_one_step_compute_the_prefix_once():
+    sched = make_scheduler(num_blocks=64, budget=64)
+    seqs = [Sequence("r", list(range(1, 14)), SamplingParams(n=4), max_tokens=10, index=i) for i in range(4)]
+    for s in seqs:
+        sched.add(s)
+    batch, plan = run_step(sched)
+    assert len(batch.seqs) == 4
+    assert [plan[s.seq_id] for s in seqs] == [13, 1, 1, 1]  # the 3 full blocks are computed once
+    assert [s.num_cached_tokens for s in seqs] == [0, 12, 12, 12]
+    assert all(s.block_table[:3] == seqs[0].block_table[:3] for s in seqs)
+    bm = sched.block_manager
+    assert bm.num_free_blocks == 64 - (4 + 3)  # one prompt's blocks + one last block per other choice
+    assert bm.prefix_queries == 4 * 13 and bm.prefix_hits == 3 * 12
+
+
+def test_prefix_stats_do_not_count_a_lookup_whose_admission_failed():
+    sched = make_scheduler(num_blocks=5, budget=64)
+    first, second = make_seq(13, "first"), make_seq(13, "second")
+    big = Sequence("big", list(range(50, 67)), SamplingParams(), max_tokens=10)  # 5 blocks: cannot fit now
+    sched.add(first)
+    sched.add(big)
+    sched.add(second)
+    batch, plan = run_step(sched)
+    assert list(plan) == [first.seq_id] and sched.waiting[0] is big
+    bm = sched.block_manager
+    assert bm.prefix_queries == 13 and bm.prefix_hits == 0
+
+
+def test_identical_prompts_in_one_step_give_the_same_greedy_tokens_as_alone():
+    import torch
+
+    from engine import LLM
+    from tests.engine.checkpoints import tiny_checkpoint
+
+    torch.set_num_threads(2)
+    path = str(tiny_checkpoint("llama"))
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    prompt = list(range(10, 31))  # 21 tokens: 5 full blocks of 4 + 1
+    alone = LLM(path, block_size=4, num_kv_blocks=64, enable_prefix_caching=False).generate([prompt], greedy)
+    expected = alone[0].outputs[0].token_ids
+
+    llm = LLM(path, block_size=4, num_kv_blocks=64)
+    scheduler = llm.engine.scheduler
+    batches = []
+    schedule = scheduler.schedule
+
+    def recording_schedule():
+        batch = schedule()
+        batches.append(list(batch.num_new_tokens))
+        return batch
+
+    scheduler.schedule = recording_schedule
+    n4 = SamplingParams(n=4, temperature=0, max_tokens=8, ignore_eos=True)
+    outs = llm.generate([prompt, prompt], [n4, greedy])  # 5 sequences with one prompt, all in step one
+    assert batches[0] == [21, 1, 1, 1, 1]  # the prefix is computed once
+    assert [c.token_ids for out in outs for c in out.outputs] == [expected] * 5
+    assert outs[0].num_cached_tokens == 0 and outs[1].num_cached_tokens == 20
