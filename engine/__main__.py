@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-tokens-per-request", type=int, default=32768,
                        help="most tokens one request may generate over all its choices (n x max_tokens); "
                             "without max_tokens a choice gets up to the context length and at most this / n")
+    serve.add_argument("--keepalive-interval", type=float, default=15.0,
+                       help="a non-streamed answer still generating after this many seconds gets its 200 and then "
+                            "a space every this many seconds until the JSON, so proxies never time out on silence")
     serve.add_argument("--fatal-exit-delay", type=float, default=2.0,
                        help="seconds between an engine failure (reported by /health) and the process exiting "
                             "with status 1, for its supervisor to restart it")
@@ -71,7 +74,7 @@ def serve(args: argparse.Namespace) -> None:
     llm_engine = LLMEngine(config)
     install_test_fault(llm_engine, os.environ.get("ENGINE_TEST_FAULT"))
     engine = AsyncEngine(llm_engine, on_fatal=lambda exc: exit_soon(args.fatal_exit_delay))
-    app = build_app(engine, api_key=args.api_key)
+    app = build_app(engine, api_key=args.api_key, keepalive_interval=args.keepalive_interval)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5,
                 **({"log_config": log_config} if log_config else {}))
 

@@ -27,8 +27,9 @@ from engine.sampling_params import SamplingParamError
 
 
 class OpenAIServer:
-    def __init__(self, engine: AsyncEngine, *, api_key: str | None = None):
+    def __init__(self, engine: AsyncEngine, *, api_key: str | None = None, keepalive_interval: float = 15.0):
         self.engine = engine
+        self.keepalive_interval = keepalive_interval  # non-streamed answers: seconds of silence at most
         self.llm = engine.engine
         self.tokenizer = self.llm.tokenizer
         self.model_name = self.llm.model_name
@@ -115,12 +116,18 @@ class OpenAIServer:
         return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
 
     # -- endpoints ------------------------------------------------------------------------------
+    def _model_object(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "maas",
+                "max_model_len": self.llm.scheduler.max_model_len}
+
     async def models(self, request: Request) -> Response:
         self._authorize(request)
-        return JSONResponse({"object": "list", "data": [{
-            "id": self.model_name, "object": "model", "created": self.created, "owned_by": "maas",
-            "max_model_len": self.llm.scheduler.max_model_len,
-        }]})
+        return JSONResponse({"object": "list", "data": [self._model_object()]})
+
+    async def model(self, request: Request) -> Response:
+        self._authorize(request)
+        self._check_model(request.path_params["model"])
+        return JSONResponse(self._model_object())
 
     async def health(self, request: Request) -> Response:
         if self.engine.healthy:
@@ -169,27 +176,53 @@ class OpenAIServer:
             return StreamingResponse(self._stream(stream, parsed, request_id, created, chat, ids,
                                                   caller_request_id=request.headers.get("x-request-id")),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        final = await _until_disconnect(request, self._collect(stream, parsed, ids))
-        if final is None:
-            return Response(status_code=499)
-        out, choices = final
+        answer = asyncio.ensure_future(self._answer(stream, parsed, request_id, created, chat, ids,
+                                                    request.headers.get("x-request-id")))
+        gone = asyncio.ensure_future(_disconnected(request))
+        done, _ = await asyncio.wait({answer, gone}, timeout=self.keepalive_interval,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if answer not in done:
+            if gone in done:
+                answer.cancel()  # aborts the request in the engine
+                return Response(status_code=499)
+            gone.cancel()
+            # A long answer: send the 200 now and whitespace (valid before JSON) while it is generated, so
+            # that no proxy's read timeout fires on silence; a failure after this is an error body.
+            return StreamingResponse(self._keepalive(answer), media_type="application/json")
+        gone.cancel()
+        return JSONResponse(answer.result())
+
+    async def _keepalive(self, answer: asyncio.Future) -> AsyncIterator[bytes]:
+        try:
+            while not (await asyncio.wait({answer}, timeout=self.keepalive_interval))[0]:
+                yield b" "
+            try:
+                body = answer.result()
+            except APIError as exc:
+                body = exc.body()
+            yield json.dumps(body).encode()
+        finally:
+            answer.cancel()  # the client left (Starlette cancels the stream): abort the request
+
+    async def _answer(self, stream: AsyncIterator[RequestOutput], parsed: ParsedRequest, request_id: str,
+                      created: int, chat: bool, ids: list[int], caller_request_id: str | None) -> dict:
+        """The whole (non-streamed) response body."""
+        out, choices = await self._collect(stream, parsed, ids)
         telemetry.record_request(out, model=self.model_name, finish_reasons=[c.finish_reason for c in choices],
-                                 request_id=request.headers.get("x-request-id"),
+                                 request_id=caller_request_id,
                                  prompt=parsed.messages or parsed.prompt, completion=[c.text for c in choices])
         if chat:
-            body = {"id": request_id, "object": "chat.completion", "created": created, "model": self.model_name,
+            return {"id": request_id, "object": "chat.completion", "created": created, "model": self.model_name,
                     "choices": [{"index": c.index,
                                  "message": {"role": "assistant", "content": c.text, "refusal": None},
                                  "logprobs": self._chat_logprobs(c), "finish_reason": c.finish_reason}
                                 for c in choices],
                     "usage": self._usage(out), "system_fingerprint": self.system_fingerprint}
-        else:
-            echoed = len(self._echo_text(parsed, ids))  # text_offset counts from the start of `text`
-            body = {"id": request_id, "object": "text_completion", "created": created, "model": self.model_name,
-                    "choices": [{"index": c.index, "text": c.text, "logprobs": self._completion_logprobs(c, echoed),
-                                 "finish_reason": c.finish_reason} for c in choices],
-                    "usage": self._usage(out), "system_fingerprint": self.system_fingerprint}
-        return JSONResponse(body)
+        echoed = len(self._echo_text(parsed, ids))  # text_offset counts from the start of `text`
+        return {"id": request_id, "object": "text_completion", "created": created, "model": self.model_name,
+                "choices": [{"index": c.index, "text": c.text, "logprobs": self._completion_logprobs(c, echoed),
+                             "finish_reason": c.finish_reason} for c in choices],
+                "usage": self._usage(out), "system_fingerprint": self.system_fingerprint}
 
     def _echo_text(self, parsed: ParsedRequest, ids: list[int]) -> str:
         if not parsed.echo:
@@ -300,30 +333,14 @@ async def _engine_errors(stream: AsyncIterator[RequestOutput]) -> AsyncIterator[
         raise engine_error(exc) from None
 
 
-async def _until_disconnect(request: Request, work):
-    """Run `work`; if the client disconnects first, cancel it (its request is aborted) and return None."""
-    task = asyncio.ensure_future(work)
-
-    async def watch() -> None:
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                task.cancel()
-                return
-
-    watcher = asyncio.ensure_future(watch())
-    try:
-        return await task
-    except asyncio.CancelledError:
-        if watcher.done():
-            return None
-        raise
-    finally:
-        watcher.cancel()
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read, so only that message can come)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
-def build_app(engine: AsyncEngine, *, api_key: str | None = None) -> Starlette:
-    server = OpenAIServer(engine, api_key=api_key)
+def build_app(engine: AsyncEngine, *, api_key: str | None = None, keepalive_interval: float = 15.0) -> Starlette:
+    server = OpenAIServer(engine, api_key=api_key, keepalive_interval=keepalive_interval)
 
     async def on_api_error(request: Request, exc: APIError) -> Response:
         return JSONResponse(exc.body(), status_code=exc.status)
@@ -355,6 +372,7 @@ def build_app(engine: AsyncEngine, *, api_key: str | None = None) -> Starlette:
     app = Starlette(
         routes=[
             Route("/v1/models", server.models, methods=["GET"]),
+            Route("/v1/models/{model:path}", server.model, methods=["GET"]),
             Route("/v1/chat/completions", server.chat_completions, methods=["POST"]),
             Route("/v1/completions", server.completions, methods=["POST"]),
             Route("/tokenize", server.tokenize, methods=["POST"]),

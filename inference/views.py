@@ -289,8 +289,14 @@ class Forward:
                 self.meter.http_status = error.status
                 raise error
             try:
-                self.meter.take_usage(json.loads(content).get("usage"))
-            except (ValueError, AttributeError):
+                body = json.loads(content)
+                if "error" in body:
+                    # A long answer's 200 was already sent (keep-alive whitespace) when the engine failed.
+                    error = proxy.upstream_error_response(502, content)
+                    self.meter.status, self.meter.http_status = UsageStatus.UPSTREAM_ERROR, error.status
+                    raise error
+                self.meter.take_usage(body.get("usage"))
+            except (ValueError, AttributeError, TypeError):
                 self.meter.status, self.meter.http_status = UsageStatus.UPSTREAM_ERROR, 502
                 raise GatewayError(502, "The model server sent an invalid response.", "server_error", "upstream_error") from None
             self.meter.mark_first_token()

@@ -185,6 +185,12 @@ def test_models_list_validates(api):
     body = ok(api.get(MODELS)).json()
     validate_response(MODELS, "get", 200, body)
     assert [m["id"] for m in body["data"]] == [MODEL]
+    one = ok(api.get(f"{MODELS}/{MODEL}")).json()
+    validate_response(f"{MODELS}/{MODEL}", "get", 200, one)
+    assert one == body["data"][0]
+    missing = api.get(f"{MODELS}/no-such-model")
+    assert missing.status_code == 404
+    validate_error(missing.json())
 
 
 @slow

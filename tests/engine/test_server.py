@@ -18,7 +18,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="session")
 def server():
     process, url = start_engine(demo_model_path(), "--served-model-name", MODEL, "--kv-cache-memory", "128MiB",
-                                "--max-model-len", "1024", "--threads", "2", "--log-level", "warning")
+                                "--max-model-len", "1024", "--threads", "2", "--log-level", "warning",
+                                "--keepalive-interval", "1")
     yield url
     stop(process, timeout=20)
 
@@ -134,7 +135,7 @@ def test_errors(client):
         )
     assert info.value.param == "temperature" and info.value.type == "invalid_request_error"
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], top_p=0)
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], top_p=1.5)
     assert info.value.param == "top_p"
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=MODEL, messages=[])
@@ -219,11 +220,29 @@ def test_client_disconnect_frees_blocks(server):
         time.sleep(0.2)
 
 
+def test_long_non_streamed_answer_keeps_the_connection_alive_and_a_disconnect_then_aborts(server):
+    body = {"model": MODEL, "prompt": "Tell me a very long story.", "max_tokens": 900, "ignore_eos": True}
+    generated_before = metric(server, "engine_generation_tokens_total")
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=httpx.Timeout(10, read=2)) as resp:
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("application/json")
+        received = b""
+        for part in resp.iter_raw():
+            received += part
+            if len(received) >= 2:
+                break
+        assert received.strip() == b""  # spaces while generating (JSON allows them before the value)
+    deadline = time.monotonic() + 30
+    while metric(server, "engine_num_requests_running") != 0 or metric(server, "engine_kv_cache_usage_ratio") != 0:
+        assert time.monotonic() < deadline, "the abandoned request is still running"
+        time.sleep(0.2)
+    assert metric(server, "engine_generation_tokens_total") - generated_before < 900  # stopped early
+
+
 def test_non_streaming_client_disconnect_aborts(server):
     body = {"model": MODEL, "prompt": "Tell me a very long story.", "max_tokens": 900, "ignore_eos": True}
     generated_before = metric(server, "engine_generation_tokens_total")
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server}/v1/completions", json=body, timeout=httpx.Timeout(10, read=3))
+        httpx.post(f"{server}/v1/completions", json=body, timeout=httpx.Timeout(10, read=0.5))  # before the 200
     deadline = time.monotonic() + 30
     while metric(server, "engine_num_requests_running") != 0 or metric(server, "engine_kv_cache_usage_ratio") != 0:
         assert time.monotonic() < deadline, "the abandoned request is still running"

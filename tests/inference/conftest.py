@@ -132,6 +132,6 @@ def engine_server():
     from engine.loader import demo_model_path
 
     process, url = start_engine(demo_model_path(), "--served-model-name", "smollm2", "--threads", "1",
-                                "--max-model-len", "2048", "--log-level", "warning")
+                                "--max-model-len", "2048", "--log-level", "warning", "--keepalive-interval", "0.5")
     yield url
     stop(process)

@@ -1,8 +1,8 @@
 """A small OpenAI-compatible upstream with purpose-built faults, run as its own process by the gateway
 tests and the overhead benchmark: `python tests/inference/stub_upstream.py --port P`.
 
-The behaviour of each request is picked by the extra body field `stub_mode` (the gateway passes
-unknown fields through): "ok" (default), "stall" (never answers in time), "stall_midway" (stream: a few
+The behaviour of each request is picked by its `user` field, `"stub:MODE"` (the gateway passes `user`
+through; it refuses unknown fields): "ok" (default), "stall" (never answers in time), "stall_midway" (stream: a few
 chunks, then silence), "close_midway" (stream: a few chunks, then the connection drops), "error500",
 "slow_stream" (one chunk per 50 ms, for disconnect tests). GET /_requests returns what it received.
 """
@@ -41,7 +41,12 @@ def usage(body: dict, completion: int) -> dict:
 
 def completion_length(body: dict) -> int:
     limit = body.get("max_completion_tokens") or body.get("max_tokens") or 8
-    return min(int(limit), 8) if body.get("stub_mode", "ok") in ("ok", "stall_midway", "close_midway") else int(limit)
+    return min(int(limit), 8) if stub_mode(body) in ("ok", "stall_midway", "close_midway") else int(limit)
+
+
+def stub_mode(body: dict) -> str:
+    user = body.get("user") or ""
+    return user.removeprefix("stub:") if user.startswith("stub:") else "ok"
 
 
 async def health(request: Request) -> Response:
@@ -75,7 +80,7 @@ def chunk(rid: str, chat: bool, model: str, text: str | None, finish: str | None
 async def generate(request: Request) -> Response:
     body = await request.json()
     chat = request.url.path.endswith("/chat/completions")
-    mode = body.get("stub_mode", "ok")
+    mode = stub_mode(body)
     rid = request.headers.get("x-request-id", "none")
     RECEIVED.append({"path": request.url.path, "body": body, "headers": dict(request.headers)})
     event = EVENTS.setdefault(rid, {"yielded": 0, "cancelled": False, "finished": False})

@@ -191,11 +191,18 @@ def test_invalid_bodies_are_400_with_param(gateway, tenant, body, param):
     assert not UsageRecord.objects.exists()
 
 
-def test_sdk_raises_bad_request_and_unknown_fields_pass_through(gateway, stub_upstream, tenant):
+def test_sdk_raises_bad_request_extensions_pass_through_and_unknown_fields_are_refused(gateway, stub_upstream,
+                                                                                       tenant):
     client = client_for(gateway, tenant.raw_key)
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model="stub-model", messages=MESSAGES, top_p=2)
     assert err.value.param == "top_p"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="stub-model", messages=MESSAGES, extra_body={"frobnicate": 1})
+    assert err.value.param == "frobnicate" and err.value.code == "unknown_parameter"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="stub-model", messages=MESSAGES, response_format={"type": "json_object"})
+    assert err.value.param == "response_format" and err.value.code == "unsupported_parameter"
     client.chat.completions.create(model="stub-model", messages=MESSAGES, extra_body={"top_k": 5})
     seen = httpx.get(f"{stub_upstream}/_requests").json()["received"]
     assert seen[-1]["body"]["top_k"] == 5
@@ -272,13 +279,13 @@ def test_org_concurrency_cap(gateway, stub_model):
     tenant.organization.max_concurrent_requests = 1
     tenant.organization.save()
     auth = {"authorization": f"Bearer {tenant.raw_key}"}
-    body = {"model": "stub-model", "messages": MESSAGES, "max_tokens": 40, "stream": True, "stub_mode": "slow_stream"}
+    body = {"model": "stub-model", "messages": MESSAGES, "max_tokens": 40, "stream": True, "user": "stub:slow_stream"}
     with httpx.stream("POST", f"{gateway}/v1/chat/completions", json=body, headers=auth, timeout=30) as held:
         assert held.status_code == 200
         second = httpx.post(f"{gateway}/v1/chat/completions", json={**body, "stream": False}, headers=auth)
         assert second.status_code == 429 and second.json()["error"]["code"] == "rate_limit_exceeded"
         held.read()
-    third = httpx.post(f"{gateway}/v1/chat/completions", json={**body, "stub_mode": "ok"}, headers=auth)
+    third = httpx.post(f"{gateway}/v1/chat/completions", json={**body, "user": "stub:ok"}, headers=auth)
     assert third.status_code == 200
 
 

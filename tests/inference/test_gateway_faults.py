@@ -96,7 +96,7 @@ def test_engine_timing_out_is_504_and_recorded(gateway, tenant):
     started = time.monotonic()
     with pytest.raises(openai.InternalServerError) as err:
         client_for(gateway, tenant).chat.completions.create(
-            model="stub-model", messages=MESSAGES, max_tokens=5, extra_body={"stub_mode": "stall"}
+            model="stub-model", messages=MESSAGES, max_tokens=5, user="stub:stall"
         )
     assert err.value.status_code == 504 and err.value.code == "upstream_timeout"
     assert time.monotonic() - started < 10  # the gateway's read timeout is 3 s in the test process
@@ -108,7 +108,7 @@ def test_engine_timing_out_is_504_and_recorded(gateway, tenant):
 def test_engine_500_is_502_and_recorded(gateway, tenant):
     with pytest.raises(openai.InternalServerError) as err:
         client_for(gateway, tenant).chat.completions.create(
-            model="stub-model", messages=MESSAGES, max_tokens=5, extra_body={"stub_mode": "error500"}
+            model="stub-model", messages=MESSAGES, max_tokens=5, user="stub:error500"
         )
     assert err.value.status_code == 502
     assert UsageRecord.objects.get().status == UsageStatus.UPSTREAM_ERROR
@@ -119,7 +119,7 @@ def test_engine_500_is_502_and_recorded(gateway, tenant):
                                               ("stall_midway", UsageStatus.UPSTREAM_TIMEOUT)])
 def test_stream_broken_midway_ends_with_error_event_and_charges_what_was_generated(gateway, stub_upstream, tenant, mode, status):
     stream = client_for(gateway, tenant).chat.completions.create(
-        model="stub-model", messages=MESSAGES, max_tokens=8, stream=True, extra_body={"stub_mode": mode}
+        model="stub-model", messages=MESSAGES, max_tokens=8, stream=True, user="stub:" + mode
     )
     received = []
     with pytest.raises(openai.APIError):
@@ -134,7 +134,7 @@ def test_stream_broken_midway_ends_with_error_event_and_charges_what_was_generat
 
 
 def test_client_disconnect_cancels_upstream_and_charges_generated_tokens(gateway, stub_upstream, tenant):
-    body = {"model": "stub-model", "messages": MESSAGES, "max_tokens": 200, "stream": True, "stub_mode": "slow_stream"}
+    body = {"model": "stub-model", "messages": MESSAGES, "max_tokens": 200, "stream": True, "user": "stub:slow_stream"}
     with httpx.stream("POST", f"{gateway}/v1/chat/completions", json=body,
                       headers={"authorization": f"Bearer {tenant.raw_key}"}, timeout=30) as response:
         request_id = response.headers["x-request-id"]
