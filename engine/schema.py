@@ -37,6 +37,7 @@ from engine.sampling_params import (
 )
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy completions endpoint
 
 
 class RequestError(ValueError):
@@ -233,6 +234,10 @@ class CompletionRequest(_GenerationRequest):
              | list[str] | list[list[TokenId]])
     echo: bool | None = None
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
+
+    @property
+    def max_completion(self) -> int:
+        return self.max_tokens if self.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS
 
     def _check(self) -> None:
         super()._check()

@@ -14,7 +14,6 @@ from engine import schema
 
 from .errors import GatewayError
 
-COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy completions endpoint
 PER_MESSAGE_OVERHEAD_TOKENS = 8  # role markers and separators a chat template adds around each message
 
 
@@ -65,7 +64,5 @@ def parse_completion(body: Any) -> InferenceRequest:
     request = _validated(schema.parse_completion, body)
     prompt = request.prompt
     prompt_bound = len(prompt) if isinstance(prompt, list) else len(prompt.encode())
-    if request.max_tokens is None:
-        body["max_tokens"] = COMPLETIONS_DEFAULT_MAX_TOKENS
     return InferenceRequest("completions", body, request.model, bool(request.stream), request.include_usage,
-                            prompt_bound, request.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS, request.n or 1)
+                            prompt_bound, request.max_completion, request.n or 1)

@@ -124,6 +124,7 @@ def test_completion_request_validation_names_the_field(body, param):
 
 def test_completion_request_accepts_token_ids_and_one_element_batches():
     assert parse_completion_request({"model": "m", "prompt": [1, 2, 3]}).prompt == [1, 2, 3]
+    assert parse_completion_request({"model": "m", "prompt": "x"}).params.max_tokens == 16  # OpenAI's default
     assert parse_completion_request({"model": "m", "prompt": ["hello"]}).prompt == "hello"
     parsed = parse_completion_request(
         {
