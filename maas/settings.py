@@ -43,9 +43,17 @@ if not SECRET_KEY:
     else:
         raise ImproperlyConfigured("SECRET_KEY must be set when DEBUG is off.")
 
-# Keyed hash secret for API keys and authorization codes; rotating SECRET_KEY must not
-# invalidate every key, so it can be set separately.
-API_KEY_HMAC_SECRET = os.environ.get("API_KEY_HMAC_SECRET", SECRET_KEY)
+# Keyed hash secret for API keys, authorization codes and invitation tokens. A job of its own:
+# rotating a leaked SECRET_KEY (sessions, signed links) must not invalidate every key and code,
+# so production requires it set, and different from SECRET_KEY.
+API_KEY_HMAC_SECRET = os.environ.get("API_KEY_HMAC_SECRET", "")
+if not API_KEY_HMAC_SECRET:
+    if DEBUG:
+        API_KEY_HMAC_SECRET = SECRET_KEY
+    else:
+        raise ImproperlyConfigured("API_KEY_HMAC_SECRET must be set when DEBUG is off (it keys API keys and codes).")
+elif API_KEY_HMAC_SECRET == SECRET_KEY and not DEBUG:
+    raise ImproperlyConfigured("API_KEY_HMAC_SECRET must differ from SECRET_KEY.")
 
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]" if DEBUG else "")
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS")
@@ -212,8 +220,11 @@ SESSION_COOKIE_HTTPONLY = True
 SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", default=not DEBUG)
 SECURE_REDIRECT_EXEMPT = [r"^health$", r"^metrics$"]
 SECURE_HSTS_SECONDS = 0 if DEBUG else env_int("SECURE_HSTS_SECONDS", 31536000)
-SECURE_HSTS_INCLUDE_SUBDOMAINS = not DEBUG
-SECURE_HSTS_PRELOAD = not DEBUG
+# Off unless asked for: includeSubDomains and preload bind every subdomain of the console's domain,
+# and preload lists are hard to leave. check --deploy's reminders about them are silenced below.
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS") and not DEBUG
+SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD") and not DEBUG
+SILENCED_SYSTEM_CHECKS = ["security.W005", "security.W021"]
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
 
@@ -235,6 +246,9 @@ GATEWAY_UPSTREAM_READ_TIMEOUT = env_float("GATEWAY_UPSTREAM_READ_TIMEOUT", 120.0
 GATEWAY_UPSTREAM_WRITE_TIMEOUT = env_float("GATEWAY_UPSTREAM_WRITE_TIMEOUT", 30.0)
 GATEWAY_UPSTREAM_POOL_TIMEOUT = env_float("GATEWAY_UPSTREAM_POOL_TIMEOUT", 10.0)
 GATEWAY_UPSTREAM_MAX_CONNECTIONS = env_int("GATEWAY_UPSTREAM_MAX_CONNECTIONS", 1000)
+# Idle pooled connections are dropped after this; keep it below the upstream's own idle timeout (our
+# engine's --timeout-keep-alive, 75 s by default), so we never write into a connection it is closing.
+GATEWAY_UPSTREAM_KEEPALIVE_EXPIRY = env_float("GATEWAY_UPSTREAM_KEEPALIVE_EXPIRY", 30.0)
 # A crashed request's reservation is released after this; must exceed the longest request.
 GATEWAY_RESERVATION_TTL_SECONDS = env_int("GATEWAY_RESERVATION_TTL_SECONDS", 900)
 # Added to the byte-count bound on prompt tokens (chat template, default system prompt).
