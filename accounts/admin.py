@@ -6,8 +6,10 @@ Authorization codes and entitlements live in accounts/admin_codes.py.
 from __future__ import annotations
 
 from django.contrib import admin, messages
+from django.contrib.auth.admin import GroupAdmin
 from django.contrib.auth.admin import UserAdmin as BaseUserAdmin
 from django.contrib.auth.forms import AdminUserCreationForm, UserChangeForm
+from django.contrib.auth.models import Group
 from django.utils import timezone
 
 from .models import APIKey, Invitation, Membership, Organization, User
@@ -55,6 +57,53 @@ class UserAdmin(BaseUserAdmin):
     )
     add_fieldsets = ((None, {"classes": ("wide",), "fields": ("email", "usable_password", "password1", "password2")}),)
 
+    # Only superusers hand out staff status, superuser status, groups and permissions; other staff
+    # see and edit the rest, and cannot touch staff accounts other than their own (nor their password).
+    PRIVILEGE_FIELDS = ("is_staff", "is_superuser", "groups", "user_permissions")
+
+    def get_fieldsets(self, request, obj=None):
+        fieldsets = super().get_fieldsets(request, obj)
+        if request.user.is_superuser:
+            return fieldsets
+        return tuple(
+            (name, {**options, "fields": tuple(f for f in options["fields"] if f not in self.PRIVILEGE_FIELDS)})
+            for name, options in fieldsets
+        )
+
+    def _may_touch(self, request, obj) -> bool:
+        if obj is None or request.user.is_superuser:
+            return True
+        return not obj.is_superuser and (not obj.is_staff or obj.pk == request.user.pk)
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return super().has_change_permission(request, obj) and self._may_touch(request, obj)
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return super().has_delete_permission(request, obj) and self._may_touch(request, obj)
+
+
+class SuperuserOnlyGroupAdmin(GroupAdmin):
+    """Groups carry permissions: editing one is granting them, which only superusers may do."""
+
+    def has_module_permission(self, request) -> bool:
+        return request.user.is_superuser
+
+    def has_view_permission(self, request, obj=None) -> bool:
+        return request.user.is_superuser
+
+    def has_add_permission(self, request) -> bool:
+        return request.user.is_superuser
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return request.user.is_superuser
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return request.user.is_superuser
+
+
+admin.site.unregister(Group)
+admin.site.register(Group, SuperuserOnlyGroupAdmin)
+
 
 @admin.register(Organization)
 class OrganizationAdmin(admin.ModelAdmin):
@@ -100,7 +149,7 @@ class InvitationAdmin(admin.ModelAdmin):
             return "revoked"
         return "expired" if obj.expires_at <= timezone.now() else "pending"
 
-    @admin.action(description="Revoke selected invitations")
+    @admin.action(description="Revoke selected invitations", permissions=["change"])
     def revoke(self, request, queryset):
         count = queryset.filter(accepted_at__isnull=True, revoked_at__isnull=True).update(revoked_at=timezone.now())
         self.message_user(request, f"Revoked {count} invitation(s).", messages.SUCCESS)
@@ -151,7 +200,7 @@ class APIKeyAdmin(admin.ModelAdmin):
     def status(self, obj: APIKey) -> str:
         return obj.status
 
-    @admin.action(description="Revoke selected keys (effective immediately)")
+    @admin.action(description="Revoke selected keys (effective immediately)", permissions=["change"])
     def revoke(self, request, queryset):
         keys = list(queryset.filter(revoked_at__isnull=True))
         for key in keys:
