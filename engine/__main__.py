@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-tokens-per-request", type=int, default=32768,
                        help="most tokens one request may generate over all its choices (n x max_tokens); "
                             "without max_tokens a choice gets up to the context length and at most this / n")
+    serve.add_argument("--timeout-keep-alive", type=float, default=75.0,
+                       help="seconds an idle HTTP connection stays open; keep it above the gateway pool's "
+                            "GATEWAY_UPSTREAM_KEEPALIVE_EXPIRY (30 s) so it never closes one the gateway reuses")
     serve.add_argument("--keepalive-interval", type=float, default=15.0,
                        help="a non-streamed answer still generating after this many seconds gets its 200 and then "
                             "a space every this many seconds until the JSON, so proxies never time out on silence")
@@ -76,6 +79,7 @@ def serve(args: argparse.Namespace) -> None:
     engine = AsyncEngine(llm_engine, on_fatal=lambda exc: exit_soon(args.fatal_exit_delay))
     app = build_app(engine, api_key=args.api_key, keepalive_interval=args.keepalive_interval)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5,
+                timeout_keep_alive=args.timeout_keep_alive,
                 **({"log_config": log_config} if log_config else {}))
 
 

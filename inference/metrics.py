@@ -55,6 +55,12 @@ CACHED_PROMPT_TOKENS = Counter(
 COMPLETION_TOKENS = Counter(
     "maas_gateway_completion_tokens", "Completion (output) tokens of forwarded requests.", ["model", "organization"]
 )
+UPSTREAM_RETRIES = Counter(
+    "maas_gateway_upstream_retries",
+    "Requests retried on a fresh connection after a reused pooled one failed before any response byte "
+    "(the idle keep-alive race), by error (RemoteProtocolError, ReadError, WriteError).",
+    ["reason"],
+)
 QUOTA_REJECTIONS = Counter(
     "maas_gateway_quota_rejections",
     "Requests refused before reaching an engine: reason is insufficient_quota (entitlement) or rate_limit_exceeded.",

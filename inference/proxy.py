@@ -19,20 +19,30 @@ from dataclasses import dataclass, field
 import httpx
 from django.conf import settings
 
+from maas import telemetry
+
+from . import metrics
 from .catalog import Upstream
 from .errors import GatewayError, error_body, service_unavailable
 from .models import UsageStatus
 
 logger = logging.getLogger(__name__)
 
-_clients: dict[asyncio.AbstractEventLoop, httpx.AsyncClient] = {}
+_clients: dict[tuple[asyncio.AbstractEventLoop, bool], httpx.AsyncClient] = {}
+
+# What a request written into a pooled connection that the server was closing fails with, before any byte
+# of a response: retried once on a fresh connection (see `send`).
+STALE_CONNECTION_ERRORS = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
 
-def http_client() -> httpx.AsyncClient:
-    """The process's pooled client (one per event loop; uvicorn runs one loop per worker)."""
+def http_client(fresh: bool = False) -> httpx.AsyncClient:
+    """The process's pooled client (one per event loop; uvicorn runs one loop per worker). `fresh`: the
+    client that keeps no idle connection, so each of its requests opens a new one (the retry's)."""
     loop = asyncio.get_running_loop()
-    client = _clients.get(loop)
+    client = _clients.get((loop, fresh))
     if client is None:
+        if not any(key[0] is loop for key in _clients):
+            _clients.clear()  # a new event loop (tests): the old loop's clients cannot be used from it
         client = httpx.AsyncClient(
             timeout=httpx.Timeout(
                 connect=settings.GATEWAY_UPSTREAM_CONNECT_TIMEOUT,
@@ -42,12 +52,25 @@ def http_client() -> httpx.AsyncClient:
             ),
             limits=httpx.Limits(
                 max_connections=settings.GATEWAY_UPSTREAM_MAX_CONNECTIONS,
-                max_keepalive_connections=settings.GATEWAY_UPSTREAM_MAX_CONNECTIONS,
+                max_keepalive_connections=0 if fresh else settings.GATEWAY_UPSTREAM_MAX_CONNECTIONS,
+                keepalive_expiry=settings.GATEWAY_UPSTREAM_KEEPALIVE_EXPIRY,
             ),
         )
-        _clients.clear()
-        _clients[loop] = client
+        _clients[(loop, fresh)] = client
     return client
+
+
+class _ConnectionUse:
+    """httpcore's trace hook: did this request open a connection, or reuse a pooled one?"""
+
+    __slots__ = ("opened",)
+
+    def __init__(self):
+        self.opened = False
+
+    async def __call__(self, event: str, info: dict) -> None:
+        if event.startswith("connection.connect_tcp"):
+            self.opened = True
 
 
 @dataclass
@@ -119,15 +142,30 @@ def upstream_error_response(status: int, content: bytes) -> GatewayError:
     return GatewayError(502, "The model server failed to process the request. Please retry.", "server_error", "upstream_error")
 
 
-async def send(
-    upstream: Upstream, endpoint: str, payload: bytes, request_id: str, stream: bool
-) -> httpx.Response:
-    """POST to the engine; for streams only the headers are read here."""
+async def send(upstream: Upstream, endpoint: str, payload: bytes, request_id: str) -> httpx.Response:
+    """POST to the engine and read the response's headers (its body: `read_body` or `relay_stream`).
+
+    A pooled connection can be closed by the server just as a request is written into it (its idle
+    timeout and our pool's expiry race). Such a request fails before any response byte arrived, so the
+    engine never answered it: it is retried once, on a fresh connection, with a span and a metric.
+    Never after a response byte: then the failure is the engine's.
+    """
+    use = _ConnectionUse()
+    url, headers = f"{upstream.base_url}/v1/{endpoint}", upstream_headers(upstream, request_id)
     client = http_client()
-    request = client.build_request(
-        "POST", f"{upstream.base_url}/v1/{endpoint}", content=payload, headers=upstream_headers(upstream, request_id)
-    )
-    return await client.send(request, stream=stream)
+    request = client.build_request("POST", url, content=payload, headers=headers, extensions={"trace": use})
+    try:
+        return await client.send(request, stream=True)
+    except STALE_CONNECTION_ERRORS as exc:
+        if use.opened:
+            raise  # a new connection failed: not the idle-connection race
+        reason = type(exc).__name__
+        logger.info("retrying %s on a fresh connection to %s after %s on a reused one", request_id,
+                    upstream.base_url, reason)
+        metrics.UPSTREAM_RETRIES.labels(reason=reason).inc()
+        fresh = http_client(fresh=True)
+        with telemetry.span("gateway.upstream_retry", {"maas.deployment.id": upstream.id, "error.type": reason}):
+            return await fresh.send(fresh.build_request("POST", url, content=payload, headers=headers), stream=True)
 
 
 async def count_tokens(upstream: Upstream, payload: dict, request_id: str) -> int | None:

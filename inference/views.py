@@ -264,9 +264,7 @@ class Forward:
             catalog.started(self.upstream)
             try:
                 with telemetry.span("gateway.upstream_request", {"maas.deployment.id": self.upstream.id}):
-                    return await proxy.send(
-                        self.upstream, self.inference.endpoint, payload, self.request_id, self.inference.stream
-                    )
+                    return await proxy.send(self.upstream, self.inference.endpoint, payload, self.request_id)
             except httpx.HTTPError as exc:
                 catalog.finished(self.upstream)
                 status, error = proxy.upstream_failure(exc)
@@ -282,7 +280,14 @@ class Forward:
 
     async def read_whole(self, response: httpx.Response) -> HttpResponse:
         try:
-            content = response.content
+            try:
+                content = await response.aread()
+            except httpx.HTTPError as exc:  # after the response began: the engine's failure, never retried
+                self.meter.status, error = proxy.upstream_failure(exc)
+                self.meter.http_status = error.status
+                raise error from exc
+            finally:
+                await response.aclose()
             if response.status_code != 200:
                 error = proxy.upstream_error_response(response.status_code, content)
                 self.meter.status = UsageStatus.REJECTED_UPSTREAM if error.status < 500 else UsageStatus.UPSTREAM_ERROR
