@@ -10,6 +10,7 @@ import functools
 from django.conf import settings
 from django.db import connection
 from psycopg.conninfo import make_conninfo
+from psycopg.pq import Conninfo
 from psycopg_pool import AsyncConnectionPool
 
 _pools: dict[asyncio.AbstractEventLoop, AsyncConnectionPool] = {}
@@ -25,12 +26,22 @@ def vendor() -> str:
     return connection.vendor
 
 
+@functools.cache
+def libpq_keywords() -> frozenset[str]:
+    return frozenset(option.keyword.decode() for option in Conninfo.get_defaults())
+
+
 def conninfo() -> str:
+    """Django's connection settings as a libpq string: NAME/USER/…, plus every libpq parameter in
+    OPTIONS (sslmode, sslrootcert, options, …) so TLS never silently falls back on this path.
+    Django-only OPTIONS (pool, isolation_level, server_side_binding, …) are left out."""
     s = connection.settings_dict
+    params = {key: value for key, value in (s.get("OPTIONS") or {}).items() if key in libpq_keywords()}
+    if settings.GATEWAY_ASYNC_COMMIT:
+        params["options"] = " ".join(filter(None, [params.get("options"), "-c synchronous_commit=off"]))
     return make_conninfo(
         dbname=s["NAME"], user=s["USER"] or None, password=s["PASSWORD"] or None, host=s["HOST"] or None,
-        port=str(s["PORT"]) if s["PORT"] else None,
-        options="-c synchronous_commit=off" if settings.GATEWAY_ASYNC_COMMIT else None,
+        port=str(s["PORT"]) if s["PORT"] else None, **{k: str(v) for k, v in params.items()},
     )
 
 
