@@ -58,7 +58,7 @@ def start_gateway(**env_overrides: str) -> tuple[str, subprocess.Popen]:
     env.update(env_overrides)
     process = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "maas.asgi:application", "--host", "127.0.0.1", "--port", str(port),
-         "--log-level", "warning", "--no-access-log"],
+         "--log-level", "warning", "--no-access-log", "--timeout-keep-alive", "75"],
         cwd=ROOT, env=env,
     )
     url = f"http://127.0.0.1:{port}"

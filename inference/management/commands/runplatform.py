@@ -70,7 +70,7 @@ class Command(BaseCommand):
 
             engine.watch()
             uvicorn.run("maas.asgi:application", host=options["host"], port=options["port"], log_level="info",
-                        timeout_graceful_shutdown=5)
+                        timeout_graceful_shutdown=5, timeout_keep_alive=75)
         finally:
             engine.stop()
 
