@@ -11,6 +11,7 @@ from datetime import timedelta
 from functools import wraps
 
 from allauth.account.adapter import get_adapter
+from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
 from django.db import models, transaction
@@ -96,9 +97,30 @@ def pending_invitations(organization: Organization):
     )
 
 
-def invite(request, organization: Organization, inviter_membership: Membership, email: str, role: str) -> Invitation:
-    """Create an invitation and email its link; the token exists in full only in that email."""
+class InvitationRateLimited(TenancyError):
+    """Too many invitations from this inviter or organization in the current window."""
+
+
+def check_invitation_budget(organization: Organization, inviter: User) -> None:
+    """Invitations sent (revoked ones included) within the windows: INVITATIONS_PER_USER_PER_HOUR by
+    one inviter across organizations, INVITATIONS_PER_ORGANIZATION_PER_DAY by all of an organization's admins."""
+    now = timezone.now()
+    per_user = settings.INVITATIONS_PER_USER_PER_HOUR
+    if Invitation.objects.filter(invited_by=inviter, created_at__gt=now - timedelta(hours=1)).count() >= per_user:
+        raise InvitationRateLimited(f"Too many invitations: at most {per_user} per hour. Try again later.")
+    per_org = settings.INVITATIONS_PER_ORGANIZATION_PER_DAY
+    if Invitation.objects.for_org(organization).filter(created_at__gt=now - timedelta(days=1)).count() >= per_org:
+        raise InvitationRateLimited(f"Too many invitations: at most {per_org} per organization per day. Try again later.")
+
+
+@transaction.atomic
+def invite(organization: Organization, inviter_membership: Membership, email: str, role: str) -> Invitation:
+    """Create an invitation and email its link (built on CONSOLE_BASE_URL, never the request's Host);
+    the token exists in full only in that email."""
     require_manager(inviter_membership)
+    # Serializes this organization's invitations, so concurrent ones cannot overrun the budget.
+    Organization.objects.select_for_update().filter(pk=organization.pk).first()
+    check_invitation_budget(organization, inviter_membership.user)
     if role == Role.OWNER and inviter_membership.role != Role.OWNER:
         raise TenancyError("Only owners can invite owners.")
     email = email.strip().lower()
@@ -115,8 +137,8 @@ def invite(request, organization: Organization, inviter_membership: Membership, 
         invited_by=inviter_membership.user,
         expires_at=timezone.now() + INVITATION_VALID_FOR,
     )
-    accept_url = request.build_absolute_uri(reverse("console:invitation-accept", args=[token]))
-    get_adapter(request).send_mail(
+    accept_url = settings.CONSOLE_BASE_URL + reverse("console:invitation-accept", args=[token])
+    get_adapter().send_mail(
         "accounts/email/invitation",
         email,
         {"invitation": invitation, "organization": organization, "inviter": inviter_membership.user, "accept_url": accept_url},

@@ -169,6 +169,8 @@ ACCOUNT_RATE_LIMITS = {
     "reset_password": "20/m/ip,5/m/key",
 }
 ACCOUNT_ADAPTER = "accounts.adapters.AccountAdapter"
+# Not the request's host (allauth's default without the sites framework): a Host header is the client's.
+ACCOUNT_EMAIL_SUBJECT_PREFIX = os.environ.get("ACCOUNT_EMAIL_SUBJECT_PREFIX", "[MaaS] ")
 # Where the console is reached from outside, for links printed by management commands (create_org).
 CONSOLE_BASE_URL = os.environ.get("CONSOLE_BASE_URL", "http://localhost:8000").rstrip("/")
 LOGIN_REDIRECT_URL = "/"
@@ -234,6 +236,10 @@ REST_FRAMEWORK = {
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
 }
+
+# Invitations sent (revoked ones count): per inviter per hour, per organization per day.
+INVITATIONS_PER_USER_PER_HOUR = env_int("INVITATIONS_PER_USER_PER_HOUR", 20)
+INVITATIONS_PER_ORGANIZATION_PER_DAY = env_int("INVITATIONS_PER_ORGANIZATION_PER_DAY", 100)
 
 # Authorization-code redemption brute-force limits: failed attempts per window.
 REDEEM_FAILURES_PER_USER = env_int("REDEEM_FAILURES_PER_USER", 5)

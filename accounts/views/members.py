@@ -37,8 +37,11 @@ def member_invite(request):
     if form.is_valid():
         try:
             invitation = tenancy.invite(
-                request, request.organization, request.membership, form.cleaned_data["email"], form.cleaned_data["role"]
+                request.organization, request.membership, form.cleaned_data["email"], form.cleaned_data["role"]
             )
+        except tenancy.InvitationRateLimited as exc:
+            form.add_error(None, str(exc))
+            return _members_page(request, invite_form=form, status=429)
         except tenancy.TenancyError as exc:
             form.add_error("email", str(exc))
         else:
