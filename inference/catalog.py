@@ -17,7 +17,7 @@ import httpx
 from django.conf import settings
 from django.utils import timezone
 
-from .models import AIModel, Deployment, Visibility
+from .models import AIModel, Deployment, Visibility, upstream_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -110,12 +110,15 @@ catalog = Catalog()
 def check_deployment(deployment: Deployment, client: httpx.Client) -> bool:
     """GET {base_url}/health; stores the result on the row."""
     headers = {"authorization": f"Bearer {deployment.internal_token}"} if deployment.internal_token else {}
-    error = ""
+    error = upstream_refusal(deployment.base_url) or ""  # no request (nor token) to a host no longer allowed
     try:
-        response = client.get(f"{deployment.base_url.rstrip('/')}/health", headers=headers)
-        healthy = response.status_code == 200
-        if not healthy:
-            error = f"/health answered {response.status_code}"
+        if error:
+            healthy = False
+        else:
+            response = client.get(f"{deployment.base_url.rstrip('/')}/health", headers=headers)
+            healthy = response.status_code == 200
+            if not healthy:
+                error = f"/health answered {response.status_code}"
     except httpx.HTTPError as exc:
         healthy, error = False, f"{type(exc).__name__}: {exc}"[:500]
     if healthy != deployment.healthy:

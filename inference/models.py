@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 from decimal import Decimal
+from urllib.parse import urlsplit
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import models
 
 from accounts.models import APIKey, Entitlement, Organization, TenantOwned
@@ -53,8 +57,49 @@ class AIModel(models.Model):
         return (total / PER_MILLION).quantize(Decimal("0.00000001"))
 
 
+def upstream_refusal(url: str) -> str | None:
+    """Why `url` may not be an engine upstream, or None when it may.
+
+    DEPLOYMENT_ALLOWED_UPSTREAMS lists host names (allowed as written, whatever they resolve to) and
+    IP networks (a URL whose host is an address in one, or a name every address of which is in one);
+    `*` allows any host. Names are resolved on each call, so a check at save time and at each health
+    check sees where the name points now.
+    """
+    allowed = settings.DEPLOYMENT_ALLOWED_UPSTREAMS
+    if "*" in allowed:
+        return None
+    host = (urlsplit(url).hostname or "").rstrip(".").lower()
+    if not host:
+        return "The URL has no host."
+    names = {entry.lower() for entry in allowed if not _network(entry)}
+    if host in names:
+        return None
+    networks = [net for net in map(_network, allowed) if net is not None]
+    try:
+        addresses = {ipaddress.ip_address(host)}
+    except ValueError:
+        try:
+            addresses = {ipaddress.ip_address(info[4][0].split("%")[0]) for info in socket.getaddrinfo(host, None)}
+        except (OSError, UnicodeError):
+            return f"{host} does not resolve, and it is not in DEPLOYMENT_ALLOWED_UPSTREAMS."
+    outside = sorted(str(a) for a in addresses if not any(a in net for net in networks))
+    if outside:
+        return f"{host} ({', '.join(outside)}) is not in DEPLOYMENT_ALLOWED_UPSTREAMS."
+    return None
+
+
+def _network(entry: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+    try:
+        return ipaddress.ip_network(entry, strict=False)
+    except ValueError:
+        return None
+
+
 class Deployment(models.Model):
-    """One engine replica serving a model (an OpenAI-compatible `python -m engine serve`)."""
+    """One engine replica serving a model (an OpenAI-compatible `python -m engine serve`).
+
+    Its base URL must be allowed by DEPLOYMENT_ALLOWED_UPSTREAMS (checked on every save and on each
+    health check): the gateway sends it every prompt and the internal token."""
 
     model = models.ForeignKey(AIModel, on_delete=models.CASCADE, related_name="deployments")
     base_url = models.URLField(max_length=300, help_text="Engine root, e.g. http://10.0.0.5:8001 (without /v1).")
@@ -74,6 +119,18 @@ class Deployment(models.Model):
 
     def __str__(self) -> str:
         return f"{self.model} @ {self.base_url}"
+
+    def save(self, *args, **kwargs) -> None:
+        refusal = upstream_refusal(self.base_url)
+        if refusal:
+            raise ValidationError({"base_url": refusal})
+        super().save(*args, **kwargs)
+
+    def clean(self) -> None:
+        super().clean()
+        refusal = upstream_refusal(self.base_url)
+        if refusal:
+            raise ValidationError({"base_url": refusal})
 
 
 class Reservation(TenantOwned):

@@ -276,6 +276,12 @@ GATEWAY_ASYNC_DB = env_bool("GATEWAY_ASYNC_DB", default=True)
 GATEWAY_ASYNC_DB_POOL_SIZE = env_int("GATEWAY_ASYNC_DB_POOL_SIZE", 20)
 GATEWAY_ASYNC_DB_TIMEOUT = env_float("GATEWAY_ASYNC_DB_TIMEOUT", 5.0)
 
+# Hosts (names) and networks engine deployments may point at (checked on save and on each health check);
+# "*" allows any. Default: loopback and private networks (compose's engine services, a LAN of GPU hosts).
+DEPLOYMENT_ALLOWED_UPSTREAMS = env_list(
+    "DEPLOYMENT_ALLOWED_UPSTREAMS", "127.0.0.0/8,::1/128,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7"
+)
+
 # GET /metrics (Prometheus) needs `Authorization: Bearer <METRICS_TOKEN>`; empty: /metrics answers 404.
 METRICS_TOKEN = os.environ.get("METRICS_TOKEN", "")
 
