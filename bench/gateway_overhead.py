@@ -174,6 +174,7 @@ def main() -> None:
         "DATABASE_POOL": "1",
         "REDIS_URL": args.redis_url,
         "SECRET_KEY": "bench-only-secret",
+        "API_KEY_HMAC_SECRET": "bench-only-hmac-secret",
         "ALLOWED_HOSTS": "127.0.0.1,localhost",
         "SECURE_SSL_REDIRECT": "0",
         "LOG_LEVEL": "WARNING",
