@@ -18,6 +18,7 @@ from engine.model_runner import ModelRunner
 from engine.sampling_params import SamplingParamError, SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
+from engine.structured import Grammars, advance
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ class LLMEngine:
         )
         self.requests: dict[str, Request] = {}
         self.metrics = EngineMetrics(self.model_name) if metrics else None
+        self.grammars = Grammars(self.tokenizer, self.loaded.spec.vocab_size, self.loaded.eos_token_ids)
 
     # -- requests -------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams, *,
@@ -117,6 +119,9 @@ class LLMEngine:
         arrival = arrival_time if arrival_time is not None else time.perf_counter()
         seqs = [Sequence(request_id, token_ids, params, max_tokens, index=i, cache_salt=cache_salt,
                          arrival_time=arrival) for i in range(params.n)]
+        if params.guide is not None:  # compiled already when the server admitted it: a cache hit
+            for seq in seqs:
+                seq.grammar = self.grammars.matcher(params.guide)
         detoks = [IncrementalDetokenizer(self.tokenizer, token_ids, params) for _ in seqs]
         request = Request(request_id, token_ids, params, seqs, detoks, arrival)
         self.requests[request_id] = request
@@ -245,6 +250,8 @@ class LLMEngine:
         if seq.params.logprobs:
             chosen, top = logprobs
             delta.logprobs = [TokenLogprob(token, chosen, top)]
+        if seq.grammar is not None:
+            advance(seq, token)
         reason = self.finish_reason(seq, token, detok)
         if reason is not None:
             self.scheduler.finish(seq, reason)
@@ -257,14 +264,18 @@ class LLMEngine:
         """The one place that decides whether, and why, a sequence stops after `token` (its last token).
 
         A stop token (EOS unless ignore_eos, or a stop_token_id) stops without its text; a stop string
-        found in the text so far stops, also on the very token that reached max_tokens; otherwise
-        max_tokens or the context length make it "length".
+        found in the text so far stops, also on the very token that reached max_tokens; so does a grammar
+        that admits nothing more (the constrained answer is complete); otherwise max_tokens or the context
+        length make it "length".
         """
         params = seq.params
         if token in params.stop_token_ids or (not params.ignore_eos and token in self.scheduler.eos_token_ids):
             return "stop"
         detok.add_token(token)
         if detok.stopped:
+            return "stop"
+        if seq.grammar is not None and seq.grammar.is_stopped():
+            detok.flush()
             return "stop"
         if seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.scheduler.max_model_len:
             detok.flush()

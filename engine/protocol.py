@@ -38,6 +38,8 @@ class ParsedRequest:
     messages: list[dict] | None = None  # chat
     prompt: str | list[int] | None = None  # completions
     echo: bool = False
+    tools: list[dict] | None = None  # chat: the tool definitions the prompt shows
+    tool_names: set[str] | None = None  # chat: the functions whose calls are read from the answer (None: no tools)
 
 
 def _parsed(request: schema._GenerationRequest, defaults: dict | None, **fields) -> ParsedRequest:
@@ -55,7 +57,9 @@ def _validated(parse, body):
 
 def parse_chat_request(body, defaults: dict | None = None) -> ParsedRequest:
     request = _validated(schema.parse_chat, body)
-    return _parsed(request, defaults, messages=request.template_messages())
+    names = {t.function.name for t in request.callable_tools()} or None
+    return _parsed(request, defaults, messages=request.template_messages(), tools=request.template_tools(),
+                   tool_names=names)
 
 
 def parse_completion_request(body, defaults: dict | None = None) -> ParsedRequest:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.sequence import Sequence
+from engine.structured import apply_grammar_masks
 
 
 @dataclass
@@ -110,12 +111,15 @@ class Sampler:
         raw_logprobs = logits.log_softmax(-1) if any(want_logprobs) else None
         penalized = [i for i, p in enumerate(params) if p.has_penalties]
         biased = [i for i, p in enumerate(params) if p.logit_bias]
-        if penalized or biased:
+        constrained = [i for i, s in enumerate(seqs) if s.grammar is not None]
+        if penalized or biased or constrained:
             logits = logits.clone()  # the caller's logits (and raw_logprobs) stay those of the model
             if penalized:
                 apply_penalties(logits, penalized, [seqs[i] for i in penalized])
             if biased:
                 apply_logit_bias(logits, biased, [seqs[i] for i in biased])
+            if constrained:  # last: a grammar's forbidden tokens stay forbidden whatever the bias
+                apply_grammar_masks(logits, constrained, [seqs[i] for i in constrained])
         tokens = logits.argmax(-1)
         sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
         if sampled_rows:

@@ -12,6 +12,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from engine.guides import Guide
+
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_STOP_SEQUENCES = 4
 
@@ -61,6 +63,7 @@ class _Ranges(BaseModel):
     top_logprobs: TopLogprobs
     skip_special_tokens: bool
     logit_bias: dict[TokenId, LogitBias]
+    guide: Guide | None
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self):
@@ -88,6 +91,7 @@ class SamplingParams:
     top_logprobs: int = 0
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (-100..100)
+    guide: Guide | None = None  # a grammar the output must match (structured outputs, forced tool calls)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
 
+from engine.guides import Guide, json_guide, tool_calls_guide
 from engine.sampling_params import (
     Choices,
     LogitBias,
@@ -35,8 +36,12 @@ from engine.sampling_params import (
     TopLogprobs,
     TopP,
 )
+from engine.tools import tools_system_text
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+# What the default tool format writes around each call in the history: <tool_call>, {"name": , "arguments": }
+TOOL_CALL_WRAPPING = '<tool_call>\n{"name": "", "arguments": }\n</tool_call>\n'
+TOOL_RESPONSE_WRAPPING = "<tool_response>\n\n</tool_response>"
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy completions endpoint
 
 
@@ -51,10 +56,6 @@ class RequestError(ValueError):
 # Known OpenAI fields that change the answer and are not implemented, with the values that leave the
 # answer unchanged (those are accepted and dropped).
 _NEUTRAL: dict[str, Any] = {
-    "response_format": lambda v: v is None or v == {"type": "text"},
-    "tools": lambda v: v is None or v == [],
-    "tool_choice": lambda v: v is None or v == "none",
-    "parallel_tool_calls": lambda v: v is None or isinstance(v, bool),  # means nothing without tools
     "functions": lambda v: v is None or v == [],
     "function_call": lambda v: v is None or v == "none",
     "audio": lambda v: v is None,
@@ -69,18 +70,23 @@ _NEUTRAL: dict[str, Any] = {
     "best_of": lambda v: v is None or v == 1,
 }
 _MESSAGE_NEUTRAL: dict[str, Any] = {
-    "tool_calls": lambda v: v is None or v == [],
     "function_call": lambda v: v is None,
     "audio": lambda v: v is None,
     "annotations": lambda v: v is None or v == [],
 }
+# Tools belong to chat: on legacy completions only their neutral values are accepted.
+_COMPLETION_NEUTRAL: dict[str, Any] = {
+    **_NEUTRAL,
+    "tools": lambda v: v is None or v == [],
+    "tool_choice": lambda v: v is None or v == "none",
+    "parallel_tool_calls": lambda v: v is None or isinstance(v, bool),  # means nothing without tools
+}
 _WHY = {
-    "response_format": "structured outputs are not available on this server yet",
-    "tools": "tool calling is not available on this server yet",
-    "tool_choice": "tool calling is not available on this server yet",
-    "functions": "function calling is not available on this server yet",
-    "function_call": "function calling is not available on this server yet",
-    "tool_calls": "tool calling is not available on this server yet",
+    "tools": "tools are a chat completions feature (POST /v1/chat/completions)",
+    "tool_choice": "tools are a chat completions feature (POST /v1/chat/completions)",
+    "parallel_tool_calls": "tools are a chat completions feature (POST /v1/chat/completions)",
+    "functions": "the deprecated functions API is not available: use 'tools'",
+    "function_call": "the deprecated functions API is not available: use 'tool_choice'",
     "audio": "audio is not available on this server",
     "modalities": "only text output is available",
     "prediction": "predicted outputs are not available on this server",
@@ -95,6 +101,7 @@ _SHAPES = {
     "prompt": "a non-empty string, an array of token ids, or an array holding one of those",
     "content": "a string or an array of text parts",
     "logit_bias": "an object mapping token ids to numbers between -100 and 100",
+    "tool_choice": "'none', 'auto', 'required' or {\"type\": \"function\", \"function\": {\"name\": ...}}",
 }
 
 
@@ -114,11 +121,59 @@ class TextPart(_Strict):
         return value
 
 
+_FunctionName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+
+
+class FunctionCall(_Strict):
+    name: _FunctionName
+    arguments: str  # JSON text, as the model wrote it
+
+
+class ToolCall(_Strict):
+    id: Annotated[str, Field(min_length=1)]
+    type: Literal["function"]
+    function: FunctionCall
+
+
+class FunctionDefinition(_Strict):
+    name: _FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; None: any object
+    strict: bool | None = None  # arguments are always constrained when the call is forced
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: _FunctionName
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JSONSchemaFormat(_Strict):
+    name: _FunctionName
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None  # the output is constrained either way
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
 class Message(_Strict):
     role: Literal[CHAT_ROLES]
     content: str | Annotated[list[TextPart], Field(min_length=1)] | None = None
     name: str | None = None
     tool_call_id: str | None = None
+    tool_calls: list[ToolCall] | None = None
     refusal: str | None = None
 
     def text(self) -> str | None:
@@ -132,7 +187,17 @@ class Message(_Strict):
             message["name"] = self.name
         if self.tool_call_id is not None:
             message["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
         return message
+
+    def prompt_bytes(self) -> int:
+        """Bytes of everything of this message a template renders (an upper bound on its tokens)."""
+        fields = (self.text(), self.role, self.name, self.tool_call_id)
+        calls = sum(len(c.id) + len(c.function.name) + len(c.function.arguments.encode()) + len(TOOL_CALL_WRAPPING)
+                    for c in self.tool_calls or ())
+        wrapping = len(TOOL_RESPONSE_WRAPPING) if self.role == "tool" else 0
+        return sum(len(v.encode()) for v in fields if v) + calls + wrapping
 
 
 class StreamOptions(_Strict):
@@ -158,6 +223,7 @@ class _GenerationRequest(_Strict):
     stop: StopString | StopList | None = None
     max_tokens: MaxTokens | None = None
     logit_bias: dict[_LaxTokenId, LogitBias] | None = None
+    response_format: ResponseFormat | None = None
     # Accepted, and they do not change the answer.
     user: str | None = None
     metadata: dict[str, str] | None = None
@@ -186,6 +252,24 @@ class _GenerationRequest(_Strict):
         if self.stream_options is not None and not self.stream:
             raise RequestError("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
                                "stream_options")
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is None:
+            raise RequestError("Missing required parameter: 'response_format.json_schema'.",
+                               "response_format.json_schema", "missing_required_parameter")
+        if fmt is not None and fmt.type != "json_schema" and fmt.json_schema is not None:
+            raise RequestError(f"'response_format.json_schema' is only allowed with type 'json_schema', not {fmt.type!r}.",
+                               "response_format.json_schema")
+
+    def answer_schema(self) -> dict | None | bool:
+        """The JSON schema the answer must match: a dict, None for any JSON object, False for free text."""
+        fmt = self.response_format
+        if fmt is None or fmt.type == "text":
+            return False
+        return fmt.json_schema.schema_ if fmt.type == "json_schema" else None
+
+    def guide(self) -> Guide | None:
+        schema = self.answer_schema()
+        return None if schema is False else json_guide(schema)
 
     def sampling_params(self, defaults: dict | None = None, **extra) -> SamplingParams:
         """The engine's SamplingParams: the request's values over the model's generation defaults."""
@@ -198,7 +282,7 @@ class _GenerationRequest(_Strict):
             if value is not None:
                 kwargs[name] = value
         kwargs["max_tokens"] = self.max_completion
-        return SamplingParams(**kwargs, **extra)
+        return SamplingParams(**kwargs, guide=self.guide(), **extra)
 
 
 class ChatCompletionRequest(_GenerationRequest):
@@ -206,10 +290,54 @@ class ChatCompletionRequest(_GenerationRequest):
     max_completion_tokens: MaxTokens | None = None
     logprobs: bool | None = None
     top_logprobs: TopLogprobs | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     @property
     def max_completion(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def tool_mode(self) -> str:
+        """"none" (no tools, or tool_choice none), "auto", "required", or "named"."""
+        if not self.tools or self.tool_choice == "none":
+            return "none"
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        return self.tool_choice or "auto"
+
+    def callable_tools(self) -> list[Tool]:
+        """The tools the model may call in this answer."""
+        if self.tool_mode == "none":
+            return []
+        if self.tool_mode == "named":
+            return [t for t in self.tools if t.function.name == self.tool_choice.function.name]
+        return list(self.tools)
+
+    def guide(self) -> Guide | None:
+        mode = self.tool_mode
+        if mode == "none" or (mode == "auto" and self.answer_schema() is False):
+            return super().guide()  # free text (auto: tool calls are parsed, not forced)
+        functions = [(t.function.name, t.function.parameters) for t in self.callable_tools()]
+        if mode == "auto":  # a JSON answer or tool calls
+            return tool_calls_guide(functions, parallel=self.parallel_tool_calls is not False,
+                                    answer=self.answer_schema() or {"type": "object"})
+        return tool_calls_guide(functions, parallel=mode == "required" and self.parallel_tool_calls is not False,
+                                param="tool_choice" if mode == "named" else "tools")
+
+    def template_tools(self) -> list[dict] | None:
+        """The tool definitions the prompt shows (none with tool_choice none)."""
+        if self.tool_mode == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
+
+    def prompt_bytes(self) -> int:
+        """An upper bound on the bytes the template renders besides its own markers: every message field
+        and the tool definitions with the default tool format's instructions."""
+        tools = self.template_tools()
+        return (sum(m.prompt_bytes() for m in self.messages)
+                + (len(tools_system_text(tools).encode()) if tools else 0))
 
     def _check(self) -> None:
         super()._check()
@@ -221,6 +349,20 @@ class ChatCompletionRequest(_GenerationRequest):
             if message.content is None and message.role != "assistant":
                 raise RequestError(f"Missing required parameter: 'messages[{i}].content'.",
                                    f"messages[{i}].content", "missing_required_parameter")
+            if message.tool_calls and message.role != "assistant":
+                raise RequestError(f"Only assistant messages carry 'tool_calls', not {message.role!r} ones.",
+                                   f"messages[{i}].tool_calls")
+            if message.role == "tool" and message.tool_call_id is None:
+                raise RequestError(f"Missing required parameter: 'messages[{i}].tool_call_id'.",
+                                   f"messages[{i}].tool_call_id", "missing_required_parameter")
+        names = [t.function.name for t in self.tools or ()]
+        if len(set(names)) != len(names):
+            raise RequestError("Tool function names must be unique.", "tools")
+        if self.tool_choice not in (None, "none") and not self.tools:
+            raise RequestError("'tool_choice' is only allowed when 'tools' are specified.", "tool_choice")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise RequestError(f"'tool_choice' names the function {self.tool_choice.function.name!r}, which is not "
+                               "in 'tools'.", "tool_choice.function.name")
 
     def template_messages(self) -> list[dict]:
         return [m.for_template() for m in self.messages]
@@ -266,7 +408,7 @@ def parse_completion(body: Any) -> CompletionRequest:
 def _parse(model: type[_GenerationRequest], body: Any) -> _GenerationRequest:
     if not isinstance(body, dict):
         raise RequestError("The request body must be a JSON object.", None, "invalid_type")
-    body = _drop_neutral(body, _NEUTRAL, "")
+    body = _drop_neutral(body, _NEUTRAL if model is ChatCompletionRequest else _COMPLETION_NEUTRAL, "")
     messages = body.get("messages")
     if isinstance(messages, list):
         body["messages"] = [_drop_neutral(m, _MESSAGE_NEUTRAL, f"messages[{i}].") if isinstance(m, dict) else m

@@ -24,7 +24,7 @@ class Sequence:
         "seq_id", "request_id", "index", "token_ids", "num_prompt_tokens", "num_computed_tokens",
         "num_cached_tokens", "block_table", "block_hashes", "status", "params", "cache_salt",
         "finish_reason", "arrival_time", "first_scheduled_time", "first_token_time", "generator", "max_tokens",
-        "num_registered_blocks",
+        "num_registered_blocks", "grammar",
     )
 
     def __init__(
@@ -57,6 +57,7 @@ class Sequence:
         self.first_token_time: float | None = None
         self.generator = None  # torch.Generator for seeded sampling, made by the sampler
         self.max_tokens = max_tokens
+        self.grammar = None  # llguidance matcher when the output is constrained (engine.structured)
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -19,11 +19,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from engine import telemetry
+from engine import telemetry, tools
 from engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError
 from engine.llm_engine import CompletionDelta, ContextLengthError, RequestOutput
 from engine.protocol import APIError, ParsedRequest, invalid, parse_chat_request, parse_completion_request
 from engine.sampling_params import SamplingParamError
+from engine.structured import GrammarError
 
 
 class OpenAIServer:
@@ -64,8 +65,10 @@ class OpenAIServer:
 
     def _prompt_ids(self, parsed: ParsedRequest) -> list[int]:
         if parsed.messages is not None:
+            messages, kwargs = tools.render(parsed.messages, parsed.tools,
+                                            native=tools.template_supports_tools(self.tokenizer.chat_template))
             try:
-                text = self.tokenizer.apply_chat_template(parsed.messages, add_generation_prompt=True)
+                text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
             except Exception as exc:  # noqa: BLE001 - template errors are the client's messages
                 raise invalid(f"cannot apply the chat template: {exc}", "messages") from None
             return self.tokenizer.encode(text, add_special_tokens=False)
@@ -166,6 +169,8 @@ class OpenAIServer:
         self._check_model(parsed.model)
         ids = self._prompt_ids(parsed)
         self._check_prompt(ids, parsed)
+        if parsed.params.guide is not None:
+            await self._compile(parsed.params.guide)
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         try:
             stream = self.engine.generate(request_id, ids, parsed.params, cache_salt=parsed.cache_salt)
@@ -192,6 +197,24 @@ class OpenAIServer:
         gone.cancel()
         return JSONResponse(answer.result())
 
+    async def _compile(self, guide) -> None:
+        """Compile the request's grammar in a worker thread (cached per grammar), before it is queued, so
+        the step loop never waits on a compilation; one llguidance refuses is a 400 naming its field."""
+        try:
+            await asyncio.to_thread(self.llm.grammars.compile, guide)
+        except GrammarError as exc:
+            raise invalid(str(exc), exc.param) from None
+
+    def _chat_message(self, parsed: ParsedRequest, c: CompletionDelta) -> tuple[dict, str | None]:
+        """A whole answer's message and finish_reason (tool calls read from the text when tools apply)."""
+        if not parsed.tool_names:
+            return {"role": "assistant", "content": c.text, "refusal": None}, c.finish_reason
+        content, calls = tools.parse(c.text, parsed.tool_names)
+        message = {"role": "assistant", "content": content, "refusal": None}
+        if calls:
+            message["tool_calls"] = [call.api() for call in calls]
+        return message, _finish_reason(c.finish_reason, calls)
+
     async def _keepalive(self, answer: asyncio.Future) -> AsyncIterator[bytes]:
         try:
             while not (await asyncio.wait({answer}, timeout=self.keepalive_interval))[0]:
@@ -212,11 +235,11 @@ class OpenAIServer:
                                  request_id=caller_request_id,
                                  prompt=parsed.messages or parsed.prompt, completion=[c.text for c in choices])
         if chat:
+            messages = [self._chat_message(parsed, c) for c in choices]
             return {"id": request_id, "object": "chat.completion", "created": created, "model": self.model_name,
-                    "choices": [{"index": c.index,
-                                 "message": {"role": "assistant", "content": c.text, "refusal": None},
-                                 "logprobs": self._chat_logprobs(c), "finish_reason": c.finish_reason}
-                                for c in choices],
+                    "choices": [{"index": c.index, "message": message, "logprobs": self._chat_logprobs(c),
+                                 "finish_reason": finish_reason}
+                                for c, (message, finish_reason) in zip(choices, messages, strict=True)],
                     "usage": self._usage(out), "system_fingerprint": self.system_fingerprint}
         echoed = len(self._echo_text(parsed, ids))  # text_offset counts from the start of `text`
         return {"id": request_id, "object": "text_completion", "created": created, "model": self.model_name,
@@ -268,12 +291,18 @@ class OpenAIServer:
                          for i in range(parsed.params.n)])
         out = None
         texts = dict.fromkeys(range(parsed.params.n), "") if telemetry.capture_content() else None
+        parsers = ({i: tools.ToolCallParser(parsed.tool_names) for i in range(parsed.params.n)}
+                   if chat and parsed.tool_names else None)
         try:
             async for out in _engine_errors(stream):
                 choices = []
                 for d in out.outputs:
                     if texts is not None:
                         texts[d.index] += d.text
+                    if parsers is not None:
+                        for piece in self._tool_chunks(parsers[d.index], d):
+                            yield chunk([piece])
+                        continue
                     if not d.text and d.finish_reason is None and d.logprobs is None:
                         continue  # nothing to show yet (held back or an incomplete character)
                     if chat:
@@ -299,6 +328,35 @@ class OpenAIServer:
                        "choices": [], "system_fingerprint": self.system_fingerprint, "usage": self._usage(out)}
             yield f"data: {json.dumps(payload)}\n\n"
         yield "data: [DONE]\n\n"
+
+
+    def _tool_chunks(self, parser: tools.ToolCallParser, d: CompletionDelta) -> list[dict]:
+        """A choice's stream entries for one engine delta when tool calls are read from the answer: content
+        that cannot be part of a call, then for each completed call its id and name (arguments "") and
+        its arguments, as OpenAI streams them; the finish_reason (and the delta's logprobs) on the last."""
+        content, calls = parser.feed(d.text)
+        if d.finish_reason is not None:
+            content += parser.finish()
+        deltas = [{"content": content}] if content else []
+        for call in calls:
+            deltas.append({"tool_calls": [{"index": call.index, "id": call.id, "type": "function",
+                                           "function": {"name": call.name, "arguments": ""}}]})
+            deltas.append({"tool_calls": [{"index": call.index, "function": {"arguments": call.arguments}}]})
+        logprobs = self._chat_logprobs(d)
+        if not deltas and (d.finish_reason is not None or logprobs is not None):
+            deltas.append({})
+        entries = [{"index": d.index, "delta": delta, "logprobs": None, "finish_reason": None} for delta in deltas]
+        if entries:
+            entries[-1]["logprobs"] = logprobs
+            if d.finish_reason is not None:
+                entries[-1]["finish_reason"] = _finish_reason(d.finish_reason, parser.calls)
+        return entries
+
+
+def _finish_reason(engine_reason: str | None, calls: list) -> str | None:
+    """The API's finish_reason for an answer read for tool calls: the engine's, except that an answer that
+    stopped by itself with tool calls in it ends with "tool_calls"."""
+    return "tool_calls" if calls and engine_reason == "stop" else engine_reason
 
 
 def _fingerprint(model: str, dtype) -> str:

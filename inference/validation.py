@@ -47,15 +47,10 @@ def _validated(parse, body: Any):
         raise GatewayError(400, exc.message, "invalid_request_error", exc.code, exc.param) from None
 
 
-def _message_bytes(message: schema.Message) -> int:
-    text = message.text() or ""
-    extra = sum(len(value.encode()) for value in (message.name, message.tool_call_id) if value)
-    return len(text.encode()) + len(message.role) + PER_MESSAGE_OVERHEAD_TOKENS + extra
-
-
 def parse_chat(body: Any) -> InferenceRequest:
     request = _validated(schema.parse_chat, body)
-    prompt_bytes = sum(_message_bytes(m) for m in request.messages)
+    # every field the template renders (texts, names, tool calls, tool definitions and their instructions)
+    prompt_bytes = request.prompt_bytes() + PER_MESSAGE_OVERHEAD_TOKENS * len(request.messages)
     return InferenceRequest("chat/completions", body, request.model, bool(request.stream), request.include_usage,
                             prompt_bytes, request.max_completion, request.n or 1)
 
