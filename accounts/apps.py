@@ -4,3 +4,6 @@ from django.apps import AppConfig
 class AccountsConfig(AppConfig):
     name = "accounts"
     verbose_name = "Accounts and tenancy"
+
+    def ready(self) -> None:
+        from . import signals  # noqa: F401  (keys follow their people)

@@ -10,7 +10,7 @@ from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator
 from django.utils import timezone
 
-from .models import APIKey, Role
+from .models import APIKey, KeyKind, Role
 
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
 MAX_MODELS_PER_KEY = 50
@@ -61,9 +61,12 @@ class APIKeyForm(forms.ModelForm):
 
     class Meta:
         model = APIKey
-        fields = ["name", "expires_at", "allowed_models", "requests_per_minute", "tokens_per_minute"]
-        labels = {"requests_per_minute": "Requests per minute", "tokens_per_minute": "Tokens per minute"}
+        fields = ["name", "kind", "expires_at", "allowed_models", "requests_per_minute", "tokens_per_minute"]
+        labels = {"requests_per_minute": "Requests per minute", "tokens_per_minute": "Tokens per minute",
+                  "kind": "Belongs to"}
         help_texts = {
+            "kind": "A member key stops working when its creator leaves the organization; a service key "
+                    "(owners and admins) stays until revoked.",
             "name": "What the key is for, e.g. “staging chatbot”.",
             "requests_per_minute": "Optional per-key limit.",
             "tokens_per_minute": "Optional per-key limit.",
@@ -72,9 +75,14 @@ class APIKeyForm(forms.ModelForm):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self.fields["kind"].required = False
+        self.fields["kind"].initial = KeyKind.MEMBER
         for name in ("requests_per_minute", "tokens_per_minute"):
             self.fields[name].validators.append(MinValueValidator(1, "Must be at least 1; leave empty for no limit."))
             self.fields[name].widget.attrs["min"] = 1
+
+    def clean_kind(self) -> str:
+        return self.cleaned_data.get("kind") or KeyKind.MEMBER
 
     def clean_name(self) -> str:
         name = self.cleaned_data["name"].strip()

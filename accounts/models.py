@@ -257,8 +257,18 @@ class APIKeyQuerySet(TenantQuerySet):
         return key
 
 
+class KeyKind(models.TextChoices):
+    MEMBER = "member", "Member key"
+    SERVICE = "service", "Organization service key"
+
+
 class APIKey(TenantOwned):
-    """`sk-<public id>-<secret>`; only an HMAC of the whole key is stored."""
+    """`sk-<public id>-<secret>`; only an HMAC of the whole key is stored.
+
+    A member key belongs to its creator: it is revoked when their membership in the organization ends
+    or the user is deactivated or deleted (accounts/signals.py). A service key belongs to the
+    organization (created by owners, admins or operators) and stays until revoked. Rolling a key makes
+    a successor (`rotated_from`) and ends the old one after a grace period (its `expires_at`)."""
 
     PREFIX = "sk-"
 
@@ -274,6 +284,11 @@ class APIKey(TenantOwned):
     requests_per_minute = models.PositiveIntegerField(null=True, blank=True)
     tokens_per_minute = models.PositiveIntegerField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
+    kind = models.CharField(max_length=16, choices=KeyKind.choices, default=KeyKind.MEMBER)
+    rotated_from = models.OneToOneField(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="successor", editable=False,
+        help_text="The key this one replaced when it was rolled.",
+    )
 
     objects = APIKeyQuerySet.as_manager()
 

@@ -6,7 +6,7 @@ from django.core.exceptions import ValidationError as DjangoValidationError
 from rest_framework import serializers
 
 from .forms import validate_future, validate_model_names
-from .models import APIKey
+from .models import APIKey, KeyKind
 
 
 def _django_rule(rule):
@@ -19,8 +19,19 @@ def _django_rule(rule):
     return run
 
 
+class RotatedFromSerializer(serializers.ModelSerializer):
+    key = serializers.CharField(source="redacted", read_only=True)
+
+    class Meta:
+        model = APIKey
+        fields = ["id", "key", "expires_at", "revoked_at"]
+        read_only_fields = fields
+
+
 class APIKeySerializer(serializers.ModelSerializer):
     key = serializers.CharField(source="redacted", read_only=True)
+    kind = serializers.ChoiceField(choices=KeyKind.choices, default=KeyKind.MEMBER)
+    rotated_from = RotatedFromSerializer(read_only=True)
     created_by = serializers.EmailField(source="created_by.email", read_only=True, default=None)
     status = serializers.CharField(read_only=True)
     allowed_models = serializers.ListField(
@@ -34,7 +45,8 @@ class APIKeySerializer(serializers.ModelSerializer):
         model = APIKey
         fields = [
             "id", "name", "key", "created_by", "created_at", "last_used_at", "expires_at",
-            "allowed_models", "requests_per_minute", "tokens_per_minute", "revoked_at", "status",
+            "allowed_models", "requests_per_minute", "tokens_per_minute", "revoked_at", "status", "kind",
+            "rotated_from",
         ]
         read_only_fields = ["id", "created_at", "last_used_at", "revoked_at"]
         extra_kwargs = {"name": {"trim_whitespace": True}}
@@ -56,3 +68,7 @@ class CreatedAPIKeySerializer(APIKeySerializer):
 
     def get_secret(self, obj) -> str:
         return self.context["raw_key"]
+
+
+class RollSerializer(serializers.Serializer):
+    grace_seconds = serializers.IntegerField(help_text="How long the old key keeps working; 0: it stops now.")

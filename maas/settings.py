@@ -237,6 +237,9 @@ REST_FRAMEWORK = {
     "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
 }
 
+# Rolling an API key: the longest grace period the old key may keep working (default 30 days).
+KEY_ROTATION_MAX_GRACE_SECONDS = env_int("KEY_ROTATION_MAX_GRACE_SECONDS", 30 * 86400)
+
 # Invitations sent (revoked ones count): per inviter per hour, per organization per day.
 INVITATIONS_PER_USER_PER_HOUR = env_int("INVITATIONS_PER_USER_PER_HOUR", 20)
 INVITATIONS_PER_ORGANIZATION_PER_DAY = env_int("INVITATIONS_PER_ORGANIZATION_PER_DAY", 100)

@@ -1,4 +1,5 @@
-"""API keys: the console page (one-time reveal) and the JSON API `GET/POST /api/keys`, `DELETE /api/keys/{id}`."""
+"""API keys: the console page (one-time reveal, roll, revoke) and the JSON API `GET/POST /api/keys`,
+`GET/DELETE /api/keys/{id}`, `POST /api/keys/{id}/roll`."""
 
 from __future__ import annotations
 
@@ -10,29 +11,34 @@ from django.core.exceptions import PermissionDenied
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 from rest_framework import status
-from rest_framework.exceptions import NotFound, ValidationError
+from rest_framework.exceptions import APIException, MethodNotAllowed, NotFound, ValidationError
 from rest_framework.exceptions import PermissionDenied as APIPermissionDenied
 from rest_framework.response import Response
 from rest_framework.views import APIView, exception_handler
 
+from .. import keys as keys_service
 from .. import tenancy
 from ..forms import APIKeyForm
-from ..models import APIKey, Membership
-from ..serializers import APIKeySerializer, CreatedAPIKeySerializer
+from ..models import APIKey
+from ..serializers import APIKeySerializer, CreatedAPIKeySerializer, RollSerializer
 
-
-def create_key(organization, user, **fields) -> tuple[APIKey, str]:
-    return APIKey.objects.create_key(organization, created_by=user, **fields)
-
-
-def check_can_revoke(membership: Membership, key: APIKey) -> None:
-    """Owners and admins revoke any key of the organization; members only the keys they created."""
-    if not membership.can_manage and key.created_by_id != membership.user_id:
-        raise PermissionDenied("Only owners, admins and the key's creator can revoke it.")
+GRACE_CHOICES = [(0, "none: the old key stops now"), (3600, "1 hour"), (86400, "24 hours"), (7 * 86400, "7 days")]
 
 
 def _org_keys(request):
-    return APIKey.objects.for_org(request.organization).select_related("created_by")
+    return APIKey.objects.for_org(request.organization).select_related("created_by", "rotated_from")
+
+
+def _keys_page(request, form, created=None, raw_key=None, status_code=200, rolled=None):
+    # The full key is rendered in this one response only; it is never stored or shown again.
+    context = {
+        "keys": _org_keys(request), "form": form, "created": created, "raw_key": raw_key, "rolled": rolled,
+        "submission": secrets.token_urlsafe(16), "grace_choices": GRACE_CHOICES,
+    }
+    response = render(request, "console/keys.html", context, status=status_code)
+    if raw_key:
+        response["Cache-Control"] = "no-store"
+    return response
 
 
 def _first_submission(request) -> bool:
@@ -51,27 +57,39 @@ def keys(request):
             messages.info(request, "That key was already created; its full value was shown once and cannot be shown again.")
             return redirect("console:keys")
         if form.is_valid():
-            data = form.cleaned_data
-            created, raw_key = create_key(request.organization, request.user, **data)
-            form = APIKeyForm()
+            try:
+                created, raw_key = keys_service.create_key(request.membership, **form.cleaned_data)
+            except keys_service.KeyRuleError as exc:
+                form.add_error(exc.param, str(exc))
+                status_code = 400
+            else:
+                form = APIKeyForm()
         else:
             status_code = 400
-    # The full key is rendered in this one response only; it is never stored or shown again.
-    context = {
-        "keys": _org_keys(request), "form": form, "created": created, "raw_key": raw_key,
-        "submission": secrets.token_urlsafe(16),
-    }
-    response = render(request, "console/keys.html", context, status=status_code)
-    if raw_key:
-        response["Cache-Control"] = "no-store"
-    return response
+    return _keys_page(request, form, created, raw_key, status_code)
+
+
+@tenancy.org_member_required
+@require_POST
+def key_roll(request, pk: int):
+    key = tenancy.get_for_org_or_404(APIKey, request.organization, pk=pk)
+    try:
+        grace = int(request.POST.get("grace_seconds", ""))
+    except ValueError:
+        grace = -1
+    try:
+        created, raw_key = keys_service.roll_key(request.membership, key, grace)
+    except keys_service.KeyRuleError as exc:
+        messages.error(request, str(exc))
+        return redirect("console:keys")
+    return _keys_page(request, APIKeyForm(), created, raw_key, rolled=key)
 
 
 @tenancy.org_member_required
 @require_POST
 def key_revoke(request, pk: int):
     key = tenancy.get_for_org_or_404(APIKey, request.organization, pk=pk)
-    check_can_revoke(request.membership, key)
+    keys_service.check_can_manage_key(request.membership, key)
     key.revoke()
     messages.success(request, f"Revoked the key “{key.name}”. It stops working immediately.")
     return redirect("console:keys")
@@ -122,7 +140,10 @@ class APIKeyListView(OrgAPIView):
     def post(self, request):
         serializer = APIKeySerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        key, raw = create_key(request.organization, request.user, **serializer.validated_data)
+        try:
+            key, raw = keys_service.create_key(request.membership, **serializer.validated_data)
+        except keys_service.KeyRuleError as exc:
+            raise api_error(exc) from exc
         return Response(CreatedAPIKeySerializer(key, context={"raw_key": raw}).data, status=status.HTTP_201_CREATED)
 
 
@@ -136,8 +157,41 @@ class APIKeyDetailView(OrgAPIView):
     def delete(self, request, pk: int):
         key = self._key(request, pk)
         try:
-            check_can_revoke(request.membership, key)
+            keys_service.check_can_manage_key(request.membership, key)
         except PermissionDenied as exc:
             raise APIPermissionDenied(str(exc)) from exc
         key.revoke()
         return Response(APIKeySerializer(key).data)
+
+
+class APIKeyRollView(APIKeyDetailView):
+    """`POST /api/keys/{id}/roll {"grace_seconds": N}`: 201 with the successor (its secret, once)."""
+
+    def get(self, request, pk: int):
+        raise MethodNotAllowed("GET")
+
+    def delete(self, request, pk: int):
+        raise MethodNotAllowed("DELETE")
+
+    def post(self, request, pk: int):
+        key = self._key(request, pk)
+        serializer = RollSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        try:
+            new, raw = keys_service.roll_key(request.membership, key, serializer.validated_data["grace_seconds"])
+        except PermissionDenied as exc:
+            raise APIPermissionDenied(str(exc)) from exc
+        except keys_service.KeyRuleError as exc:
+            raise api_error(exc) from exc
+        return Response(CreatedAPIKeySerializer(new, context={"raw_key": raw}).data, status=status.HTTP_201_CREATED)
+
+
+class Conflict(APIException):
+    status_code = status.HTTP_409_CONFLICT
+    default_code = "conflict"
+
+
+def api_error(exc: keys_service.KeyRuleError) -> APIException:
+    if exc.status == 409:
+        return Conflict(str(exc))
+    return ValidationError({exc.param: [str(exc)]} if exc.param else [str(exc)])

@@ -73,6 +73,8 @@ def _entitlement(org):
 CASES: dict[str, list[Case]] = {
     "console:org-switch": [Case("post", lambda org: org)],
     "console:key-revoke": [Case("post", _key)],
+    "console:key-roll": [Case("post", _key, {"grace_seconds": "60"})],
+    "console:api-key-roll": [Case("post", _key, {"grace_seconds": 60}, json=True)],
     "console:member-role": [Case("post", _member, {"role": "admin"})],
     "console:member-remove": [Case("post", _member)],
     "console:invitation-revoke": [Case("post", _invitation)],

@@ -8,7 +8,7 @@ from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
 from accounts.forms import parse_model_list, validate_future
-from accounts.models import APIKey, Organization
+from accounts.models import APIKey, KeyKind, Organization
 
 
 def parse_expiry(text: str) -> datetime:
@@ -53,6 +53,7 @@ class Command(BaseCommand):
         key, raw = APIKey.objects.create_key(
             organization,
             name,
+            kind=KeyKind.SERVICE,  # an operator's key belongs to the organization
             expires_at=expires_at,
             allowed_models=allowed_models,
             requests_per_minute=requests_per_minute,
