@@ -193,7 +193,8 @@ async def count_cut_stream(upstream: Upstream, body: dict, meter: Meter, request
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
         prompt_job = asyncio.sleep(0, len(prompt))  # token ids: already counted
     else:
-        payload = {"messages": body["messages"]} if "messages" in body else {
+        # the chat template renders the tool definitions too (engine/tools.py)
+        payload = {k: body[k] for k in ("messages", "tools", "tool_choice") if k in body} if "messages" in body else {
             "prompt": prompt[0] if isinstance(prompt, list) else prompt}
         prompt_job = count_tokens(upstream, payload, request_id)
     texts = list(meter.streamed_text.values())
@@ -215,9 +216,17 @@ def tokens_in_chunk(chunk: dict, streamed_text: dict[int, list[str]]) -> int:
     for choice in chunk.get("choices") or ():
         delta = choice.get("delta")
         text = (delta or {}).get("content") if delta is not None else choice.get("text")
+        generated = bool(text)
+        # A tool call streams as its name (arguments "") then its arguments, both from one engine step:
+        # both are generated text, the arguments chunk is the one that counts.
+        for call in (delta or {}).get("tool_calls") or ():
+            function = call.get("function") or {}
+            text = (text or "") + (function.get("name") or "") + (function.get("arguments") or "")
+            generated = generated or bool(function.get("arguments"))
         if text:
-            count += 1
             streamed_text.setdefault(choice.get("index", 0), []).append(text)
+        if generated:
+            count += 1
     return count
 
 

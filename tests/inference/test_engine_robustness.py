@@ -35,8 +35,10 @@ def chat(gateway: str, key: str, **fields) -> httpx.Response:
     ({"logit_bias": {"4000000": 5}}, "logit_bias"),
     ({"n": 128, "max_tokens": 1000}, "max_tokens"),
     ({"temperature": 1e308}, "temperature"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/nowhere"}}}},
+     "response_format"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "frobnicate"}}}],
+      "tool_choice": "required"}, "tools[0].function.parameters"),
 ])
 def test_bodies_that_killed_the_engine_are_400s_and_other_tenants_go_on(gateway, smollm2, fields, param):
     attacker, bystander = make_tenant("attacker"), make_tenant("bystander")

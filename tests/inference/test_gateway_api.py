@@ -201,8 +201,11 @@ def test_sdk_raises_bad_request_extensions_pass_through_and_unknown_fields_are_r
         client.chat.completions.create(model="stub-model", messages=MESSAGES, extra_body={"frobnicate": 1})
     assert err.value.param == "frobnicate" and err.value.code == "unknown_parameter"
     with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(model="stub-model", messages=MESSAGES, response_format={"type": "json_object"})
-    assert err.value.param == "response_format" and err.value.code == "unsupported_parameter"
+        client.chat.completions.create(model="stub-model", messages=MESSAGES, extra_body={"functions": [{"name": "f"}]})
+    assert err.value.param == "functions" and err.value.code == "unsupported_parameter"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="stub-model", messages=MESSAGES, response_format={"type": "grammar"})
+    assert err.value.param == "response_format.type"
     client.chat.completions.create(model="stub-model", messages=MESSAGES, extra_body={"top_k": 5})
     seen = httpx.get(f"{stub_upstream}/_requests").json()["received"]
     assert seen[-1]["body"]["top_k"] == 5
