@@ -29,7 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="bytes for the KV-cache pool, e.g. 2GiB (default: --gpu-memory-fraction of free GPU "
                             "memory on CUDA, 1GiB on CPU)")
     serve.add_argument("--gpu-memory-fraction", type=float, default=0.9,
-                       help="fraction of free CUDA memory (after loading the weights) for the KV cache")
+                       help="share of the GPU's memory the engine may use: weights, the activation peak a warm-up "
+                            "step measures, and the KV cache, which gets the rest")
+    serve.add_argument("--enforce-eager", action="store_true",
+                       help="never replay CUDA graphs (default on CUDA: decode steps replay graphs captured per "
+                            "batch-size bucket; always eager on CPU)")
     serve.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one batch")
     serve.add_argument("--max-num-batched-tokens", type=int, default=1024,
                        help="per-step token budget; longer prompts are prefilled in chunks")
@@ -72,6 +76,7 @@ def serve(args: argparse.Namespace) -> None:
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         max_waiting_requests=args.max_waiting_requests, enable_prefix_caching=not args.no_prefix_caching,
         torch_threads=args.threads, max_tokens_per_request=args.max_tokens_per_request,
+        enforce_eager=True if args.enforce_eager else None,
     )
     telemetry.configure_tracing()  # from OTEL_* variables; nothing without them
     llm_engine = LLMEngine(config)

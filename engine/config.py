@@ -16,7 +16,9 @@ class EngineConfig:
     device: str = "cpu"
     block_size: int = 16
     kv_cache_memory: int | None = None  # bytes for the KV pool; None: see gpu_memory_fraction / CPU default
-    gpu_memory_fraction: float = 0.9  # of free CUDA memory after the weights are loaded
+    # CUDA: the share of the GPU's total memory this engine may use: weights, the activation peak a warm-up
+    # pass measures, and the KV pool, which gets what is left of it.
+    gpu_memory_fraction: float = 0.9
     cpu_kv_cache_memory: int = 1 << 30  # CPU default when kv_cache_memory is not given
     num_kv_blocks: int | None = None  # exact pool size (tests); overrides the memory budget
     max_num_seqs: int = 64
@@ -28,12 +30,25 @@ class EngineConfig:
     max_tokens_per_request: int = 32768
     enable_prefix_caching: bool = True
     torch_threads: int | None = None
+    # CUDA graphs for decode-only steps: None = on for CUDA, off elsewhere; True = never (eager always).
+    enforce_eager: bool | None = None
+    max_graph_batch_size: int = 512  # decode batches above this (or above max_num_seqs) run eager
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError("block_size must be a power of two")
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1 or self.max_tokens_per_request < 1:
             raise ValueError("max_num_batched_tokens, max_num_seqs and max_tokens_per_request must be positive")
+        if self.max_graph_batch_size < 1:
+            raise ValueError("max_graph_batch_size must be positive")
+        if not 0 < self.gpu_memory_fraction <= 1:
+            raise ValueError("gpu_memory_fraction must be in (0, 1]")
+
+    def use_cuda_graphs(self, device: torch.device) -> bool:
+        """Whether decode steps replay captured CUDA graphs on `device` (graphs need CUDA)."""
+        if self.enforce_eager is None:
+            return device.type == "cuda"
+        return not self.enforce_eager
 
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,

@@ -1,15 +1,25 @@
-"""Owns the model and the KV pool; turns a scheduled batch into one forward pass and sampled tokens."""
+"""Owns the model and the KV pool; turns a scheduled batch into one forward pass and sampled tokens.
+
+Every tensor a step builds lives on the model's device (`self.device`): the step's integer metadata goes
+over in two copies (pinned and asynchronous on CUDA), the sampler builds its tensors on the logits' device.
+On CUDA a warm-up step of the largest batch measures the activation peak before the KV pool is sized, and
+decode-only steps replay CUDA graphs captured per batch-size bucket (engine/cuda_graphs.py) unless
+`enforce_eager`.
+"""
 
 from __future__ import annotations
 
 import logging
+from typing import Protocol
 
 import torch
 
 from engine.config import EngineConfig
+from engine.cuda_graphs import CudaGraphBackend, DecodeGraphs, GraphBackend
 from engine.failures import is_fatal
 from engine.layers.attention import AttentionMetadata, allocate_kv_cache, kv_cache_bytes_per_block
 from engine.sampler import Sampler, SampleResult
+from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
 
@@ -27,6 +37,83 @@ def available_memory(device: torch.device) -> int:
     raise RuntimeError("cannot read MemAvailable from /proc/meminfo")
 
 
+class DeviceMemory(Protocol):
+    """What KV-pool sizing reads from the device: CudaMemory on CUDA; tests pass their own."""
+
+    def reset_peak(self) -> None: ...
+    def allocated(self) -> int: ...
+    def peak_allocated(self) -> int: ...
+    def free_and_total(self) -> tuple[int, int]: ...
+
+
+class CudaMemory:
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def reset_peak(self) -> None:
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def allocated(self) -> int:
+        return torch.cuda.memory_allocated(self.device)
+
+    def peak_allocated(self) -> int:
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.max_memory_allocated(self.device)
+
+    def free_and_total(self) -> tuple[int, int]:
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        return torch.cuda.mem_get_info(self.device)
+
+
+def device_memory(device: torch.device) -> DeviceMemory | None:
+    """The memory probe KV sizing uses on `device` (None: no warm-up, the CPU budget applies)."""
+    return CudaMemory(device) if device.type == "cuda" else None
+
+
+def make_graph_backend(device: torch.device) -> GraphBackend:
+    if device.type != "cuda":
+        raise ValueError(f"CUDA graphs need a CUDA device, the model is on {device} (pass enforce_eager=True)")
+    return CudaGraphBackend(device)
+
+
+class HostToDevice:
+    """Moves a step's integer metadata to the device, one copy per dtype.
+
+    On CUDA the values go through a pinned host buffer so `non_blocking` copies really are asynchronous; a
+    buffer is reused only after the event recorded behind its last copy has completed (a step that samples
+    nothing does not synchronise, so the next step could otherwise overwrite values still being copied).
+    On the CPU the tensor is built in place.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.pinned = device.type == "cuda"
+        self._buffers: dict[torch.dtype, torch.Tensor] = {}
+        self._events: dict[torch.dtype, torch.cuda.Event] = {}
+
+    def __call__(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
+        host = torch.tensor(values, dtype=dtype)
+        if self.device.type == "cpu":
+            return host
+        if not self.pinned:
+            return host.to(self.device)
+        buf = self._buffers.get(dtype)
+        if buf is None or buf.numel() < len(values):
+            buf = self._buffers[dtype] = torch.empty(max(len(values), 2 * (0 if buf is None else buf.numel()),
+                                                         4096), dtype=dtype, pin_memory=True)
+            self._events[dtype] = torch.cuda.Event()
+        event = self._events[dtype]
+        event.synchronize()  # the previous copy out of this buffer is done
+        staged = buf[: len(values)]
+        staged.copy_(host)
+        out = staged.to(self.device, non_blocking=True)
+        event.record()
+        return out
+
+
 class ModelRunner:
     def __init__(self, loaded, config: EngineConfig):
         self.model = loaded.model
@@ -37,12 +124,30 @@ class ModelRunner:
         self.dtype = self.spec.dtype
         log.info("Weights: %.1f MiB resident, computing in %s on %s", loaded.weight_bytes / 2**20,
                  str(self.dtype).removeprefix("torch."), self.device)
-        self.num_blocks = self._num_blocks()
-        self.kv_caches = allocate_kv_cache(
-            self.spec.num_layers, self.num_blocks, self.block_size, self.spec.num_kv_heads, self.spec.head_dim,
-            self.dtype, self.device,
-        )
+        self.to_device = HostToDevice(self.device)
         self.sampler = Sampler()
+        self.activation_peak: int | None = None  # bytes, measured by the warm-up pass (CUDA)
+        self.num_blocks = self._num_blocks()
+        use_graphs = config.use_cuda_graphs(self.device)
+        # With graphs, one more block than the scheduler knows of: the scratch block padding rows write to.
+        self.kv_caches = allocate_kv_cache(
+            self.spec.num_layers, self.num_blocks + use_graphs, self.block_size, self.spec.num_kv_heads,
+            self.spec.head_dim, self.dtype, self.device,
+        )
+        self.graphs: DecodeGraphs | None = None
+        if use_graphs:
+            max_len = min(config.max_model_len or self.spec.max_position_embeddings,
+                          self.spec.max_position_embeddings, self.num_blocks * self.block_size)
+            self.graphs = DecodeGraphs(
+                self._forward, make_graph_backend(self.device),
+                max_batch_size=min(config.max_num_seqs, config.max_graph_batch_size),
+                max_blocks_per_seq=-(-max_len // self.block_size), block_size=self.block_size,
+                scratch_block=self.num_blocks, device=self.device,
+            )
+            self.graphs.capture()
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
+        return self.model(input_ids, positions, self.kv_caches, attn)
 
     def _num_blocks(self) -> int:
         cfg, spec = self.config, self.spec
@@ -50,10 +155,13 @@ class ModelRunner:
             return cfg.num_kv_blocks
         per_block = kv_cache_bytes_per_block(spec.num_layers, self.block_size, spec.num_kv_heads, spec.head_dim,
                                              self.dtype)
+        memory = device_memory(self.device)
         if cfg.kv_cache_memory is not None:
             budget = cfg.kv_cache_memory
-        elif self.device.type == "cuda":
-            budget = int(available_memory(self.device) * cfg.gpu_memory_fraction)
+            if memory is not None:
+                self.activation_peak = self.profile_activation_peak(memory)
+        elif memory is not None:
+            budget = self.kv_budget_from_warmup(memory)
         else:
             budget = min(cfg.cpu_kv_cache_memory, available_memory(self.device) // 2)
         num_blocks = budget // per_block
@@ -62,6 +170,60 @@ class ModelRunner:
         log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, self.block_size,
                  num_blocks * per_block / 2**20)
         return num_blocks
+
+    def kv_budget_from_warmup(self, memory: DeviceMemory) -> int:
+        """Bytes for the KV pool: gpu_memory_fraction of the device's memory, less what is in use now
+        (weights, other processes) and the activation peak a warm-up step of the largest batch reaches."""
+        peak = self.activation_peak = self.profile_activation_peak(memory)
+        free, total = memory.free_and_total()
+        budget = int(total * self.config.gpu_memory_fraction) - (total - free) - peak
+        log.info("KV sizing: %.2f GiB total x %.2f, %.2f GiB in use, activation peak %.2f GiB -> %.2f GiB for KV",
+                 total / 2**30, self.config.gpu_memory_fraction, (total - free) / 2**30, peak / 2**30,
+                 budget / 2**30)
+        if budget <= 0:
+            raise ValueError(
+                f"no memory left for the KV cache: {total * self.config.gpu_memory_fraction / 2**30:.2f} GiB "
+                f"allowed (--gpu-memory-fraction), {(total - free) / 2**30:.2f} GiB in use and a "
+                f"{peak / 2**30:.2f} GiB activation peak; raise --gpu-memory-fraction or lower "
+                f"--max-num-batched-tokens")
+        return budget
+
+    @torch.inference_mode()
+    def profile_activation_peak(self, memory: DeviceMemory) -> int:
+        """Run the heaviest step the scheduler can build — max_num_batched_tokens prompt tokens over up to
+        max_num_seqs sequences, then sampling max_num_seqs rows with filters on — over a throw-away KV pool
+        just large enough, and return the peak bytes it allocated above the weights. Also warms up kernels
+        (Triton compiles) before the real pool is allocated."""
+        cfg, spec, bs = self.config, self.spec, self.block_size
+        max_len = min(cfg.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
+        tokens = cfg.max_num_batched_tokens
+        lens = []
+        while tokens > 0 and len(lens) < cfg.max_num_seqs:
+            lens.append(min(tokens, max_len))
+            tokens -= lens[-1]
+        num_blocks = sum(-(-n // bs) for n in lens)
+        memory.reset_peak()
+        base = memory.allocated()
+        caches = allocate_kv_cache(spec.num_layers, num_blocks, bs, spec.num_kv_heads, spec.head_dim,
+                                   self.dtype, self.device)
+        batch = ScheduledBatch()
+        next_block = 0
+        for n in lens:
+            seq = Sequence("warmup", [0] * n, SamplingParams(temperature=1.0, top_p=0.9, top_k=50), 1)
+            seq.block_table = list(range(next_block, next_block + -(-n // bs)))
+            next_block += len(seq.block_table)
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(n)
+        input_ids, positions, attn = self.prepare(batch)
+        hidden = self.model(input_ids, positions, caches, attn)
+        rows = min(cfg.max_num_seqs, hidden.shape[0])
+        logits = self.model.compute_logits(hidden[-rows:]).float()
+        self.sampler(logits, [batch.seqs[-1]] * rows)
+        del caches, hidden, logits
+        peak = memory.peak_allocated() - base
+        log.info("warm-up: %d tokens in %d sequences, activation peak %.1f MiB", sum(lens), len(lens),
+                 peak / 2**20)
+        return peak
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Flatten the step's tokens (no padding) and describe where their K/V live."""
@@ -91,30 +253,35 @@ class ModelRunner:
             seq_lens.append(end)
             tables.append(table)
         width = max(len(t) for t in tables)
-        device = self.device
-        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
         query_start_loc = [0]
         for n in query_lens:
             query_start_loc.append(query_start_loc[-1] + n)
+        # Two host-to-device copies per step: the int64 token-level values and the int32 sequence-level ones.
+        t, b = len(input_ids), len(seq_lens)
+        longs = self.to_device(input_ids + positions + slots, torch.long)
+        ints = self.to_device(query_start_loc + seq_lens + [i for tb in tables for i in tb + [0] * (width - len(tb))],
+                              torch.int32)
         attn = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long).to(device, non_blocking=True),
-            query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32).to(device, non_blocking=True),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(device, non_blocking=True),
-            block_tables=block_tables.to(device, non_blocking=True),
+            slot_mapping=longs[2 * t:],
+            query_start_loc=ints[: b + 1],
+            seq_lens=ints[b + 1 : 2 * b + 1],
+            block_tables=ints[2 * b + 1 :].view(b, width),
             max_query_len=max(query_lens),
             max_seq_len=max(seq_lens),
             block_size=bs,
             query_lens_cpu=query_lens,
             seq_lens_cpu=seq_lens,
         )
-        input_ids_t = torch.tensor(input_ids, dtype=torch.long).to(device, non_blocking=True)
-        return input_ids_t, torch.tensor(positions, dtype=torch.long).to(device, non_blocking=True), attn
+        return longs[:t], longs[t : 2 * t], attn
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], SampleResult | None]:
         """One forward pass over the batch; samples for the sequences whose chunk ends their tokens."""
         input_ids, positions, attn = self.prepare(batch)
-        hidden = self.model(input_ids, positions, self.kv_caches, attn)
+        if self.graphs is not None and self.graphs.bucket_for(attn) is not None:
+            hidden = self.graphs.run(input_ids, positions, attn)
+        else:
+            hidden = self.model(input_ids, positions, self.kv_caches, attn)
         rows, sampling = [], []
         end = 0
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
