@@ -142,6 +142,7 @@ class DecodeGraphs:
         self.seq_lens[start:end].fill_(1)
         self.block_tables[start:end].fill_(self.scratch_block)
 
+    @torch.inference_mode()
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
         """Copy the step's inputs in, pad up to the bucket, replay; hidden [num_seqs, hidden] (a view of the
         graph's static output, valid until the next replay)."""
