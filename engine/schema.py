@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
+from pydantic_core import from_json
 
 from engine.guides import Guide, json_guide, tool_calls_guide
 from engine.sampling_params import (
@@ -395,6 +396,16 @@ class CompletionRequest(_GenerationRequest):
     def sampling_params(self, defaults: dict | None = None) -> SamplingParams:
         return super().sampling_params(defaults, logprobs=self.logprobs is not None,
                                        top_logprobs=self.logprobs or 0)
+
+
+def parse_json(raw: bytes) -> Any:
+    """A request body's JSON, decoded the same way by the engine server and the gateway: strict UTF-8, no
+    lone surrogate escapes (no tokenizer can take them), no NaN or Infinity, nesting depth bounded."""
+    try:
+        return from_json(raw, allow_inf_nan=False)
+    except ValueError as exc:
+        raise RequestError(f"We could not parse the JSON body of your request ({exc}). The OpenAI API expects a "
+                           "JSON payload.", None, "invalid_json") from None
 
 
 def parse_chat(body: Any) -> ChatCompletionRequest:

@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from engine import telemetry, tools
+from engine import schema, telemetry, tools
 from engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError
 from engine.llm_engine import CompletionDelta, ContextLengthError, RequestOutput
 from engine.protocol import APIError, ParsedRequest, invalid, parse_chat_request, parse_completion_request
@@ -52,9 +52,9 @@ class OpenAIServer:
 
     async def _json(self, request: Request) -> dict:
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise invalid("the request body is not valid JSON") from None
+            body = schema.parse_json(await request.body())
+        except schema.RequestError as exc:
+            raise invalid(exc.message, code=exc.code) from None
         if not isinstance(body, dict):
             raise invalid("the request body must be a JSON object")
         return body

@@ -25,6 +25,7 @@ from django.db import DatabaseError, connections
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
+from engine import schema
 from maas import telemetry
 from maas.logging import bind_request_id
 
@@ -170,13 +171,9 @@ async def unknown_path(request: HttpRequest, rest: str = "") -> HttpResponse:
 
 def parse_body(request: HttpRequest, parser) -> InferenceRequest:
     try:
-        body = json.loads(request.body)
-    except (ValueError, UnicodeDecodeError):
-        raise GatewayError(
-            400,
-            "We could not parse the JSON body of your request. The OpenAI API expects a JSON payload.",
-            code="invalid_json",
-        ) from None
+        body = schema.parse_json(request.body)
+    except schema.RequestError as exc:
+        raise GatewayError(400, exc.message, code=exc.code) from None
     return parser(body)
 
 

@@ -154,3 +154,45 @@ def test_generated_bodies_never_5xx_agree_and_stay_on_the_spec(targets, endpoint
         plain = client.post(f"{engine}/v1/chat/completions", json={
             "model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
         assert plain.status_code == 200 and httpx.get(f"{engine}/health").status_code == 200
+
+
+RAW_BODIES = [
+    b'{"model": "smollm2", "messages": [{"role": "user", "content": "\\ud800"}], "max_tokens": 2}',  # lone surrogate
+    b'{"model": "smollm2", "prompt": "\\udfff", "max_tokens": 2}',
+    b"[" * 100_000,  # nesting deeper than any parser's stack
+    b'{"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
+    b'{"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "top_p": Infinity}',
+    b"\xff\xfe{}",  # not UTF-8
+    b"",
+    b'{"model": "smollm2", "messages": [{"role": "user", "content": "hi"}]',  # cut short
+]
+raw_bodies = st.one_of(
+    st.sampled_from(RAW_BODIES),
+    st.binary(max_size=40),
+    st.tuples(st.integers(0, 60), st.sampled_from(["\\ud800", "\\u0000", "\\", '"', "[", "{", "\x00", "\ufeff"])).map(
+        lambda t: (RAW_BODIES[0][: t[0]].decode(errors="ignore") + t[1] + RAW_BODIES[0][t[0]:].decode()).encode()),
+)
+
+
+@pytest.mark.parametrize("endpoint", ["chat/completions", "completions"])
+def test_raw_bodies_are_400s_never_5xx_and_the_same_from_both(targets, endpoint):
+    """Bytes that are not (acceptable) JSON: lone surrogate escapes, deep nesting, NaN, bad UTF-8."""
+    engine, gateway, key = targets
+    with httpx.Client(timeout=60) as client:
+
+        @settings(max_examples=max(20, EXAMPLES // 3), deadline=None, derandomize="CI" in os.environ,
+                  suppress_health_check=[HealthCheck.too_slow])
+        @given(raw_bodies)
+        def send(raw):
+            direct = client.post(f"{engine}/v1/{endpoint}", content=raw, headers={"content-type": "application/json"})
+            through = client.post(f"{gateway}/v1/{endpoint}", content=raw,
+                                  headers={"content-type": "application/json", "authorization": f"Bearer {key}"})
+            for response, where in ((direct, "engine"), (through, "gateway")):
+                assert response.status_code < 500, f"{where}: {response.status_code} {response.text[:300]} for {raw!r}"
+                if response.status_code != 200:
+                    validate_error(response.json())
+            assert direct.status_code == through.status_code, (direct.text[:300], through.text[:300], raw)
+
+        for raw in RAW_BODIES:
+            send.hypothesis.inner_test(raw)  # each known-bad body, then generated ones
+        send()
