@@ -16,6 +16,10 @@ from engine.guides import Guide
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_STOP_SEQUENCES = 4
+# Bounds on per-request work in the step loop (a stop string is searched after every token; a bias or a
+# stop id list is applied every step), so that no request can slow down its batch neighbours.
+MAX_STOP_LENGTH = 1024
+MAX_TOKEN_LIST = 1024
 
 Choices = Annotated[int, Field(ge=1, le=128)]
 Temperature = Annotated[float, Field(ge=0, le=2)]
@@ -29,7 +33,8 @@ MaxTokens = Annotated[int, Field(ge=1)]
 TopLogprobs = Annotated[int, Field(ge=0, le=20)]
 TokenId = Annotated[int, Field(ge=0, le=INT64_MAX)]  # below the vocabulary size: checked with the model
 LogitBias = Annotated[float, Field(ge=-100, le=100)]
-StopString = Annotated[str, Field(min_length=1)]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]
+TokenIdList = Annotated[list[TokenId], Field(max_length=MAX_TOKEN_LIST)]
 StopList = Annotated[list[StopString], Field(max_length=MAX_STOP_SEQUENCES)]
 
 
@@ -57,12 +62,12 @@ class _Ranges(BaseModel):
     repetition_penalty: RepetitionPenalty
     max_tokens: MaxTokens | None
     stop: StopList
-    stop_token_ids: list[TokenId]
+    stop_token_ids: TokenIdList
     ignore_eos: bool
     logprobs: bool
     top_logprobs: TopLogprobs
     skip_special_tokens: bool
-    logit_bias: dict[TokenId, LogitBias]
+    logit_bias: Annotated[dict[TokenId, LogitBias], Field(max_length=MAX_TOKEN_LIST)]
     guide: Guide | None
 
     @model_validator(mode="after")

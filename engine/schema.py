@@ -6,8 +6,10 @@ sampling knobs come from `engine.sampling_params`, the one place they are writte
 model (vocabulary size, context length, the server's per-request token limit) is checked by the engine
 when the model is known (`LLMEngine.check_prompt`).
 
+Structured outputs (`response_format`) and tools (`tools`, `tool_choice`, messages' `tool_calls`) become a
+`Guide` (`engine.guides`) on the SamplingParams: the grammar the engine constrains decoding with.
 Fields that would change the answer and that we do not implement are refused with a 400 naming them,
-unless they carry their neutral value (`response_format: {"type": "text"}`, `tools: []`, null, ...).
+unless they carry their neutral value (`functions: []`, null, ...).
 Fields that do not change the answer (`user`, `metadata`, `store: false`, `service_tier`, ...) are accepted.
 This module imports neither torch nor Django.
 """
@@ -21,6 +23,7 @@ from pydantic_core import from_json
 
 from engine.guides import Guide, json_guide, tool_calls_guide
 from engine.sampling_params import (
+    MAX_TOKEN_LIST,
     Choices,
     LogitBias,
     MaxTokens,
@@ -33,6 +36,7 @@ from engine.sampling_params import (
     StopString,
     Temperature,
     TokenId,
+    TokenIdList,
     TopK,
     TopLogprobs,
     TopP,
@@ -98,7 +102,7 @@ _WHY = {
 
 # What a field must be, for type errors on fields whose type is a union.
 _SHAPES = {
-    "stop": "a non-empty string or an array of at most 4 non-empty strings",
+    "stop": "a non-empty string or an array of at most 4 non-empty strings, each at most 1024 characters",
     "prompt": "a non-empty string, an array of token ids, or an array holding one of those",
     "content": "a string or an array of text parts",
     "logit_bias": "an object mapping token ids to numbers between -100 and 100",
@@ -223,11 +227,12 @@ class _GenerationRequest(_Strict):
     seed: Seed | None = None
     stop: StopString | StopList | None = None
     max_tokens: MaxTokens | None = None
-    logit_bias: dict[_LaxTokenId, LogitBias] | None = None
+    logit_bias: Annotated[dict[_LaxTokenId, LogitBias], Field(max_length=MAX_TOKEN_LIST)] | None = None
     response_format: ResponseFormat | None = None
     # Accepted, and they do not change the answer.
     user: str | None = None
-    metadata: dict[str, str] | None = None
+    metadata: Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
+                        Field(max_length=16)] | None = None  # OpenAI's bounds
     service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
@@ -236,7 +241,7 @@ class _GenerationRequest(_Strict):
     min_p: MinP | None = None
     repetition_penalty: RepetitionPenalty | None = None
     ignore_eos: bool | None = None
-    stop_token_ids: list[TokenId] | None = None
+    stop_token_ids: TokenIdList | None = None
     skip_special_tokens: bool | None = None
     cache_salt: Annotated[str, Field(min_length=1)] | None = None  # set by the gateway per organization
 

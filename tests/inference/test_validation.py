@@ -27,6 +27,11 @@ MESSAGES = [{"role": "user", "content": "hi"}]
     ({"model": "m", "messages": MESSAGES, "stream": "yes"}, "stream"),
     ({"model": "m", "messages": MESSAGES, "stream": True, "stream_options": []}, "stream_options"),
     ({"model": "m", "messages": MESSAGES, "top_logprobs": 21}, "top_logprobs"),
+    # Bounds on per-request work in the step loop.
+    ({"model": "m", "messages": MESSAGES, "stop": "x" * 1025}, "stop"),
+    ({"model": "m", "messages": MESSAGES, "logit_bias": {str(i): 1 for i in range(1025)}}, "logit_bias"),
+    ({"model": "m", "messages": MESSAGES, "stop_token_ids": list(range(1025))}, "stop_token_ids"),
+    ({"model": "m", "messages": MESSAGES, "metadata": {str(i): "v" for i in range(17)}}, "metadata"),
 ])
 def test_chat_errors_name_the_parameter(body, param):
     with pytest.raises(GatewayError) as err:
