@@ -1,8 +1,12 @@
+from allauth.account.decorators import secure_admin_login
 from django.contrib import admin
 from django.urls import include, path
 
 from inference.metrics import metrics_view
 from maas.health import health
+
+# The admin has no login form of its own: allauth's is rate-limited and asks for the second factor.
+admin.site.login = secure_admin_login(admin.site.login)
 
 urlpatterns = [
     path("health", health, name="health"),

@@ -25,6 +25,7 @@ pytestmark = [
 ]
 
 CONSOLE_PAGES = ["/", "/keys/", "/members/", "/redeem/", "/usage/", "/organizations/new/", "/accounts/email/",
+                 "/accounts/2fa/", "/accounts/2fa/totp/activate/",
                  "/accounts/password/change/"]
 ANONYMOUS_PAGES = ["/accounts/login/", "/accounts/signup/", "/accounts/password/reset/"]
 ADMIN_PAGES = ["/admin/", "/admin/accounts/apikey/", "/admin/accounts/user/", "/admin/accounts/authorizationcode/",
