@@ -288,7 +288,9 @@ def test_engine_failing_midstream_sends_a_valid_error_event_then_done():
                                                   "ignore_eos": True, "stream": True})
         assert response.status_code == 200
         events = validate_stream(COMPLETIONS, "post", response.text)
-        assert len(events) >= 2 and "error" in events[-1] and all("error" not in e for e in events[:-1])
+        # The 200 and its headers went out before the failure; random tokens of the tiny model may not have
+        # completed a character by then, so the error event can be the first one that carries anything.
+        assert events and "error" in events[-1] and all("error" not in e for e in events[:-1])
         after = client.post(CHAT, json={"model": "tiny", "messages": MESSAGES, "max_tokens": 2})
     assert after.status_code >= 500
     validate_response(CHAT, "post", after.status_code, after.json())
