@@ -2,7 +2,10 @@
 
 Text is emitted only once the tokens decode to whole characters (a multi-byte character split across
 tokens shows up as U+FFFD until its last byte arrives). The tail of the text that could still be the start
-of a stop string is held back, so a stop string is never emitted, even when it spans several tokens.
+of a stop string is held back, so a stop string is never emitted, even when it spans several tokens
+(unless `include_stop_str_in_output`: then the text ends with the matched stop string). The caller says
+whether stop strings count yet (`check_stop`: not during the first `min_tokens` tokens); a stop string is
+found when it ends in the newly decoded text, so one that ended earlier never stops the sequence later.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.skip_special_tokens = params.skip_special_tokens
         self.stop = params.stop
+        self.include_stop = params.include_stop_str_in_output
         self.max_stop_len = max((len(s) for s in self.stop), default=0)
         self.ids = list(prompt_token_ids[-_CONTEXT_TOKENS:])
         self.prefix_offset = 0
@@ -29,8 +33,8 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
-    def add_token(self, token_id: int) -> None:
-        """Append one generated token; sets `stopped` if a stop string completed."""
+    def add_token(self, token_id: int, check_stop: bool = True) -> None:
+        """Append one generated token; sets `stopped` if a stop string completed (and `check_stop`)."""
         self.ids.append(token_id)
         prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
         full = self._decode(self.ids[self.prefix_offset:])
@@ -39,17 +43,18 @@ class IncrementalDetokenizer:
         start = len(self.text)
         self.text += full[len(prefix):]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        if self.stop:
+        if self.stop and check_stop:
             self._find_stop(start)
 
     def _find_stop(self, start: int) -> None:
-        window = max(0, start - self.max_stop_len + 1)
-        hits = [pos for pos in (self.text.find(s, window) for s in self.stop) if pos >= 0]
+        """The earliest stop string that ends after `start` (in the text decoded since): cut the text there."""
+        hits = [(pos, len(s)) for s in self.stop if (pos := self.text.find(s, max(0, start - len(s) + 1))) >= 0]
         if hits:
-            self.text = self.text[:min(hits)]
+            pos, length = min(hits)
+            self.text = self.text[:pos + length if self.include_stop else pos]
             self.stopped = True
 
-    def flush(self) -> None:
+    def flush(self, check_stop: bool = True) -> None:
         """The sequence ended: decode the bytes that never completed a character, checking stop strings
         in them too (a stop string there still stops the sequence)."""
         if self.stopped or self.read_offset >= len(self.ids):
@@ -58,7 +63,7 @@ class IncrementalDetokenizer:
         self.text += self._decode(self.ids[self.prefix_offset:])[
             len(self._decode(self.ids[self.prefix_offset:self.read_offset])):]
         self.read_offset = len(self.ids)
-        if self.stop:
+        if self.stop and check_stop:
             self._find_stop(start)
 
     def take(self, final: bool = False) -> str:

@@ -122,6 +122,11 @@ class LLMEngine:
         if params.guide is not None:  # compiled already when the server admitted it: a cache hit
             for seq in seqs:
                 seq.grammar = self.grammars.matcher(params.guide)
+        if params.min_tokens:  # the sampler masks these until min_tokens tokens are out
+            early = tuple(sorted(set(params.stop_token_ids) | (set() if params.ignore_eos
+                                                               else set(self.scheduler.eos_token_ids))))
+            for seq in seqs:
+                seq.min_tokens_stop_ids = early
         detoks = [IncrementalDetokenizer(self.tokenizer, token_ids, params) for _ in seqs]
         request = Request(request_id, token_ids, params, seqs, detoks, arrival)
         self.requests[request_id] = request
@@ -167,6 +172,10 @@ class LLMEngine:
                 f"tokens per request: lower n or max_tokens.", "max_tokens")
         if params.n > cap:
             raise SamplingParamError(f"n is over this server's limit of {cap} generated tokens per request", "n")
+        most = self.max_tokens_per_choice(len(token_ids), params)
+        if params.min_tokens > most:
+            raise SamplingParamError(f"min_tokens ({params.min_tokens}) is over the {most} tokens this prompt leaves "
+                                     "each choice (context and this server's per-request limit)", "min_tokens")
 
     def abort(self, request_id: str) -> None:
         """Drop a request (client gone); its blocks return to the pool now."""
@@ -264,21 +273,24 @@ class LLMEngine:
         """The one place that decides whether, and why, a sequence stops after `token` (its last token).
 
         A stop token (EOS unless ignore_eos, or a stop_token_id) stops without its text; a stop string
-        found in the text so far stops, also on the very token that reached max_tokens; so does a grammar
-        that admits nothing more (the constrained answer is complete); otherwise max_tokens or the context
-        length make it "length".
+        found in the text so far stops, also on the very token that reached max_tokens; neither counts
+        during the first `min_tokens` tokens (the sampler also masks the stop tokens then). A grammar that
+        admits nothing more stops (the constrained answer is complete, whatever min_tokens says);
+        otherwise max_tokens or the context length make it "length".
         """
         params = seq.params
-        if token in params.stop_token_ids or (not params.ignore_eos and token in self.scheduler.eos_token_ids):
+        stops = seq.num_output_tokens > params.min_tokens
+        if stops and (token in params.stop_token_ids
+                      or (not params.ignore_eos and token in self.scheduler.eos_token_ids)):
             return "stop"
-        detok.add_token(token)
+        detok.add_token(token, check_stop=stops)
         if detok.stopped:
             return "stop"
         if seq.grammar is not None and seq.grammar.is_stopped():
-            detok.flush()
+            detok.flush(check_stop=stops)
             return "stop"
         if seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.scheduler.max_model_len:
-            detok.flush()
+            detok.flush(check_stop=stops)
             return "stop" if detok.stopped else "length"
         return None
 

@@ -76,6 +76,19 @@ def apply_logit_bias(logits: torch.Tensor, rows: list[int], seqs: list[Sequence]
     logits.index_put_(index, torch.tensor(biases, dtype=logits.dtype, device=device), accumulate=True)
 
 
+def mask_early_stops(logits: torch.Tensor, rows: list[int], seqs: list[Sequence]) -> None:
+    """min_tokens: a sequence with fewer than that many tokens out cannot sample a stop token (EOS, its
+    stop_token_ids), in one masked fill for the batch. Ids outside the vocabulary are skipped."""
+    vocab = logits.shape[1]
+    row_ids = [row for row, seq in zip(rows, seqs, strict=True) for t in seq.min_tokens_stop_ids if t < vocab]
+    token_ids = [t for seq in seqs for t in seq.min_tokens_stop_ids if t < vocab]
+    if row_ids:
+        device = logits.device
+        logits.index_put_((torch.tensor(row_ids, dtype=torch.long, device=device),
+                           torch.tensor(token_ids, dtype=torch.long, device=device)),
+                          torch.tensor(float("-inf"), dtype=logits.dtype, device=device))
+
+
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> None:
     """Mask (to -inf) tokens outside top-k, the top-p nucleus, or below min_p x the top probability.
     top_k 0 = off; top_p 1 = off; min_p 0 = off. Operates in place on temperature-scaled logits. The most
@@ -112,12 +125,17 @@ class Sampler:
         penalized = [i for i, p in enumerate(params) if p.has_penalties]
         biased = [i for i, p in enumerate(params) if p.logit_bias]
         constrained = [i for i, s in enumerate(seqs) if s.grammar is not None]
-        if penalized or biased or constrained:
+        # min_tokens; not on constrained rows, whose grammar decides when the answer is complete
+        early = [i for i, s in enumerate(seqs) if s.min_tokens_stop_ids and s.grammar is None
+                 and s.num_output_tokens < s.params.min_tokens]
+        if penalized or biased or constrained or early:
             logits = logits.clone()  # the caller's logits (and raw_logprobs) stay those of the model
             if penalized:
                 apply_penalties(logits, penalized, [seqs[i] for i in penalized])
             if biased:
                 apply_logit_bias(logits, biased, [seqs[i] for i in biased])
+            if early:
+                mask_early_stops(logits, early, [seqs[i] for i in early])
             if constrained:  # last: a grammar's forbidden tokens stay forbidden whatever the bias
                 apply_grammar_masks(logits, constrained, [seqs[i] for i in constrained])
         tokens = logits.argmax(-1)

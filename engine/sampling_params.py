@@ -30,6 +30,7 @@ Penalty = Annotated[float, Field(ge=-2, le=2)]
 RepetitionPenalty = Annotated[float, Field(gt=0, le=2)]
 Seed = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
 MaxTokens = Annotated[int, Field(ge=1)]
+MinTokens = Annotated[int, Field(ge=0)]  # at most max_tokens: checked with it
 TopLogprobs = Annotated[int, Field(ge=0, le=20)]
 TokenId = Annotated[int, Field(ge=0, le=INT64_MAX)]  # below the vocabulary size: checked with the model
 LogitBias = Annotated[float, Field(ge=-100, le=100)]
@@ -61,9 +62,11 @@ class _Ranges(BaseModel):
     frequency_penalty: Penalty
     repetition_penalty: RepetitionPenalty
     max_tokens: MaxTokens | None
+    min_tokens: MinTokens
     stop: StopList
     stop_token_ids: TokenIdList
     ignore_eos: bool
+    include_stop_str_in_output: bool
     logprobs: bool
     top_logprobs: TopLogprobs
     skip_special_tokens: bool
@@ -89,9 +92,11 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     max_tokens: int | None = None  # None: up to the context length (and the server's per-request limit)
+    min_tokens: int = 0  # the first min_tokens tokens never end the answer by EOS, a stop token or stop string
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    include_stop_str_in_output: bool = False  # a matched stop string stays at the end of the text
     logprobs: bool = False
     top_logprobs: int = 0
     skip_special_tokens: bool = True
@@ -118,6 +123,9 @@ class SamplingParams:
             error = exc.errors()[0]
             param = str(error["loc"][0]) if error["loc"] else "top_logprobs"
             raise SamplingParamError(f"{param}: {error['msg']}", param) from None
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise SamplingParamError(f"min_tokens ({self.min_tokens}) must be at most max_tokens ({self.max_tokens})",
+                                     "min_tokens")
 
     @property
     def greedy(self) -> bool:

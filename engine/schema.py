@@ -28,6 +28,7 @@ from engine.sampling_params import (
     LogitBias,
     MaxTokens,
     MinP,
+    MinTokens,
     Penalty,
     RepetitionPenalty,
     SamplingParams,
@@ -241,6 +242,8 @@ class _GenerationRequest(_Strict):
     min_p: MinP | None = None
     repetition_penalty: RepetitionPenalty | None = None
     ignore_eos: bool | None = None
+    min_tokens: MinTokens | None = None
+    include_stop_str_in_output: bool | None = None
     stop_token_ids: TokenIdList | None = None
     skip_special_tokens: bool | None = None
     cache_salt: Annotated[str, Field(min_length=1)] | None = None  # set by the gateway per organization
@@ -265,6 +268,9 @@ class _GenerationRequest(_Strict):
         if fmt is not None and fmt.type != "json_schema" and fmt.json_schema is not None:
             raise RequestError(f"'response_format.json_schema' is only allowed with type 'json_schema', not {fmt.type!r}.",
                                "response_format.json_schema")
+        if self.min_tokens and self.max_completion is not None and self.min_tokens > self.max_completion:
+            raise RequestError(f"'min_tokens' ({self.min_tokens}) must be at most the maximum number of tokens to "
+                               f"generate ({self.max_completion}).", "min_tokens")
 
     def answer_schema(self) -> dict | None | bool:
         """The JSON schema the answer must match: a dict, None for any JSON object, False for free text."""
@@ -283,7 +289,7 @@ class _GenerationRequest(_Strict):
                   if k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")}
         for name in ("n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
                      "frequency_penalty", "repetition_penalty", "ignore_eos", "stop_token_ids",
-                     "skip_special_tokens", "logit_bias", "stop"):
+                     "skip_special_tokens", "logit_bias", "stop", "min_tokens", "include_stop_str_in_output"):
             value = getattr(self, name)
             if value is not None:
                 kwargs[name] = value

@@ -24,7 +24,7 @@ class Sequence:
         "seq_id", "request_id", "index", "token_ids", "num_prompt_tokens", "num_computed_tokens",
         "num_cached_tokens", "block_table", "block_hashes", "status", "params", "cache_salt",
         "finish_reason", "arrival_time", "first_scheduled_time", "first_token_time", "generator", "max_tokens",
-        "num_registered_blocks", "grammar",
+        "num_registered_blocks", "grammar", "min_tokens_stop_ids",
     )
 
     def __init__(
@@ -58,6 +58,7 @@ class Sequence:
         self.generator = None  # torch.Generator for seeded sampling, made by the sampler
         self.max_tokens = max_tokens
         self.grammar = None  # llguidance matcher when the output is constrained (engine.structured)
+        self.min_tokens_stop_ids: tuple[int, ...] = ()  # masked while fewer than params.min_tokens are out
 
     def __len__(self) -> int:
         return len(self.token_ids)

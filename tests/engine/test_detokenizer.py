@@ -88,3 +88,27 @@ def test_stop_string_in_the_final_flush_of_incomplete_bytes(tokenizer):
     deltas.append(detok.take(final=True))
     assert detok.stopped
     assert "".join(deltas) == " The "
+
+
+def test_stop_string_counts_only_once_stops_are_checked(tokenizer):
+    """min_tokens: a stop string that ends while stops are not checked never stops the text later."""
+    params = SamplingParams(stop=["ab"])
+    detok = IncrementalDetokenizer(tokenizer, tokenizer.encode("Say:"), params)
+    ids = tokenizer.encode(" ab cd ab ef", add_special_tokens=False)
+    for token in ids:
+        detok.add_token(token, check_stop=len(detok.text) >= 3)
+        if detok.stopped:
+            break
+    assert detok.stopped and detok.text == " ab cd "
+
+
+def test_include_stop_str_keeps_it_and_what_was_held_back(tokenizer):
+    params = SamplingParams(stop=["wor", "ld"], include_stop_str_in_output=True)
+    detok = IncrementalDetokenizer(tokenizer, tokenizer.encode("Say:"), params)
+    out = ""
+    for token in tokenizer.encode(" hello world", add_special_tokens=False):
+        detok.add_token(token)
+        out += detok.take(final=detok.stopped)
+        if detok.stopped:
+            break
+    assert out == " hello wor"

@@ -45,7 +45,7 @@ def test_a_detokenizer_failure_fails_its_request_and_the_batch_goes_on(llm):
         engine.add_request(f"r{i}", prompt, GREEDY)
     bad = engine.requests["r1"].detoks[0]
 
-    def broken(token_id):
+    def broken(token_id, check_stop=True):
         raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected")
 
     bad.add_token = broken

@@ -150,3 +150,82 @@ def test_a_prompt_that_fills_the_pool_is_rejected():
         [list(range(3, 30))], SamplingParams(temperature=0, max_tokens=None, ignore_eos=True)
     )[0]
     assert out.outputs[0].finish_reason == "length" and out.num_prompt_tokens + out.num_output_tokens == 32
+
+
+def test_min_tokens_masks_stop_tokens_until_reached(llm):
+    """A stop token the logit bias makes the only choice is held off for min_tokens tokens, then stops."""
+    free = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))[0].outputs[0]
+    forced = (free.token_ids[0] + 7) % llm.engine.loaded.spec.vocab_size
+    params = dict(temperature=0, max_tokens=8, logit_bias={forced: 100}, stop_token_ids=[forced])
+    eager = llm.generate("Hello", SamplingParams(**params))[0].outputs[0]
+    assert eager.token_ids == [forced] and eager.finish_reason == "stop"  # the premise
+    choice = llm.generate("Hello", SamplingParams(**params, min_tokens=3))[0].outputs[0]
+    assert choice.finish_reason == "stop" and len(choice.token_ids) == 4
+    assert forced not in choice.token_ids[:3] and choice.token_ids[3] == forced
+
+
+def test_min_tokens_holds_off_eos(llm):
+    eos = next(iter(llm.engine.scheduler.eos_token_ids))
+    params = dict(temperature=0, max_tokens=8, logit_bias={eos: 100})
+    assert len(llm.generate("Hello", SamplingParams(**params))[0].outputs[0].token_ids) == 1  # the premise
+    choice = llm.generate("Hello", SamplingParams(**params, min_tokens=2))[0].outputs[0]
+    assert choice.finish_reason == "stop" and len(choice.token_ids) == 3 and choice.token_ids[2] == eos
+    # with ignore_eos nothing is masked or stops: the bias wins every step
+    kept = llm.generate("Hello", SamplingParams(**params, min_tokens=2, ignore_eos=True))[0].outputs[0]
+    assert kept.finish_reason == "length" and kept.token_ids == [eos] * 8
+
+
+def test_min_tokens_ignores_stop_strings_that_end_in_the_first_tokens(llm):
+    free = llm.generate("The quick", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0].outputs[0]
+    stop = free.text[:2]
+    assert stop.strip() and free.text.find(stop) == 0  # without min_tokens it stops at once
+    for m in (2, 5):
+        detok = IncrementalDetokenizer(llm.tokenizer, llm.tokenizer.encode("The quick"), SamplingParams())
+        for token in free.token_ids[:m]:
+            detok.add_token(token)
+        before = len(detok.text)  # the (whole-character) text of the first m tokens
+        later = free.text.find(stop, max(0, before - len(stop) + 1))  # the first occurrence ending after them
+        choice = llm.generate("The quick", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
+                                                          stop=[stop], min_tokens=m))[0].outputs[0]
+        if later < 0:
+            assert choice.finish_reason == "length" and choice.text == free.text, (m, free, choice)
+        else:
+            assert choice.finish_reason == "stop" and choice.text == free.text[:later]
+
+
+def test_include_stop_str_in_output_keeps_the_matched_stop_string(llm):
+    free = llm.generate("The quick", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0].outputs[0]
+    stop = free.text[3:6]
+    out = llm.generate("The quick", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=["zzzz", stop],
+                                                   include_stop_str_in_output=True))[0].outputs[0]
+    end = free.text.index(stop) + len(stop)
+    assert out.finish_reason == "stop" and out.text == free.text[:end] and out.text.endswith(stop)
+
+
+def test_finish_reason_ignores_stops_during_min_tokens(llm):
+    engine = llm.engine
+    eos = next(iter(engine.scheduler.eos_token_ids))
+
+    def decide(outputs, token, **params):
+        params = SamplingParams(**{"max_tokens": 5, **params})
+        seq = Sequence("r", [3, 4, 5], params, engine.max_tokens_per_choice(3, params))
+        seq.token_ids += [7] * (outputs - 1) + [token]
+        return engine.finish_reason(seq, token, IncrementalDetokenizer(engine.tokenizer, [3, 4, 5], params))
+
+    assert decide(2, eos, min_tokens=2) is None and decide(3, eos, min_tokens=2) == "stop"
+    assert decide(1, 9, stop_token_ids=[9], min_tokens=1) is None
+    assert decide(2, 9, stop_token_ids=[9], min_tokens=1) == "stop"
+    assert decide(5, 9, min_tokens=5) == "length"  # max_tokens still ends it
+
+
+def test_min_tokens_is_validated_against_max_tokens_and_the_context(llm):
+    with pytest.raises(SamplingParamError) as err:
+        SamplingParams(max_tokens=4, min_tokens=5)
+    assert err.value.param == "min_tokens"
+    with pytest.raises(SamplingParamError) as err:
+        SamplingParams(min_tokens=-1)
+    assert err.value.param == "min_tokens"
+    limit = llm.engine.scheduler.max_model_len
+    with pytest.raises(SamplingParamError) as err:
+        llm.engine.check_prompt([3, 4, 5], SamplingParams(min_tokens=limit))
+    assert err.value.param == "min_tokens"

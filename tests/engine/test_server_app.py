@@ -136,3 +136,22 @@ def test_completion_request_accepts_token_ids_and_one_element_batches():
         }
     )
     assert parsed.include_usage and parsed.cache_salt == "org-1"
+
+
+def test_min_tokens_and_include_stop_str_in_output_over_http(keyed):
+    auth = {"Authorization": "Bearer s3cret"}
+    eos = next(iter(keyed.app.state.server.llm.scheduler.eos_token_ids))
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 8, "temperature": 0, "logit_bias": {str(eos): 100}}
+    assert keyed.post("/v1/completions", headers=auth, json=body).json()["usage"]["completion_tokens"] == 1
+    held = keyed.post("/v1/completions", headers=auth, json={**body, "min_tokens": 3}).json()
+    assert held["usage"]["completion_tokens"] == 4 and held["choices"][0]["finish_reason"] == "stop"
+    free = keyed.post("/v1/completions", headers=auth, json={"model": "tiny", "prompt": "The quick", "max_tokens": 10,
+                                                             "temperature": 0, "ignore_eos": True}).json()
+    text = free["choices"][0]["text"]
+    stop = text[3:6]
+    kept = keyed.post("/v1/completions", headers=auth, json={"model": "tiny", "prompt": "The quick", "max_tokens": 10,
+                                                             "temperature": 0, "ignore_eos": True, "stop": stop,
+                                                             "include_stop_str_in_output": True}).json()
+    assert kept["choices"][0]["text"] == text[:text.index(stop) + len(stop)]
+    too_many = keyed.post("/v1/completions", headers=auth, json={**body, "min_tokens": 9})
+    assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "min_tokens"

@@ -32,6 +32,12 @@ MESSAGES = [{"role": "user", "content": "hi"}]
     ({"model": "m", "messages": MESSAGES, "logit_bias": {str(i): 1 for i in range(1025)}}, "logit_bias"),
     ({"model": "m", "messages": MESSAGES, "stop_token_ids": list(range(1025))}, "stop_token_ids"),
     ({"model": "m", "messages": MESSAGES, "metadata": {str(i): "v" for i in range(17)}}, "metadata"),
+    # vLLM's min_tokens (at most the completion's bound) and include_stop_str_in_output.
+    ({"model": "m", "messages": MESSAGES, "min_tokens": -1}, "min_tokens"),
+    ({"model": "m", "messages": MESSAGES, "min_tokens": 1.0}, "min_tokens"),
+    ({"model": "m", "messages": MESSAGES, "min_tokens": 6, "max_tokens": 5}, "min_tokens"),
+    ({"model": "m", "messages": MESSAGES, "min_tokens": 6, "max_completion_tokens": 5}, "min_tokens"),
+    ({"model": "m", "messages": MESSAGES, "include_stop_str_in_output": "yes"}, "include_stop_str_in_output"),
 ])
 def test_chat_errors_name_the_parameter(body, param):
     with pytest.raises(GatewayError) as err:
@@ -44,6 +50,7 @@ def test_chat_errors_name_the_parameter(body, param):
     ({"model": "m", "prompt": ["a", "b"]}, "prompt"),
     ({"model": "m", "prompt": "x", "logprobs": 6}, "logprobs"),
     ({"model": "m", "prompt": "x", "echo": 1}, "echo"),
+    ({"model": "m", "prompt": "x", "min_tokens": 17}, "min_tokens"),  # over the default max_tokens 16
 ])
 def test_completion_errors_name_the_parameter(body, param):
     with pytest.raises(GatewayError) as err:
