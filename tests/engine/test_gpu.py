@@ -183,14 +183,15 @@ def test_the_kv_pool_is_sized_from_the_measured_warmup_peak():
 
 
 def test_triton_quant_kernels_compiled_for_the_gpu_match_float64():
-    """The W4A16 / W8A16 cases CPU CI runs under TRITON_INTERPRET=1, compiled for this GPU."""
+    """The W4A16 / W8A16 cases CPU CI runs under TRITON_INTERPRET=1 (the first three, in bfloat16, FP8 codes:
+    each case is a compile), compiled for this GPU."""
     from engine.quant import triton_kernels as tk
     from engine.quant.weights import Int4Weight, Int8Weight, pack_int4
     from tests.engine.quant_triton_check import CASES
 
     torch.manual_seed(0)
-    for m, k, n, g, config in CASES:
-        for dtype in (torch.float16, torch.bfloat16):
+    for m, k, n, g, config in CASES[:3]:
+        for dtype in (torch.bfloat16,):
             x = torch.randn(m, k, device=CUDA).to(dtype)
             w4 = Int4Weight(pack_int4(torch.randint(0, 16, (k, n))).to(CUDA),
                             (torch.rand(k // g, n) * 0.1 + 0.01).half().to(CUDA), (torch.randn(k // g, n) * 0.3).to(CUDA),
