@@ -59,16 +59,27 @@ class AsyncEngine:
                  cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
         """Submit a request (validation and overload errors raise here, before any output) and return
         the stream of its outputs; leaving the stream early (client disconnect) aborts the request."""
+        return self.generate_many([(request_id, prompt_token_ids)], params, cache_salt=cache_salt)[0]
+
+    def generate_many(self, requests: list[tuple[str, list[int]]], params: SamplingParams, *,
+                      cache_salt: str | None = None) -> list[AsyncIterator[RequestOutput]]:
+        """Submit several requests (request id, prompt token ids) together, so the engine admits them in
+        the same step: all of them or, when one is invalid or the queue cannot take them all, none."""
         if not self.healthy:
             raise EngineDeadError(f"The engine is not running ({self.error!r}); it is being restarted. Please retry.")
-        if self.num_pending >= self.engine.config.max_waiting_requests:
+        if self.num_pending + len(requests) > self.engine.config.max_waiting_requests:
             raise EngineOverloadedError("too many requests are waiting; retry later")
-        self.engine.check_prompt(prompt_token_ids, params)
-        queue: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (asyncio.get_running_loop(), queue)
-        self._commands.append(("add", request_id, prompt_token_ids, params, cache_salt))
+        for _, prompt_token_ids in requests:
+            self.engine.check_prompt(prompt_token_ids, params)
+        loop = asyncio.get_running_loop()
+        streams = []
+        for request_id, _ in requests:
+            queue: asyncio.Queue = asyncio.Queue()
+            self._streams[request_id] = (loop, queue)
+            streams.append(self._stream(request_id, queue))
+        self._commands.append(("add", list(requests), params, cache_salt))  # one command: one step admits all
         self._wakeup.set()
-        return self._stream(request_id, queue)
+        return streams
 
     async def _stream(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         finished = False
@@ -103,13 +114,14 @@ class AsyncEngine:
             if command[0] == "abort":
                 engine.abort(command[1])
                 continue
-            _, request_id, token_ids, params, salt = command
-            if request_id not in self._streams:
-                continue  # the client left before the engine saw it
-            try:
-                engine.add_request(request_id, token_ids, params, cache_salt=salt)
-            except Exception as exc:  # noqa: BLE001 - handed to the waiting client
-                self._deliver(request_id, exc)
+            _, requests, params, salt = command
+            for request_id, token_ids in requests:
+                if request_id not in self._streams:
+                    continue  # the client left before the engine saw it
+                try:
+                    engine.add_request(request_id, token_ids, params, cache_salt=salt)
+                except Exception as exc:  # noqa: BLE001 - handed to the waiting client
+                    self._deliver(request_id, exc)
 
     def _loop(self) -> None:
         engine = self.engine

@@ -36,7 +36,8 @@ class ParsedRequest:
     cache_salt: str | None
     user: str | None
     messages: list[dict] | None = None  # chat
-    prompt: str | list[int] | None = None  # completions
+    prompt: str | list[int] | None = None  # completions: the first (usually only) prompt
+    prompts: list[str | list[int]] | None = None  # completions: every prompt, one engine request each
     echo: bool = False
     tools: list[dict] | None = None  # chat: the tool definitions the prompt shows
     tool_names: set[str] | None = None  # chat: the functions whose calls are read from the answer (None: no tools)
@@ -64,4 +65,5 @@ def parse_chat_request(body, defaults: dict | None = None) -> ParsedRequest:
 
 def parse_completion_request(body, defaults: dict | None = None) -> ParsedRequest:
     request = _validated(schema.parse_completion, body)
-    return _parsed(request, defaults, prompt=request.prompt, echo=bool(request.echo))
+    prompts = request.prompt_list()
+    return _parsed(request, defaults, prompt=prompts[0], prompts=prompts, echo=bool(request.echo))

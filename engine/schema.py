@@ -49,6 +49,7 @@ CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 TOOL_CALL_WRAPPING = '<tool_call>\n{"name": "", "arguments": }\n</tool_call>\n'
 TOOL_RESPONSE_WRAPPING = "<tool_response>\n\n</tool_response>"
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy completions endpoint
+MAX_CHOICES = 128  # n x the number of prompts of one completions request (one sequence each)
 
 
 class RequestError(ValueError):
@@ -104,7 +105,7 @@ _WHY = {
 # What a field must be, for type errors on fields whose type is a union.
 _SHAPES = {
     "stop": "a non-empty string or an array of at most 4 non-empty strings, each at most 1024 characters",
-    "prompt": "a non-empty string, an array of token ids, or an array holding one of those",
+    "prompt": "a non-empty string, an array of token ids, or a non-empty array of those",
     "content": "a string or an array of text parts",
     "logit_bias": "an object mapping token ids to numbers between -100 and 100",
     "tool_choice": "'none', 'auto', 'required' or {\"type\": \"function\", \"function\": {\"name\": ...}}",
@@ -393,16 +394,24 @@ class CompletionRequest(_GenerationRequest):
     def max_completion(self) -> int:
         return self.max_tokens if self.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS
 
+    def prompt_list(self) -> list[str | list[int]]:
+        """The prompts, one engine request each (a batch of one is a plain prompt after `_check`)."""
+        prompt = self.prompt
+        return list(prompt) if isinstance(prompt, list) and isinstance(prompt[0], (str, list)) else [prompt]
+
     def _check(self) -> None:
         super()._check()
         prompt = self.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise RequestError("Batches of several prompts are not supported: send one prompt per request.",
-                                   "prompt")
-            if not prompt[0]:
-                raise RequestError(f"'prompt' must be {_SHAPES['prompt']}.", "prompt")
-            self.prompt = prompt[0]  # a batch of one
+        if isinstance(prompt, list) and (not prompt or isinstance(prompt[0], (str, list))):
+            empty = next((i for i, p in enumerate(prompt) if not p), None)
+            if not prompt or empty is not None:
+                raise RequestError(f"'prompt' must be {_SHAPES['prompt']}.",
+                                   "prompt" if empty is None else f"prompt[{empty}]")
+            if len(prompt) * (self.n or 1) > MAX_CHOICES:
+                raise RequestError(f"n x the number of prompts is {len(prompt) * (self.n or 1)}, over the limit of "
+                                   f"{MAX_CHOICES} choices per request: send fewer prompts or a smaller n.", "prompt")
+            if len(prompt) == 1:
+                self.prompt = prompt[0]  # a batch of one
 
     def sampling_params(self, defaults: dict | None = None) -> SamplingParams:
         return super().sampling_params(defaults, logprobs=self.logprobs is not None,

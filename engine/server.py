@@ -63,7 +63,8 @@ class OpenAIServer:
         if model != self.model_name:
             raise APIError(f"The model `{model}` does not exist.", status=404, param="model", code="model_not_found")
 
-    def _prompt_ids(self, parsed: ParsedRequest) -> list[int]:
+    def _prompt_ids(self, parsed: ParsedRequest, prompt: str | list[int] | None = None) -> list[int]:
+        """The token ids of the chat's rendered messages, or of `prompt` (default: the first prompt)."""
         if parsed.messages is not None:
             messages, kwargs = tools.render(parsed.messages, parsed.tools,
                                             native=tools.template_supports_tools(self.tokenizer.chat_template))
@@ -72,9 +73,10 @@ class OpenAIServer:
             except Exception as exc:  # noqa: BLE001 - template errors are the client's messages
                 raise invalid(f"cannot apply the chat template: {exc}", "messages") from None
             return self.tokenizer.encode(text, add_special_tokens=False)
-        if isinstance(parsed.prompt, str):
-            return self.tokenizer.encode(parsed.prompt)
-        return list(parsed.prompt)
+        prompt = parsed.prompt if prompt is None else prompt
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
 
     def _check_prompt(self, ids: list[int], parsed: ParsedRequest) -> None:
         try:
@@ -85,12 +87,15 @@ class OpenAIServer:
         except SamplingParamError as exc:
             raise invalid(str(exc), exc.param) from None
 
-    def _usage(self, out: RequestOutput) -> dict:
+    def _usage(self, outs: list[RequestOutput]) -> dict:
+        """Usage over the request's engine requests (one per prompt), each its last output."""
+        prompt = sum(out.num_prompt_tokens for out in outs)
+        completion = sum(out.num_output_tokens for out in outs)
         return {
-            "prompt_tokens": out.num_prompt_tokens,
-            "completion_tokens": out.num_output_tokens,
-            "total_tokens": out.num_prompt_tokens + out.num_output_tokens,
-            "prompt_tokens_details": {"cached_tokens": out.num_cached_tokens},
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(out.num_cached_tokens for out in outs)},
         }
 
     # -- logprobs in the two OpenAI shapes ------------------------------------------------------
@@ -167,21 +172,27 @@ class OpenAIServer:
         parse = parse_chat_request if chat else parse_completion_request
         parsed = parse(body, self.llm.loaded.generation_defaults)
         self._check_model(parsed.model)
-        ids = self._prompt_ids(parsed)
-        self._check_prompt(ids, parsed)
+        prompts = [None] if chat else parsed.prompts
+        ids = [self._prompt_ids(parsed, prompt) for prompt in prompts]
+        for prompt_ids in ids:
+            self._check_prompt(prompt_ids, parsed)
+        self._check_batch(ids, parsed)
         if parsed.params.guide is not None:
             await self._compile(parsed.params.guide)
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        # several prompts: one engine request each, submitted together
+        engine_ids = [request_id] if len(ids) == 1 else [f"{request_id}-{i}" for i in range(len(ids))]
         try:
-            stream = self.engine.generate(request_id, ids, parsed.params, cache_salt=parsed.cache_salt)
+            streams = self.engine.generate_many(list(zip(engine_ids, ids, strict=True)), parsed.params,
+                                                cache_salt=parsed.cache_salt)
         except RuntimeError as exc:  # overloaded, or not running
             raise engine_error(exc) from None
         created = int(time.time())
         if parsed.stream:
-            return StreamingResponse(self._stream(stream, parsed, request_id, created, chat, ids,
+            return StreamingResponse(self._stream(streams, parsed, request_id, created, chat, ids,
                                                   caller_request_id=request.headers.get("x-request-id")),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        answer = asyncio.ensure_future(self._answer(stream, parsed, request_id, created, chat, ids,
+        answer = asyncio.ensure_future(self._answer(streams, parsed, request_id, created, chat, ids,
                                                     request.headers.get("x-request-id")))
         gone = asyncio.ensure_future(_disconnected(request))
         done, _ = await asyncio.wait({answer, gone}, timeout=self.keepalive_interval,
@@ -196,6 +207,14 @@ class OpenAIServer:
             return StreamingResponse(self._keepalive(answer), media_type="application/json")
         gone.cancel()
         return JSONResponse(answer.result())
+
+    def _check_batch(self, ids: list[list[int]], parsed: ParsedRequest) -> None:
+        """Several prompts: what the request generates over all of them within the per-request limit."""
+        cap, params = self.llm.config.max_tokens_per_request, parsed.params
+        total = len(ids) * params.n * (params.max_tokens or 0)
+        if len(ids) > 1 and total > cap:
+            raise invalid(f"prompts x n x max_tokens is {total}, over this server's limit of {cap} generated tokens "
+                          "per request: send fewer prompts or lower n or max_tokens.", "max_tokens")
 
     async def _compile(self, guide) -> None:
         """Compile the request's grammar in a worker thread (cached per grammar), before it is queued, so
@@ -227,56 +246,70 @@ class OpenAIServer:
         finally:
             answer.cancel()  # the client left (Starlette cancels the stream): abort the request
 
-    async def _answer(self, stream: AsyncIterator[RequestOutput], parsed: ParsedRequest, request_id: str,
-                      created: int, chat: bool, ids: list[int], caller_request_id: str | None) -> dict:
-        """The whole (non-streamed) response body."""
-        out, choices = await self._collect(stream, parsed, ids)
-        telemetry.record_request(out, model=self.model_name, finish_reasons=[c.finish_reason for c in choices],
-                                 request_id=caller_request_id,
-                                 prompt=parsed.messages or parsed.prompt, completion=[c.text for c in choices])
+    async def _answer(self, streams: list[AsyncIterator[RequestOutput]], parsed: ParsedRequest, request_id: str,
+                      created: int, chat: bool, ids: list[list[int]], caller_request_id: str | None) -> dict:
+        """The whole (non-streamed) response body; several prompts' choices indexed prompt-major (OpenAI's
+        `index = prompt_i * n + choice_j`)."""
+        outs, choices = await self._collect(streams, parsed, ids)
+        n = parsed.params.n
+        for i, out in enumerate(outs):
+            mine = choices[i * n:(i + 1) * n]
+            telemetry.record_request(out, model=self.model_name, finish_reasons=[c.finish_reason for c in mine],
+                                     request_id=caller_request_id,
+                                     prompt=parsed.messages or (parsed.prompts or [parsed.prompt])[i],
+                                     completion=[c.text for c in mine])
         if chat:
             messages = [self._chat_message(parsed, c) for c in choices]
             return {"id": request_id, "object": "chat.completion", "created": created, "model": self.model_name,
                     "choices": [{"index": c.index, "message": message, "logprobs": self._chat_logprobs(c),
                                  "finish_reason": finish_reason}
                                 for c, (message, finish_reason) in zip(choices, messages, strict=True)],
-                    "usage": self._usage(out), "system_fingerprint": self.system_fingerprint}
-        echoed = len(self._echo_text(parsed, ids))  # text_offset counts from the start of `text`
+                    "usage": self._usage(outs), "system_fingerprint": self.system_fingerprint}
+        echoed = [len(self._echo_text(parsed, i, ids)) for i in range(len(ids))]  # text_offset starts at `text`
         return {"id": request_id, "object": "text_completion", "created": created, "model": self.model_name,
-                "choices": [{"index": c.index, "text": c.text, "logprobs": self._completion_logprobs(c, echoed),
+                "choices": [{"index": c.index, "text": c.text,
+                             "logprobs": self._completion_logprobs(c, echoed[c.index // n]),
                              "finish_reason": c.finish_reason} for c in choices],
-                "usage": self._usage(out), "system_fingerprint": self.system_fingerprint}
+                "usage": self._usage(outs), "system_fingerprint": self.system_fingerprint}
 
-    def _echo_text(self, parsed: ParsedRequest, ids: list[int]) -> str:
+    def _echo_text(self, parsed: ParsedRequest, i: int, ids: list[list[int]]) -> str:
+        """With echo, prompt i's text (token id prompts decoded)."""
         if not parsed.echo:
             return ""
-        return parsed.prompt if isinstance(parsed.prompt, str) else self.tokenizer.decode(ids)
+        prompt = (parsed.prompts or [parsed.prompt])[i]
+        return prompt if isinstance(prompt, str) else self.tokenizer.decode(ids[i])
 
-    async def _collect(self, stream: AsyncIterator[RequestOutput], parsed: ParsedRequest, ids: list[int]):
-        choices = {i: CompletionDelta(i, logprobs=[] if parsed.params.logprobs else None)
-                   for i in range(parsed.params.n)}
-        echo = self._echo_text(parsed, ids)
-        for c in choices.values():
-            c.text = echo
-        out = None
-        async for out in _engine_errors(stream):
+    async def _collect(self, streams: list[AsyncIterator[RequestOutput]], parsed: ParsedRequest,
+                       ids: list[list[int]]) -> tuple[list[RequestOutput], list[CompletionDelta]]:
+        """Each prompt's last output and every choice in full, indexed prompt-major."""
+        n = parsed.params.n
+        choices = [CompletionDelta(k, logprobs=[] if parsed.params.logprobs else None) for k in range(len(ids) * n)]
+        for c in choices:
+            c.text = self._echo_text(parsed, c.index // n, ids)
+        outs: list = [None] * len(ids)
+        async for i, out in _merged(streams):
+            outs[i] = out
             for d in out.outputs:
-                c = choices[d.index]
+                c = choices[i * n + d.index]
                 c.text += d.text
                 c.token_ids += d.token_ids
                 if d.logprobs is not None:
                     c.logprobs += d.logprobs
                 c.finish_reason = d.finish_reason or c.finish_reason
-        return out, list(choices.values())
+        return outs, choices
 
-    async def _stream(self, stream, parsed: ParsedRequest, request_id: str, created: int, chat: bool,
-                      ids: list[int], caller_request_id: str | None = None) -> AsyncIterator[str]:
+    async def _stream(self, streams, parsed: ParsedRequest, request_id: str, created: int, chat: bool,
+                      ids: list[list[int]], caller_request_id: str | None = None) -> AsyncIterator[str]:
+        """SSE chunks of every prompt's choices as the engine produces them (indexed prompt-major), then
+        the usage over all prompts."""
         obj = "chat.completion.chunk" if chat else "text_completion"
         # chat chunks carry `usage: null` until the usage chunk; a completion's `usage` may not be null, so
         # its chunks leave it out
         usage_field = {"usage": None} if parsed.include_usage and chat else {}
-        echo = self._echo_text(parsed, ids)
-        offsets = dict.fromkeys(range(parsed.params.n), len(echo))
+        n = parsed.params.n
+        choices_total = len(ids) * n
+        echoes = [self._echo_text(parsed, k // n, ids) for k in range(choices_total)]
+        offsets = {k: len(echo) for k, echo in enumerate(echoes)}
 
         def chunk(choices: list[dict]) -> str:
             payload = {"id": request_id, "object": obj, "created": created, "model": self.model_name,
@@ -284,48 +317,55 @@ class OpenAIServer:
             return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
         if chat:
-            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None} for i in range(parsed.params.n)])
+            yield chunk([{"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None} for k in range(choices_total)])
         elif parsed.echo:
-            yield chunk([{"index": i, "text": echo, "logprobs": None, "finish_reason": None}
-                         for i in range(parsed.params.n)])
-        out = None
-        texts = dict.fromkeys(range(parsed.params.n), "") if telemetry.capture_content() else None
-        parsers = ({i: tools.ToolCallParser(parsed.tool_names) for i in range(parsed.params.n)}
+            yield chunk([{"index": k, "text": echoes[k], "logprobs": None, "finish_reason": None}
+                         for k in range(choices_total)])
+        outs: list = [None] * len(ids)
+        texts = dict.fromkeys(range(choices_total), "") if telemetry.capture_content() else None
+        finish_reasons: dict[int, str | None] = dict.fromkeys(range(choices_total))
+        parsers = ({k: tools.ToolCallParser(parsed.tool_names) for k in range(choices_total)}
                    if chat and parsed.tool_names else None)
         try:
-            async for out in _engine_errors(stream):
+            async for i, out in _merged(streams):
+                outs[i] = out
                 choices = []
                 for d in out.outputs:
+                    k = i * n + d.index
+                    finish_reasons[k] = d.finish_reason or finish_reasons[k]
                     if texts is not None:
-                        texts[d.index] += d.text
+                        texts[k] += d.text
                     if parsers is not None:
-                        for piece in self._tool_chunks(parsers[d.index], d):
+                        for piece in self._tool_chunks(parsers[k], d):
                             yield chunk([piece])
                         continue
                     if not d.text and d.finish_reason is None and d.logprobs is None:
                         continue  # nothing to show yet (held back or an incomplete character)
                     if chat:
                         delta = {"content": d.text} if d.text or d.finish_reason is None else {}
-                        choices.append({"index": d.index, "delta": delta, "logprobs": self._chat_logprobs(d),
+                        choices.append({"index": k, "delta": delta, "logprobs": self._chat_logprobs(d),
                                         "finish_reason": d.finish_reason})
                     else:
-                        choices.append({"index": d.index, "text": d.text,
-                                        "logprobs": self._completion_logprobs(d, offsets[d.index]),
+                        choices.append({"index": k, "text": d.text,
+                                        "logprobs": self._completion_logprobs(d, offsets[k]),
                                         "finish_reason": d.finish_reason})
-                        offsets[d.index] += len(d.text)
+                        offsets[k] += len(d.text)
                 if choices:
                     yield chunk(choices)
         except APIError as exc:
             yield f"data: {json.dumps(exc.body())}\n\n"
             yield "data: [DONE]\n\n"
             return
-        telemetry.record_request(out, model=self.model_name, finish_reasons=[d.finish_reason for d in out.outputs]
-                                 if out else [], request_id=caller_request_id, prompt=parsed.messages or parsed.prompt,
-                                 completion=list(texts.values()) if texts is not None else None)
-        if parsed.include_usage and out is not None:
+        for i, out in enumerate(outs):
+            mine = range(i * n, (i + 1) * n)
+            telemetry.record_request(out, model=self.model_name, finish_reasons=[finish_reasons[k] for k in mine],
+                                     request_id=caller_request_id,
+                                     prompt=parsed.messages or (parsed.prompts or [parsed.prompt])[i],
+                                     completion=[texts[k] for k in mine] if texts is not None else None)
+        if parsed.include_usage and None not in outs:
             payload = {"id": request_id, "object": obj, "created": created, "model": self.model_name,
-                       "choices": [], "system_fingerprint": self.system_fingerprint, "usage": self._usage(out)}
+                       "choices": [], "system_fingerprint": self.system_fingerprint, "usage": self._usage(outs)}
             yield f"data: {json.dumps(payload)}\n\n"
         yield "data: [DONE]\n\n"
 
@@ -389,6 +429,41 @@ async def _engine_errors(stream: AsyncIterator[RequestOutput]) -> AsyncIterator[
             yield out
     except (RuntimeError, ValueError) as exc:
         raise engine_error(exc) from None
+
+
+async def _merged(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(prompt index, output) from each prompt's engine stream as they come, engine failures as OpenAI
+    errors; the first error ends it, and leaving it early (a disconnect, an error) aborts every request."""
+    if len(streams) == 1:
+        async for out in _engine_errors(streams[0]):
+            yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, stream) -> None:
+        try:
+            async for out in _engine_errors(stream):
+                queue.put_nowait((i, out))
+            queue.put_nowait((i, done))
+        except APIError as exc:
+            queue.put_nowait((i, exc))
+
+    tasks = [asyncio.ensure_future(pump(i, stream)) for i, stream in enumerate(streams)]
+    try:
+        left = len(tasks)
+        while left:
+            i, item = await queue.get()
+            if item is done:
+                left -= 1
+            elif isinstance(item, APIError):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()  # a stream cancelled mid-way aborts its engine request
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _disconnected(request: Request) -> None:

@@ -189,14 +189,12 @@ async def count_cut_stream(upstream: Upstream, body: dict, meter: Meter, request
     text of each choice re-tokenized by the engine (minus the special tokens /tokenize adds to any text),
     never less than one token per content chunk received.
     """
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-        prompt_job = asyncio.sleep(0, len(prompt))  # token ids: already counted
-    else:
+    if "messages" in body:
         # the chat template renders the tool definitions too (engine/tools.py)
-        payload = {k: body[k] for k in ("messages", "tools", "tool_choice") if k in body} if "messages" in body else {
-            "prompt": prompt[0] if isinstance(prompt, list) else prompt}
-        prompt_job = count_tokens(upstream, payload, request_id)
+        prompt_job = count_tokens(upstream, {k: body[k] for k in ("messages", "tools", "tool_choice") if k in body},
+                                  request_id)
+    else:
+        prompt_job = _count_prompts(upstream, body.get("prompt"), request_id)
     texts = list(meter.streamed_text.values())
     results = await asyncio.gather(
         prompt_job,
@@ -207,6 +205,14 @@ async def count_cut_stream(upstream: Upstream, body: dict, meter: Meter, request
     specials, counts = results[1], results[2:]
     if specials is not None and all(c is not None for c in counts):
         meter.completion_tokens = max(meter.completion_tokens, sum(c - specials for c in counts))
+
+
+async def _count_prompts(upstream: Upstream, prompt, request_id: str) -> int | None:
+    """A completion's prompt tokens: every prompt of a batch (token ids are counted as they are)."""
+    batch = isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list))
+    counts = await asyncio.gather(*(asyncio.sleep(0, len(p)) if isinstance(p, list) else count_tokens(upstream, {"prompt": p}, request_id)
+                                    for p in (prompt if batch else [prompt])))
+    return None if None in counts else sum(counts)
 
 
 def tokens_in_chunk(chunk: dict, streamed_text: dict[int, list[str]]) -> int:

@@ -26,7 +26,7 @@ class InferenceRequest:
     include_usage: bool  # the client asked for the usage chunk
     prompt_bound: int  # safe upper bound on prompt tokens (before the template overhead)
     max_completion_tokens: int | None
-    n: int
+    n: int  # choices over all prompts (n x prompts on completions)
 
     def reservation(self, context_length: int, overhead: int) -> int:
         """Tokens to hold: prompt bound + n × max completion, never more than n × context length.
@@ -57,7 +57,9 @@ def parse_chat(body: Any) -> InferenceRequest:
 
 def parse_completion(body: Any) -> InferenceRequest:
     request = _validated(schema.parse_completion, body)
-    prompt = request.prompt
-    prompt_bound = len(prompt) if isinstance(prompt, list) else len(prompt.encode())
+    # several prompts: one engine request each, with n choices each; every prompt counts (plus the special
+    # token the tokenizer may add to each)
+    prompts = request.prompt_list()
+    prompt_bound = sum((len(p) if isinstance(p, list) else len(p.encode())) + 1 for p in prompts)
     return InferenceRequest("completions", body, request.model, bool(request.stream), request.include_usage,
-                            prompt_bound, request.max_completion, request.n or 1)
+                            prompt_bound, request.max_completion, (request.n or 1) * len(prompts))

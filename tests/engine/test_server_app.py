@@ -10,6 +10,7 @@ from engine.llm_engine import LLMEngine
 from engine.protocol import APIError, parse_chat_request, parse_completion_request
 from engine.server import build_app
 from tests.engine.checkpoints import tiny_checkpoint
+from tests.openapi_spec import validate_response, validate_stream
 
 torch.set_num_threads(2)
 
@@ -111,7 +112,7 @@ def test_chat_request_validation_names_the_field(body, param):
     ("body", "param"),
     [
         ({"model": "m", "prompt": ""}, "prompt"),
-        ({"model": "m", "prompt": ["a", "b"]}, "prompt"),
+        ({"model": "m", "prompt": ["a", ""]}, "prompt[1]"),
         ({"model": "m", "prompt": "x", "logprobs": 9}, "logprobs"),
         ({"model": "m", "prompt": "x", "suffix": "y"}, "suffix"),
     ],
@@ -155,3 +156,79 @@ def test_min_tokens_and_include_stop_str_in_output_over_http(keyed):
     assert kept["choices"][0]["text"] == text[:text.index(stop) + len(stop)]
     too_many = keyed.post("/v1/completions", headers=auth, json={**body, "min_tokens": 9})
     assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "min_tokens"
+
+
+def test_several_prompts_are_one_request_each_with_choices_prompt_major(keyed):
+    auth = {"Authorization": "Bearer s3cret"}
+    common = {"model": "tiny", "max_tokens": 3, "temperature": 0, "ignore_eos": True}
+    prompts = ["Hello", "Once upon a", "The quick"]
+    alone = [keyed.post("/v1/completions", headers=auth, json={**common, "prompt": p}).json() for p in prompts]
+    resp = keyed.post("/v1/completions", headers=auth, json={**common, "prompt": prompts, "n": 2})
+    assert resp.status_code == 200
+    body = resp.json()
+    validate_response("/v1/completions", "post", 200, body)
+    assert [c["index"] for c in body["choices"]] == list(range(6))
+    for k, choice in enumerate(body["choices"]):  # index = prompt_i * n + choice_j; greedy: the lone answer
+        assert choice["text"] == alone[k // 2]["choices"][0]["text"] and choice["finish_reason"] == "length"
+    assert body["usage"]["prompt_tokens"] == sum(a["usage"]["prompt_tokens"] for a in alone)
+    assert body["usage"]["completion_tokens"] == 6 * 3
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + 18
+    ids = keyed.post("/v1/completions", headers=auth, json={**common, "prompt": [[5, 6, 7], [8, 9]]}).json()
+    validate_response("/v1/completions", "post", 200, ids)
+    assert [c["index"] for c in ids["choices"]] == [0, 1] and ids["usage"]["prompt_tokens"] == 5
+
+
+def test_several_prompts_stream_prompt_major_with_summed_usage(keyed):
+    auth = {"Authorization": "Bearer s3cret"}
+    common = {"model": "tiny", "max_tokens": 4, "temperature": 0, "ignore_eos": True, "n": 2}
+    prompts = ["Hello", "The quick"]
+    whole = keyed.post("/v1/completions", headers=auth, json={**common, "prompt": prompts, "echo": True}).json()
+    resp = keyed.post("/v1/completions", headers=auth, json={**common, "prompt": prompts, "echo": True, "stream": True,
+                                                             "stream_options": {"include_usage": True}})
+    chunks = validate_stream("/v1/completions", "post", resp.text)
+    texts, finish = {}, {}
+    for chunk in chunks[:-1]:
+        for choice in chunk["choices"]:
+            texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+            finish[choice["index"]] = choice["finish_reason"] or finish.get(choice["index"])
+    assert texts == {c["index"]: c["text"] for c in whole["choices"]}
+    assert all(texts[k].startswith(prompts[k // 2]) for k in range(4))  # echo: each choice its own prompt
+    assert finish == dict.fromkeys(range(4), "length")
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+    assert whole["usage"]["completion_tokens"] == 16
+
+
+@pytest.mark.parametrize(("prompt", "extra", "param"), [
+    ([], {}, "prompt"),
+    (["Hello", ""], {}, "prompt[1]"),
+    ([[1, 2], []], {}, "prompt[1]"),
+    (["a"] * 65, {"n": 2}, "prompt"),  # 130 choices: over 128
+    (["Hello", [1, 10**6]], {}, "prompt"),  # a token id past the vocabulary, in the second prompt
+])
+def test_a_bad_prompt_in_a_batch_refuses_the_whole_request(keyed, prompt, extra, param):
+    resp = keyed.post("/v1/completions", headers={"Authorization": "Bearer s3cret"},
+                      json={"model": "tiny", "prompt": prompt, "max_tokens": 2, **extra})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == param
+    validate_response("/v1/completions", "post", 400, resp.json())
+    assert keyed.app.state.server.llm.requests == {}  # none of the batch was submitted
+
+
+def test_several_prompts_are_submitted_in_one_command(monkeypatch):
+    """generate_many queues one command, so the engine loop admits every prompt of a batch in one step.
+    The engine loop is not started (so the command stays queued to be looked at); `healthy` is patched
+    to say it runs."""
+    import asyncio
+
+    engine = LLMEngine(EngineConfig(model=str(tiny_checkpoint("llama")), served_model_name="tiny", block_size=4,
+                                    num_kv_blocks=64))
+    async_engine = AsyncEngine(engine)
+    monkeypatch.setattr(AsyncEngine, "healthy", property(lambda self: True))
+    from engine.sampling_params import SamplingParams
+
+    async def submit():
+        return async_engine.generate_many([("a", [5, 6]), ("b", [7, 8, 9])], SamplingParams(max_tokens=2))
+
+    streams = asyncio.run(submit())
+    assert len(streams) == 2 and len(async_engine._commands) == 1
+    async_engine._apply_commands()
+    assert set(engine.requests) == {"a", "b"}

@@ -47,7 +47,8 @@ def test_chat_errors_name_the_parameter(body, param):
 
 @pytest.mark.parametrize(("body", "param"), [
     ({"model": "m"}, "prompt"),
-    ({"model": "m", "prompt": ["a", "b"]}, "prompt"),
+    ({"model": "m", "prompt": []}, "prompt"),
+    ({"model": "m", "prompt": ["a", "b"], "n": 65}, "prompt"),  # 130 choices
     ({"model": "m", "prompt": "x", "logprobs": 6}, "logprobs"),
     ({"model": "m", "prompt": "x", "echo": 1}, "echo"),
     ({"model": "m", "prompt": "x", "min_tokens": 17}, "min_tokens"),  # over the default max_tokens 16
@@ -69,3 +70,15 @@ def test_valid_requests_keep_unknown_fields_and_flags():
 
 def test_error_body_shape():
     assert error_body("m", "t") == {"error": {"message": "m", "type": "t", "param": None, "code": None}}
+
+
+def test_a_batch_of_prompts_holds_quota_for_every_prompt_and_choice():
+    prompts = ["héllo", "two", "three!"]
+    request = parse_completion({"model": "m", "prompt": prompts, "n": 2, "max_tokens": 10})
+    assert request.n == 6  # one engine request per prompt, n choices each
+    assert request.prompt_bound == sum(len(p.encode()) + 1 for p in prompts)  # + a special token each
+    assert request.reservation(context_length=100, overhead=0) == request.prompt_bound + 6 * 10
+    ids = parse_completion({"model": "m", "prompt": [[1, 2, 3], [4]], "max_tokens": 5})
+    assert ids.n == 2 and ids.prompt_bound == 4 + 2
+    single = parse_completion({"model": "m", "prompt": "abc", "n": 3, "max_tokens": 5})
+    assert single.n == 3 and single.prompt_bound == 4
