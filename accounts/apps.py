@@ -7,3 +7,6 @@ class AccountsConfig(AppConfig):
 
     def ready(self) -> None:
         from . import signals  # noqa: F401  (keys follow their people)
+        from .audit import install_command_hook
+
+        install_command_hook()

@@ -1,5 +1,6 @@
 """Attaches the console user's current organization to the request (`request.organization`), and keeps
-a staff member who must set up a second factor on the MFA pages until they have one."""
+a user who must set up a second factor (staff, members of an organization that requires it) on the MFA
+pages until they have one."""
 
 from __future__ import annotations
 
@@ -51,20 +52,31 @@ def staff_login(sender, request, user, **kwargs) -> None:
         request.session[MFA_SETUP_SESSION_KEY] = True
 
 
-class MFARequiredMiddleware:
-    """Until a staff member flagged at login has set up TOTP, every page but the account pages
-    (/accounts/: MFA set-up, log out) redirects to the TOTP set-up."""
+def organization_requires_mfa(user) -> bool:
+    """True when an active organization the user belongs to requires a second factor of its members."""
+    return Membership.objects.filter(user=user, organization__require_mfa=True, organization__is_active=True).exists()
 
-    ALLOWED_PREFIXES = ("/accounts/", "/static/", "/health", "/metrics")
+
+class MFARequiredMiddleware:
+    """Until a user who must have a second factor has set up TOTP, every page but the account pages
+    (/accounts/: MFA set-up, log out) redirects to the TOTP set-up. Who must: a staff member flagged at
+    login (MFA_REQUIRED_FOR_STAFF), and every member of an organization whose owners require it
+    (`Organization.require_mfa`, checked on each request, so it applies to sessions already open)."""
+
+    ALLOWED_PREFIXES = ("/accounts/", "/static/", "/health", "/metrics", "/v1/")
 
     def __init__(self, get_response):
         self.get_response = get_response
 
     def __call__(self, request):
+        if request.path.startswith(self.ALLOWED_PREFIXES):
+            return self.get_response(request)
         session = getattr(request, "session", None)
-        if session is not None and session.get(MFA_SETUP_SESSION_KEY) and request.user.is_authenticated:
-            if has_authenticator(request.user):
-                session.pop(MFA_SETUP_SESSION_KEY)
-            elif not request.path.startswith(self.ALLOWED_PREFIXES):
+        user = getattr(request, "user", None)
+        if session is not None and user is not None and user.is_authenticated:
+            staff_flagged = bool(session.get(MFA_SETUP_SESSION_KEY))
+            if (staff_flagged or organization_requires_mfa(user)) and not has_authenticator(user):
                 return redirect("mfa_activate_totp")
+            if staff_flagged:
+                session.pop(MFA_SETUP_SESSION_KEY)
         return self.get_response(request)

@@ -18,6 +18,8 @@ from django.db.models import F, Q
 from django.utils import timezone
 from django.utils.text import slugify
 
+from .audit import audited
+
 
 def keyed_hash(secret: str) -> str:
     """HMAC-SHA256 of a secret with the server-side key: a leaked table reveals no usable secret."""
@@ -49,6 +51,7 @@ class UserManager(BaseUserManager["User"]):
         return self._create_user(email, password, **extra)
 
 
+@audited(secret=("password",), quiet=("last_login",))
 class User(AbstractUser):
     """A person; the email address is the login."""
 
@@ -67,6 +70,7 @@ class User(AbstractUser):
         return self.email
 
 
+@audited(secret=("cache_salt",))
 class Organization(models.Model):
     """A tenant: owns keys, entitlements, usage; members act on its behalf."""
 
@@ -78,6 +82,9 @@ class Organization(models.Model):
     tokens_per_minute = models.PositiveIntegerField(null=True, blank=True, help_text="Empty: no limit.")
     max_concurrent_requests = models.PositiveIntegerField(null=True, blank=True, help_text="Empty: no limit.")
     is_active = models.BooleanField(default=True)
+    require_mfa = models.BooleanField(
+        default=False, help_text="Members must set up a second factor (TOTP) before they use the console."
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -118,6 +125,7 @@ class TenantOwned(models.Model):
         abstract = True
 
 
+@audited()
 class Membership(TenantOwned):
     organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="memberships")
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships")
@@ -136,6 +144,7 @@ class Membership(TenantOwned):
         return self.role in (Role.OWNER, Role.ADMIN)
 
 
+@audited(secret=("token_hash",))
 class Invitation(TenantOwned):
     """An email invitation to join an organization; the token is stored hashed."""
 
@@ -155,6 +164,7 @@ class Invitation(TenantOwned):
         return f"{self.email} → {self.organization}"
 
 
+@audited(secret=("code_hash",))
 class AuthorizationCode(models.Model):
     """An admin-issued secret that grants an entitlement when redeemed. Stored hashed."""
 
@@ -192,6 +202,8 @@ class EntitlementQuerySet(TenantQuerySet):
         return self.filter(revoked_at__isnull=True, starts_at__lte=now).filter(Q(ends_at__isnull=True) | Q(ends_at__gt=now))
 
 
+# The gateway moves tokens_used and tokens_reserved on every request: not audit events.
+@audited(quiet=("tokens_used", "tokens_reserved"))
 class Entitlement(TenantOwned):
     """What an organization may consume: granted by redeeming a code (or by an admin)."""
 
@@ -262,6 +274,8 @@ class KeyKind(models.TextChoices):
     SERVICE = "service", "Organization service key"
 
 
+# last_used_at is written on every request the key makes: not an audit event.
+@audited(secret=("secret_hash",), quiet=("last_used_at",))
 class APIKey(TenantOwned):
     """`sk-<public id>-<secret>`; only an HMAC of the whole key is stored.
 

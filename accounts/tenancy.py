@@ -234,3 +234,27 @@ def remove_member(actor: Membership, target: Membership) -> None:
     if fresh.role == Role.OWNER and owners <= 1:
         raise TenancyError("The last owner cannot be removed.")
     fresh.delete()
+
+
+# ---- organization settings -----------------------------------------------------------------------
+
+
+def require_owner(membership: Membership | None) -> None:
+    if membership is None or membership.role != Role.OWNER:
+        raise PermissionDenied("Only owners of this organization can do that.")
+
+
+@transaction.atomic
+def set_require_mfa(actor: Membership, required: bool) -> Organization:
+    """Owners require (or stop requiring) a second factor of every member. An owner without one
+    must set it up first, so turning it on never locks the owner out mid-session."""
+    from .middleware import has_authenticator
+
+    require_owner(actor)
+    if required and not has_authenticator(actor.user):
+        raise TenancyError("Set up two-factor authentication for yourself first (Security, in the top bar).")
+    org = Organization.objects.select_for_update().get(pk=actor.organization_id)
+    if org.require_mfa != required:
+        org.require_mfa = required
+        org.save(update_fields=["require_mfa"])
+    return org

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from .views import console, keys, members, redeem
+from .views import console, keys, members, organization, redeem
 
 app_name = "console"
 
@@ -8,6 +8,8 @@ urlpatterns: list = [
     path("", console.dashboard, name="dashboard"),
     path("organizations/new/", console.organization_new, name="org-new"),
     path("organizations/<int:pk>/switch/", console.organization_switch, name="org-switch"),
+    path("organization/", organization.organization_settings, name="org-settings"),
+    path("organization/audit/", organization.organization_audit, name="org-audit"),
     path("keys/", keys.keys, name="keys"),
     path("keys/<int:pk>/revoke/", keys.key_revoke, name="key-revoke"),
     path("keys/<int:pk>/roll/", keys.key_roll, name="key-roll"),

@@ -11,6 +11,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models
 
+from accounts.audit import audited
 from accounts.models import APIKey, Entitlement, Organization, TenantOwned
 
 PER_MILLION = Decimal(1_000_000)
@@ -21,6 +22,7 @@ class Visibility(models.TextChoices):
     LISTED = "listed", "Listed organizations only"
 
 
+@audited()
 class AIModel(models.Model):
     """A model as clients see it: `name` is what they send in the `model` field."""
 
@@ -95,6 +97,8 @@ def _network(entry: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None
         return None
 
 
+# Health checks write healthy, last_checked_at and last_error: state, not audit events.
+@audited(secret=("internal_token",), quiet=("healthy", "last_checked_at", "last_error"))
 class Deployment(models.Model):
     """One engine replica serving a model (an OpenAI-compatible `python -m engine serve`).
 

@@ -72,6 +72,9 @@ INSTALLED_APPS = [
     "allauth.account",
     "allauth.mfa",
     "csp",
+    "pgtrigger",
+    "pghistory",
+    "pghistory.admin",
     "accounts",
     "inference",
 ]
@@ -90,6 +93,15 @@ MIDDLEWARE = [
     "allauth.account.middleware.AccountMiddleware",
     "accounts.middleware.CurrentOrganizationMiddleware",
     "accounts.middleware.MFARequiredMiddleware",
+    "accounts.audit.AuditContextMiddleware",
+]
+
+# Audit log (django-pghistory, accounts/audit.py): event tables are append-only (triggers refuse an
+# UPDATE or DELETE of an event); the admin lists every event, read-only, with who, URL and context (IP).
+PGHISTORY_APPEND_ONLY = True
+PGHISTORY_ADMIN_MODEL = "pghistory.MiddlewareEvents"
+PGHISTORY_ADMIN_LIST_DISPLAY = [
+    "pgh_created_at", "pgh_label", "pgh_obj_model", "pgh_obj_id", "user", "url", "pgh_context", "pgh_diff",
 ]
 
 ROOT_URLCONF = "maas.urls"
