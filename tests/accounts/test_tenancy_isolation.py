@@ -132,3 +132,20 @@ def test_services_refuse_cross_org_membership_even_when_called_directly(org_a, o
             action()
         assert excinfo.type.__name__ == "Http404"
     assert Membership.objects.filter(pk=target.pk, role=Role.MEMBER).exists()
+
+
+def test_audit_page_shows_only_the_current_orgs_events(client_a, org_a, org_b, owner_b):
+    """organization/audit/ (owners): events of A's rows, none of B's, whoever made them."""
+    APIKey.objects.create_key(org_a, "project-of-a")
+    APIKey.objects.create_key(org_b, "secret-project-of-b")
+    Invitation.objects.create(
+        organization=org_b, email="pending-in-b@example.com", token_hash=keyed_hash(secrets.token_hex()), expires_at=timezone.now() + timezone.timedelta(days=1)
+    )
+    Entitlement.objects.create(organization=org_b, token_quota=123456789)
+    client_b = type(client_a)()
+    client_b.force_login(owner_b)
+    client_b.post(reverse("console:member-invite"), {"email": "also-in-b@example.com", "role": "member"})
+    body = client_a.get(reverse("console:org-audit")).content.decode()
+    assert "project-of-a" in body and org_a.slug in body
+    for leak in ("secret-project-of-b", "pending-in-b@example.com", "also-in-b@example.com", "123456789", owner_b.email, org_b.slug):
+        assert leak not in body, leak
