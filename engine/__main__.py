@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--fatal-exit-delay", type=float, default=2.0,
                        help="seconds between an engine failure (reported by /health) and the process exiting "
                             "with status 1, for its supervisor to restart it")
+    serve.add_argument("--tool-format", choices=("auto", "hermes"), default="auto",
+                       help="how tools reach the prompt: auto (the chat template if it supports tools, else the "
+                            "Hermes-style default) or hermes; a request's tool_format (the gateway's catalog) wins")
     serve.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
     serve.add_argument("--dtype", choices=sorted(_DTYPES), help="default: float32 on CPU, bfloat16 on CUDA")
     serve.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -82,7 +85,8 @@ def serve(args: argparse.Namespace) -> None:
     llm_engine = LLMEngine(config)
     install_test_fault(llm_engine, os.environ.get("ENGINE_TEST_FAULT"))
     engine = AsyncEngine(llm_engine, on_fatal=lambda exc: exit_soon(args.fatal_exit_delay))
-    app = build_app(engine, api_key=args.api_key, keepalive_interval=args.keepalive_interval)
+    app = build_app(engine, api_key=args.api_key, keepalive_interval=args.keepalive_interval,
+                    tool_format=args.tool_format)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5,
                 timeout_keep_alive=args.timeout_keep_alive,
                 **({"log_config": log_config} if log_config else {}))

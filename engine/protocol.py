@@ -41,6 +41,7 @@ class ParsedRequest:
     echo: bool = False
     tools: list[dict] | None = None  # chat: the tool definitions the prompt shows
     tool_names: set[str] | None = None  # chat: the functions whose calls are read from the answer (None: no tools)
+    tool_format: str | None = None  # chat: "auto" or "hermes" (None: the server's --tool-format)
 
 
 def _parsed(request: schema._GenerationRequest, defaults: dict | None, **fields) -> ParsedRequest:
@@ -60,7 +61,7 @@ def parse_chat_request(body, defaults: dict | None = None) -> ParsedRequest:
     request = _validated(schema.parse_chat, body)
     names = {t.function.name for t in request.callable_tools()} or None
     return _parsed(request, defaults, messages=request.template_messages(), tools=request.template_tools(),
-                   tool_names=names)
+                   tool_names=names, tool_format=request.tool_format)
 
 
 def parse_completion_request(body, defaults: dict | None = None) -> ParsedRequest:

@@ -50,6 +50,11 @@ TOOL_CALL_WRAPPING = '<tool_call>\n{"name": "", "arguments": }\n</tool_call>\n'
 TOOL_RESPONSE_WRAPPING = "<tool_response>\n\n</tool_response>"
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy completions endpoint
 MAX_CHOICES = 128  # n x the number of prompts of one completions request (one sequence each)
+# How tools reach the prompt (`engine.tools`): "auto" uses the chat template when it supports tools and
+# the default Hermes-style format otherwise; "hermes" always uses the default format.
+TOOL_FORMATS = ("auto", "hermes")
+# What every model this engine serves can do, as /v1/models reports it (engine server and gateway).
+CAPABILITIES = {"tools": True, "json_schema": True, "json_object": True}
 
 
 class RequestError(ValueError):
@@ -306,6 +311,7 @@ class ChatCompletionRequest(_GenerationRequest):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    tool_format: Literal[TOOL_FORMATS] | None = None  # extension: set by the gateway from the catalog
 
     @property
     def max_completion(self) -> int | None:

@@ -28,8 +28,11 @@ from engine.structured import GrammarError
 
 
 class OpenAIServer:
-    def __init__(self, engine: AsyncEngine, *, api_key: str | None = None, keepalive_interval: float = 15.0):
+    def __init__(self, engine: AsyncEngine, *, api_key: str | None = None, keepalive_interval: float = 15.0,
+                 tool_format: str = "auto"):
+        assert tool_format in schema.TOOL_FORMATS, tool_format
         self.engine = engine
+        self.tool_format = tool_format  # the default; a request's `tool_format` (the gateway's catalog) wins
         self.keepalive_interval = keepalive_interval  # non-streamed answers: seconds of silence at most
         self.llm = engine.engine
         self.tokenizer = self.llm.tokenizer
@@ -66,8 +69,7 @@ class OpenAIServer:
     def _prompt_ids(self, parsed: ParsedRequest, prompt: str | list[int] | None = None) -> list[int]:
         """The token ids of the chat's rendered messages, or of `prompt` (default: the first prompt)."""
         if parsed.messages is not None:
-            messages, kwargs = tools.render(parsed.messages, parsed.tools,
-                                            native=tools.template_supports_tools(self.tokenizer.chat_template))
+            messages, kwargs = tools.render(parsed.messages, parsed.tools, native=self._native_tools(parsed.tool_format))
             try:
                 text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
             except Exception as exc:  # noqa: BLE001 - template errors are the client's messages
@@ -77,6 +79,11 @@ class OpenAIServer:
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
         return list(prompt)
+
+    def _native_tools(self, tool_format: str | None) -> bool:
+        """Whether tools go to the chat template (tool format "auto" and a template that supports them)."""
+        return ((tool_format or self.tool_format) == "auto"
+                and tools.template_supports_tools(self.tokenizer.chat_template))
 
     def _check_prompt(self, ids: list[int], parsed: ParsedRequest) -> None:
         try:
@@ -125,8 +132,11 @@ class OpenAIServer:
 
     # -- endpoints ------------------------------------------------------------------------------
     def _model_object(self) -> dict:
+        """OpenAI's model object plus documented extras: the context length (`max_model_len`, vLLM's name),
+        what the model can do (`capabilities`) and how tools reach its prompt by default (`tool_format`)."""
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "maas",
-                "max_model_len": self.llm.scheduler.max_model_len}
+                "max_model_len": self.llm.scheduler.max_model_len, "capabilities": dict(schema.CAPABILITIES),
+                "tool_format": self.tool_format}
 
     async def models(self, request: Request) -> Response:
         self._authorize(request)
@@ -472,8 +482,9 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-def build_app(engine: AsyncEngine, *, api_key: str | None = None, keepalive_interval: float = 15.0) -> Starlette:
-    server = OpenAIServer(engine, api_key=api_key, keepalive_interval=keepalive_interval)
+def build_app(engine: AsyncEngine, *, api_key: str | None = None, keepalive_interval: float = 15.0,
+              tool_format: str = "auto") -> Starlette:
+    server = OpenAIServer(engine, api_key=api_key, keepalive_interval=keepalive_interval, tool_format=tool_format)
 
     async def on_api_error(request: Request, exc: APIError) -> Response:
         return JSONResponse(exc.body(), status_code=exc.status)

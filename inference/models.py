@@ -22,6 +22,13 @@ class Visibility(models.TextChoices):
     LISTED = "listed", "Listed organizations only"
 
 
+class ToolFormat(models.TextChoices):
+    """How tool definitions and calls reach the model's prompt (the engine's `tool_format`, engine/tools.py)."""
+
+    AUTO = "auto", "Chat template if it supports tools, else Hermes-style"
+    HERMES = "hermes", "Hermes-style <tool_call> format"
+
+
 @audited()
 class AIModel(models.Model):
     """A model as clients see it: `name` is what they send in the `model` field."""
@@ -39,6 +46,10 @@ class AIModel(models.Model):
     price_cached_input_per_million = models.DecimalField(max_digits=12, decimal_places=6, default=Decimal(0))
     price_output_per_million = models.DecimalField(max_digits=12, decimal_places=6, default=Decimal(0))
     owned_by = models.CharField(max_length=64, default="maas")
+    tool_format = models.CharField(
+        max_length=16, choices=ToolFormat.choices, default=ToolFormat.AUTO,
+        help_text="How tools reach the prompt; sent to the engine with every chat request.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

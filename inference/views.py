@@ -134,8 +134,12 @@ async def caller_for(request: HttpRequest) -> quotas.Caller:
 
 
 def model_object(entry: CatalogEntry) -> dict:
+    """OpenAI's model object plus documented extras, as the engine names them: the catalog's context length
+    (`max_model_len`), what the engine can do with it (`capabilities`) and its `tool_format`."""
     model = entry.model
-    return {"id": model.name, "object": "model", "created": int(model.created_at.timestamp()), "owned_by": model.owned_by}
+    return {"id": model.name, "object": "model", "created": int(model.created_at.timestamp()), "owned_by": model.owned_by,
+            "max_model_len": model.context_length, "capabilities": dict(schema.CAPABILITIES),
+            "tool_format": model.tool_format}
 
 
 @openai_endpoint("GET")
@@ -222,6 +226,8 @@ class Forward:
         body = dict(self.inference.body)
         body["model"] = self.upstream.served_model_name
         body["cache_salt"] = self.caller.api_key.organization.cache_salt
+        if self.inference.endpoint == "chat/completions":
+            body["tool_format"] = self.entry.model.tool_format  # the catalog decides how tools are prompted
         if self.inference.stream:
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         return json.dumps(body).encode()

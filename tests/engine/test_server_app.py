@@ -232,3 +232,45 @@ def test_several_prompts_are_submitted_in_one_command(monkeypatch):
     assert len(streams) == 2 and len(async_engine._commands) == 1
     async_engine._apply_commands()
     assert set(engine.requests) == {"a", "b"}
+
+
+def test_models_carry_context_length_capabilities_and_tool_format(keyed):
+    auth = {"Authorization": "Bearer s3cret"}
+    listed = keyed.get("/v1/models", headers=auth).json()
+    validate_response("/v1/models", "get", 200, listed)
+    model = listed["data"][0]
+    assert model["max_model_len"] == keyed.app.state.server.llm.scheduler.max_model_len
+    assert model["capabilities"] == {"tools": True, "json_schema": True, "json_object": True}
+    assert model["tool_format"] == "auto"
+    one = keyed.get("/v1/models/tiny", headers=auth).json()
+    validate_response("/v1/models/tiny", "get", 200, one)
+    assert one == model
+
+
+TOOLS_TEMPLATE = ("{% if tools %}<tools>{% for t in tools %}{{ t['function']['name'] }};{% endfor %}</tools>{% endif %}"
+                  "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>")
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+
+def test_tool_format_picks_the_template_or_the_hermes_default(keyed, monkeypatch):
+    """A template that renders tools gets them with tool_format auto; hermes always writes the default format."""
+    server = keyed.app.state.server
+    monkeypatch.setattr(server.tokenizer, "chat_template", TOOLS_TEMPLATE)
+    auth = {"Authorization": "Bearer s3cret"}
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Weather?"}], "tools": [WEATHER]}
+
+    def rendered(**extra) -> str:
+        resp = keyed.post("/tokenize", headers=auth, json={**body, **extra})
+        assert resp.status_code == 200, resp.text
+        return server.tokenizer.decode(resp.json()["tokens"], skip_special_tokens=False)
+
+    assert "<tools>get_weather;</tools>" in rendered() and "<tool_call>" not in rendered()
+    assert rendered(tool_format="auto") == rendered()
+    hermes = rendered(tool_format="hermes")
+    assert "<tools>get_weather;" not in hermes and "<tool_call>" in hermes and "get_weather" in hermes
+    monkeypatch.setattr(server, "tool_format", "hermes")  # the server's --tool-format default
+    assert rendered() == hermes and "<tools>get_weather;" in rendered(tool_format="auto")
+    refused = keyed.post("/v1/chat/completions", headers=auth, json={**body, "tool_format": "xml", "max_tokens": 1})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "tool_format"
+    legacy = keyed.post("/v1/completions", headers=auth, json={"model": "tiny", "prompt": "x", "tool_format": "auto"})
+    assert legacy.status_code == 400 and legacy.json()["error"]["code"] == "unknown_parameter"

@@ -42,3 +42,12 @@ def test_bad_input_is_refused_and_changes_nothing(args):
     with pytest.raises((CommandError, SystemExit)):
         call_command("add_model", "m", *args)
     assert not AIModel.objects.exists() and not Deployment.objects.exists()
+
+
+def test_tool_format_is_set_from_the_command_line():
+    call_command("add_model", "hermes-model", "--engine-url", "http://127.0.0.1:8001", "--tool-format", "hermes")
+    assert AIModel.objects.get(name="hermes-model").tool_format == "hermes"
+    call_command("add_model", "plain", "--engine-url", "http://127.0.0.1:8001")
+    assert AIModel.objects.get(name="plain").tool_format == "auto"
+    with pytest.raises(CommandError):
+        call_command("add_model", "bad", "--engine-url", "http://127.0.0.1:8001", "--tool-format", "xml")

@@ -296,3 +296,16 @@ def test_model_catalog_changes_apply(gateway, stub_model, tenant):
     AIModel.objects.filter(pk=stub_model.pk).update(enabled=False)
     with pytest.raises(openai.NotFoundError):
         client_for(gateway, tenant.raw_key).chat.completions.create(model="stub-model", messages=MESSAGES)
+
+
+def test_the_catalog_tool_format_is_sent_with_every_chat_request(gateway, stub_upstream, tenant, stub_model):
+    """The model's catalog `tool_format` overrides what a client sends; legacy completions get none."""
+    stub_model.tool_format = "hermes"
+    stub_model.save()  # the test gateway reads the catalog on every request (GATEWAY_CATALOG_CACHE_SECONDS=0)
+    client = client_for(gateway, tenant.raw_key)
+    chat = client.chat.completions.with_raw_response.create(model="stub-model", messages=MESSAGES, max_tokens=2,
+                                                            extra_body={"tool_format": "auto"})
+    legacy = client.completions.with_raw_response.create(model="stub-model", prompt="Hi", max_tokens=2)
+    seen = {r["headers"].get("x-request-id"): r["body"] for r in httpx.get(f"{stub_upstream}/_requests").json()["received"]}
+    assert seen[chat.headers["x-request-id"]]["tool_format"] == "hermes"
+    assert "tool_format" not in seen[legacy.headers["x-request-id"]]

@@ -160,3 +160,30 @@ async def test_100_concurrent_requests_never_exceed_quota(gateway, smollm2):
 
     used = await in_thread(check)
     print(f"admitted {len(admitted)} of 100, {used} of 2800 tokens used")
+
+
+def test_several_prompts_through_the_gateway_are_held_answered_and_billed_together(gateway, smollm2):
+    from tests.openapi_spec import validate_response, validate_stream
+
+    tenant = make_tenant()
+    auth = {"Authorization": f"Bearer {tenant.raw_key}"}
+    body = {"model": "smollm2", "prompt": ["The capital of France is", "One, two,"], "n": 2, "max_tokens": 3,
+            "temperature": 0, "ignore_eos": True}
+    whole = httpx.post(f"{gateway}/v1/completions", headers=auth, json=body, timeout=120)
+    assert whole.status_code == 200, whole.text
+    validate_response("/v1/completions", "post", 200, whole.json())
+    assert [c["index"] for c in whole.json()["choices"]] == [0, 1, 2, 3]
+    usage = whole.json()["usage"]
+    assert usage["completion_tokens"] == 12
+    streamed = httpx.post(f"{gateway}/v1/completions", headers=auth, json={**body, "stream": True}, timeout=120)
+    chunks = validate_stream("/v1/completions", "post", streamed.text)
+    texts = {}
+    for chunk in chunks:
+        for choice in chunk["choices"]:
+            texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+    assert texts == {c["index"]: c["text"] for c in whole.json()["choices"]}
+    rows = list(UsageRecord.objects.filter(organization=tenant.organization).order_by("created_at"))
+    assert [(r.prompt_tokens, r.completion_tokens) for r in rows] == [(usage["prompt_tokens"], 12)] * 2
+    assert all(r.status == UsageStatus.OK for r in rows)
+    entitlement = Entitlement.objects.get(pk=tenant.entitlement.pk)
+    assert entitlement.tokens_reserved == 0 and entitlement.tokens_used == 2 * usage["total_tokens"]

@@ -35,6 +35,10 @@ def test_models_list_and_retrieve_validate(gateway, tenant):
     one = httpx.get(f"{gateway}{MODELS}/stub-model", headers=bearer(tenant.raw_key))
     assert one.status_code == 200
     validate_response(f"{MODELS}/stub-model", "get", 200, one.json())
+    # documented extras beyond the spec's fields: the catalog's context length, capabilities, tool format
+    assert one.json()["max_model_len"] == 2048 and one.json()["tool_format"] == "auto"
+    assert one.json()["capabilities"] == {"tools": True, "json_schema": True, "json_object": True}
+    assert listed.json()["data"] == [one.json()]
 
 
 def unknown_key(raw: str) -> str:

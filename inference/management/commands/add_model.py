@@ -8,7 +8,7 @@ from django.core.validators import URLValidator
 from django.db import transaction
 
 from accounts.models import Organization
-from inference.models import AIModel, Deployment, Visibility
+from inference.models import AIModel, Deployment, ToolFormat, Visibility
 
 
 def price(value: str) -> Decimal:
@@ -40,6 +40,9 @@ class Command(BaseCommand):
             "--visibility", default="all",
             help="'all', or a comma-separated list of organization slugs that may use the model.",
         )
+        parser.add_argument("--tool-format", choices=[c.value for c in ToolFormat], default=ToolFormat.AUTO.value,
+                            help="How tools reach the prompt: auto (the chat template if it supports tools, else "
+                                 "Hermes-style) or hermes.")
         parser.add_argument("--disabled", action="store_true", help="Add it disabled.")
 
     @transaction.atomic
@@ -66,6 +69,7 @@ class Command(BaseCommand):
                 "display_name": options["display_name"] or options["name"],
                 "description": options["description"],
                 "context_length": options["context_length"],
+                "tool_format": options["tool_format"],
                 "enabled": not options["disabled"],
                 "visibility": Visibility.ALL if not orgs else Visibility.LISTED,
                 "price_input_per_million": options["price_input"],
