@@ -29,6 +29,8 @@ BROWSER_ONLY_MIDDLEWARE = {
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "allauth.account.middleware.AccountMiddleware",
     "accounts.middleware.CurrentOrganizationMiddleware",
+    "accounts.middleware.MFARequiredMiddleware",  # sessions only
+    "accounts.audit.AuditContextMiddleware",  # the gateway's writes are metering, never audited
 }
 API_PREFIX = "/v1/"
 

@@ -79,3 +79,16 @@ async def test_hooks_go_to_a_thread_when_this_context_holds_an_open_database_con
         assert len(threads) == 1 and threads[0] != threading.get_ident()
     finally:
         connection.close()
+
+
+def test_the_api_chain_is_fully_asynchronous():
+    """One synchronous middleware would move every /v1/ request onto a worker thread and back
+    (MFARequiredMiddleware and the audit context middleware are session-only and left out)."""
+    from django.utils.module_loading import import_string
+
+    from inference.asgi import api_middleware
+
+    chain = api_middleware()
+    assert "accounts.audit.AuditContextMiddleware" not in chain
+    for path in chain:
+        assert getattr(import_string(path), "async_capable", False), path

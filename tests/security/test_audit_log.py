@@ -13,6 +13,7 @@ import sys
 import pytest
 from django.core.management import call_command
 from django.db import DatabaseError, transaction
+from django.forms.models import model_to_dict
 
 from accounts import audit
 from accounts.models import (
@@ -85,17 +86,17 @@ def test_an_admin_change_to_a_model_and_its_deployment_is_audited(client):
     client.force_login(staff)
     model = AIModel.objects.create(name="m1", context_length=2048)
     deployment = Deployment.objects.create(model=model, base_url="http://127.0.0.1:9", internal_token="tok-secret-1")
-    data = {
-        "name": "m1", "display_name": "Model one", "description": "", "context_length": "4096", "enabled": "on",
-        "visibility": "all", "price_input_per_million": "0", "price_cached_input_per_million": "0",
-        "price_output_per_million": "0", "owned_by": "maas",
+    # The form as the admin would post it back (every field of the model, whatever fields it gains).
+    data = {name: value for name, value in model_to_dict(model, exclude=["organizations"]).items() if value is not None and value is not False}
+    data.update(display_name="Model one", context_length="4096", enabled="on")
+    data.update({
         "deployments-TOTAL_FORMS": "1", "deployments-INITIAL_FORMS": "1", "deployments-MIN_NUM_FORMS": "0",
         "deployments-MAX_NUM_FORMS": "1000", "deployments-0-id": str(deployment.pk), "deployments-0-model": str(model.pk),
         "deployments-0-base_url": "http://127.0.0.1:9", "deployments-0-served_model_name": "",
         "deployments-0-internal_token": "", "deployments-0-weight": "1", "deployments-0-enabled": "on",
-    }
+    })
     response = client.post(f"/admin/inference/aimodel/{model.pk}/change/", data, REMOTE_ADDR=CLIENT_IP)
-    assert response.status_code == 302, response.content.decode()[:2000]
+    assert response.status_code == 302, response.context["adminform"].form.errors
     event = AIModelEvent.objects.filter(pgh_obj_id=model.pk, pgh_label="update").get()
     assert metadata(event)["ip"] == CLIENT_IP and metadata(event)["user"] == staff.pk
     [entry] = audit.entries([event], AIModelEvent)
