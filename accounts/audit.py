@@ -24,6 +24,7 @@ import pghistory
 import pgtrigger
 from django.apps import apps
 from django.db import connection
+from django.db.models import OuterRef, Subquery
 from pghistory.middleware import HistoryMiddleware
 
 # Event models of rows that belong to one organization (their snapshot has `organization`).
@@ -150,14 +151,15 @@ def actor(metadata: dict[str, Any] | None) -> str:
     return "system"
 
 
-def entries(events, event_model) -> list[AuditEntry]:
-    """Before/after of each event: the object's previous event is its state before."""
-    events = list(events)
-    previous_ids = {
-        e.pgh_id: event_model.objects.filter(pgh_obj_id=e.pgh_obj_id, pgh_id__lt=e.pgh_id).order_by("-pgh_id").values_list("pgh_id", flat=True).first()
-        for e in events
-        if e.pgh_label == "update"
-    }
+def entries(events, event_model, limit: int | None = None) -> list[AuditEntry]:
+    """`events` (a queryset of `event_model`), newest first, with before/after: the object's previous
+    event is its state before an update (one subquery, one bulk fetch)."""
+    previous_event = (
+        event_model.objects.filter(pgh_obj_id=OuterRef("pgh_obj_id"), pgh_id__lt=OuterRef("pgh_id")).order_by("-pgh_id").values("pgh_id")[:1]
+    )
+    events = events.select_related("pgh_context").annotate(previous_id=Subquery(previous_event)).order_by("-pgh_id")
+    events = list(events[:limit] if limit else events)
+    previous_ids = {e.pgh_id: e.previous_id for e in events if e.pgh_label == "update"}
     previous = event_model.objects.in_bulk([pk for pk in previous_ids.values() if pk is not None])
     out = []
     for event in events:
@@ -191,15 +193,9 @@ def organization_events(organization, limit: int = 200) -> list[AuditEntry]:
     API keys), newest first. Every query starts from the organization."""
     found: list[AuditEntry] = []
     org_events = apps.get_model("accounts.OrganizationEvent")
-    found += entries(
-        org_events.objects.filter(pgh_obj_id=organization.pk).select_related("pgh_context").order_by("-pgh_id")[:limit],
-        org_events,
-    )
+    found += entries(org_events.objects.filter(pgh_obj_id=organization.pk), org_events, limit)
     for label in TENANT_EVENT_MODELS:
         model = apps.get_model(label)
-        found += entries(
-            model.objects.filter(organization_id=organization.pk).select_related("pgh_context").order_by("-pgh_id")[:limit],
-            model,
-        )
+        found += entries(model.objects.filter(organization_id=organization.pk), model, limit)
     found.sort(key=lambda entry: entry.at, reverse=True)
     return found[:limit]
