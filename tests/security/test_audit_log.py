@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from django.contrib.auth.models import AnonymousUser
 from django.core.management import call_command
 from django.db import DatabaseError, transaction
 from django.forms.models import model_to_dict
@@ -62,6 +63,25 @@ def test_a_console_change_is_an_event_with_actor_ip_and_before_after(client_a, o
     assert entry.actor == owner_a.email and entry.ip == CLIENT_IP
     # Only the field that changed is listed for an update.
     assert [name for name, _, _ in entry.changes] == ["role"]
+
+
+def test_the_context_middleware_stays_out_of_the_gateways_path(rf):
+    """Under /v1/ no pghistory context is entered (no SQL is prefixed); on a console path it is."""
+    from pghistory import runtime
+
+    seen = {}
+
+    def view(request):
+        seen[request.path] = getattr(runtime._tracker, "value", None)
+        return None
+
+    middleware = audit.AuditContextMiddleware(view)
+    for path in ("/v1/chat/completions", "/keys/"):
+        request = rf.post(path, REMOTE_ADDR=CLIENT_IP)
+        request.user = AnonymousUser()
+        middleware(request)
+    assert seen["/v1/chat/completions"] is None
+    assert seen["/keys/"].metadata["ip"] == CLIENT_IP
 
 
 def test_an_admin_change_is_an_event_with_the_staff_member_and_ip(client, org_a):

@@ -26,10 +26,11 @@ pytestmark = [
 
 CONSOLE_PAGES = ["/", "/keys/", "/members/", "/redeem/", "/usage/", "/organizations/new/", "/accounts/email/",
                  "/accounts/2fa/", "/accounts/2fa/totp/activate/",
-                 "/accounts/password/change/"]
+                 "/accounts/password/change/", "/organization/", "/organization/audit/"]
 ANONYMOUS_PAGES = ["/accounts/login/", "/accounts/signup/", "/accounts/password/reset/"]
 ADMIN_PAGES = ["/admin/", "/admin/accounts/apikey/", "/admin/accounts/user/", "/admin/accounts/authorizationcode/",
-               "/admin/accounts/authorizationcode/generate/", "/admin/inference/deployment/add/"]
+               "/admin/accounts/authorizationcode/generate/", "/admin/inference/deployment/add/",
+               "/admin/pghistory/middlewareevents/"]
 
 WATCH = """
 window.__csp = [];
