@@ -23,6 +23,7 @@ from accounts.models import (
     EntitlementEvent,
     Membership,
     MembershipEvent,
+    OrganizationEvent,
     Role,
     User,
     UserEvent,
@@ -186,6 +187,15 @@ def test_events_cannot_be_edited_or_deleted(org_a, owner_a):
     with pytest.raises(DatabaseError), transaction.atomic():
         MembershipEvent.objects.filter(pk=event.pk).delete()
     assert MembershipEvent.objects.filter(pk=event.pk, role=Role.OWNER).exists()
+
+
+def test_deleting_an_organization_keeps_its_history_and_records_the_deletes(org_a):
+    key, _ = APIKey.objects.create_key(org_a, "doomed key")
+    org_pk = org_a.pk
+    org_a.delete()  # cascades to memberships, keys, entitlements
+    assert set(OrganizationEvent.objects.filter(pgh_obj_id=org_pk).values_list("pgh_label", flat=True)) == {"insert", "delete"}
+    assert set(APIKeyEvent.objects.filter(pgh_obj_id=key.pk).values_list("pgh_label", flat=True)) == {"insert", "delete"}
+    assert MembershipEvent.objects.filter(organization_id=org_pk, pgh_label="delete").count() == 1
 
 
 def test_staff_see_every_organizations_events_in_the_admin_read_only(client, org_a, org_b):
