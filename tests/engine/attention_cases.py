@@ -126,6 +126,15 @@ def check_triton_decode() -> None:
     out = paged_decode_attention(case.q.bfloat16(), cache, case.attn.block_tables, case.attn.seq_lens, SCALE)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), case.expected, atol=3e-2, rtol=3e-2)
+    # split-KV: 2 and 3 splits (uneven shares), 16 (more splits than most sequences have blocks: empty
+    # splits), over a table wider than any sequence needs (as in a captured graph); GQA group 3 padded to 4
+    for splits, (heads, kv_heads, dim) in ((2, (6, 2, 16)), (3, (4, 4, 16)), (16, (6, 2, 16)), (5, (14, 2, 24))):
+        case = make_case(DECODE_BATCH, block_size=4, seed=splits, num_heads=heads, num_kv_heads=kv_heads,
+                         head_dim=dim)
+        attention.write_kv(case.kv_cache, case.k, case.v, case.attn.slot_mapping)
+        wide = torch.nn.functional.pad(case.attn.block_tables, (0, 7))
+        out = paged_decode_attention(case.q, case.kv_cache, wide, case.attn.seq_lens, SCALE, num_splits=splits)
+        torch.testing.assert_close(out, case.expected, atol=1e-5, rtol=1e-5)
     print("triton decode kernel: ok")
 
 

@@ -219,3 +219,20 @@ def test_quantized_tiny_model_serves_on_cuda_with_triton_kernels():
     engine = LLMEngine(config, loaded=loaded, metrics=False)
     tokens = generate(engine, PROMPTS[:2], GREEDY)
     assert all(len(t) == 12 for t in tokens) and engine.runner.graphs.replays > 0
+
+
+@pytest.mark.parametrize("num_splits", [1, 4, 16, None])
+def test_triton_decode_kernel_single_pass_and_split_kv_match_the_dense_reference(num_splits):
+    if DRY_RUN and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the interpreter is needed on CPU")
+    from engine.layers import attention
+    from engine.layers.triton_attention import paged_decode_attention
+    from tests.engine.attention_cases import DECODE_BATCH, SCALE, make_case
+
+    case = make_case(DECODE_BATCH + [(200, 1)], block_size=16, num_blocks=64, seed=7)
+    cache = case.kv_cache.to(CUDA)
+    attention.write_kv(cache, case.k.to(CUDA), case.v.to(CUDA), case.attn.slot_mapping.to(CUDA))
+    tables = torch.nn.functional.pad(case.attn.block_tables, (0, 20)).to(CUDA)  # as wide as a graph's
+    out = paged_decode_attention(case.q.to(CUDA), cache, tables, case.attn.seq_lens.to(CUDA), SCALE,
+                                 num_splits=num_splits)
+    torch.testing.assert_close(out.cpu(), case.expected, atol=1e-4, rtol=1e-4)

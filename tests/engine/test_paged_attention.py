@@ -130,3 +130,14 @@ def test_decode_step_is_one_batched_call_not_a_loop_over_sequences(monkeypatch):
     calls.clear()
     run(make_case([(9, 1), (7, 7), (12, 1), (5, 1), (10, 4)]))  # mixed: one call for all decodes + one per prefill
     assert len(calls) == 3 and calls[0][0] == 3  # [decodes, kv_heads, group, D], then [heads, n, D] per prefill
+
+
+def test_split_kv_count_depends_on_shapes_only_and_fills_the_gpu(monkeypatch):
+    """Batch 1 of an 8-KV-head model on 132 multiprocessors: 16 splits (not 8 programs per layer); big
+    batches one pass; never more splits than the table has blocks; always a power of two."""
+    from engine.layers import triton_attention as ta
+
+    monkeypatch.setattr(ta, "_num_sms", lambda device: 132)
+    cuda = torch.device("cuda")
+    assert [ta.choose_num_splits(b, 8, 512, cuda) for b in (1, 2, 4, 8, 16, 32, 64)] == [16, 16, 8, 4, 2, 1, 1]
+    assert ta.choose_num_splits(1, 8, 3, cuda) == 2 and ta.choose_num_splits(1, 8, 1, cuda) == 1
