@@ -178,3 +178,23 @@ def test_engine_steps_on_the_device_match_the_host(tiny):
         on_device = _generate(engine)
         assert engine.runner.device == DEVICE
     assert on_device == on_host
+
+
+def test_a_grammar_constrained_request_masks_on_the_device(tiny):
+    """Structured outputs: the token bitmask is filled on the host (llguidance) and must cross to the
+    logits' device before it is applied."""
+    from engine.guides import json_guide
+
+    params = SamplingParams(temperature=0, max_tokens=8, guide=json_guide({"enum": ["yes", "no"]}))
+    with FakeDevice() as dev:
+        loaded = load_model(tiny)
+        dev.put_module(loaded.model)
+        engine = LLMEngine(EngineConfig(model=str(tiny), block_size=4, num_kv_blocks=32), loaded=loaded,
+                           metrics=False)
+        engine.add_request("json", "Answer:", params)
+        text = ""
+        while engine.has_unfinished():
+            for out in engine.step():
+                assert out.error is None, out.error
+                text += "".join(d.text for d in out.outputs)
+    assert text in ('"yes"', '"no"')
