@@ -12,6 +12,8 @@ TRITON_INTERPRET=1 (how its tests run).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -224,8 +226,13 @@ MAX_SPLITS = 16
 
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
     return 4  # interpreter: a small number still exercises the split path
+
+
+@functools.cache
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, table_width: int, device: torch.device) -> int:
