@@ -6,7 +6,8 @@ transformers' `generate` on the same weights.
     python bench/decode_bench.py --device cpu --small --dry-run     # CPU: 16x smaller, float32, a smoke run
 
 Part 1, batch-1 decode tok/s for bf16, FP8 (weight-only, sm_89+) and 4-bit (AWQ layout, group 128)
-weights, eager and with CUDA graphs. Roofline: the copy bandwidth measured here (bytes read + written of a
+weights, eager and with CUDA graphs (with graphs also `replay_only_tok_s`: the captured forward replayed
+back to back, so host overhead per step = 1/decode_tok_s - 1/replay_only_tok_s, less the lm_head). Roofline: the copy bandwidth measured here (bytes read + written of a
 1 GiB device-to-device copy) over the bytes a decode step must read — every weight but the embedding table,
 of which a step reads one row. Part 2, batch 64: 64 prompts of 128 random tokens, 128 greedy tokens each
 (no EOS), tokens/s of our engine and of transformers' generate (its default cache) on the same bf16
@@ -87,6 +88,20 @@ def run_engine(runner: ModelRunner, prompts: list[list[int]], max_tokens: int, w
             "graph_replays": runner.graphs.replays if runner.graphs is not None else 0}
 
 
+@torch.inference_mode()
+def replay_only(runner: ModelRunner, device: torch.device, steps: int) -> float:
+    """Back-to-back replays of the batch-1 graph (the last step's inputs): forward passes per second with
+    no host work between them (no prepare, lm_head, sampling or scheduling)."""
+    graph, _ = runner.graphs.graphs[1]
+    graph.replay()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        graph.replay()
+    sync(device)
+    return steps / (time.perf_counter() - start)
+
+
 def decode_bytes(model) -> int:
     """Bytes a decode step reads: every weight but the embedding table (one row of it), unless tied."""
     embed = model.embed_tokens.weight
@@ -107,11 +122,14 @@ def batch1(args, device, dtype, bandwidth) -> list[dict]:
         for eager in (True, False):
             runner = make_runner(model, config, dtype, max_num_seqs=1, eager=eager, kv_bytes=args.kv_bytes)
             result = run_engine(runner, prompt, args.steps, warmup_steps=4)
+            if not eager:  # the forward alone: how much of a step is the GPU's, how much the host's
+                result["replay_only_tok_s"] = replay_only(runner, device, args.steps)
             rows.append({"weights": fmt, "graphs": not eager, "decode_bytes": nbytes,
                          "roofline_tok_s": roofline, **result,
                          "of_roofline": result["decode_tok_s"] / roofline})
+            replay = f"{result['replay_only_tok_s']:.1f}" if not eager else "-"
             print(f"| {fmt} | {'graphs' if not eager else 'eager'} | {nbytes / 1e9:.2f} GB | "
-                  f"{result['decode_tok_s']:.1f} | {roofline:.1f} | {100 * rows[-1]['of_roofline']:.0f}% |",
+                  f"{result['decode_tok_s']:.1f} | {replay} | {roofline:.1f} | {100 * rows[-1]['of_roofline']:.0f}% |",
                   flush=True)
             del runner
         del model
@@ -204,7 +222,8 @@ def main() -> None:
     bandwidth = copy_bandwidth(device)
     print(f"# decode on {name}, {str(dtype)[6:]}, {'small' if args.small else 'Llama-3-8B'} shapes; "
           f"copy bandwidth {bandwidth / 1e9:.0f} GB/s\n")
-    print("| weights | mode | bytes/token | decode tok/s (batch 1) | roofline tok/s | of roofline |\n|---|---|---|---|---|---|")
+    print("| weights | mode | bytes/token | decode tok/s (batch 1) | replay-only tok/s | roofline tok/s | of roofline |"
+          "\n|---|---|---|---|---|---|---|")
     results = {"device": name, "dtype": str(dtype)[6:], "copy_bandwidth": bandwidth,
                "batch1": batch1(args, device, dtype, bandwidth)}
     if not args.skip_batch64:
