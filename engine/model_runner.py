@@ -190,28 +190,27 @@ class ModelRunner:
 
     @torch.inference_mode()
     def profile_activation_peak(self, memory: DeviceMemory) -> int:
-        """Run the heaviest step the scheduler can build — max_num_batched_tokens prompt tokens over up to
-        max_num_seqs sequences, then sampling max_num_seqs rows with filters on — over a throw-away KV pool
-        just large enough, and return the peak bytes it allocated above the weights. Also warms up kernels
-        (Triton compiles) before the real pool is allocated."""
+        """Run the heaviest step the scheduler can build over a throw-away KV pool and return the peak bytes
+        it allocated beyond the weights and that pool. The step: max_num_batched_tokens new tokens, as the
+        last chunk of a context of max_model_len (so the longest attention is measured too; more sequences
+        only when the budget is over one context), then sampling max_num_seqs rows with filters on. Also
+        warms up kernels (Triton compiles) before the real pool is allocated."""
         cfg, spec, bs = self.config, self.spec, self.block_size
         max_len = min(cfg.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
-        tokens = cfg.max_num_batched_tokens
-        lens = []
-        while tokens > 0 and len(lens) < cfg.max_num_seqs:
-            lens.append(min(tokens, max_len))
-            tokens -= lens[-1]
-        num_blocks = sum(-(-n // bs) for n in lens)
+        per_seq_blocks = -(-max_len // bs)
+        chunks, tokens = [], cfg.max_num_batched_tokens
+        while tokens > 0 and len(chunks) < cfg.max_num_seqs:
+            chunks.append(min(tokens, max_len))
+            tokens -= chunks[-1]
         memory.reset_peak()
+        caches = allocate_kv_cache(spec.num_layers, len(chunks) * per_seq_blocks, bs, spec.num_kv_heads,
+                                   spec.head_dim, self.dtype, self.device)
         base = memory.allocated()
-        caches = allocate_kv_cache(spec.num_layers, num_blocks, bs, spec.num_kv_heads, spec.head_dim,
-                                   self.dtype, self.device)
         batch = ScheduledBatch()
-        next_block = 0
-        for n in lens:
-            seq = Sequence("warmup", [0] * n, SamplingParams(temperature=1.0, top_p=0.9, top_k=50), 1)
-            seq.block_table = list(range(next_block, next_block + -(-n // bs)))
-            next_block += len(seq.block_table)
+        for i, n in enumerate(chunks):
+            seq = Sequence("warmup", [0] * max_len, SamplingParams(temperature=1.0, top_p=0.9, top_k=50), 1)
+            seq.block_table = list(range(i * per_seq_blocks, (i + 1) * per_seq_blocks))
+            seq.num_computed_tokens = max_len - n
             batch.seqs.append(seq)
             batch.num_new_tokens.append(n)
         input_ids, positions, attn = self.prepare(batch)
@@ -219,10 +218,10 @@ class ModelRunner:
         rows = min(cfg.max_num_seqs, hidden.shape[0])
         logits = self.model.compute_logits(hidden[-rows:]).float()
         self.sampler(logits, [batch.seqs[-1]] * rows)
-        del caches, hidden, logits
+        del caches, hidden, logits, input_ids, positions, attn
         peak = memory.peak_allocated() - base
-        log.info("warm-up: %d tokens in %d sequences, activation peak %.1f MiB", sum(lens), len(lens),
-                 peak / 2**20)
+        log.info("warm-up: %d new tokens in %d sequences of %d context, activation peak %.1f MiB",
+                 sum(chunks), len(chunks), max_len, peak / 2**20)
         return peak
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:

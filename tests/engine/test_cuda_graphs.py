@@ -238,10 +238,11 @@ def test_the_kv_pool_is_sized_from_the_warmup_peak(tiny, monkeypatch):
                                                    loaded.spec.dtype)
     expected = (int(0.5 * (64 << 20)) - (8 << 20) - (5 << 20)) // per_block
     assert engine.runner.num_blocks == expected and engine.runner.activation_peak == 5 << 20
-    # The warm-up ran the largest step (max_num_batched_tokens tokens) over a throw-away pool, between
-    # resetting and reading the peak, and only then was the real pool allocated.
+    # The warm-up ran the largest step (max_num_batched_tokens tokens, the last chunk of a context of the
+    # model's 512 positions) over a throw-away pool, between resetting and reading the peak; only then was
+    # the real pool allocated.
     assert memory.calls == ["reset", "peak", "free"]
-    assert events == [("allocate", 300 // 4), ("forward", 300), ("allocate", expected)]
+    assert events == [("allocate", 512 // 4), ("forward", 300), ("allocate", expected)]
 
 
 def test_no_room_left_for_the_kv_pool_is_a_clear_error(tiny, monkeypatch):
