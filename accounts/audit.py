@@ -15,6 +15,7 @@ nothing is recorded (pgtrigger's migration operations skip other databases).
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 from dataclasses import dataclass
 from datetime import datetime
@@ -29,8 +30,8 @@ from pghistory.middleware import HistoryMiddleware
 
 # Event models of rows that belong to one organization (their snapshot has `organization`).
 TENANT_EVENT_MODELS = ("accounts.MembershipEvent", "accounts.InvitationEvent", "accounts.EntitlementEvent", "accounts.APIKeyEvent")
-# Server processes: their changes are the gateway's or a request's, never "the command's".
-UNTRACKED_COMMANDS = frozenset({"runserver", "runplatform", "runworker", "celery"})
+# Server processes (their changes are a request's or the gateway's, never "the command's") and the test runner.
+UNTRACKED_COMMANDS = frozenset({"runserver", "runplatform", "test", "testserver"})
 
 
 def audited(*, secret: tuple[str, ...] = (), quiet: tuple[str, ...] = ()):
@@ -67,7 +68,7 @@ def client_ip(request) -> str | None:
 class AuditContextMiddleware(HistoryMiddleware):
     """pghistory's middleware with the client IP and method; nothing at all under /v1/ or off PostgreSQL."""
 
-    SKIPPED_PREFIXES = ("/v1/", "/static/", "/health", "/metrics")
+    SKIPPED_PREFIXES = ("/v1", "/static/", "/health", "/metrics")
 
     def get_context(self, request) -> dict[str, Any]:
         context = super().get_context(request)
@@ -85,20 +86,12 @@ class AuditContextMiddleware(HistoryMiddleware):
 def command_context(name: str):
     """The audit context of a management command run (a no-op context off PostgreSQL)."""
     if name in UNTRACKED_COMMANDS or not recording():
-        return _Nothing()
+        return contextlib.nullcontext()
     try:
         os_user = getpass.getuser()
     except (KeyError, OSError):
         os_user = None
     return pghistory.context(command=name, os_user=os_user)
-
-
-class _Nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def install_command_hook() -> None:

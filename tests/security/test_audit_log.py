@@ -201,16 +201,19 @@ def test_deleting_an_organization_keeps_its_history_and_records_the_deletes(org_
 def test_staff_see_every_organizations_events_in_the_admin_read_only(client, org_a, org_b):
     staff = User.objects.create_superuser("root@example.com", "pw-not-used-123")
     client.force_login(staff)
-    listing = client.get("/admin/pghistory/middlewareevents/")
+    listing = client.get("/admin/pghistory/middlewareevents/", {"event_model": "accounts.OrganizationEvent"})
     assert listing.status_code == 200
     body = listing.content.decode()
-    for org in (org_a, org_b):
-        assert f"/admin/pghistory/middlewareevents/accounts.OrganizationEvent_3A{org.pk}/change/" in body
+    # An event's admin URL names its event model and event id.
+    inserts = {org.pk: OrganizationEvent.objects.get(pgh_obj_id=org.pk, pgh_label="insert").pgh_id for org in (org_a, org_b)}
+    for event_id in inserts.values():
+        assert f"/admin/pghistory/middlewareevents/accounts.OrganizationEvent_3A{event_id}/change/" in body
+    assert "accounts.MembershipEvent_3A" not in body  # the event-model filter applied
     assert "/admin/pghistory/middlewareevents/add/" not in body and "delete_selected" not in body
     assert client.get("/admin/pghistory/middlewareevents/add/").status_code == 403
-    detail = client.get(f"/admin/pghistory/middlewareevents/accounts.OrganizationEvent_3A{org_a.pk}/change/")
+    detail = client.get(f"/admin/pghistory/middlewareevents/accounts.OrganizationEvent_3A{inserts[org_a.pk]}/change/")
     assert detail.status_code == 200 and 'name="_save"' not in detail.content.decode()
-    deleting = client.post(f"/admin/pghistory/middlewareevents/accounts.OrganizationEvent_3A{org_a.pk}/delete/", {"post": "yes"})
+    deleting = client.post(f"/admin/pghistory/middlewareevents/accounts.OrganizationEvent_3A{inserts[org_a.pk]}/delete/", {"post": "yes"})
     assert deleting.status_code == 403
 
 
