@@ -49,6 +49,7 @@ else
   fi
 fi
 export PYTHONPATH=${PYTHONPATH:-$ROOT}:$ROOT PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1  # no network there: never wait on one
 SMOL=${GPU_SMOLLM2_GGUF:-$ROOT/.gpu/smollm2-slice.gguf}
 [ -f "$SMOL" ] || SMOL=$("$PY" -c 'from engine.loader import demo_model_path; print(demo_model_path())' 2>/dev/null)
 export GPU_SMOLLM2_GGUF=$SMOL
