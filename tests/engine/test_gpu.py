@@ -236,3 +236,19 @@ def test_triton_decode_kernel_single_pass_and_split_kv_match_the_dense_reference
     out = paged_decode_attention(case.q.to(CUDA), cache, tables, case.attn.seq_lens.to(CUDA), SCALE,
                                  num_splits=num_splits)
     torch.testing.assert_close(out.cpu(), case.expected, atol=1e-4, rtol=1e-4)
+
+
+def test_triton_rms_norm_on_the_gpu_rounds_as_pytorch():
+    from engine.layers.norm import rms_norm_torch
+    from engine.layers.triton_norm import rms_norm
+
+    if DRY_RUN and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the interpreter is needed on CPU")
+    torch.manual_seed(0)
+    for hidden, dtype in ((576, torch.bfloat16), (4096, torch.bfloat16), (64, torch.float32), (128, torch.float16)):
+        x = (torch.randn(33, hidden) * 3).to(CUDA, dtype)
+        weight = (torch.rand(hidden) + 0.5).to(CUDA, dtype)
+        got, expected = rms_norm(x, weight, 1e-5), rms_norm_torch(x, weight, 1e-5)
+        torch.testing.assert_close(got.float(), expected.float(), atol=1e-5, rtol=2 ** -6)
+        if dtype != torch.float32:  # the same roundings: equal but where the float32 statistics differ by an ulp
+            assert (got == expected).float().mean() > 0.97
