@@ -107,7 +107,15 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, head_dim]."""
+    """x: [T, heads, head_dim]. On CUDA one Triton kernel (engine/layers/triton_rotary.py, same roundings)."""
+    if x.is_cuda and x.dim() == 3 and x.shape[-1] % 2 == 0 and cos.dtype == x.dtype:
+        from engine.layers.triton_rotary import rotary
+
+        return rotary(x, cos, sin)
+    return apply_rotary_torch(x, cos, sin)
+
+
+def apply_rotary_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin

@@ -252,3 +252,18 @@ def test_triton_rms_norm_on_the_gpu_rounds_as_pytorch():
         torch.testing.assert_close(got.float(), expected.float(), atol=1e-5, rtol=2 ** -6)
         if dtype != torch.float32:  # the same roundings: equal but where the float32 statistics differ by an ulp
             assert (got == expected).float().mean() > 0.97
+
+
+def test_triton_rotary_on_the_gpu_rounds_as_pytorch():
+    from engine.layers.rotary import RotaryEmbedding, apply_rotary_torch
+    from engine.layers.triton_rotary import rotary
+
+    if DRY_RUN and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the interpreter is needed on CPU")
+    torch.manual_seed(0)
+    rope = {"rope_type": "default", "rope_theta": 500000.0}
+    for heads, head_dim, dtype in ((40, 128, torch.bfloat16), (6, 16, torch.float32), (9, 64, torch.float16)):
+        cos, sin = RotaryEmbedding(head_dim, rope, 8192).to(CUDA)(torch.arange(0, 4000, 37, device=CUDA), dtype)
+        x = torch.randn(cos.shape[0], heads + 8, head_dim, device=CUDA).to(dtype)[:, :heads]
+        got, expected = rotary(x, cos, sin), apply_rotary_torch(x, cos, sin)
+        torch.testing.assert_close(got.float(), expected.float(), atol=1e-5, rtol=2 ** -6)

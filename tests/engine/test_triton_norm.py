@@ -1,4 +1,5 @@
-"""The Triton RMSNorm (the CUDA path of engine/layers/norm.py) agrees with the PyTorch expression."""
+"""The Triton RMSNorm and rotary kernels (the CUDA paths of engine/layers/norm.py and rotary.py) agree with
+the PyTorch expressions."""
 
 import os
 import subprocess
@@ -12,12 +13,13 @@ from engine.layers.norm import RMSNorm
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_triton_rms_norm_under_the_interpreter_rounds_as_pytorch():
-    """float32, bfloat16 and float16; hidden sizes that are not powers of two; a non-contiguous q_norm view."""
+def test_triton_rms_norm_and_rotary_under_the_interpreter_round_as_pytorch():
+    """float32, bfloat16 and float16; sizes that are not powers of two; strided views (q_norm's input, q and
+    k side by side in the fused projection); llama3 and yarn rope (bit-equal in the 16-bit types)."""
     result = subprocess.run([sys.executable, "-m", "tests.engine.norm_check"], cwd=REPO, capture_output=True,
                             text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "triton rms norm: ok" in result.stdout
+    assert "triton rms norm: ok" in result.stdout and "triton rotary: ok" in result.stdout
 
 
 def test_rms_norm_off_cuda_is_the_reference_expression():
