@@ -57,9 +57,9 @@ def parse_chat(body: Any) -> InferenceRequest:
 
 def parse_completion(body: Any) -> InferenceRequest:
     request = _validated(schema.parse_completion, body)
-    # several prompts: one engine request each, with n choices each; every prompt counts (plus the special
-    # token the tokenizer may add to each)
+    # several prompts: one engine request each, with n choices each; every prompt counts: token ids as they
+    # are, a string by its bytes plus the special token the tokenizer may add to it
     prompts = request.prompt_list()
-    prompt_bound = sum((len(p) if isinstance(p, list) else len(p.encode())) + 1 for p in prompts)
+    prompt_bound = sum(len(p) if isinstance(p, list) else len(p.encode()) + 1 for p in prompts)
     return InferenceRequest("completions", body, request.model, bool(request.stream), request.include_usage,
                             prompt_bound, request.max_completion, (request.n or 1) * len(prompts))

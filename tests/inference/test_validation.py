@@ -79,6 +79,6 @@ def test_a_batch_of_prompts_holds_quota_for_every_prompt_and_choice():
     assert request.prompt_bound == sum(len(p.encode()) + 1 for p in prompts)  # + a special token each
     assert request.reservation(context_length=100, overhead=0) == request.prompt_bound + 6 * 10
     ids = parse_completion({"model": "m", "prompt": [[1, 2, 3], [4]], "max_tokens": 5})
-    assert ids.n == 2 and ids.prompt_bound == 4 + 2
+    assert ids.n == 2 and ids.prompt_bound == 4  # token ids are the tokens: nothing is added to them
     single = parse_completion({"model": "m", "prompt": "abc", "n": 3, "max_tokens": 5})
     assert single.n == 3 and single.prompt_bound == 4
