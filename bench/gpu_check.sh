@@ -15,7 +15,7 @@
 #    quant_kernels.md, decode.json.
 # 3. Record the numbers in bench/RESULTS.md (date, machine, this command); fix what failed; rerun.
 #
-# Stages (name, limit s): env · pytest 110 (pytest -m gpu tests/engine/test_gpu.py) · serve-tiny 50 and
+# Stages (name, limit s): env · pytest 130 (pytest -m gpu tests/engine/test_gpu.py) · serve-tiny 50 and
 # serve-smollm2 60 (bench/serve_check.py: greedy == transformers, seeded repeat, mixed batch with prefix
 # hits and chunked prefill, through `python -m engine serve` and the openai client) · decode 130
 # (bench/decode_bench.py: batch-1 tok/s bf16/FP8/4-bit, eager and CUDA graphs, vs the roofline; batch 64 vs
@@ -96,7 +96,7 @@ if [ "$DRY" = 1 ]; then
   stage decode 180 "$PY" bench/decode_bench.py --device cpu --dry-run --json "$OUT/decode.json"
   stage quant 120 bash -c "'$PY' bench/quant_kernels.py --device cpu --small --m 1 16 | tee '$OUT/quant_kernels.md'"
 else
-  stage pytest 110 "$PY" -m pytest -m gpu tests/engine/test_gpu.py -q -p no:cacheprovider -p no:django \
+  stage pytest 130 "$PY" -m pytest -m gpu tests/engine/test_gpu.py -q -p no:cacheprovider -p no:django \
     --junitxml="$OUT/pytest.xml"
   stage serve-tiny 50 "$PY" bench/serve_check.py --tiny llama --device cuda --workdir /tmp/gpu-check-models \
     --json "$OUT/serve-tiny.json"

@@ -115,9 +115,9 @@ def _paged_decode_split_kernel(
     v_cache_ptr,
     block_tables_ptr,  # [B, max_blocks]
     seq_lens_ptr,  # [B]
-    acc_ptr,  # [B, H, NUM_SPLITS, DIM_PAD] float32, unnormalised
-    m_ptr,  # [B, H, NUM_SPLITS] float32: running max of the scores
-    l_ptr,  # [B, H, NUM_SPLITS] float32: sum of exp(score - max)
+    acc_ptr,  # [B, H, S, DIM_PAD] float32, unnormalised; S = the grid's third axis, the split count
+    m_ptr,  # [B, H, S] float32: running max of the scores
+    l_ptr,  # [B, H, S] float32: sum of exp(score - max)
     scale,
     stride_qb,
     stride_qh,
@@ -133,11 +133,11 @@ def _paged_decode_split_kernel(
     HEAD_DIM: tl.constexpr,
     DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    num_splits = tl.num_programs(2)  # not a constexpr: one compile serves every split count
     seq_len = tl.load(seq_lens_ptr + seq)
 
     groups = tl.arange(0, GROUP_PAD)
@@ -159,7 +159,7 @@ def _paged_decode_split_kernel(
     acc = tl.zeros([GROUP_PAD, DIM_PAD], dtype=tl.float32)
 
     num_blocks = tl.cdiv(seq_len, BLOCK_SIZE)
-    per_split = tl.cdiv(num_blocks, NUM_SPLITS)
+    per_split = tl.cdiv(num_blocks, num_splits)
     first = split * per_split
     last = tl.minimum(first + per_split, num_blocks)
     for i in range(first, last):
@@ -186,31 +186,31 @@ def _paged_decode_split_kernel(
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
         m_i = m_new
 
-    row = (seq * GROUP * tl.num_programs(1) + heads) * NUM_SPLITS + split  # [GROUP_PAD] in [B, H, S]
+    row = (seq * GROUP * tl.num_programs(1) + heads) * num_splits + split  # [GROUP_PAD] in [B, H, S]
     tl.store(m_ptr + row, m_i, mask=head_mask)
     tl.store(l_ptr + row, l_i, mask=head_mask)
     tl.store(acc_ptr + row[:, None] * DIM_PAD + dims[None, :], acc, mask=head_mask[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _combine_splits_kernel(
-    acc_ptr,  # [B, H, NUM_SPLITS, DIM_PAD]
-    m_ptr,  # [B, H, NUM_SPLITS]
+    acc_ptr,  # [B, H, S, DIM_PAD]
+    m_ptr,  # [B, H, S]
     l_ptr,
     out_ptr,  # [B, H, D]
     stride_ob,
     stride_oh,
+    num_splits,
     HEAD_DIM: tl.constexpr,
     DIM_PAD: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
     SPLIT_PAD: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     splits = tl.arange(0, SPLIT_PAD)
     dims = tl.arange(0, DIM_PAD)
-    split_mask = splits < NUM_SPLITS
-    row = (seq * tl.num_programs(1) + head) * NUM_SPLITS + splits
+    split_mask = splits < num_splits
+    row = (seq * tl.num_programs(1) + head) * num_splits + splits
     m = tl.load(m_ptr + row, mask=split_mask, other=float("-inf"))
     lsum = tl.load(l_ptr + row, mask=split_mask, other=0.0)
     acc = tl.load(acc_ptr + row[:, None] * DIM_PAD + dims[None, :], mask=split_mask[:, None], other=0.0)
@@ -237,7 +237,7 @@ def _cuda_sms(index: int) -> int:
 
 def choose_num_splits(batch: int, num_kv_heads: int, table_width: int, device: torch.device) -> int:
     """Splits per (sequence, KV head): enough programs for about two per multiprocessor, no more splits than
-    the table has blocks, at most MAX_SPLITS, rounded down to a power of two (each count is a compile).
+    the table has blocks, at most MAX_SPLITS, rounded down to a power of two.
     Depends on shapes only, so a CUDA graph replays it for any sequence lengths."""
     wanted = min(MAX_SPLITS, table_width, (2 * _num_sms(device)) // (batch * num_kv_heads))
     return 1 << (max(1, wanted).bit_length() - 1)
@@ -281,11 +281,10 @@ def paged_decode_attention(
     _paged_decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, acc, m, lse, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        NUM_SPLITS=num_splits, **common,
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), **common,
     )  # fmt: skip
     _combine_splits_kernel[(batch, num_heads)](
-        acc, m, lse, out, out.stride(0), out.stride(1), HEAD_DIM=head_dim, DIM_PAD=dim_pad,
-        NUM_SPLITS=num_splits, SPLIT_PAD=triton.next_power_of_2(num_splits),
+        acc, m, lse, out, out.stride(0), out.stride(1), num_splits, HEAD_DIM=head_dim, DIM_PAD=dim_pad,
+        SPLIT_PAD=triton.next_power_of_2(max(num_splits, MAX_SPLITS)),
     )  # fmt: skip
     return out
