@@ -96,7 +96,7 @@ if [ "$DRY" = 1 ]; then
   stage decode 180 "$PY" bench/decode_bench.py --device cpu --dry-run --json "$OUT/decode.json"
   stage quant 120 bash -c "'$PY' bench/quant_kernels.py --device cpu --small --m 1 16 | tee '$OUT/quant_kernels.md'"
 else
-  stage pytest 130 "$PY" -m pytest -m gpu tests/engine/test_gpu.py -q -p no:cacheprovider -p no:django \
+  stage pytest 130 "$PY" -m pytest -m gpu tests/engine/test_gpu.py -q -p no:cacheprovider -p no:django --durations=8 \
     --junitxml="$OUT/pytest.xml"
   stage serve-tiny 50 "$PY" bench/serve_check.py --tiny llama --device cuda --workdir /tmp/gpu-check-models \
     --json "$OUT/serve-tiny.json"
