@@ -170,14 +170,15 @@ def test_the_kv_pool_is_sized_from_the_measured_warmup_peak():
         pytest.skip("needs the CUDA allocator's statistics")
     path = tiny_checkpoint("llama")
     torch.cuda.empty_cache()
-    engine = cuda_engine(path, kv_cache_memory=None, gpu_memory_fraction=0.3, max_num_batched_tokens=2048)
+    # A small fraction: the tiny model's blocks are 8 KiB, and the block manager keeps an object per block.
+    engine = cuda_engine(path, kv_cache_memory=None, gpu_memory_fraction=0.08, max_num_batched_tokens=2048)
     runner = engine.runner
     free, total = torch.cuda.mem_get_info()
     spec = engine.loaded.spec
     pool = runner.num_blocks * kv_cache_bytes_per_block(spec.num_layers, 16, spec.num_kv_heads, spec.head_dim,
                                                         spec.dtype)
     assert runner.activation_peak > 0
-    assert pool <= 0.3 * total - runner.activation_peak
+    assert 0 < pool <= 0.08 * total - runner.activation_peak
     del engine, runner
     torch.cuda.empty_cache()
 
