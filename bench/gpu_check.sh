@@ -6,7 +6,7 @@
 #
 # 1. Here, once, on a machine with PyPI (a developer's):
 #        bash bench/gpu_prepare.sh      # .whl/ (wheels the GPU image lacks) and .gpu/ (SmolLM2 8-layer slice)
-#        bash bench/gpu_check.sh --dry-run   # every stage on the CPU, small shapes (about 5 minutes on 2 cores)
+#        bash bench/gpu_check.sh --dry-run   # every stage on the CPU, small shapes (3-4 minutes on 2 cores)
 # 2. On the device, one call of the device tool's `run`:
 #        command:   bash bench/gpu_check.sh
 #        carry:     [".whl", ".gpu"]          (about 53 MiB with the working tree; the limit is 64)
