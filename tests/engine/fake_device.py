@@ -21,6 +21,8 @@ created, not how kernels behave on CUDA (the `gpu`-marked tests and bench/gpu_ch
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves, tree_map
@@ -32,6 +34,16 @@ _Generator = torch.Generator  # the real class (FakeDevice swaps torch.Generator
 
 class MixedDeviceError(RuntimeError):
     """An op mixed a tensor on the (fake) model device with a host tensor."""
+
+
+class HostSyncError(RuntimeError):
+    """A device value was read on the host where no sync may happen (inside a CUDA graph capture)."""
+
+
+# Reading a device tensor's values on the host: a device sync on CUDA, an error while a graph is captured.
+_HOST_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__,
+               torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.cpu, torch.Tensor.numpy}
+_no_sync = [False]
 
 
 class OnDevice(torch.Tensor):
@@ -125,6 +137,8 @@ def _on_device(func, args, kwargs):
         func is torch.Tensor.to and any(
             _is_device_name(a) and torch.device(a).type != DEVICE.type
             for a in [*args[1:], kwargs.get("device")] if a is not None))
+    if _no_sync[0] and (to_host or func in _HOST_READS):
+        raise HostSyncError(f"{getattr(func, '__name__', func)} reads a device value on the host (a sync)")
     out = func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
     if to_host:
         return out  # device -> host: a plain tensor comes back
@@ -193,6 +207,17 @@ class FakeDevice(TorchFunctionMode):
             out = func(*args, **{**kwargs, "device": _HOST})
             return tree_map(lambda x: OnDevice(x) if isinstance(x, torch.Tensor) else x, out)
         return func(*args, **kwargs)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def no_host_sync():
+        """Within: reading a device tensor's values on the host raises HostSyncError (as a CUDA graph
+        capture fails on a sync)."""
+        _no_sync[0] = True
+        try:
+            yield
+        finally:
+            _no_sync[0] = False
 
     # -- putting test inputs on the device ------------------------------------------------------
     @staticmethod

@@ -181,6 +181,34 @@ def test_graph_buffers_live_on_the_model_device(tiny, monkeypatch):
     assert tokens == eager_tokens and backend.replayed
 
 
+class SyncCheckingGraphs(RecordingGraphs):
+    """RecordingGraphs whose captures refuse host reads of device values (a capture cannot sync)."""
+
+    def capture(self, fn):
+        with FakeDevice.no_host_sync():
+            return super().capture(fn)
+
+
+def test_the_captured_decode_forward_never_reads_device_values_on_the_host(tiny, monkeypatch):
+    """What a graph records must not sync (a capture fails on it): the embedding, RoPE, K/V writes,
+    attention and projections of a decode step read no device value on the host. Checked on the fake device
+    through the CPU code paths; the CUDA-only kernels (Triton) are checked by the gpu tests."""
+    from tests.engine.fake_device import HostSyncError
+
+    with FakeDevice() as dev:
+        x = dev.put(torch.ones(2))
+        with FakeDevice.no_host_sync(), pytest.raises(HostSyncError):
+            x.tolist()
+        loaded = load_model(tiny)
+        dev.put_module(loaded.model)
+        backend = SyncCheckingGraphs()
+        monkeypatch.setattr(model_runner, "make_graph_backend", lambda device: backend)
+        config = EngineConfig(model=str(tiny), block_size=4, num_kv_blocks=64, max_num_seqs=4, enforce_eager=False)
+        engine = LLMEngine(config, loaded=loaded, metrics=False)
+        assert backend.captured == [4, 2, 1]
+        assert engine.runner.graphs is not None
+
+
 def test_enforce_eager_is_the_default_off_cuda_and_graphs_need_cuda(tiny):
     assert not EngineConfig(model="m").use_cuda_graphs(torch.device("cpu"))
     assert EngineConfig(model="m").use_cuda_graphs(torch.device("cuda"))
