@@ -7,7 +7,8 @@ Paths:
 - decode-only steps (every query_len == 1): one batched computation over all sequences (no Python loop);
   on CUDA the Triton kernel in engine/layers/triton_attention.py, elsewhere gather + batched matmul.
 - steps with prefills (full, after a prefix-cache hit, chunked, mixed with decodes): the decodes go through
-  the batched decode path, each prefill through scaled_dot_product_attention over its own context.
+  the batched decode path; the prefills through one padded scaled_dot_product_attention call when padding
+  costs at most twice the work (batch_prefills), else one call each over its own context.
 """
 
 from __future__ import annotations
@@ -119,16 +120,60 @@ def paged_attention(
             scale,
             attn._derived.setdefault("mixed_decodes", {}),
         )
-    for b, n in enumerate(query_lens):
-        if n <= 1:
-            continue
-        start, seq_len = starts[b], seq_lens[b]
+    prefills = [b for b, n in enumerate(query_lens) if n > 1]
+    if batch_prefills([query_lens[b] for b in prefills], [seq_lens[b] for b in prefills]):
+        _prefill_batched(q, kv_cache, attn, prefills, starts, scale, out)
+        return out
+    for b in prefills:
+        n, start, seq_len = query_lens[b], starts[b], seq_lens[b]
         if n == seq_len:  # nothing cached before: this step's own k/v are the whole context
             keys, values = k[start : start + n], v[start : start + n]
         else:
             keys, values = _gather_context(kv_cache, attn.block_tables[b], seq_len, attn.block_size)
         out[start : start + n] = _prefill_one(q[start : start + n], keys, values, seq_len, scale)
     return out
+
+
+def batch_prefills(query_lens: list[int], seq_lens: list[int]) -> bool:
+    """Whether a step's prefills go through one padded SDPA call rather than one call each: when there are
+    several and padding them to the longest query and context at most doubles the attention work."""
+    if len(query_lens) < 2:
+        return False
+    padded = len(query_lens) * max(query_lens) * max(seq_lens)
+    return padded <= 2 * sum(n * s for n, s in zip(query_lens, seq_lens, strict=True))
+
+
+def _prefill_batched(q, kv_cache, attn: AttentionMetadata, prefills: list[int], starts: list[int], scale: float,
+                     out: torch.Tensor) -> None:
+    """All prefills of the step in one SDPA call: queries padded to the longest chunk, contexts gathered
+    through the block tables and padded to the longest, one boolean mask for causality, lengths and padding.
+    The index and mask tensors are built once per step and shared by every layer."""
+    derived = attn._derived.get("prefill_batch")
+    device = q.device
+    if derived is None:
+        query_lens = [attn.query_lens_cpu[b] for b in prefills]
+        seq_lens = [attn.seq_lens_cpu[b] for b in prefills]
+        n_max, context = max(query_lens), max(seq_lens)
+        num_blocks = -(-context // attn.block_size)
+        rows = [[starts[b] + min(i, n - 1) for i in range(n_max)] for b, n in zip(prefills, query_lens, strict=True)]
+        index = torch.tensor(rows, dtype=torch.long, device=device)  # [B, n_max]; padding repeats the last row
+        n = torch.tensor(query_lens, device=device)[:, None, None]
+        offset = torch.tensor([s - m for s, m in zip(seq_lens, query_lens, strict=True)], device=device)
+        i = torch.arange(n_max, device=device)[None, :, None]
+        j = torch.arange(context, device=device)[None, None, :]
+        mask = (j <= offset[:, None, None] + torch.minimum(i, n - 1))[:, None]  # [B, 1, n_max, context]
+        valid = (i[..., 0] < n[..., 0])  # [B, n_max]
+        seqs = torch.tensor(prefills, dtype=torch.long, device=device)
+        block_ids = attn.block_tables[seqs, :num_blocks].reshape(-1).long()
+        derived = attn._derived["prefill_batch"] = (index, mask, valid, block_ids, context)
+    index, mask, valid, block_ids, context = derived
+    batch, n_max = index.shape
+    num_kv_heads, head_dim = kv_cache.shape[3], kv_cache.shape[4]
+    kv = kv_cache.index_select(1, block_ids).view(2, batch, -1, num_kv_heads, head_dim)[:, :, :context]
+    keys, values = kv[0].transpose(1, 2).to(q.dtype), kv[1].transpose(1, 2).to(q.dtype)  # [B, Hkv, L, D]
+    qb = q[index].transpose(1, 2)  # [B, H, n_max, D]
+    o = F.scaled_dot_product_attention(qb, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+    out[index[valid]] = o.transpose(1, 2)[valid]
 
 
 def _gather_context(

@@ -128,8 +128,34 @@ def test_decode_step_is_one_batched_call_not_a_loop_over_sequences(monkeypatch):
     run(make_case(DECODE_BATCH))
     assert len(calls) == 1 and calls[0][0] == len(DECODE_BATCH)
     calls.clear()
-    run(make_case([(9, 1), (7, 7), (12, 1), (5, 1), (10, 4)]))  # mixed: one call for all decodes + one per prefill
-    assert len(calls) == 3 and calls[0][0] == 3  # [decodes, kv_heads, group, D], then [heads, n, D] per prefill
+    run(make_case([(9, 1), (7, 7), (12, 1), (5, 1), (10, 4)]))  # mixed: one call for the decodes, one for the prefills
+    assert len(calls) == 2 and calls[0][0] == 3 and calls[1][0] == 2  # [decodes, ...], then [prefills, H, n, D]
+
+
+def test_prefills_of_very_different_sizes_run_one_call_each(monkeypatch):
+    """Padding a 2-token chunk to a 30-token one over a 30-token context would more than double the work."""
+    from engine.layers import attention
+
+    calls = []
+    sdpa = attention.F.scaled_dot_product_attention
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention",
+                        lambda q, *a, **kw: calls.append(q.shape) or sdpa(q, *a, **kw))
+    assert not attention.batch_prefills([30, 2, 3], [30, 5, 3])
+    run(make_case([(30, 30), (5, 2), (3, 3)]))
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("seqs", [
+    [(7, 7), (10, 4), (6, 6)],  # full prefills and a chunk after a prefix hit, padded together
+    [(13, 13), (13, 5), (12, 1), (9, 9)],  # with a decode between them
+    [(4, 2), (5, 3), (17, 4), (16, 4)],  # chunks whose contexts span blocks
+])
+def test_batched_prefills_match_the_dense_reference(seqs):
+    from engine.layers import attention
+
+    lens = [(n, s) for s, n in seqs if n > 1]
+    assert attention.batch_prefills([n for n, _ in lens], [s for _, s in lens])
+    run(make_case(seqs, seed=len(seqs)))
 
 
 def test_split_kv_count_depends_on_shapes_only_and_fills_the_gpu(monkeypatch):
