@@ -162,18 +162,23 @@ def _prefill_batched(q, kv_cache, attn: AttentionMetadata, prefills: list[int], 
         i = torch.arange(n_max, device=device)[None, :, None]
         j = torch.arange(context, device=device)[None, None, :]
         mask = (j <= offset[:, None, None] + torch.minimum(i, n - 1))[:, None]  # [B, 1, n_max, context]
-        valid = (i[..., 0] < n[..., 0])  # [B, n_max]
+        # The real (not padding) query rows, as flat positions in [B * n_max] and as rows of `out`: built from
+        # host values, so no boolean indexing (a device sync per layer on CUDA) is needed to copy them out.
+        sel = torch.tensor([b * n_max + i for b, m in enumerate(query_lens) for i in range(m)], device=device)
+        dest = torch.tensor([starts[b] + i for b, m in zip(prefills, query_lens, strict=True) for i in range(m)],
+                            device=device)
         seqs = torch.tensor(prefills, dtype=torch.long, device=device)
         block_ids = attn.block_tables[seqs, :num_blocks].reshape(-1).long()
-        derived = attn._derived["prefill_batch"] = (index, mask, valid, block_ids, context)
-    index, mask, valid, block_ids, context = derived
+        derived = attn._derived["prefill_batch"] = (index, mask, sel, dest, block_ids, context)
+    index, mask, sel, dest, block_ids, context = derived
     batch, n_max = index.shape
     num_kv_heads, head_dim = kv_cache.shape[3], kv_cache.shape[4]
     kv = kv_cache.index_select(1, block_ids).view(2, batch, -1, num_kv_heads, head_dim)[:, :, :context]
     keys, values = kv[0].transpose(1, 2).to(q.dtype), kv[1].transpose(1, 2).to(q.dtype)  # [B, Hkv, L, D]
     qb = q[index].transpose(1, 2)  # [B, H, n_max, D]
     o = F.scaled_dot_product_attention(qb, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
-    out[index[valid]] = o.transpose(1, 2)[valid]
+    rows = o.transpose(1, 2).reshape(batch * n_max, o.shape[1], o.shape[3])  # [B * n_max, H, D]
+    out.index_copy_(0, dest, rows.index_select(0, sel))
 
 
 def _gather_context(
