@@ -41,7 +41,14 @@ def no_open_connection():
     connections.close_all()  # on this (the event loop's) thread, before the test's loop runs
 
 
+def close_this_contexts_connections() -> None:
+    """Django's connections are per context: an earlier test in the run (pytest-django runs database tests
+    first) can leave one open in the context the test coroutine inherits, so close them there too."""
+    connections.close_all()
+
+
 async def test_request_started_and_finished_are_sent_once_each_on_the_event_loop_thread(no_open_connection):
+    close_this_contexts_connections()
     seen = []
 
     def started(**kwargs):
@@ -64,6 +71,7 @@ async def test_request_started_and_finished_are_sent_once_each_on_the_event_loop
 
 
 async def test_hooks_run_inline_without_an_open_connection(no_open_connection):
+    close_this_contexts_connections()
     threads = []
     await run_signal_hooks(lambda: threads.append(threading.get_ident()))
     assert threads == [threading.get_ident()]
