@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 
 import pytest
@@ -43,8 +44,13 @@ def no_open_connection():
 
 def close_this_contexts_connections() -> None:
     """Django's connections are per context: an earlier test in the run (pytest-django runs database tests
-    first) can leave one open in the context the test coroutine inherits, so close them there too."""
-    connections.close_all()
+    first) can leave one open in the context the test coroutine inherits, so close them there too (a
+    blocking call, allowed here for the test's set-up only)."""
+    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
+    try:
+        connections.close_all()
+    finally:
+        del os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"]
 
 
 async def test_request_started_and_finished_are_sent_once_each_on_the_event_loop_thread(no_open_connection):
