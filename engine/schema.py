@@ -424,6 +424,60 @@ class CompletionRequest(_GenerationRequest):
                                        top_logprobs=self.logprobs or 0)
 
 
+# -- /v1/embeddings ------------------------------------------------------------------------------
+MAX_EMBEDDING_INPUTS = 2048  # inputs per request, OpenAI's limit
+# What an embeddings model reports in /v1/models (a chat model reports CAPABILITIES).
+EMBEDDING_CAPABILITIES = {"embeddings": True}
+
+
+class EmbeddingRequest(_Strict):
+    """OpenAI's embeddings body. `input`: a string, a list of strings, a token list or a list of token lists,
+    each non-empty, at most MAX_EMBEDDING_INPUTS of them (the length limit per input is the model's)."""
+
+    model: Annotated[str, Field(min_length=1)]
+    input: str | list[TokenId] | list[str] | list[list[TokenId]]
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: Annotated[int, Field(ge=1)] | None = None
+    user: str | None = None  # accepted; it does not change the answer
+
+    def inputs(self) -> list[str | list[int]]:
+        value = self.input
+        if isinstance(value, str) or (value and isinstance(value[0], int)):
+            return [value]
+        return list(value)
+
+    @property
+    def single(self) -> bool:
+        """One input sent bare (a string or one token list): its errors name `input`, not `input[0]`."""
+        return isinstance(self.input, str) or bool(self.input and isinstance(self.input[0], int))
+
+    def _check(self) -> None:
+        inputs = self.inputs()
+        if not inputs:
+            raise RequestError(f"'input' must be {_SHAPES['input']}.", "input", "invalid_type")
+        if len(inputs) > MAX_EMBEDDING_INPUTS:
+            raise RequestError(f"'input' has {len(inputs)} inputs, over the limit of {MAX_EMBEDDING_INPUTS} per "
+                               "request: send fewer inputs per request.", "input")
+        empty = next((i for i, item in enumerate(inputs) if not item), None)
+        if empty is not None:
+            raise RequestError("'input' cannot be an empty string or an empty token list.",
+                               "input" if self.single else f"input[{empty}]")
+
+
+_SHAPES["input"] = "a non-empty string, an array of token ids, or a non-empty array of those"
+
+
+def parse_embedding(body: Any) -> EmbeddingRequest:
+    if not isinstance(body, dict):
+        raise RequestError("The request body must be a JSON object.", None, "invalid_type")
+    try:
+        request = EmbeddingRequest.model_validate(body)
+    except ValidationError as exc:
+        raise _request_error(exc) from None
+    request._check()
+    return request
+
+
 def parse_json(raw: bytes) -> Any:
     """A request body's JSON, decoded the same way by the engine server and the gateway: strict UTF-8, no
     lone surrogate escapes (no tokenizer can take them), no NaN or Infinity, nesting depth bounded."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import hmac
@@ -21,8 +22,17 @@ from starlette.routing import Route
 
 from engine import schema, telemetry, tools
 from engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError
+from engine.embedding_engine import EmbeddingEngine, EmbeddingOutput
 from engine.llm_engine import CompletionDelta, ContextLengthError, RequestOutput
-from engine.protocol import APIError, ParsedRequest, invalid, parse_chat_request, parse_completion_request
+from engine.protocol import (
+    APIError,
+    ParsedEmbedding,
+    ParsedRequest,
+    invalid,
+    parse_chat_request,
+    parse_completion_request,
+    parse_embedding_request,
+)
 from engine.sampling_params import SamplingParamError
 from engine.structured import GrammarError
 
@@ -35,6 +45,7 @@ class OpenAIServer:
         self.tool_format = tool_format  # the default; a request's `tool_format` (the gateway's catalog) wins
         self.keepalive_interval = keepalive_interval  # non-streamed answers: seconds of silence at most
         self.llm = engine.engine
+        self.embeds = isinstance(self.llm, EmbeddingEngine)  # an embeddings model: /v1/embeddings only
         self.tokenizer = self.llm.tokenizer
         self.model_name = self.llm.model_name
         self.api_key = api_key
@@ -135,7 +146,8 @@ class OpenAIServer:
         """OpenAI's model object plus documented extras: the context length (`max_model_len`, vLLM's name),
         what the model can do (`capabilities`) and how tools reach its prompt by default (`tool_format`)."""
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "maas",
-                "max_model_len": self.llm.scheduler.max_model_len, "capabilities": dict(schema.CAPABILITIES),
+                "max_model_len": self.llm.scheduler.max_model_len,
+                "capabilities": dict(schema.EMBEDDING_CAPABILITIES if self.embeds else schema.CAPABILITIES),
                 "tool_format": self.tool_format}
 
     async def models(self, request: Request) -> Response:
@@ -180,6 +192,7 @@ class OpenAIServer:
         self._authorize(request)
         body = await self._json(request)
         parse = parse_chat_request if chat else parse_completion_request
+        self._check_generative(body, chat)
         parsed = parse(body, self.llm.loaded.generation_defaults)
         self._check_model(parsed.model)
         prompts = [None] if chat else parsed.prompts
@@ -217,6 +230,54 @@ class OpenAIServer:
             return StreamingResponse(self._keepalive(answer), media_type="application/json")
         gone.cancel()
         return JSONResponse(answer.result())
+
+    def _check_generative(self, body: dict, chat: bool) -> None:
+        """Chat and completions on an embeddings model: a 400 pointing to /v1/embeddings."""
+        if self.embeds:
+            endpoint = "chat/completions" if chat else "completions"
+            raise invalid(f"The model `{self.model_name}` is an embeddings model: it serves POST /v1/embeddings, "
+                          f"not /v1/{endpoint}.", "model", "model_not_supported")
+
+    # -- embeddings ---------------------------------------------------------------------------------
+    async def embeddings(self, request: Request) -> Response:
+        self._authorize(request)
+        parsed = parse_embedding_request(await self._json(request))
+        self._check_model(parsed.model)
+        if not self.embeds:
+            raise invalid(f"The model `{self.model_name}` does not serve embeddings: it is a generative model "
+                          "(POST /v1/chat/completions, /v1/completions).", "model", "model_not_supported")
+        ids = [self.tokenizer.encode(x) if isinstance(x, str) else list(x) for x in parsed.inputs]
+        try:
+            self.llm.check_prompt(ids, parsed.params)
+        except ContextLengthError as exc:
+            raise APIError(str(exc), param=exc.param, code="context_length_exceeded") from None
+        except SamplingParamError as exc:
+            raise invalid(str(exc), exc.param) from None
+        try:
+            stream = self.engine.embed(f"embd-{uuid.uuid4().hex}", ids, parsed.params)
+        except RuntimeError as exc:  # overloaded, or not running
+            raise engine_error(exc) from None
+        answer = asyncio.ensure_future(self._embedding_answer(stream, parsed))
+        gone = asyncio.ensure_future(_disconnected(request))
+        done, _ = await asyncio.wait({answer, gone}, timeout=self.keepalive_interval,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if answer not in done:
+            if gone in done:
+                answer.cancel()  # aborts the request in the engine
+                return Response(status_code=499)
+            gone.cancel()
+            return StreamingResponse(self._keepalive(answer), media_type="application/json")
+        gone.cancel()
+        return JSONResponse(answer.result())
+
+    async def _embedding_answer(self, stream: AsyncIterator[EmbeddingOutput], parsed: ParsedEmbedding) -> dict:
+        """OpenAI's embeddings list: one vector per input, in input order, floats or base64 float32."""
+        out = [out async for out in _engine_errors(stream)][-1]  # the one output: every input's vector
+        encode = _base64_vector if parsed.encoding_format == "base64" else (lambda v: v.tolist())
+        return {"object": "list", "model": self.model_name,
+                "data": [{"object": "embedding", "index": i, "embedding": encode(v)}
+                         for i, v in enumerate(out.embeddings)],
+                "usage": {"prompt_tokens": out.num_prompt_tokens, "total_tokens": out.num_prompt_tokens}}
 
     def _check_batch(self, ids: list[list[int]], parsed: ParsedRequest) -> None:
         """Several prompts: what the request generates over all of them within the per-request limit."""
@@ -409,6 +470,11 @@ def _finish_reason(engine_reason: str | None, calls: list) -> str | None:
     return "tool_calls" if calls and engine_reason == "stop" else engine_reason
 
 
+def _base64_vector(vector) -> str:
+    """`encoding_format: base64`: the vector's little-endian float32 bytes, as OpenAI sends them."""
+    return base64.b64encode(vector.float().numpy().astype("<f4").tobytes()).decode()
+
+
 def _fingerprint(model: str, dtype) -> str:
     """`system_fingerprint`: which engine build serves which weights at which precision."""
     try:
@@ -519,6 +585,7 @@ def build_app(engine: AsyncEngine, *, api_key: str | None = None, keepalive_inte
             Route("/v1/models/{model:path}", server.model, methods=["GET"]),
             Route("/v1/chat/completions", server.chat_completions, methods=["POST"]),
             Route("/v1/completions", server.completions, methods=["POST"]),
+            Route("/v1/embeddings", server.embeddings, methods=["POST"]),
             Route("/tokenize", server.tokenize, methods=["POST"]),
             Route("/health", server.health, methods=["GET"]),
             Route("/metrics", server.metrics, methods=["GET"]),

@@ -237,7 +237,7 @@ def test_request_errors_validate(api, path, body, status):
 @slow
 @pytest.mark.parametrize("method, path, status", [
     ("GET", "/v1/no-such-endpoint", 404),
-    ("POST", "/v1/embeddings", 404),
+    ("POST", "/v1/audio/speech", 404),
     ("GET", "/no-such-page", 404),
     ("GET", CHAT, 405),
     ("DELETE", COMPLETIONS, 405),

@@ -248,3 +248,11 @@ def test_non_streaming_client_disconnect_aborts(server):
         assert time.monotonic() < deadline, "the abandoned request is still running"
         time.sleep(0.2)
     assert metric(server, "engine_generation_tokens_total") - generated_before < 900  # stopped early
+
+
+def test_embeddings_on_a_generative_model_are_a_400(server):
+    response = httpx.post(f"{server}/v1/embeddings", json={"model": MODEL, "input": "hi"}, timeout=30)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "model" and error["code"] == "model_not_supported"
+    assert "does not serve embeddings" in error["message"]

@@ -54,7 +54,7 @@ ERROR_CASES = {
     "malformed_key": ("POST", CHAT, lambda raw: "sk-not-a-key", CHAT_BODY, 401),
     "unknown_key": ("GET", MODELS, unknown_key, None, 401),
     "unknown_url": ("GET", "/v1/no-such-endpoint", lambda raw: raw, None, 404),
-    "unknown_url_no_key": ("POST", "/v1/embeddings", None, {"input": "x"}, 404),
+    "unknown_url_no_key": ("POST", "/v1/audio/speech", None, {"input": "x"}, 404),
     "unknown_model": ("GET", f"{MODELS}/no-such-model", lambda raw: raw, None, 404),
     "unknown_model_chat": ("POST", CHAT, lambda raw: raw, {**CHAT_BODY, "model": "no-such-model"}, 404),
     "get_chat": ("GET", CHAT, lambda raw: raw, None, 405),
