@@ -22,6 +22,10 @@ from .models import AIModel, Deployment, Visibility, upstream_refusal
 logger = logging.getLogger(__name__)
 
 
+class ModelStatus:
+    UP, DEGRADED, DOWN = "up", "degraded", "down"
+
+
 @dataclass(frozen=True)
 class Upstream:
     id: int
@@ -40,6 +44,15 @@ class CatalogEntry:
 
     def visible_for(self, organization_id: int) -> bool:
         return self.visible_to is None or organization_id in self.visible_to
+
+    @property
+    def status(self) -> str:
+        """From the replicas' last health checks: `up` when every enabled replica passed, `degraded` when
+        some did (requests still go through, on fewer replicas), `down` when none did (503)."""
+        healthy = sum(u.healthy for u in self.upstreams)
+        if self.upstreams and healthy == len(self.upstreams):
+            return ModelStatus.UP
+        return ModelStatus.DEGRADED if healthy else ModelStatus.DOWN
 
 
 class Catalog:

@@ -1,14 +1,19 @@
-"""Usage for the console: GET /api/usage (JSON, session auth) and the usage page with its charts."""
+"""The console's inference pages: usage (GET /api/usage, JSON, session auth, and the usage page),
+the models page and the playground."""
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.shortcuts import render
+from django.views.decorators.csrf import ensure_csrf_cookie
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from accounts.tenancy import org_member_required
 
+from . import quotas
 from .usage import Period, ReportError, day_series, report
+from .views import model_object
 
 CHART_WIDTH, CHART_HEIGHT = 720, 200
 
@@ -65,4 +70,42 @@ def usage_page(request):
         "model_chart": bars(by_model["data"], "model"),
         "start_value": request.GET.get("start") or period.start.date().isoformat(),
         "end_value": request.GET.get("end") or period.end.date().isoformat(),
+    })
+
+
+CAPABILITY_NAMES = {"tools": "Tools", "json_schema": "Structured outputs (JSON schema)", "json_object": "JSON mode"}
+
+
+def organization_models(request) -> list[dict]:
+    """The catalog as the current organization sees it: the model objects of GET /v1/models for every
+    model it may call (visible to it and covered by an active entitlement)."""
+    caller = quotas.organization_caller(request.organization, request.user.pk)
+    return [model_object(entry) for entry in caller.visible_models()]
+
+
+@org_member_required
+def models_page(request):
+    models = organization_models(request)
+    for model in models:
+        model["capability_names"] = [CAPABILITY_NAMES.get(n, n) for n, on in model["capabilities"].items() if on]
+    return render(request, "inference/models.html", {"models": models})
+
+
+def api_base_url(request) -> str:
+    """The OpenAI base URL callers use: API_BASE_URL, else this console's own origin plus /v1."""
+    return settings.API_BASE_URL or request.build_absolute_uri("/v1")
+
+
+@org_member_required
+@ensure_csrf_cookie
+def playground_page(request):
+    """The playground: the page's JavaScript (static/js/playground.js) streams from
+    /playground/v1/chat/completions with the session and its CSRF token, never a key."""
+    models = organization_models(request)
+    ids = [m["id"] for m in models]
+    wanted = request.GET.get("model")
+    return render(request, "inference/playground.html", {
+        "models": models,
+        "selected": wanted if wanted in ids else (ids[0] if ids else None),
+        "base_url": api_base_url(request),
     })

@@ -59,6 +59,16 @@ class AIModel(models.Model):
     def __str__(self) -> str:
         return self.name
 
+    @property
+    def pricing(self) -> dict[str, str]:
+        """Prices per million tokens as exact decimal strings (GET /v1/models, the models page)."""
+        return {
+            "unit": "per_million_tokens",
+            "input": _plain(self.price_input_per_million),
+            "cached_input": _plain(self.price_cached_input_per_million),
+            "output": _plain(self.price_output_per_million),
+        }
+
     def cost(self, prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> Decimal:
         """Price of one request; cached prompt tokens are billed at the cached-input price."""
         uncached = max(prompt_tokens - cached_tokens, 0)
@@ -68,6 +78,11 @@ class AIModel(models.Model):
             + completion_tokens * self.price_output_per_million
         )
         return (total / PER_MILLION).quantize(Decimal("0.00000001"))
+
+
+def _plain(price: Decimal) -> str:
+    """0.100000 → "0.1", 2.000000 → "2": the decimal without trailing zeros or exponent."""
+    return format(Decimal(price).normalize(), "f")
 
 
 def upstream_refusal(url: str) -> str | None:
@@ -171,6 +186,11 @@ class UsageStatus(models.TextChoices):
     REJECTED_UPSTREAM = "rejected_upstream", "Rejected by the engine (4xx)"
 
 
+class UsageSource(models.TextChoices):
+    API = "api", "API key"
+    PLAYGROUND = "playground", "Console playground"
+
+
 class UsageRecord(TenantOwned):
     """Exactly one per request forwarded upstream."""
 
@@ -192,6 +212,7 @@ class UsageRecord(TenantOwned):
     time_to_first_token_ms = models.FloatField(null=True, blank=True)
     latency_ms = models.FloatField()
     request_id = models.CharField(max_length=64, unique=True)
+    source = models.CharField(max_length=16, choices=UsageSource.choices, default=UsageSource.API)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
 
     class Meta:

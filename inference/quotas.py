@@ -24,7 +24,7 @@ from django.db import connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from accounts.models import APIKey, Entitlement, Organization, keyed_hash
+from accounts.models import APIKey, Entitlement, Membership, Organization, keyed_hash
 from maas import telemetry
 
 from . import pgasync
@@ -37,7 +37,7 @@ from .errors import (
     no_entitlement,
     service_unavailable,
 )
-from .models import Reservation, UsageRecord
+from .models import Reservation, UsageRecord, UsageSource
 from .ratelimit import Decision, RateLimiter, rate_limit_error
 from .validation import InferenceRequest
 
@@ -51,9 +51,21 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Caller:
-    api_key: APIKey
+    """Who is calling: an API key, or (the playground) a console user's session for their current
+    organization. Both take the same path from here on; `source` marks the usage record."""
+
+    api_key: APIKey | None
     entitlements: list[Entitlement]  # the organization's active entitlements
     entries: dict[str, CatalogEntry]  # the catalog snapshot read with them
+    organization: Organization | None = None  # the key's organization when None
+    user_id: int | None = None  # the key's creator when None
+    source: str = UsageSource.API
+
+    def __post_init__(self) -> None:
+        if self.organization is None:
+            self.organization = self.api_key.organization
+        if self.user_id is None and self.api_key is not None:
+            self.user_id = self.api_key.created_by_id
 
     def resolve(self, model_name: str) -> tuple[CatalogEntry, list[Entitlement]]:
         """The model and the entitlements that cover it, in reservation order; 404 model_not_found
@@ -63,8 +75,8 @@ class Caller:
         key = self.api_key
         if (
             entry is None
-            or not entry.visible_for(key.organization_id)
-            or (key.allowed_models and model_name not in key.allowed_models)
+            or not entry.visible_for(self.organization.pk)
+            or (key is not None and key.allowed_models and model_name not in key.allowed_models)
             or not covering
         ):
             raise model_not_found(model_name)
@@ -73,7 +85,7 @@ class Caller:
         return entry, covering
 
     def visible_models(self) -> list[CatalogEntry]:
-        """The catalog entries this key may call (GET /v1/models)."""
+        """The catalog entries this caller may call (GET /v1/models, the console's models page)."""
         out = []
         for name in sorted(self.entries):
             try:
@@ -178,6 +190,58 @@ def check_caller(raw_key: str, found, now, entries) -> Caller:
     if not entitlements:
         raise no_entitlement()
     return Caller(key, entitlements, entries)
+
+
+@dataclass(frozen=True)
+class SessionCredential:
+    """The second kind of credential: a console user's login session, acting for their current
+    organization (the playground). The view has already checked the session and its CSRF token."""
+
+    user_id: int
+    organization_id: int
+
+
+def organization_caller(organization: Organization, user_id: int | None, now=None,
+                        entries: dict[str, CatalogEntry] | None = None) -> Caller:
+    """A caller for a whole organization, without a key (the console's view of the catalog)."""
+    entitlements = list(Entitlement.objects.for_org(organization).active(now))
+    return Caller(None, entitlements, catalog.entries() if entries is None else entries, organization, user_id,
+                  UsageSource.PLAYGROUND)
+
+
+def admit_session(credential: SessionCredential) -> Caller:
+    """`admit` for a session: 401 when the membership or the user is gone, 403 when the organization
+    is disabled or has no active entitlement."""
+    membership = (
+        Membership.objects.select_related("organization", "user")
+        .filter(user_id=credential.user_id, organization_id=credential.organization_id).first()
+    )
+    if membership is None or not membership.user.is_active:
+        raise GatewayError(401, "Your console session is no longer valid for this organization. Log in again.",
+                           code="invalid_session")
+    if not membership.organization.is_active:
+        raise GatewayError(403, "This organization is disabled.", "permission_denied", "organization_disabled")
+    caller = organization_caller(membership.organization, credential.user_id)
+    if not caller.entitlements:
+        raise no_entitlement()
+    return caller
+
+
+def admit_session_and_close(credential: SessionCredential) -> Caller:
+    try:
+        return admit_session(credential)
+    finally:
+        connection.close()
+
+
+def admit_credential(credential: str | SessionCredential) -> Caller:
+    return admit_session(credential) if isinstance(credential, SessionCredential) else admit(credential)
+
+
+async def admit_credential_async(credential: str | SessionCredential) -> Caller:
+    if isinstance(credential, SessionCredential):
+        return await sync_to_async(admit_session_and_close, thread_sensitive=False)(credential)
+    return await admit_async(credential)
 
 
 def reserve(entitlements: list[Entitlement], tokens: int, request_id: str) -> Hold:
@@ -319,10 +383,10 @@ def settle_statement(hold: Hold, charge: int, record: UsageRecord, touch_key, to
     )
 
 
-async def settle_async(hold: Hold, used: int, record: UsageRecord, touch_key: APIKey) -> None:
+async def settle_async(hold: Hold, used: int, record: UsageRecord, touch_key: APIKey | None) -> None:
     """`settle` on the event loop (PostgreSQL); the rare expired-hold case goes to a worker thread."""
     now = timezone.now()
-    touch = touch_key.last_used_at is None or now - touch_key.last_used_at > timedelta(minutes=1)
+    touch = touch_key is not None and (touch_key.last_used_at is None or now - touch_key.last_used_at > timedelta(minutes=1))
     charge = charge_for(hold, used)
     released, _ = await pgasync.fetchone(*settle_statement(hold, charge, record, touch_key, touch, now))
     if not released and charge:
@@ -365,7 +429,7 @@ def _route(
     """The steps between authentication and the limits, shared by both admission paths: the body's
     validation error (400), model (404), replica (503), and the tokens to hold."""
     if labels is not None:
-        labels["organization"] = caller.api_key.organization.slug
+        labels["organization"] = caller.organization.slug
     if invalid is not None or inference is None:
         raise invalid or GatewayError(400, "Invalid request.")
     entry, entitlements = caller.resolve(inference.model)
@@ -379,7 +443,7 @@ def _route(
 
 
 def admit_request(
-    raw_key: str, inference: InferenceRequest | None, invalid: GatewayError | None, request_id: str, limiter: RateLimiter,
+    credential: str | SessionCredential, inference: InferenceRequest | None, invalid: GatewayError | None, request_id: str, limiter: RateLimiter,
     labels: dict | None = None,
 ) -> Admission:
     """Everything before forwarding, in one worker-thread hop: key (401), entitlement (403), then the
@@ -387,10 +451,9 @@ def admit_request(
     rate_limit_exceeded) and the token hold (429 insufficient_quota). `labels` receives the organization
     and model for the gateway's metrics as soon as they are known, refusals included."""
     with telemetry.span("gateway.auth"):
-        caller = admit(raw_key)
+        caller = admit_credential(credential)
     entry, entitlements, upstream, tokens = _route(caller, inference, invalid, labels)
-    key = caller.api_key
-    decision = limiter.acquire(key, key.organization, tokens)
+    decision = limiter.acquire(caller.api_key, caller.organization, tokens)
     if not decision.allowed:
         raise rate_limit_error(decision)
     try:
@@ -407,15 +470,14 @@ def admit_request(
 
 
 async def admit_request_async(
-    raw_key: str, inference: InferenceRequest | None, invalid: GatewayError | None, request_id: str, limiter: RateLimiter,
+    credential: str | SessionCredential, inference: InferenceRequest | None, invalid: GatewayError | None, request_id: str, limiter: RateLimiter,
     labels: dict | None = None,
 ) -> Admission:
     """`admit_request` on the event loop (PostgreSQL): same steps, same order."""
     with telemetry.span("gateway.auth"):
-        caller = await admit_async(raw_key)
+        caller = await admit_credential_async(credential)
     entry, entitlements, upstream, tokens = _route(caller, inference, invalid, labels)
-    key = caller.api_key
-    decision = await limiter.acquire_async(key, key.organization, tokens)
+    decision = await limiter.acquire_async(caller.api_key, caller.organization, tokens)
     if not decision.allowed:
         raise rate_limit_error(decision)
     try:

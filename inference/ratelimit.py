@@ -113,11 +113,11 @@ class Decision:
 
 
 def buckets_for(api_key, organization, tokens: int) -> list[Bucket]:
-    """Every limit that applies to one request. A key limit left empty does not apply; an organization's
-    falls back to the platform default (GATEWAY_DEFAULT_ORG_*_PER_MINUTE), so every response carries
-    x-ratelimit-* headers unless an operator sets that default to 0."""
+    """Every limit that applies to one request. A key limit left empty (or no key: the playground) does
+    not apply; an organization's falls back to the platform default (GATEWAY_DEFAULT_ORG_*_PER_MINUTE),
+    so every response carries x-ratelimit-* headers unless an operator sets that default to 0."""
     limits = (
-        ("key", api_key, api_key.requests_per_minute, api_key.tokens_per_minute),
+        *([("key", api_key, api_key.requests_per_minute, api_key.tokens_per_minute)] if api_key is not None else []),
         ("org", organization,
          organization.requests_per_minute or settings.GATEWAY_DEFAULT_ORG_REQUESTS_PER_MINUTE,
          organization.tokens_per_minute or settings.GATEWAY_DEFAULT_ORG_TOKENS_PER_MINUTE),

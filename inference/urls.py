@@ -8,6 +8,9 @@ urlpatterns = [
     path("v1/chat/completions", views.chat_completions, name="v1-chat-completions"),
     path("v1/completions", views.completions, name="v1-completions"),
     re_path(r"^v1(?:/(?P<rest>.*))?$", views.unknown_path),
+    path("playground/v1/chat/completions", views.playground_chat_completions, name="playground-chat-completions"),
     path("api/usage", console.UsageAPI.as_view(), name="api-usage"),
     path("usage/", console.usage_page, name="usage"),
+    path("models/", console.models_page, name="models"),
+    path("playground/", console.playground_page, name="playground"),
 ]

@@ -23,6 +23,7 @@ from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.db import DatabaseError, connections
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+from django.middleware.csrf import CsrfViewMiddleware
 from django.views.decorators.csrf import csrf_exempt
 
 from engine import schema
@@ -135,11 +136,13 @@ async def caller_for(request: HttpRequest) -> quotas.Caller:
 
 def model_object(entry: CatalogEntry) -> dict:
     """OpenAI's model object plus documented extras, as the engine names them: the catalog's context length
-    (`max_model_len`), what the engine can do with it (`capabilities`) and its `tool_format`."""
+    (`max_model_len`), what the engine can do with it (`capabilities`), its `tool_format`, and what the
+    console's models page shows: `display_name`, `description`, `pricing` and `status` (catalog.py)."""
     model = entry.model
     return {"id": model.name, "object": "model", "created": int(model.created_at.timestamp()), "owned_by": model.owned_by,
             "max_model_len": model.context_length, "capabilities": dict(schema.CAPABILITIES),
-            "tool_format": model.tool_format}
+            "tool_format": model.tool_format, "display_name": model.display_name or model.name,
+            "description": model.description, "pricing": model.pricing, "status": entry.status}
 
 
 @openai_endpoint("GET")
@@ -166,6 +169,28 @@ async def completions(request: HttpRequest) -> HttpResponse:
     return await complete(request, parse_completion)
 
 
+@openai_endpoint("POST")
+async def playground_chat_completions(request: HttpRequest) -> HttpResponse:
+    """The console's playground: chat completions authenticated by the browser's login session (and its
+    CSRF token) instead of a key; from there exactly the path of /v1/chat/completions."""
+    return await complete(request, parse_chat, await session_credential(request))
+
+
+async def session_credential(request: HttpRequest) -> quotas.SessionCredential:
+    """The logged-in user and their current organization (set by the console's middleware): 401 without
+    a session, 403 without a valid CSRF token (a cookie alone never spends the organization's quota)."""
+    user = await request.auser()
+    if not user.is_authenticated:
+        raise GatewayError(401, "Log in to the console to use the playground.", code="invalid_session")
+    if CsrfViewMiddleware(lambda r: None).process_view(request, None, (), {}) is not None:
+        raise GatewayError(403, "CSRF verification failed: send the console's CSRF token in the X-CSRFToken header.",
+                           "permission_denied", "csrf_failed")
+    organization = getattr(request, "organization", None)
+    if organization is None:
+        raise GatewayError(403, "You are not a member of any organization.", "permission_denied", "no_organization")
+    return quotas.SessionCredential(user.pk, organization.pk)
+
+
 @csrf_exempt
 async def unknown_path(request: HttpRequest, rest: str = "") -> HttpResponse:
     response = error_response(404, f"Invalid URL ({request.method} {request.path})", code="unknown_url")
@@ -181,8 +206,9 @@ def parse_body(request: HttpRequest, parser) -> InferenceRequest:
     return parser(body)
 
 
-async def complete(request: HttpRequest, parser) -> HttpResponse:
-    raw_key = checked_key(request)
+async def complete(request: HttpRequest, parser, credential: quotas.SessionCredential | None = None) -> HttpResponse:
+    """The one gateway path, for a bearer key or (the playground) a session credential."""
+    credential = credential or checked_key(request)
     try:
         inference, invalid = parse_body(request, parser), None
     except GatewayError as exc:  # reported after authentication, as OpenAI does
@@ -190,21 +216,23 @@ async def complete(request: HttpRequest, parser) -> HttpResponse:
     request.metric_labels = {}
     admit = quotas.admit_request_async if pgasync.available() else in_worker_thread(quotas.admit_request)
     admission = await admit(
-        raw_key, inference, invalid, request.request_id, get_limiter(), request.metric_labels
+        credential, inference, invalid, request.request_id, get_limiter(), request.metric_labels
     )
     request.ratelimit_headers = admission.decision.headers
-    key, organization, entry = admission.caller.api_key, admission.caller.api_key.organization, admission.entry
+    caller, entry = admission.caller, admission.entry
+    key_id = caller.api_key.public_id if caller.api_key is not None else caller.source
     telemetry.annotate(
         {
-            "maas.organization.id": organization.pk,
-            "maas.api_key.id": key.public_id,
+            "maas.organization.id": caller.organization.pk,
+            "maas.api_key.id": key_id,
+            "maas.usage.source": caller.source,
             "gen_ai.request.model": entry.model.name,
             "maas.deployment.id": admission.upstream.id,
         }
     )
     forward = Forward(request.request_id, inference, admission)
     # The engine's spans join this trace (traceparent) and learn the tenant (baggage).
-    with telemetry.tenant_baggage(organization.pk, key.public_id):
+    with telemetry.tenant_baggage(caller.organization.pk, key_id):
         return await forward.run()
 
 
@@ -225,7 +253,7 @@ class Forward:
     def payload(self) -> bytes:
         body = dict(self.inference.body)
         body["model"] = self.upstream.served_model_name
-        body["cache_salt"] = self.caller.api_key.organization.cache_salt
+        body["cache_salt"] = self.caller.organization.cache_salt
         if self.inference.endpoint == "chat/completions":
             body["tool_format"] = self.entry.model.tool_format  # the catalog decides how tools are prompted
         if self.inference.stream:
@@ -337,11 +365,12 @@ class Forward:
                 await proxy.count_cut_stream(self.upstream, self.inference.body, meter, self.request_id)
             prompt = meter.prompt_tokens or 0
             model = self.entry.model
-            key = self.caller.api_key
+            key, organization = self.caller.api_key, self.caller.organization
             record = UsageRecord(
-                organization_id=key.organization_id,
-                api_key_id=key.pk,
-                user_id=key.created_by_id,
+                organization_id=organization.pk,
+                api_key_id=key.pk if key is not None else None,
+                user_id=self.caller.user_id,
+                source=self.caller.source,
                 entitlement_id=self.hold.entitlement_id,
                 model_id=model.pk,
                 model_name=model.name,
@@ -376,7 +405,7 @@ class Forward:
                     await in_worker_thread(settle_and_release)(
                         self.hold, prompt + meter.completion_tokens, record, key, self.decision
                     )
-            metrics.observe_usage(model.name, key.organization.slug, self.upstream.id, meter)
+            metrics.observe_usage(model.name, organization.slug, self.upstream.id, meter)
         except Exception:
             logger.exception("could not settle %s; its reservation expires on its own", self.request_id)
 

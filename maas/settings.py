@@ -189,6 +189,9 @@ ACCOUNT_ADAPTER = "accounts.adapters.AccountAdapter"
 ACCOUNT_EMAIL_SUBJECT_PREFIX = os.environ.get("ACCOUNT_EMAIL_SUBJECT_PREFIX", "[MaaS] ")
 # Where the console is reached from outside, for links printed by management commands (create_org).
 CONSOLE_BASE_URL = os.environ.get("CONSOLE_BASE_URL", "http://localhost:8000").rstrip("/")
+# The OpenAI base URL the console's snippets show (quickstart, playground "view code"); empty: the
+# console's own origin + /v1 (the gateway serves both).
+API_BASE_URL = os.environ.get("API_BASE_URL", "").rstrip("/")
 # Second factor (allauth.mfa): TOTP and recovery codes. Staff must set one up at their first login
 # (MFA_REQUIRED_FOR_STAFF); anyone else may. /admin/login/ hands over to this login (maas/urls.py).
 MFA_SUPPORTED_TYPES = ["totp", "recovery_codes"]
