@@ -244,12 +244,14 @@ class DailyUsageQuerySet(models.QuerySet):
 
 
 class DailyUsage(TenantOwned):
-    """Usage of one UTC day per organization, model and API key, rebuilt from UsageRecord by the roll-up task."""
+    """Usage of one UTC day per organization, model, API key and source (API or playground), rebuilt from
+    UsageRecord by the roll-up task."""
 
     organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="daily_usage")
     day = models.DateField()
     model_name = models.CharField(max_length=128)
     api_key = models.ForeignKey(APIKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    source = models.CharField(max_length=16, choices=UsageSource.choices, default=UsageSource.API)
     requests = models.PositiveIntegerField(default=0)
     failed_requests = models.PositiveIntegerField(default=0)
     prompt_tokens = models.BigIntegerField(default=0)
@@ -265,7 +267,8 @@ class DailyUsage(TenantOwned):
         verbose_name_plural = "daily usage"
         constraints = [
             models.UniqueConstraint(
-                fields=["organization", "day", "model_name", "api_key"], name="one_daily_usage_row", nulls_distinct=False
+                fields=["organization", "day", "model_name", "api_key", "source"], name="one_daily_usage_row",
+                nulls_distinct=False,
             )
         ]
 

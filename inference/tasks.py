@@ -34,7 +34,7 @@ def rollup_day(day: dt.date) -> int:
     start = dt.datetime.combine(day, dt.time.min, tzinfo=dt.UTC)
     groups = (
         UsageRecord.objects.filter(created_at__gte=start, created_at__lt=start + dt.timedelta(days=1))
-        .values("organization_id", "model_name", "api_key_id")
+        .values("organization_id", "model_name", "api_key_id", "source")
         .annotate(
             requests=Count("id"),
             failed_requests=Count("id", filter=~Q(status=UsageStatus.OK)),

@@ -13,7 +13,7 @@ from django.utils import timezone
 
 from accounts.models import Organization
 
-from .models import DailyUsage, UsageRecord, UsageStatus
+from .models import DailyUsage, UsageRecord, UsageSource, UsageStatus
 
 GROUPS = ("model", "key", "day")
 DEFAULT_DAYS = 30
@@ -85,7 +85,8 @@ def report(organization: Organization, period: Period, group_by: str) -> dict:
     elif group_by == "day":
         rows = [*records.values(group=F("day")).annotate(**sums), *rollups.values(group=F("day")).annotate(**rollup_sums)]
     else:
-        key_fields = {"group": F("api_key_id"), "key_name": F("api_key__name"), "key_id": F("api_key__public_id")}
+        key_fields = {"group": F("api_key_id"), "source_": F("source"), "key_name": F("api_key__name"),
+                      "key_id": F("api_key__public_id")}
         rows = [*records.values(**key_fields).annotate(**sums), *rollups.values(**key_fields).annotate(**rollup_sums)]
     data = [_row(group_by, row) for row in _merge(rows, group_by)]
     totals = {name: sum(r[name] for r in data) for name in
@@ -122,11 +123,11 @@ def _merge(rows: list[dict], group_by: str) -> list[dict]:
     """Add up rows of the same group (one from the raw records, one from the rollups), in report order."""
     merged: dict = {}
     for row in rows:
-        into = merged.setdefault(row["group"], {**row, **dict.fromkeys(SUMMED, 0)})
+        into = merged.setdefault((row["group"], row.get("source_")), {**row, **dict.fromkeys(SUMMED, 0)})
         for name in SUMMED:
             into[name] += row[name] or 0
     if group_by == "key":
-        return sorted(merged.values(), key=lambda r: (r["key_name"] is None, r["key_name"] or "", r["group"] or 0))
+        return sorted(merged.values(), key=lambda r: (r["key_name"] is None, r["key_name"] or "", r["group"] or 0, r["source_"]))
     return sorted(merged.values(), key=lambda r: r["group"])
 
 
@@ -137,9 +138,11 @@ def _row(group_by: str, row: dict) -> dict:
     elif group_by == "day":
         out["day"] = row["group"].isoformat()
     else:
+        playground = row["source_"] == UsageSource.PLAYGROUND
         out["api_key"] = {
             "id": f"sk-{row['key_id']}" if row["key_id"] else None,
-            "name": row["key_name"] or "(deleted key)",
+            "name": row["key_name"] or ("Playground" if playground else "(deleted key)"),
+            "source": row["source_"],
         }
     prompt, completion = row["prompt_tokens"] or 0, row["completion_tokens"] or 0
     out.update(

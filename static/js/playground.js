@@ -12,6 +12,7 @@
   var csrf = root.querySelector("input[name=csrfmiddlewaretoken]").value;
   var history = [];  // the conversation so far: {role, content}
   var controller = null;
+  var lastBody = null;  // the last request sent: "view code" shows it while the message box is empty
 
   function showError(message) {
     var box = $("pg-error");
@@ -101,6 +102,7 @@
     showError("");
     var body;
     try { body = buildBody(text); } catch (e) { showError(e.message); return; }
+    lastBody = body;
     addMessage("user", text);
     var output = addMessage("assistant", "");
     output.parentNode.classList.add("streaming");
@@ -209,9 +211,11 @@
   }
 
   function renderCode() {
-    var pending = $("pg-message").value.trim() || "Hello!";
-    var body;
-    try { body = buildBody(pending); } catch (e) { return; }
+    var pending = $("pg-message").value.trim();
+    var body = !pending && lastBody;
+    if (!body) {
+      try { body = buildBody(pending || "Hello!"); } catch (e) { return; }
+    }
     var code = snippets(body);
     $("code-curl").textContent = code.curl;
     $("code-python").textContent = code.python;
@@ -230,9 +234,10 @@
 
   $("pg-format").addEventListener("change", function () {
     $("pg-schema-field").hidden = this.value !== "json_schema";
+    lastBody = null;
     renderCode();
   });
-  $("playground-settings").addEventListener("input", renderCode);
+  $("playground-settings").addEventListener("input", function () { lastBody = null; renderCode(); });
   $("playground-settings").addEventListener("submit", function (event) { event.preventDefault(); });
   $("pg-message").addEventListener("input", renderCode);
   $("pg-compose").addEventListener("submit", function (event) {
@@ -248,6 +253,7 @@
   $("pg-stop").addEventListener("click", function () { if (controller) controller.abort(); });
   $("pg-clear").addEventListener("click", function () {
     history = [];
+    lastBody = null;
     $("pg-transcript").textContent = "";
     showError("");
     renderCode();

@@ -1,0 +1,177 @@
+"""Headless Chromium against a real gateway process (uvicorn, so answers stream) and the real engine
+(SmolLM2): sign up, confirm the email, redeem a code, see the model on the models page, chat in the
+playground (the answer grows token by token; Stop cuts a long one), and find the same numbers in usage.
+Screenshots of each page at desktop and phone width go to CONSOLE_SCREENSHOT_DIR (default /tmp/console-shots)."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import expect
+
+from accounts import codes
+from accounts.models import Membership
+from inference.models import UsageRecord, UsageSource, UsageStatus
+from tests.inference.conftest import add_model, engine_server, redis_clean, start_gateway  # noqa: F401  (fixtures)
+from tests.processes import stop
+
+from . import test_browser
+from .console_helpers import *  # noqa: F403  (fixtures)
+
+browser_page = test_browser.browser_page
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.slow,
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.skipif(not Path(test_browser.CHROMIUM).exists(), reason="Chromium is installed by `make services`"),
+]
+
+SHOTS = Path(os.environ.get("CONSOLE_SCREENSHOT_DIR", "/tmp/console-shots"))
+DESKTOP, PHONE = {"width": 1280, "height": 900}, {"width": 390, "height": 844}
+WATCH = """
+window.__csp = [];
+document.addEventListener('securitypolicyviolation', e => window.__csp.push(e.violatedDirective + ' ' + e.blockedURI));
+"""
+# Every text the assistant's turn shows while it streams, in order.
+RECORD_GROWTH = """
+window.__growth = [];
+new MutationObserver(() => {
+  const turns = document.querySelectorAll('#pg-transcript .turn-assistant .turn-content');
+  if (turns.length) window.__growth.push(turns[turns.length - 1].textContent);
+}).observe(document.getElementById('pg-transcript'), {subtree: true, childList: true, characterData: true});
+"""
+
+
+@pytest.fixture
+def console(django_db_setup, redis_clean, tmp_path):  # noqa: F811
+    """The whole platform in one uvicorn process, mail written to files the test reads."""
+    mail_dir = tmp_path / "mail"
+    url, process = start_gateway(EMAIL_BACKEND="django.core.mail.backends.filebased.EmailBackend",
+                                 EMAIL_FILE_PATH=str(mail_dir))
+    # localhost, not 127.0.0.1: a secure context for the browser, so Secure cookies are kept over http.
+    yield url.replace("127.0.0.1", "localhost"), mail_dir
+    stop(process)
+
+
+def shoot(page, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    for label, size in (("desktop", DESKTOP), ("phone", PHONE)):
+        page.set_viewport_size(size)
+        page.screenshot(path=str(SHOTS / f"{name}-{label}.png"), full_page=True)
+    page.set_viewport_size(DESKTOP)
+
+
+def confirmation_link(mail_dir: Path, timeout: float = 30) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for message in sorted(mail_dir.glob("*")) if mail_dir.exists() else []:
+            found = re.search(r"https?://\S+/accounts/confirm-email/\S+/", message.read_text())
+            if found:
+                return found.group(0)
+        time.sleep(0.1)
+    raise AssertionError("no confirmation email")
+
+
+def test_sign_up_redeem_and_chat_in_the_playground(console, engine_server, browser_page):  # noqa: F811
+    try:
+        walk(console, engine_server, browser_page)
+    except BaseException:
+        print("URL:", browser_page.url)
+        print(browser_page.content()[:5000])
+        raise
+
+
+def walk(console, engine_url, page):
+    base, mail_dir = console
+    add_model("smollm2", engine_url, context_length=2048, description="SmolLM2 135M Instruct, for trying things.",
+              price_input_per_million=1, price_cached_input_per_million="0.5", price_output_per_million=4)
+    page.add_init_script(WATCH)
+    email, password = "player.one@example.com", "a-long-browser-password-77"
+
+    page.goto(f"{base}/accounts/signup/")
+    page.get_by_label("Email").fill(email)
+    page.locator("#id_password1").fill(password)
+    page.locator("#id_password2").fill(password)
+    page.get_by_role("button", name="Sign Up").click()
+    page.wait_for_url(re.compile(r"/accounts/confirm-email/$"))
+    page.goto(confirmation_link(mail_dir).replace("127.0.0.1", "localhost"))
+    page.get_by_role("button", name="Confirm").click()
+    page.wait_for_url(f"{base}/")
+    org = Membership.objects.get(user__email=email).organization
+
+    raw_code = codes.issue_codes(1, token_quota=50_000, validity_days=30, model_names=["smollm2"])[0].raw
+    page.get_by_role("link", name="Redeem code").click()
+    page.get_by_label("Authorization code").fill(raw_code)
+    page.get_by_role("button", name=re.compile("Redeem")).click()
+    page.get_by_text("Code redeemed").wait_for()
+
+    page.get_by_role("link", name="Models").click()
+    card = page.locator('[data-model="smollm2"]')
+    expect(card.locator(".status")).to_have_text("Up")
+    expect(card).to_contain_text("2,048 tokens")
+    expect(card.locator('[data-price="output"]')).to_have_text("4 per 1M tokens")
+    expect(card.locator('[data-price="cached_input"]')).to_have_text("0.5 per 1M tokens")
+    shoot(page, "models")
+
+    card.get_by_role("link", name="Try it in the playground").click()
+    expect(page.get_by_label("Model")).to_have_value("smollm2")
+    page.evaluate(RECORD_GROWTH)
+    page.get_by_label("System prompt").fill("You answer briefly.")
+    page.get_by_label("Temperature").fill("0")
+    page.get_by_label("Max tokens").fill("24")
+    page.get_by_label("Your message").fill("Count from 1 to 20, separated by spaces.")
+    page.get_by_role("button", name="Send").click()
+    expect(page.locator("#pg-status")).to_have_text(re.compile(r"^Done"), timeout=120_000)
+
+    growth = [text for text in page.evaluate("window.__growth") if text]
+    answer = page.locator("#pg-transcript .turn-assistant .turn-content").last.text_content()
+    assert answer and growth[-1] == answer
+    assert len(set(growth)) >= 3, growth  # it grew token by token, not all at once
+    assert all(later.startswith(earlier) for earlier, later in zip(growth, growth[1:], strict=False)), growth
+
+    request_id = page.locator("#pg-request-id").text_content()
+    record = UsageRecord.objects.get(request_id=request_id)
+    assert record.source == UsageSource.PLAYGROUND and record.api_key is None and record.organization == org
+    assert record.user.email == email and record.status == UsageStatus.OK and record.stream
+    assert page.locator("#pg-usage").text_content() == (
+        f"{record.prompt_tokens} prompt + {record.completion_tokens} completion = {record.total_tokens}")
+    assert re.fullmatch(r"\d+ ms", page.locator("#pg-ttft").text_content())
+    assert re.fullmatch(r"\d+ ms", page.locator("#pg-latency").text_content())
+
+    page.locator("#pg-code summary").click()
+    curl = page.locator("#code-curl").text_content()
+    assert f"curl {base}/v1/chat/completions" in curl and '"model": "smollm2"' in curl and "$MAAS_API_KEY" in curl
+    page.get_by_role("tab", name="Python").click()
+    python = page.locator("#code-python").text_content()
+    assert f'OpenAI(base_url="{base}/v1"' in python and 'model="smollm2"' in python and "sk-" not in python
+    page.get_by_role("tab", name="JavaScript").click()
+    assert "new OpenAI({ baseURL:" in page.locator("#code-javascript").text_content()
+    assert "Hello!" not in curl  # with the message box empty it shows the request just sent
+    shoot(page, "playground")
+
+    page.get_by_label("Max tokens").fill("600")
+    page.get_by_label("Your message").fill("Write a long story about a lighthouse keeper.")
+    page.get_by_role("button", name="Send").click()
+    expect(page.locator("#pg-transcript .turn-assistant .turn-content").last).not_to_have_text("", timeout=120_000)
+    page.get_by_role("button", name="Stop").click()
+    expect(page.locator("#pg-status")).to_have_text("Stopped")
+    deadline = time.monotonic() + 30
+    while not UsageRecord.objects.filter(status=UsageStatus.CLIENT_DISCONNECTED).exists():
+        assert time.monotonic() < deadline, "the stopped request was not recorded"
+        time.sleep(0.2)
+    stopped = UsageRecord.objects.get(status=UsageStatus.CLIENT_DISCONNECTED)
+    assert stopped.source == UsageSource.PLAYGROUND and 0 < stopped.completion_tokens < 600
+
+    page.get_by_role("link", name="Usage").click()
+    records = list(UsageRecord.objects.for_org(org))
+    assert len(records) == 2
+    totals = page.locator("#usage-totals").locator("xpath=..")
+    expect(totals).to_contain_text(f"{sum(r.completion_tokens for r in records):,}")
+    expect(totals).to_contain_text(f"{sum(r.prompt_tokens for r in records):,}")
+    shoot(page, "usage")
+    assert page.evaluate("window.__csp") == []
