@@ -68,3 +68,19 @@ def org_b(owner_b) -> Organization:
 def client_a(client, owner_a, org_a):
     client.force_login(owner_a)
     return client
+
+
+def start_console_gateway(**env: str):
+    """The gateway process (tests/inference/conftest.py) on this run's own Redis database (REDIS_URL),
+    flushed first: rate-limit buckets of another run (same organization ids) never leak in."""
+    import os
+
+    import redis
+
+    from tests.inference.conftest import start_gateway
+
+    url = os.environ["REDIS_URL"]
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    client.close()
+    return start_gateway(REDIS_URL=url, **env)

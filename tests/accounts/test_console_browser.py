@@ -16,11 +16,12 @@ from playwright.sync_api import expect
 from accounts import codes
 from accounts.models import Membership
 from inference.models import UsageRecord, UsageSource, UsageStatus
-from tests.inference.conftest import add_model, engine_server, redis_clean, start_gateway  # noqa: F401  (fixtures)
+from tests.inference.conftest import add_model, engine_server  # noqa: F401  (fixture)
 from tests.processes import stop
 
 from . import test_browser
 from .console_helpers import *  # noqa: F403  (fixtures)
+from .console_helpers import start_console_gateway
 
 browser_page = test_browser.browser_page
 
@@ -48,10 +49,10 @@ new MutationObserver(() => {
 
 
 @pytest.fixture
-def console(django_db_setup, redis_clean, tmp_path):  # noqa: F811
+def console(django_db_setup, tmp_path):
     """The whole platform in one uvicorn process, mail written to files the test reads."""
     mail_dir = tmp_path / "mail"
-    url, process = start_gateway(EMAIL_BACKEND="django.core.mail.backends.filebased.EmailBackend",
+    url, process = start_console_gateway(EMAIL_BACKEND="django.core.mail.backends.filebased.EmailBackend",
                                  EMAIL_FILE_PATH=str(mail_dir))
     # localhost, not 127.0.0.1: a secure context for the browser, so Secure cookies are kept over http.
     yield url.replace("127.0.0.1", "localhost"), mail_dir

@@ -14,11 +14,11 @@ from accounts.codes import issue_codes, redeem
 from accounts.models import APIKey
 from inference.catalog import catalog, check_deployments
 from inference.models import AIModel, Deployment, Visibility
-from tests.inference.conftest import redis_clean, start_gateway, start_stub_upstream  # noqa: F401  (fixture)
+from tests.inference.conftest import start_stub_upstream
 from tests.processes import stop
 
 from .console_helpers import *  # noqa: F403  (fixtures)
-from .console_helpers import make_org, make_user
+from .console_helpers import make_org, make_user, start_console_gateway
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -34,8 +34,8 @@ def replicas():
 
 
 @pytest.fixture
-def gateway_url(django_db_setup, redis_clean):  # noqa: F811
-    url, process = start_gateway()
+def gateway_url(django_db_setup):
+    url, process = start_console_gateway()
     yield url
     stop(process)
 

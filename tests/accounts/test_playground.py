@@ -15,11 +15,11 @@ from accounts.codes import issue_codes, redeem
 from accounts.models import APIKey, Entitlement
 from inference.catalog import catalog
 from inference.models import AIModel, Deployment, Reservation, UsageRecord, UsageSource
-from tests.inference.conftest import redis_clean, start_gateway, stub_upstream  # noqa: F401  (fixtures)
+from tests.inference.conftest import stub_upstream  # noqa: F401  (fixture)
 from tests.processes import stop
 
 from .console_helpers import *  # noqa: F403  (fixtures)
-from .console_helpers import make_org, make_user
+from .console_helpers import make_org, make_user, start_console_gateway
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -32,8 +32,8 @@ NOT_STREAMED = {k: v for k, v in BODY.items() if k not in ("stream", "stream_opt
 
 
 @pytest.fixture(scope="module")
-def gateway_url(django_db_setup, redis_clean):  # noqa: F811
-    url, process = start_gateway()
+def gateway_url(django_db_setup):
+    url, process = start_console_gateway()
     yield url
     stop(process)
 
@@ -122,13 +122,16 @@ def test_playground_answers_openai_errors_for_bad_bodies_and_unknown_models(gate
     assert not UsageRecord.objects.exists()
 
 
-def test_playground_is_held_to_the_organizations_quota_and_rate_limit(gateway_url, member):
-    _, org, entitlement, sessionid = member
+def test_playground_is_held_to_the_organizations_quota(gateway_url, member):
+    _, _, entitlement, sessionid = member
     Entitlement.objects.filter(pk=entitlement.pk).update(token_quota=10)
     over = httpx.post(f"{gateway_url}{PLAYGROUND}", headers=session_headers(sessionid), json=BODY)
     assert over.status_code == 429 and over.json()["error"]["type"] == "insufficient_quota"
+    assert not UsageRecord.objects.exists()
 
-    Entitlement.objects.filter(pk=entitlement.pk).update(token_quota=None)
+
+def test_playground_is_held_to_the_organizations_rate_limit(gateway_url, member):
+    _, org, _, sessionid = member
     org.requests_per_minute = 1
     org.save(update_fields=["requests_per_minute"])
     first = httpx.post(f"{gateway_url}{PLAYGROUND}", headers=session_headers(sessionid), json=NOT_STREAMED)
