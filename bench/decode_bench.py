@@ -70,7 +70,7 @@ def run_engine(runner: ModelRunner, prompts: list[list[int]], max_tokens: int, w
         batch = scheduler.schedule()
         decode = all(n == 1 for n in batch.num_new_tokens)
         t0 = time.perf_counter()
-        seqs, result = runner.run(batch)  # result.token_ids came to the host: the step is done
+        seqs, result, _ = runner.run(batch)  # result.token_ids came to the host: the step is done
         elapsed = time.perf_counter() - t0
         sampled = {} if result is None else {s.seq_id: t for s, t in zip(seqs, result.token_ids, strict=True)}
         scheduler.update(batch, sampled)

@@ -31,6 +31,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]]  # (token id, logprob), most likely first
+    rank: int | None = None  # of token_id in its distribution, 1 = most likely (prompt logprobs)
 
 
 @dataclass
@@ -58,6 +59,9 @@ class RequestOutput:
     finish_time: float | None = None
     first_scheduled_time: float | None = None
     error: str | None = None  # the request failed inside the engine (finished, answers 500)
+    # With SamplingParams.prompt_logprobs, on the output of the first generated token: one entry per
+    # prompt token, None for the first (nothing precedes it)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class Request:
@@ -198,9 +202,12 @@ class LLMEngine:
         batch = scheduler.schedule()
         if not batch:
             return []
-        sampling, result = self.runner.run(batch)
+        sampling, result, prompt_failures = self.runner.run(batch)
         sampled: dict[int, int] = {}
         failures: dict[str, BaseException] = {}
+        for seq in batch.seqs:
+            if seq.seq_id in prompt_failures:
+                failures.setdefault(seq.request_id, prompt_failures[seq.seq_id])
         if result is not None:
             for seq, token, error in zip(sampling, result.token_ids, result.errors, strict=True):
                 if error is None:
@@ -228,6 +235,9 @@ class LLMEngine:
                     arrival_time=request.arrival_time, first_token_time=request.first_token_time,
                     first_scheduled_time=request.seqs[0].first_scheduled_time)
             out.outputs.append(delta)
+            if seq.prompt_logprobs is not None and seq.num_output_tokens == 1:
+                out.prompt_logprobs = [None] + [TokenLogprob(token, logprob, top, rank) for token, (logprob, rank, top)
+                                                in zip(request.prompt_token_ids[1:], seq.prompt_logprobs, strict=True)]
         for request_id, exc in failures.items():
             outputs[request_id] = self._fail(request_id, exc, now)
         for out in outputs.values():
@@ -343,6 +353,7 @@ class LLM:
                     merged.outputs = _merge(merged.outputs, out.outputs)
                     merged.finished, merged.finish_time = out.finished, out.finish_time
                     merged.num_output_tokens = out.num_output_tokens
+                    merged.prompt_logprobs = merged.prompt_logprobs or out.prompt_logprobs
         for request_id in ids:
             results[request_id].outputs.sort(key=lambda d: d.index)
         return [results[i] for i in ids]

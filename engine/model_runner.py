@@ -274,13 +274,16 @@ class ModelRunner:
         return longs[:t], longs[t : 2 * t], attn
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], SampleResult | None]:
-        """One forward pass over the batch; samples for the sequences whose chunk ends their tokens."""
+    def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], SampleResult | None, dict[int, BaseException]]:
+        """One forward pass over the batch; samples for the sequences whose chunk ends their tokens.
+        Also records prompt logprobs (`prompt_logprobs`); the third value maps the seq_id of a sequence
+        whose prompt logprobs failed to the error (its request fails alone)."""
         input_ids, positions, attn = self.prepare(batch)
         if self.graphs is not None and self.graphs.bucket_for(attn) is not None:
             hidden = self.graphs.run(input_ids, positions, attn)
         else:
             hidden = self.model(input_ids, positions, self.kv_caches, attn)
+        failures = self.prompt_logprobs(batch, hidden) if any(s.wants_prompt_logprobs for s in batch.seqs) else {}
         rows, sampling = [], []
         end = 0
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
@@ -289,10 +292,54 @@ class ModelRunner:
                 rows.append(end - 1)
                 sampling.append(seq)
         if not sampling:
-            return [], None
+            return [], None, failures
         last = hidden if len(rows) == hidden.shape[0] else hidden[torch.tensor(rows, device=hidden.device)]
         logits = self.model.compute_logits(last).float()
-        return sampling, self.sample(logits, sampling)
+        return sampling, self.sample(logits, sampling), failures
+
+    def prompt_logprobs(self, batch: ScheduledBatch, hidden: torch.Tensor) -> dict[int, BaseException]:
+        """Append, to each sequence that wants them, the logprobs of the prompt tokens its chunk predicts:
+        the row at position p gives the distribution of token p + 1 (the last prompt position's row is
+        the first generated token's, sampled as usual). Positions already recorded (a chunk recomputed
+        after preemption) are skipped; such a sequence never takes prefix-cache hits, so no position is
+        skipped unseen. Returns {seq_id: error} for the sequences whose computation failed."""
+        failures: dict[int, BaseException] = {}
+        first_row = 0
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            row, first_row = first_row, first_row + n
+            if not seq.wants_prompt_logprobs:
+                continue
+            start = seq.num_computed_tokens
+            lo, hi = max(start, len(seq.prompt_logprobs)), min(start + n, seq.num_prompt_tokens - 1)
+            if lo >= hi:
+                continue
+            try:
+                seq.prompt_logprobs.extend(self._token_logprobs(
+                    hidden[row + lo - start:row + hi - start], seq.token_ids[lo + 1:hi + 1], seq.params.prompt_logprobs))
+            except Exception as exc:  # noqa: BLE001 - this sequence's request fails alone
+                if is_fatal(exc):
+                    raise
+                failures[seq.seq_id] = exc
+        return failures
+
+    def _token_logprobs(self, hidden: torch.Tensor, targets: list[int], k: int,
+                        rows_per_pass: int = 256) -> list[tuple[float, int, list[tuple[int, float]]]]:
+        """(logprob, rank, top k alternatives) of each target token under its row's distribution, a few
+        hundred rows at a time so a long prompt never holds a [prompt, vocabulary] tensor."""
+        out = []
+        for i in range(0, len(targets), rows_per_pass):
+            logprobs = self.model.compute_logits(hidden[i:i + rows_per_pass]).float().log_softmax(-1)
+            target = torch.tensor(targets[i:i + rows_per_pass], dtype=torch.long, device=logprobs.device)
+            chosen = logprobs.gather(1, target.unsqueeze(1))
+            ranks = (logprobs > chosen).sum(-1) + 1
+            if k:
+                top = logprobs.topk(k)
+                alternatives = [list(zip(ids, vals, strict=True))
+                                for ids, vals in zip(top.indices.tolist(), top.values.tolist(), strict=True)]
+            else:
+                alternatives = [[] for _ in range(len(target))]
+            out.extend(zip(chosen.squeeze(1).tolist(), ranks.tolist(), alternatives, strict=True))
+        return out
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
         """The batch's tokens; `errors[i]` is set for a row whose sampling failed (that request fails alone).

@@ -69,6 +69,7 @@ class _Ranges(BaseModel):
     include_stop_str_in_output: bool
     logprobs: bool
     top_logprobs: TopLogprobs
+    prompt_logprobs: TopLogprobs | None
     skip_special_tokens: bool
     logit_bias: Annotated[dict[TokenId, LogitBias], Field(max_length=MAX_TOKEN_LIST)]
     guide: Guide | None
@@ -99,6 +100,9 @@ class SamplingParams:
     include_stop_str_in_output: bool = False  # a matched stop string stays at the end of the text
     logprobs: bool = False
     top_logprobs: int = 0
+    # Logprobs of the prompt's own tokens with this many alternatives each (None: not computed). The
+    # prompt is then computed in full once (no prefix-cache hit for the first choice).
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (-100..100)
     guide: Guide | None = None  # a grammar the output must match (structured outputs, forced tool calls)

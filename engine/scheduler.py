@@ -83,7 +83,8 @@ class Scheduler:
             return batch
         while self.waiting and budget > 0 and len(running) < self.max_num_seqs:
             seq = self.waiting[0]
-            cached = bm.find_cached_blocks(seq) if seq.num_computed_tokens == 0 else []
+            lookup = seq.num_computed_tokens == 0 and not seq.wants_prompt_logprobs
+            cached = bm.find_cached_blocks(seq) if lookup else []
             n = min(seq.num_tokens - len(cached) * bm.block_size, budget)
             if not bm.can_allocate(seq, n, cached):
                 bm.prefix_queries -= seq.num_tokens  # not admitted: don't count the lookup

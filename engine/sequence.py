@@ -24,7 +24,7 @@ class Sequence:
         "seq_id", "request_id", "index", "token_ids", "num_prompt_tokens", "num_computed_tokens",
         "num_cached_tokens", "block_table", "block_hashes", "status", "params", "cache_salt",
         "finish_reason", "arrival_time", "first_scheduled_time", "first_token_time", "generator", "max_tokens",
-        "num_registered_blocks", "grammar", "min_tokens_stop_ids",
+        "num_registered_blocks", "grammar", "min_tokens_stop_ids", "prompt_logprobs",
     )
 
     def __init__(
@@ -59,6 +59,9 @@ class Sequence:
         self.max_tokens = max_tokens
         self.grammar = None  # llguidance matcher when the output is constrained (engine.structured)
         self.min_tokens_stop_ids: tuple[int, ...] = ()  # masked while fewer than params.min_tokens are out
+        # With params.prompt_logprobs, on choice 0: entry i is the logprob of prompt token i + 1 (the model
+        # runner appends them as prefill chunks are computed)
+        self.prompt_logprobs: list | None = [] if params.prompt_logprobs is not None and index == 0 else None
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -74,6 +77,11 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Prompt logprobs still to compute: its prefill must run in full, without prefix-cache hits."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens - 1
 
     @property
     def is_finished(self) -> bool:
