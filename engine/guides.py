@@ -1,8 +1,10 @@
 """Grammars for constrained decoding, as llguidance Lark text (no torch, no llguidance: the gateway imports
 this through `engine.schema`).
 
-A `Guide` says what the whole output must match: one JSON value for `response_format`, or the tool-call
-blocks of the default tool format (`engine.tools`) for `tool_choice` "required" or a named function.
+A `Guide` says what the whole output must match: one JSON value for `response_format`, the tool-call
+blocks of the default tool format (`engine.tools`) for `tool_choice` "required" or a named function, or
+what vLLM's `guided_*` / `structured_outputs` fields ask for (a JSON schema, a regular expression, one of
+a list of strings, a Lark grammar).
 The engine compiles it (`engine.structured`) once per distinct grammar and masks each constrained row of
 the batch with it. JSON is generated with `", "` and `": "` separators and no other whitespace, so a weak
 model cannot wander off into endless newlines inside a value.
@@ -42,6 +44,31 @@ def _literal(text: str) -> str:
 def json_guide(schema: dict | None, param: str = "response_format") -> Guide:
     """The output is one JSON value matching `schema` (None: any JSON object, i.e. json_object)."""
     return Guide(f"start: {_json(schema if schema is not None else ANY_OBJECT)}\n", param)
+
+
+def regex_guide(pattern: str, param: str = "guided_regex") -> Guide:
+    """The output matches the regular expression (llguidance's syntax: Rust regex, no look-around or
+    back-references), as a Lark regex token: unescaped slashes and raw line breaks are escaped."""
+    escaped, i = [], 0
+    while i < len(pattern):
+        char = pattern[i]
+        if char == "\\" and i + 1 < len(pattern):
+            escaped.append(pattern[i:i + 2])
+            i += 2
+            continue
+        escaped.append({"/": "\\/", "\n": "\\n", "\r": "\\r"}.get(char, char))
+        i += 1
+    return Guide(f"start: /{''.join(escaped)}/\n", param)
+
+
+def choice_guide(choices: list[str], param: str = "guided_choice") -> Guide:
+    """The output is exactly one of `choices`."""
+    return Guide("start: " + " | ".join(_literal(c) for c in choices) + "\n", param)
+
+
+def grammar_guide(grammar: str, param: str = "guided_grammar") -> Guide:
+    """The output matches a grammar in llguidance's Lark syntax (which also embeds `%json {...}` schemas)."""
+    return Guide(grammar if grammar.endswith("\n") else grammar + "\n", param)
 
 
 def _tool_rules(functions: list[tuple[str, dict | None]]) -> list[str]:

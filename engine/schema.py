@@ -16,12 +16,13 @@ This module imports neither torch nor Django.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
 from pydantic_core import from_json
 
-from engine.guides import Guide, json_guide, tool_calls_guide
+from engine.guides import Guide, choice_guide, grammar_guide, json_guide, regex_guide, tool_calls_guide
 from engine.sampling_params import (
     MAX_TOKEN_LIST,
     Choices,
@@ -50,6 +51,8 @@ TOOL_CALL_WRAPPING = '<tool_call>\n{"name": "", "arguments": }\n</tool_call>\n'
 TOOL_RESPONSE_WRAPPING = "<tool_response>\n\n</tool_response>"
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy completions endpoint
 MAX_CHOICES = 128  # n x the number of prompts of one completions request (one sequence each)
+MAX_GUIDE_LENGTH = 65536  # characters of a guided_regex / guided_grammar / guided_json text
+MAX_GUIDED_CHOICES = 1024
 # How tools reach the prompt (`engine.tools`): "auto" uses the chat template when it supports tools and
 # the default Hermes-style format otherwise; "hermes" always uses the default format.
 TOOL_FORMATS = ("auto", "hermes")
@@ -212,6 +215,22 @@ class Message(_Strict):
         return sum(len(v.encode()) for v in fields if v) + calls + wrapping
 
 
+GuideText = Annotated[str, Field(min_length=1, max_length=MAX_GUIDE_LENGTH)]
+GuidedJSON = dict[str, Any] | GuideText  # a JSON schema, or its JSON text (vLLM accepts both)
+GuidedChoice = Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=MAX_GUIDED_CHOICES)]
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's `structured_outputs` object: one of a JSON schema, a regular expression, a choice among
+    strings, a Lark grammar (llguidance's dialect) or any JSON object."""
+
+    json_: GuidedJSON | None = Field(None, alias="json")
+    regex: GuideText | None = None
+    choice: GuidedChoice | None = None
+    grammar: GuideText | None = None
+    json_object: bool | None = None
+
+
 class StreamOptions(_Strict):
     include_usage: bool | None = None
     include_obfuscation: bool | None = None  # we add no obfuscation field either way
@@ -252,6 +271,13 @@ class _GenerationRequest(_Strict):
     include_stop_str_in_output: bool | None = None
     stop_token_ids: TokenIdList | None = None
     skip_special_tokens: bool | None = None
+    prompt_logprobs: TopLogprobs | None = None  # logprobs of the prompt's tokens, with this many alternatives
+    # Output constraints as vLLM names them (the same machinery as response_format; one constraint at most)
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: GuidedJSON | None = None
+    guided_regex: GuideText | None = None
+    guided_choice: GuidedChoice | None = None
+    guided_grammar: GuideText | None = None
     cache_salt: Annotated[str, Field(min_length=1)] | None = None  # set by the gateway per organization
 
     @property
@@ -277,6 +303,39 @@ class _GenerationRequest(_Strict):
         if self.min_tokens and self.max_completion is not None and self.min_tokens > self.max_completion:
             raise RequestError(f"'min_tokens' ({self.min_tokens}) must be at most the maximum number of tokens to "
                                f"generate ({self.max_completion}).", "min_tokens")
+        if self.prompt_logprobs is not None and self.stream:
+            raise RequestError("'prompt_logprobs' is not available with 'stream': ask for a non-streamed answer.",
+                               "prompt_logprobs")
+        self.guided()  # refuses conflicting or malformed constraints here, as a 400
+
+    def guided(self) -> Guide | None:
+        """The guide of vLLM's `guided_*` / `structured_outputs` fields: at most one of them, and not
+        together with a JSON `response_format`."""
+        options = [("guided_json", self.guided_json), ("guided_regex", self.guided_regex),
+                   ("guided_choice", self.guided_choice), ("guided_grammar", self.guided_grammar)]
+        so = self.structured_outputs
+        if so is not None:
+            options += [("structured_outputs.json", so.json_), ("structured_outputs.regex", so.regex),
+                        ("structured_outputs.choice", so.choice), ("structured_outputs.grammar", so.grammar),
+                        ("structured_outputs.json_object", so.json_object or None)]
+        given = [(param, value) for param, value in options if value is not None]
+        if not given:
+            return None
+        if len(given) > 1 or self.answer_schema() is not False:
+            clash = given[1][0] if len(given) > 1 else "response_format"
+            raise RequestError(f"Only one output constraint may be given: '{given[0][0]}' cannot be combined with "
+                               f"'{clash}'.", clash)
+        param, value = given[0]
+        kind = param.rsplit(".", 1)[-1].removeprefix("guided_")
+        if kind == "json":
+            return json_guide(_schema_object(value, param), param)
+        if kind == "json_object":
+            return json_guide(None, param)
+        if kind == "regex":
+            return regex_guide(value, param)
+        if kind == "choice":
+            return choice_guide(value, param)
+        return grammar_guide(value, param)
 
     def answer_schema(self) -> dict | None | bool:
         """The JSON schema the answer must match: a dict, None for any JSON object, False for free text."""
@@ -287,7 +346,13 @@ class _GenerationRequest(_Strict):
 
     def guide(self) -> Guide | None:
         schema = self.answer_schema()
-        return None if schema is False else json_guide(schema)
+        if schema is False:
+            return self.guided()
+        return json_guide(schema)
+
+    def prompt_logprobs_wanted(self) -> int | None:
+        """How many alternatives the engine computes for each prompt token (None: no prompt logprobs)."""
+        return self.prompt_logprobs
 
     def sampling_params(self, defaults: dict | None = None, **extra) -> SamplingParams:
         """The engine's SamplingParams: the request's values over the model's generation defaults."""
@@ -300,7 +365,7 @@ class _GenerationRequest(_Strict):
             if value is not None:
                 kwargs[name] = value
         kwargs["max_tokens"] = self.max_completion
-        return SamplingParams(**kwargs, guide=self.guide(), **extra)
+        return SamplingParams(**kwargs, guide=self.guide(), prompt_logprobs=self.prompt_logprobs_wanted(), **extra)
 
 
 class ChatCompletionRequest(_GenerationRequest):
@@ -374,6 +439,10 @@ class ChatCompletionRequest(_GenerationRequest):
             if message.role == "tool" and message.tool_call_id is None:
                 raise RequestError(f"Missing required parameter: 'messages[{i}].tool_call_id'.",
                                    f"messages[{i}].tool_call_id", "missing_required_parameter")
+        guided = self.guided()
+        if guided is not None and self.tool_mode != "none":
+            raise RequestError(f"'{guided.param}' cannot be combined with 'tools' (a tool call is itself constrained "
+                               "output); use 'response_format' with tool_choice 'auto'.", guided.param)
         names = [t.function.name for t in self.tools or ()]
         if len(set(names)) != len(names):
             raise RequestError("Tool function names must be unique.", "tools")
@@ -422,6 +491,25 @@ class CompletionRequest(_GenerationRequest):
     def sampling_params(self, defaults: dict | None = None) -> SamplingParams:
         return super().sampling_params(defaults, logprobs=self.logprobs is not None,
                                        top_logprobs=self.logprobs or 0)
+
+    def prompt_logprobs_wanted(self) -> int | None:
+        """`prompt_logprobs`, or with `echo` and `logprobs` the echoed prompt's logprobs: the larger."""
+        echoed = self.logprobs if self.echo and self.logprobs is not None else None
+        wanted = [k for k in (self.prompt_logprobs, echoed) if k is not None]
+        return max(wanted) if wanted else None
+
+
+def _schema_object(value: dict | str, param: str) -> dict:
+    """A guided_json schema given as an object or as JSON text."""
+    if isinstance(value, dict):
+        return value
+    try:
+        schema = json.loads(value)
+    except ValueError as exc:
+        raise RequestError(f"'{param}' is not valid JSON: {exc}.", param) from None
+    if not isinstance(schema, dict):
+        raise RequestError(f"'{param}' must be a JSON schema object.", param)
+    return schema
 
 
 # -- /v1/embeddings ------------------------------------------------------------------------------

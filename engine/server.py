@@ -23,7 +23,7 @@ from starlette.routing import Route
 from engine import schema, telemetry, tools
 from engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError
 from engine.embedding_engine import EmbeddingEngine, EmbeddingOutput
-from engine.llm_engine import CompletionDelta, ContextLengthError, RequestOutput
+from engine.llm_engine import CompletionDelta, ContextLengthError, RequestOutput, TokenLogprob
 from engine.protocol import (
     APIError,
     ParsedEmbedding,
@@ -136,10 +136,46 @@ class OpenAIServer:
             text = self.token_text(lp.token_id)
             tokens.append(text)
             token_logprobs.append(lp.logprob)
-            top.append({self.token_text(t): v for t, v in lp.top})  # logprobs=0: {}; the spec allows no null
+            top.append(self._top_by_text(lp.top))  # logprobs=0: {}; the spec allows no null
             offsets.append(offset)
             offset += len(text)
         return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+    def _top_by_text(self, top: list[tuple[int, float]]) -> dict[str, float]:
+        """Alternatives keyed by their text, as the completions API has them; where two tokens read the same
+        (byte tokens of one character), the more likely one's value stays."""
+        out: dict[str, float] = {}
+        for token_id, logprob in top:
+            out.setdefault(self.token_text(token_id), logprob)
+        return out
+
+    def _echo_logprobs(self, entries: list[TokenLogprob | None], ids: list[int], k: int) -> dict:
+        """The echoed prompt's part of a completion's logprobs. The spec allows no null, so the arrays start
+        at the prompt's second token (the first has no logprob: nothing precedes it); `text_offset` says
+        where each token starts in the echoed text."""
+        tokens, token_logprobs, top, offsets = [], [], [], []
+        offset = len(self.token_text(ids[0]))
+        for entry in entries[1:]:
+            text = self.token_text(entry.token_id)
+            tokens.append(text)
+            token_logprobs.append(entry.logprob)
+            top.append(self._top_by_text(entry.top[:k]))
+            offsets.append(offset)
+            offset += len(text)
+        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+    def _prompt_logprobs(self, entries: list[TokenLogprob | None] | None, k: int) -> list | None:
+        """vLLM's `prompt_logprobs`: per prompt token (None for the first) its logprob, rank and decoded text,
+        and the same for its k most likely alternatives, keyed by token id."""
+        if entries is None:
+            return None
+
+        def entry(token_id: int, logprob: float, rank: int) -> dict:
+            return {"logprob": logprob, "rank": rank, "decoded_token": self.token_text(token_id)}
+
+        return [None] + [{str(e.token_id): entry(e.token_id, e.logprob, e.rank),
+                          **{str(t): entry(t, v, r) for r, (t, v) in enumerate(e.top[:k], 1) if t != e.token_id}}
+                         for e in entries[1:]]
 
     # -- endpoints ------------------------------------------------------------------------------
     def _model_object(self) -> dict:
@@ -321,7 +357,7 @@ class OpenAIServer:
                       created: int, chat: bool, ids: list[list[int]], caller_request_id: str | None) -> dict:
         """The whole (non-streamed) response body; several prompts' choices indexed prompt-major (OpenAI's
         `index = prompt_i * n + choice_j`)."""
-        outs, choices = await self._collect(streams, parsed, ids)
+        outs, choices, prompt_logprobs = await self._collect(streams, parsed, ids)
         n = parsed.params.n
         for i, out in enumerate(outs):
             mine = choices[i * n:(i + 1) * n]
@@ -335,13 +371,28 @@ class OpenAIServer:
                     "choices": [{"index": c.index, "message": message, "logprobs": self._chat_logprobs(c),
                                  "finish_reason": finish_reason}
                                 for c, (message, finish_reason) in zip(choices, messages, strict=True)],
-                    "usage": self._usage(outs), "system_fingerprint": self.system_fingerprint}
+                    "usage": self._usage(outs), "system_fingerprint": self.system_fingerprint,
+                    **({"prompt_logprobs": self._prompt_logprobs(prompt_logprobs[0], parsed.prompt_logprobs)}
+                       if parsed.prompt_logprobs is not None else {})}
         echoed = [len(self._echo_text(parsed, i, ids)) for i in range(len(ids))]  # text_offset starts at `text`
         return {"id": request_id, "object": "text_completion", "created": created, "model": self.model_name,
                 "choices": [{"index": c.index, "text": c.text,
-                             "logprobs": self._completion_logprobs(c, echoed[c.index // n]),
-                             "finish_reason": c.finish_reason} for c in choices],
+                             "logprobs": self._choice_logprobs(parsed, c, echoed[c.index // n],
+                                                               prompt_logprobs[c.index // n], ids[c.index // n]),
+                             "finish_reason": c.finish_reason,
+                             **({"prompt_logprobs": self._prompt_logprobs(prompt_logprobs[c.index // n],
+                                                                          parsed.prompt_logprobs)}
+                                if parsed.prompt_logprobs is not None else {})} for c in choices],
                 "usage": self._usage(outs), "system_fingerprint": self.system_fingerprint}
+
+    def _choice_logprobs(self, parsed: ParsedRequest, c: CompletionDelta, offset: int,
+                         prompt_logprobs: list | None, ids: list[int]) -> dict | None:
+        """A completion choice's logprobs: with echo, the echoed prompt's tokens first."""
+        generated = self._completion_logprobs(c, offset)
+        if not (parsed.echo and generated is not None and prompt_logprobs is not None):
+            return generated
+        echoed = self._echo_logprobs(prompt_logprobs, ids, parsed.params.top_logprobs)
+        return {key: echoed[key] + generated[key] for key in generated}
 
     def _echo_text(self, parsed: ParsedRequest, i: int, ids: list[list[int]]) -> str:
         """With echo, prompt i's text (token id prompts decoded)."""
@@ -351,15 +402,18 @@ class OpenAIServer:
         return prompt if isinstance(prompt, str) else self.tokenizer.decode(ids[i])
 
     async def _collect(self, streams: list[AsyncIterator[RequestOutput]], parsed: ParsedRequest,
-                       ids: list[list[int]]) -> tuple[list[RequestOutput], list[CompletionDelta]]:
-        """Each prompt's last output and every choice in full, indexed prompt-major."""
+                       ids: list[list[int]]) -> tuple[list[RequestOutput], list[CompletionDelta], list]:
+        """Each prompt's last output, every choice in full (indexed prompt-major) and each prompt's prompt
+        logprobs (None unless asked for)."""
         n = parsed.params.n
         choices = [CompletionDelta(k, logprobs=[] if parsed.params.logprobs else None) for k in range(len(ids) * n)]
         for c in choices:
             c.text = self._echo_text(parsed, c.index // n, ids)
         outs: list = [None] * len(ids)
+        prompt_logprobs: list = [None] * len(ids)
         async for i, out in _merged(streams):
             outs[i] = out
+            prompt_logprobs[i] = out.prompt_logprobs or prompt_logprobs[i]
             for d in out.outputs:
                 c = choices[i * n + d.index]
                 c.text += d.text
@@ -367,7 +421,7 @@ class OpenAIServer:
                 if d.logprobs is not None:
                     c.logprobs += d.logprobs
                 c.finish_reason = d.finish_reason or c.finish_reason
-        return outs, choices
+        return outs, choices, prompt_logprobs
 
     async def _stream(self, streams, parsed: ParsedRequest, request_id: str, created: int, chat: bool,
                       ids: list[list[int]], caller_request_id: str | None = None) -> AsyncIterator[str]:
@@ -390,7 +444,9 @@ class OpenAIServer:
         if chat:
             yield chunk([{"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None} for k in range(choices_total)])
-        elif parsed.echo:
+        # echo with logprobs: each prompt's echo chunk waits for its logprobs (its first token's output)
+        echo_pending = set(range(len(ids))) if parsed.echo and parsed.params.logprobs else set()
+        if parsed.echo and not echo_pending:
             yield chunk([{"index": k, "text": echoes[k], "logprobs": None, "finish_reason": None}
                          for k in range(choices_total)])
         outs: list = [None] * len(ids)
@@ -401,6 +457,11 @@ class OpenAIServer:
         try:
             async for i, out in _merged(streams):
                 outs[i] = out
+                if i in echo_pending and out.prompt_logprobs is not None:
+                    echo_pending.discard(i)
+                    logprobs = self._echo_logprobs(out.prompt_logprobs, ids[i], parsed.params.top_logprobs)
+                    yield chunk([{"index": k, "text": echoes[k], "logprobs": logprobs, "finish_reason": None}
+                                 for k in range(i * n, (i + 1) * n)])
                 choices = []
                 for d in out.outputs:
                     k = i * n + d.index

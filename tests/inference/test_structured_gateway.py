@@ -88,3 +88,31 @@ def test_the_quota_hold_counts_tool_definitions_and_tool_calls_in_the_history():
         {"role": "tool", "tool_call_id": "call_1", "content": "cold"}]})
     assert tools.prompt_bound - plain.prompt_bound > len(json.dumps(WEATHER))
     assert history.prompt_bound - plain.prompt_bound > len(arguments) + len("cold")
+
+
+def test_vllm_guided_fields_and_prompt_logprobs_through_the_gateway(gateway, smollm2):
+    """The SDK's `extra_body` carries vLLM's fields; the gateway validates them with the engine's schema,
+    passes them on, and bills the answer like any other."""
+    tenant = make_tenant()
+    client = client_for(gateway, tenant.raw_key)
+    chosen = client.chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": "Is the sky blue?"}], max_tokens=8,
+        temperature=1.0, seed=5, extra_body={"guided_choice": ["yes", "no", "maybe"]})
+    assert chosen.choices[0].message.content in ("yes", "no", "maybe")
+    assert chosen.choices[0].finish_reason == "stop"
+    raw = client.completions.with_raw_response.create(
+        model="smollm2", prompt="The capital of France is", max_tokens=3, temperature=0, echo=True, logprobs=1,
+        extra_body={"prompt_logprobs": 1})
+    body = raw.http_response.json()
+    validate_response("/v1/completions", "post", 200, body)
+    choice = body["choices"][0]
+    prompt_tokens = body["usage"]["prompt_tokens"]
+    assert len(choice["prompt_logprobs"]) == prompt_tokens and choice["prompt_logprobs"][0] is None
+    assert len(choice["logprobs"]["tokens"]) == prompt_tokens - 1 + body["usage"]["completion_tokens"]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="smollm2", messages=ASK, max_tokens=4,
+                                       extra_body={"guided_regex": "a", "guided_choice": ["b"]})
+    assert refused.value.body["param"] == "guided_choice"
+    records = UsageRecord.objects.filter(organization=tenant.organization).order_by("id")
+    assert [r.prompt_tokens for r in records][1] == prompt_tokens
+    assert [r.completion_tokens for r in records] == [chosen.usage.completion_tokens, 3]
