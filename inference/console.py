@@ -9,9 +9,10 @@ from django.views.decorators.csrf import ensure_csrf_cookie
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from accounts.models import APIKey
 from accounts.tenancy import org_member_required
 
-from . import quotas
+from . import quotas, snippets
 from .usage import Period, ReportError, day_series, report
 from .views import model_object
 
@@ -109,3 +110,22 @@ def playground_page(request):
         "selected": wanted if wanted in ids else (ids[0] if ids else None),
         "base_url": api_base_url(request),
     })
+
+
+def quickstart_snippets(request, allowed_models: list[str] | None = None) -> dict:
+    """Base URL, model and snippets for the current organization: its first model (by name) that it may
+    call and, for a key with an allowlist, that the key may call too; None when there is none yet."""
+    names = [m["id"] for m in organization_models(request)]
+    if allowed_models:
+        names = [n for n in names if n in allowed_models]
+    model = names[0] if names else None
+    base_url = api_base_url(request)
+    return {"base_url": base_url, "model": model, "snippets": snippets.quickstart(base_url, model)}
+
+
+@org_member_required
+def quickstart_page(request):
+    """Get started: redeem a code, create a key, paste a snippet."""
+    context = quickstart_snippets(request)
+    context["has_key"] = APIKey.objects.for_org(request.organization).filter(revoked_at__isnull=True).exists()
+    return render(request, "inference/quickstart.html", context)

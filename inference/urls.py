@@ -13,4 +13,5 @@ urlpatterns = [
     path("usage/", console.usage_page, name="usage"),
     path("models/", console.models_page, name="models"),
     path("playground/", console.playground_page, name="playground"),
+    path("get-started/", console.quickstart_page, name="quickstart"),
 ]

@@ -35,6 +35,11 @@ def _keys_page(request, form, created=None, raw_key=None, status_code=200, rolle
         "keys": _org_keys(request), "form": form, "created": created, "raw_key": raw_key, "rolled": rolled,
         "submission": secrets.token_urlsafe(16), "grace_choices": GRACE_CHOICES,
     }
+    if raw_key:
+        # Imported here: the gateway app builds on accounts, not the reverse.
+        from inference.console import quickstart_snippets
+
+        context["quickstart"] = quickstart_snippets(request, created.allowed_models)
     response = render(request, "console/keys.html", context, status=status_code)
     if raw_key:
         response["Cache-Control"] = "no-store"

@@ -1,4 +1,4 @@
-/* Console behaviour, no dependencies: copy-to-clipboard for the one-time key reveal,
+/* Console behaviour, no dependencies: copy-to-clipboard for the one-time key reveal, tabs,
    confirmation before destructive forms. Everything works without it (forms still post). */
 (function () {
   "use strict";
@@ -29,6 +29,18 @@
 
   document.addEventListener("focusin", function (event) {
     if (event.target.matches && event.target.matches("[data-select-on-focus]")) event.target.select();
+  });
+
+  // Tabs: a [role=tab] shows the panel it controls and hides its siblings' panels.
+  document.addEventListener("click", function (event) {
+    var tab = event.target.closest("[role=tab]");
+    if (!tab) return;
+    tab.parentNode.querySelectorAll("[role=tab]").forEach(function (other) {
+      var selected = other === tab;
+      other.setAttribute("aria-selected", selected ? "true" : "false");
+      var panel = document.getElementById(other.getAttribute("aria-controls"));
+      if (panel) panel.hidden = !selected;
+    });
   });
 
   document.addEventListener("submit", function (event) {

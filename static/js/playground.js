@@ -222,16 +222,6 @@
     $("code-javascript").textContent = code.javascript;
   }
 
-  root.querySelectorAll("[role=tab]").forEach(function (tab) {
-    tab.addEventListener("click", function () {
-      root.querySelectorAll("[role=tab]").forEach(function (other) {
-        var selected = other === tab;
-        other.setAttribute("aria-selected", selected ? "true" : "false");
-        $(other.getAttribute("aria-controls")).hidden = !selected;
-      });
-    });
-  });
-
   $("pg-format").addEventListener("change", function () {
     $("pg-schema-field").hidden = this.value !== "json_schema";
     lastBody = null;

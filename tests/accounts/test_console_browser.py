@@ -111,7 +111,7 @@ def walk(console, engine_url, page):
     page.get_by_role("button", name=re.compile("Redeem")).click()
     page.get_by_text("Code redeemed").wait_for()
 
-    page.get_by_role("link", name="Models").click()
+    page.get_by_role("link", name="Models", exact=True).click()
     card = page.locator('[data-model="smollm2"]')
     expect(card.locator(".status")).to_have_text("Up")
     expect(card).to_contain_text("2,048 tokens")
@@ -119,6 +119,15 @@ def walk(console, engine_url, page):
     expect(card.locator('[data-price="cached_input"]')).to_have_text("0.5 per 1M tokens")
     shoot(page, "models")
 
+    page.get_by_role("link", name="Get started").click()
+    expect(page.locator("#qs-model")).to_have_text("smollm2")
+    expect(page.locator("#qs-base-url")).to_have_text(f"{base}/v1")
+    page.get_by_role("tab", name="Python").click()
+    expect(page.locator("#qs-python")).to_be_visible()
+    expect(page.locator("#qs-curl")).to_be_hidden()
+    shoot(page, "get-started")
+
+    page.get_by_role("link", name="Models", exact=True).click()
     card.get_by_role("link", name="Try it in the playground").click()
     expect(page.get_by_label("Model")).to_have_value("smollm2")
     page.evaluate(RECORD_GROWTH)
