@@ -10,6 +10,8 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
+from accounts import sso_config
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -71,6 +73,8 @@ INSTALLED_APPS = [
     "allauth",
     "allauth.account",
     "allauth.mfa",
+    "allauth.socialaccount",
+    "allauth.socialaccount.providers.openid_connect",
     "csp",
     "pgtrigger",
     "pghistory",
@@ -197,6 +201,20 @@ API_BASE_URL = os.environ.get("API_BASE_URL", "").rstrip("/")
 MFA_SUPPORTED_TYPES = ["totp", "recovery_codes"]
 MFA_TOTP_ISSUER = os.environ.get("MFA_TOTP_ISSUER", "MaaS")
 MFA_REQUIRED_FOR_STAFF = env_bool("MFA_REQUIRED_FOR_STAFF", default=True)
+# Single sign-on (OpenID Connect, allauth's generic provider; accounts/sso_config.py): off unless
+# SSO_OIDC_SERVER_URL and SSO_OIDC_CLIENT_ID are set. A provider-verified email that a local account
+# already has signs in to that account and connects it (SSO_EMAIL_AUTHENTICATION; a local account whose
+# address was never verified loses its password first, allauth's guard against pre-registration).
+# The second factor is still asked of users who have one; staff and organization MFA rules apply as is.
+SOCIALACCOUNT_PROVIDERS = sso_config.oidc_providers(os.environ)
+SOCIALACCOUNT_ADAPTER = "accounts.adapters.SocialAccountAdapter"
+SOCIALACCOUNT_EMAIL_REQUIRED = True
+SOCIALACCOUNT_AUTO_SIGNUP = True
+SOCIALACCOUNT_LOGIN_ON_GET = False  # "Continue" is a POST (CSRF), not a link any page can make you follow
+SOCIALACCOUNT_STORE_TOKENS = False
+SOCIALACCOUNT_EMAIL_AUTHENTICATION = env_bool("SSO_EMAIL_AUTHENTICATION", default=True)
+SOCIALACCOUNT_EMAIL_AUTHENTICATION_AUTO_CONNECT = SOCIALACCOUNT_EMAIL_AUTHENTICATION
+SSO_DOMAIN_ORGANIZATIONS = sso_config.domain_organizations(os.environ.get("SSO_DOMAIN_ORGANIZATIONS", ""))
 LOGIN_REDIRECT_URL = "/"
 LOGIN_URL = "account_login"
 ACCOUNT_LOGOUT_REDIRECT_URL = "account_login"
@@ -266,7 +284,7 @@ CONTENT_SECURITY_POLICY_DIRECTIVES = {
     "object-src": ["'none'"],
     "base-uri": ["'self'"],
     "frame-ancestors": ["'none'"],
-    "form-action": ["'self'"],
+    "form-action": ["'self'", *sso_config.provider_origins(SOCIALACCOUNT_PROVIDERS)],
 }
 if os.environ.get("CSP_REPORT_URI"):
     CONTENT_SECURITY_POLICY_DIRECTIVES["report-uri"] = os.environ["CSP_REPORT_URI"]
