@@ -272,7 +272,8 @@ SILENCED_SYSTEM_CHECKS = ["security.W005", "security.W021"]
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
 # Content-Security-Policy (django-csp) on every response: scripts, styles, fonts and images only from
-# this origin, no inline script, no plugins, no framing, forms post only here.
+# this origin, no inline script, no plugins, no framing, forms post only here (and to the SSO provider:
+# "Continue" posts here and is redirected there).
 # CSP_REPORT_URI: where browsers report violations (optional); CSP_REPORT_ONLY=1 to try a change first.
 CONTENT_SECURITY_POLICY_DIRECTIVES = {
     "default-src": ["'self'"],

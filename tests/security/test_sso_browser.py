@@ -183,3 +183,24 @@ def test_a_provider_refusing_the_code_exchange_shows_an_error_and_signs_nobody_i
     walk(browser_page, check)
     assert signed_in_as(browser_page, live_server) is None
     assert not User.objects.filter(email="alice@acme.example").exists()
+
+
+def test_without_email_authentication_a_local_accounts_email_is_not_taken_over(
+        live_server, browser_page, settings, oidc_provider, acme):  # noqa: F811
+    carol = make_user("carol@acme.example")
+    configure_sso(settings, oidc_provider.environment(SSO_EMAIL_AUTHENTICATION="0"))
+
+    """allauth neither signs in nor says the address is taken (no enumeration): the browser sees "verify
+    your email", the address's owner gets an "account already exists" mail."""
+
+    def check():
+        sso_sign_in(browser_page, live_server, "carol")
+        browser_page.wait_for_url(re.compile(r"/accounts/confirm-email/$"))
+
+    walk(browser_page, check)
+    notice = test_browser.wait_for_mail(1)
+    assert notice.to == [carol.email] and "already" in notice.subject.lower() + notice.body.lower()
+    assert signed_in_as(browser_page, live_server) is None
+    assert not SocialAccount.objects.exists() and User.objects.filter(email=carol.email).count() == 1
+    carol.refresh_from_db()
+    assert carol.has_usable_password()
