@@ -46,9 +46,9 @@ class DeploymentInline(admin.TabularInline):
 
 @admin.register(AIModel)
 class AIModelAdmin(admin.ModelAdmin):
-    list_display = ["name", "display_name", "context_length", "enabled", "visibility",
+    list_display = ["name", "display_name", "kind", "context_length", "enabled", "visibility",
                     "price_input_per_million", "price_cached_input_per_million", "price_output_per_million"]
-    list_filter = ["enabled", "visibility"]
+    list_filter = ["enabled", "visibility", "kind"]
     search_fields = ["name", "display_name", "description"]
     filter_horizontal = ["organizations"]
     inlines = [DeploymentInline]

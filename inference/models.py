@@ -29,6 +29,17 @@ class ToolFormat(models.TextChoices):
     HERMES = "hermes", "Hermes-style <tool_call> format"
 
 
+class ModelKind(models.TextChoices):
+    """What a model serves: generation (chat and legacy completions) or embeddings; the other endpoints are a 400."""
+
+    CHAT = "chat", "Chat and completions"
+    EMBEDDINGS = "embeddings", "Embeddings"
+
+
+# The /v1 endpoints each kind of model serves.
+KIND_ENDPOINTS = {ModelKind.CHAT: ("chat/completions", "completions"), ModelKind.EMBEDDINGS: ("embeddings",)}
+
+
 @audited()
 class AIModel(models.Model):
     """A model as clients see it: `name` is what they send in the `model` field."""
@@ -50,6 +61,10 @@ class AIModel(models.Model):
         max_length=16, choices=ToolFormat.choices, default=ToolFormat.AUTO,
         help_text="How tools reach the prompt; sent to the engine with every chat request.",
     )
+    kind = models.CharField(
+        max_length=16, choices=ModelKind.choices, default=ModelKind.CHAT,
+        help_text="Chat models serve /v1/chat/completions and /v1/completions; embeddings models /v1/embeddings.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -68,6 +83,15 @@ class AIModel(models.Model):
             "cached_input": _plain(self.price_cached_input_per_million),
             "output": _plain(self.price_output_per_million),
         }
+
+    def endpoint_refusal(self, endpoint: str) -> str | None:
+        """Why this model cannot serve /v1/`endpoint` (None when it can)."""
+        if endpoint in KIND_ENDPOINTS[ModelKind(self.kind)]:
+            return None
+        if self.kind == ModelKind.EMBEDDINGS:
+            return f"The model `{self.name}` is an embeddings model: it serves POST /v1/embeddings, not /v1/{endpoint}."
+        return (f"The model `{self.name}` does not serve embeddings: it is a generative model "
+                "(POST /v1/chat/completions, /v1/completions).")
 
     def cost(self, prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> Decimal:
         """Price of one request; cached prompt tokens are billed at the cached-input price."""

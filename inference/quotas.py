@@ -435,6 +435,9 @@ def _route(
     entry, entitlements = caller.resolve(inference.model)
     if labels is not None:
         labels["model"] = entry.model.name
+    refusal = entry.model.endpoint_refusal(inference.endpoint)
+    if refusal:
+        raise GatewayError(400, refusal, "invalid_request_error", "model_not_supported", "model")
     upstream = catalog.pick(entry)
     if upstream is None:
         raise service_unavailable(f"The model `{inference.model}` is temporarily unavailable: no healthy replica. Please retry.")

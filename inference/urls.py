@@ -7,6 +7,7 @@ urlpatterns = [
     path("v1/models/<path:model_id>", views.retrieve_model, name="v1-model"),
     path("v1/chat/completions", views.chat_completions, name="v1-chat-completions"),
     path("v1/completions", views.completions, name="v1-completions"),
+    path("v1/embeddings", views.embeddings, name="v1-embeddings"),
     re_path(r"^v1(?:/(?P<rest>.*))?$", views.unknown_path),
     path("playground/v1/chat/completions", views.playground_chat_completions, name="playground-chat-completions"),
     path("api/usage", console.UsageAPI.as_view(), name="api-usage"),

@@ -1,4 +1,5 @@
-"""Validation of /v1/chat/completions and /v1/completions bodies, and the token reservation each needs.
+"""Validation of /v1/chat/completions, /v1/completions and /v1/embeddings bodies, and the token
+reservation each needs.
 
 The fields, their types and ranges are the engine's request schema (`engine.schema`): the gateway and
 the engine server refuse exactly the same bodies, with the same 400 naming the field. What depends on
@@ -19,14 +20,14 @@ PER_MESSAGE_OVERHEAD_TOKENS = 8  # role markers and separators a chat template a
 
 @dataclass
 class InferenceRequest:
-    endpoint: str  # "chat/completions" or "completions"
+    endpoint: str  # "chat/completions", "completions" or "embeddings"
     body: dict[str, Any]
     model: str
     stream: bool
     include_usage: bool  # the client asked for the usage chunk
     prompt_bound: int  # safe upper bound on prompt tokens (before the template overhead)
     max_completion_tokens: int | None
-    n: int  # choices over all prompts (n x prompts on completions)
+    n: int  # choices over all prompts (n x prompts on completions; inputs on embeddings)
 
     def reservation(self, context_length: int, overhead: int) -> int:
         """Tokens to hold: prompt bound + n × max completion, never more than n × context length.
@@ -37,6 +38,8 @@ class InferenceRequest:
         ceiling = self.n * context_length
         if self.max_completion_tokens is None:
             return ceiling
+        if self.endpoint == "embeddings":
+            overhead = 0  # no template: the bound counts the special tokens already
         return min(self.prompt_bound + overhead + self.n * self.max_completion_tokens, ceiling)
 
 
@@ -63,3 +66,16 @@ def parse_completion(body: Any) -> InferenceRequest:
     prompt_bound = sum(len(p) if isinstance(p, list) else len(p.encode()) + 1 for p in prompts)
     return InferenceRequest("completions", body, request.model, bool(request.stream), request.include_usage,
                             prompt_bound, request.max_completion, (request.n or 1) * len(prompts))
+
+
+BERT_SPECIAL_TOKENS = 2  # [CLS] and [SEP]: what an encoder's tokenizer adds around each string input
+
+
+def parse_embedding(body: Any) -> InferenceRequest:
+    request = _validated(schema.parse_embedding, body)
+    # Each input's tokens: token ids as they are; a string at most one token per byte (WordPiece and
+    # byte-level BPE pieces each cover at least one byte) plus the special tokens around it. Nothing is
+    # generated (max completion 0), and no input may exceed the context: n x context bounds it too.
+    inputs = request.inputs()
+    prompt_bound = sum(len(x) if isinstance(x, list) else len(x.encode()) + BERT_SPECIAL_TOKENS for x in inputs)
+    return InferenceRequest("embeddings", body, request.model, False, False, prompt_bound, 0, len(inputs))

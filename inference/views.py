@@ -35,7 +35,7 @@ from .catalog import CatalogEntry, Upstream, catalog
 from .errors import GatewayError, error_response, invalid_api_key, service_unavailable
 from .models import UsageRecord, UsageStatus
 from .ratelimit import Decision, get_limiter
-from .validation import InferenceRequest, parse_chat, parse_completion
+from .validation import InferenceRequest, parse_chat, parse_completion, parse_embedding
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +140,8 @@ def model_object(entry: CatalogEntry) -> dict:
     console's models page shows: `display_name`, `description`, `pricing` and `status` (catalog.py)."""
     model = entry.model
     return {"id": model.name, "object": "model", "created": int(model.created_at.timestamp()), "owned_by": model.owned_by,
-            "max_model_len": model.context_length, "capabilities": dict(schema.CAPABILITIES),
+            "max_model_len": model.context_length,
+            "capabilities": dict(schema.EMBEDDING_CAPABILITIES if model.kind == "embeddings" else schema.CAPABILITIES),
             "tool_format": model.tool_format, "display_name": model.display_name or model.name,
             "description": model.description, "pricing": model.pricing, "status": entry.status}
 
@@ -189,6 +190,11 @@ async def session_credential(request: HttpRequest) -> quotas.SessionCredential:
     if organization is None:
         raise GatewayError(403, "You are not a member of any organization.", "permission_denied", "no_organization")
     return quotas.SessionCredential(user.pk, organization.pk)
+
+
+@openai_endpoint("POST")
+async def embeddings(request: HttpRequest) -> HttpResponse:
+    return await complete(request, parse_embedding)
 
 
 @csrf_exempt
@@ -253,7 +259,8 @@ class Forward:
     def payload(self) -> bytes:
         body = dict(self.inference.body)
         body["model"] = self.upstream.served_model_name
-        body["cache_salt"] = self.caller.organization.cache_salt
+        if self.inference.endpoint != "embeddings":  # nothing is cached across embedding requests
+            body["cache_salt"] = self.caller.organization.cache_salt
         if self.inference.endpoint == "chat/completions":
             body["tool_format"] = self.entry.model.tool_format  # the catalog decides how tools are prompted
         if self.inference.stream:

@@ -1,4 +1,5 @@
-"""`make run` end to end: runplatform on embedded defaults (SQLite, no Redis, no broker, SmolLM2),
+"""`make run` end to end: runplatform on embedded defaults (SQLite, no Redis, no broker, SmolLM2 and
+all-MiniLM-L6-v2),
 then the operator commands and the official openai client against what it printed."""
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ def manage(env: dict[str, str], *args: str) -> str:
 def test_runplatform_serves_chat_on_embedded_defaults_and_restarts_a_failed_engine(tmp_path):
     env = embedded_env(tmp_path)
     env["ENGINE_TEST_FAULT"] = "fatal-after:40"  # the engine breaks on its 40th step (the test hook)
-    port, engine_port = free_port(), free_port()
+    port, engine_port, embedding_port = free_port(), free_port(), free_port()
     process = subprocess.Popen(
-        [sys.executable, "manage.py", "runplatform", "--port", str(port), "--engine-port", str(engine_port)],
+        [sys.executable, "manage.py", "runplatform", "--port", str(port), "--engine-port", str(engine_port),
+         "--embedding-engine-port", str(embedding_port)],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     lines: list[str] = []
@@ -67,7 +69,10 @@ def test_runplatform_serves_chat_on_embedded_defaults_and_restarts_a_failed_engi
         key = re.search(r"sk-\S+", manage(env, "create_api_key", "--org", "tour", "--name", "tour")).group(0)
 
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
-        assert [m.id for m in client.models.list()] == ["smollm2-135m-instruct"]
+        assert [m.id for m in client.models.list()] == ["all-minilm-l6-v2", "smollm2-135m-instruct"]
+        assert f"embeddings http://127.0.0.1:{embedding_port}" in output
+        vectors = client.embeddings.create(model="all-minilm-l6-v2", input=["Paris", "the capital of France"])
+        assert [len(d.embedding) for d in vectors.data] == [384, 384] and vectors.usage.prompt_tokens > 4
         reply = client.chat.completions.create(
             model="smollm2-135m-instruct", temperature=0, max_tokens=12,
             messages=[{"role": "user", "content": "What is the capital of France?"}],

@@ -135,3 +135,17 @@ def engine_server():
                                 "--max-model-len", "2048", "--log-level", "warning", "--keepalive-interval", "0.5")
     yield url
     stop(process)
+
+
+EMBEDDING_MODEL = "all-minilm-l6-v2"
+
+
+@pytest.fixture(scope="session")
+def embedding_server():
+    """`python -m engine serve` on the all-MiniLM-L6-v2 demo directory, serving it as `all-minilm-l6-v2`."""
+    from engine.loader.encoder import demo_embedding_model_path
+
+    process, url = start_engine(demo_embedding_model_path(), "--served-model-name", EMBEDDING_MODEL,
+                                "--threads", "1", "--log-level", "warning")
+    yield url
+    stop(process)

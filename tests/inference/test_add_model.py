@@ -51,3 +51,17 @@ def test_tool_format_is_set_from_the_command_line():
     assert AIModel.objects.get(name="plain").tool_format == "auto"
     with pytest.raises(CommandError):
         call_command("add_model", "bad", "--engine-url", "http://127.0.0.1:8001", "--tool-format", "xml")
+
+
+def test_kind_is_set_from_the_command_line_and_decides_the_endpoints():
+    call_command("add_model", "minilm", "--engine-url", "http://127.0.0.1:8101", "--kind", "embeddings")
+    model = AIModel.objects.get(name="minilm")
+    assert model.kind == "embeddings"
+    assert model.endpoint_refusal("embeddings") is None
+    assert "/v1/embeddings" in model.endpoint_refusal("chat/completions")
+    call_command("add_model", "chat", "--engine-url", "http://127.0.0.1:8100")
+    chat = AIModel.objects.get(name="chat")
+    assert chat.kind == "chat" and chat.endpoint_refusal("completions") is None
+    assert "does not serve embeddings" in chat.endpoint_refusal("embeddings")
+    with pytest.raises(CommandError):
+        call_command("add_model", "x", "--engine-url", "http://127.0.0.1:8100", "--kind", "rerank")

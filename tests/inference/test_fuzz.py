@@ -196,3 +196,77 @@ def test_raw_bodies_are_400s_never_5xx_and_the_same_from_both(targets, endpoint)
         for raw in RAW_BODIES:
             send.hypothesis.inner_test(raw)  # each known-bad body, then generated ones
         send()
+
+
+# -- /v1/embeddings ------------------------------------------------------------------------------------
+EMBEDDING_VOCAB = 30522  # all-MiniLM-L6-v2's
+embedding_token_ids = st.lists(mostly(st.integers(0, EMBEDDING_VOCAB - 1),
+                                      st.sampled_from([EMBEDDING_VOCAB, -1, 2**63, 1.5, "1"])), min_size=0, max_size=4)
+embedding_texts = mostly(texts.filter(bool), st.just(""), 9)
+embedding_inputs = st.one_of(
+    embedding_texts, st.sampled_from(["word " * 300, "x"]), embedding_token_ids,
+    st.lists(embedding_texts, min_size=0, max_size=3), st.lists(embedding_token_ids, min_size=0, max_size=2),
+    st.lists(st.one_of(texts, embedding_token_ids), min_size=2, max_size=2),  # mixed forms: refused
+)
+EMBEDDING_FIELDS = {
+    "encoding_format": mostly(st.sampled_from(["float", "base64"]), st.sampled_from(["int8", "", None, 1])),
+    "dimensions": mostly(st.one_of(st.integers(1, 384), st.sampled_from([384, 385, 0, -1, 2**63])),
+                         st.sampled_from([1.0, "8", True, None])),
+    "user": mostly(texts),
+}
+
+
+def embedding_body():
+    fields = st.dictionaries(st.sampled_from(sorted(EMBEDDING_FIELDS)), st.none(), max_size=3).flatmap(
+        lambda keys: st.fixed_dictionaries({k: EMBEDDING_FIELDS[k] for k in keys}))
+    model = st.sampled_from(["all-minilm-l6-v2"] * 12 + ["other-model", "", 3])
+    unknown = mostly(st.just({}), st.fixed_dictionaries({"truncate": junk}), 9)  # an unknown field, now and then
+    return st.tuples(model, mostly(embedding_inputs, junk, 9), fields, unknown).map(
+        lambda t: {"model": t[0], "input": t[1], **t[2], **t[3]})
+
+
+def check_embedding(response: httpx.Response, sent: dict, where: str) -> None:
+    assert response.status_code < 500, f"{where}: {response.status_code} {response.text[:500]} for {sent}"
+    if response.status_code != 200:
+        validate_error(response.json())
+        return
+    body = response.json()
+    if sent.get("encoding_format") == "base64":  # the spec describes the float form: check it decoded
+        import base64
+        import struct
+
+        for item in body["data"]:
+            raw = base64.b64decode(item["embedding"])
+            item["embedding"] = list(struct.unpack(f"<{len(raw) // 4}f", raw))
+    validate_response("/v1/embeddings", "post", 200, body)
+
+
+def test_generated_embedding_bodies_never_5xx_agree_and_stay_on_the_spec(gateway, embedding_server):
+    from inference.models import ModelKind
+
+    add_model("all-minilm-l6-v2", embedding_server, context_length=256, kind=ModelKind.EMBEDDINGS)
+    key = make_tenant("fuzz-embed", token_quota=10**12).raw_key
+    seen: dict[int, int] = {}
+    with httpx.Client(timeout=120) as client:
+
+        @settings(max_examples=EXAMPLES, deadline=None, derandomize="CI" in os.environ,
+                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+        @given(embedding_body())
+        def send(sent):
+            payload = json.dumps(sent)
+            direct = client.post(f"{embedding_server}/v1/embeddings", content=payload,
+                                 headers={"content-type": "application/json"})
+            check_embedding(direct, sent, "engine")
+            through = client.post(f"{gateway}/v1/embeddings", content=payload,
+                                  headers={"content-type": "application/json", "authorization": f"Bearer {key}"})
+            check_embedding(through, sent, "gateway")
+            assert through.status_code == direct.status_code, (
+                f"gateway {through.status_code} {through.text[:300]} vs engine {direct.status_code} "
+                f"{direct.text[:300]} for {sent}")
+            seen[direct.status_code] = seen.get(direct.status_code, 0) + 1
+
+        send()
+        print(f"fuzz embeddings: {sum(seen.values())} bodies, statuses {seen}")
+        assert seen.get(200) and seen.get(400), seen
+        plain = client.post(f"{embedding_server}/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": "hi"})
+        assert plain.status_code == 200 and httpx.get(f"{embedding_server}/health").status_code == 200

@@ -82,3 +82,18 @@ def test_a_batch_of_prompts_holds_quota_for_every_prompt_and_choice():
     assert ids.n == 2 and ids.prompt_bound == 4  # token ids are the tokens: nothing is added to them
     single = parse_completion({"model": "m", "prompt": "abc", "n": 3, "max_tokens": 5})
     assert single.n == 3 and single.prompt_bound == 4
+
+
+def test_an_embeddings_hold_bounds_every_input_and_nothing_generated():
+    from inference.validation import parse_embedding
+
+    request = parse_embedding({"model": "m", "input": ["héllo", "hi"]})
+    # bytes + [CLS] and [SEP] per string: 6 + 2 and 2 + 2; no template overhead, no completion
+    assert (request.endpoint, request.n, request.prompt_bound) == ("embeddings", 2, 12)
+    assert request.reservation(context_length=256, overhead=256) == 12
+    tokens = parse_embedding({"model": "m", "input": [[101, 7592, 102]] * 3})
+    assert tokens.reservation(context_length=256, overhead=256) == 9
+    assert parse_embedding({"model": "m", "input": "x" * 1000}).reservation(256, 256) == 256  # one input <= context
+    with pytest.raises(GatewayError) as exc:
+        parse_embedding({"model": "m", "input": "x", "extra": 1})
+    assert (exc.value.status, exc.value.param) == (400, "extra")

@@ -8,7 +8,7 @@ from django.core.validators import URLValidator
 from django.db import transaction
 
 from accounts.models import Organization
-from inference.models import AIModel, Deployment, ToolFormat, Visibility
+from inference.models import AIModel, Deployment, ModelKind, ToolFormat, Visibility
 
 
 def price(value: str) -> Decimal:
@@ -43,6 +43,9 @@ class Command(BaseCommand):
         parser.add_argument("--tool-format", choices=[c.value for c in ToolFormat], default=ToolFormat.AUTO.value,
                             help="How tools reach the prompt: auto (the chat template if it supports tools, else "
                                  "Hermes-style) or hermes.")
+        parser.add_argument("--kind", choices=[c.value for c in ModelKind], default=ModelKind.CHAT.value,
+                            help="chat (serves /v1/chat/completions and /v1/completions) or embeddings "
+                                 "(serves /v1/embeddings).")
         parser.add_argument("--disabled", action="store_true", help="Add it disabled.")
 
     @transaction.atomic
@@ -70,6 +73,7 @@ class Command(BaseCommand):
                 "description": options["description"],
                 "context_length": options["context_length"],
                 "tool_format": options["tool_format"],
+                "kind": options["kind"],
                 "enabled": not options["disabled"],
                 "visibility": Visibility.ALL if not orgs else Visibility.LISTED,
                 "price_input_per_million": options["price_input"],

@@ -1,7 +1,8 @@
 """`manage.py runplatform`: the whole platform on one machine, for a first look and for development.
 
-Starts an engine process on the demo model (or --model), registers it in the catalog, makes sure an
-admin and one authorization code exist, then serves the console, admin and /v1 API with uvicorn.
+Starts an engine process on the demo model (or --model) and one on the demo embeddings model
+(all-MiniLM-L6-v2, or --embedding-model; --no-embeddings skips it), registers both in the catalog, makes
+sure an admin and one authorization code exist, then serves the console, admin and /v1 API with uvicorn.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ class Command(BaseCommand):
             "--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
             help="engine compute dtype; bfloat16 keeps 4-bit GGUF weights packed on CPU too (and is faster)",
         )
+        parser.add_argument("--embedding-model",
+                            help="encoder directory served for /v1/embeddings (default: the all-MiniLM-L6-v2 demo)")
+        parser.add_argument("--embedding-model-name", default="all-minilm-l6-v2", help="its public model name")
+        parser.add_argument("--embedding-engine-port", type=int, default=8101)
+        parser.add_argument("--no-embeddings", action="store_true", help="serve no embeddings model")
         parser.add_argument("--startup-timeout", type=float, default=300.0)
 
     def handle(self, *args, **options):
@@ -54,10 +60,25 @@ class Command(BaseCommand):
              "--served-model-name", options["model_name"], "--dtype", options["dtype"]],
             engine_url, options["startup_timeout"], self.stdout,
         )
+        engines = [engine]
+        embedder = None
+        if not options["no_embeddings"]:
+            embedding_path = options["embedding_model"] or str(self.demo_embedding_model_path())
+            embedding_url = f"http://127.0.0.1:{options['embedding_engine_port']}"
+            embedder = EngineSupervisor(
+                [sys.executable, "-m", "engine", "serve", "--model", embedding_path,
+                 "--port", str(options["embedding_engine_port"]),
+                 "--served-model-name", options["embedding_model_name"], "--dtype", "float32"],
+                embedding_url, options["startup_timeout"], self.stdout,
+            )
+            engines.append(embedder)
         try:
             context_length = engine.start()
             call_command("add_model", options["model_name"], engine_url=engine_url,
                          context_length=context_length, verbosity=0)
+            if embedder is not None:
+                call_command("add_model", options["embedding_model_name"], engine_url=embedder.url,
+                             context_length=embedder.start(), kind="embeddings", verbosity=0)
             code_line = self.ensure_code()
             base = f"http://{options['host']}:{options['port']}"
             self.stdout.write(self.style.SUCCESS("\nThe platform is running:"))
@@ -65,20 +86,31 @@ class Command(BaseCommand):
             self.stdout.write(f"  admin      {base}/admin/  {admin_line}")
             self.stdout.write(f"  API        {base}/v1  (model {options['model_name']!r}, key from the console)")
             self.stdout.write(f"  engine     {engine_url}  ({model_path})")
+            if embedder is not None:
+                self.stdout.write(f"  embeddings {embedder.url}  (model {options['embedding_model_name']!r}, "
+                                  f"{embedder.command[4]})")
             self.stdout.write(f"  {code_line}\n")
             import uvicorn
 
-            engine.watch()
+            for supervisor in engines:
+                supervisor.watch()
             uvicorn.run("maas.asgi:application", host=options["host"], port=options["port"], log_level="info",
                         timeout_graceful_shutdown=5, timeout_keep_alive=75)
         finally:
-            engine.stop()
+            for supervisor in engines:
+                supervisor.stop()
 
     @staticmethod
     def demo_model_path():
         from engine.loader import demo_model_path
 
         return demo_model_path()
+
+    @staticmethod
+    def demo_embedding_model_path():
+        from engine.loader.encoder import demo_embedding_model_path
+
+        return demo_embedding_model_path()
 
     def ensure_admin(self) -> str:
         if User.objects.filter(is_superuser=True).exists():
