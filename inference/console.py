@@ -4,6 +4,8 @@ the models page and the playground."""
 from __future__ import annotations
 
 from django.conf import settings
+from django.core.paginator import Paginator
+from django.http import HttpResponse
 from django.shortcuts import render
 from django.views.decorators.csrf import ensure_csrf_cookie
 from rest_framework.response import Response
@@ -12,7 +14,7 @@ from rest_framework.views import APIView
 from accounts.models import APIKey
 from accounts.tenancy import org_member_required
 
-from . import quotas, snippets
+from . import quotas, requestlog, snippets
 from .usage import Period, ReportError, day_series, report
 from .views import model_object
 
@@ -69,6 +71,7 @@ def usage_page(request):
         "by_key": by_key["data"],
         "day_chart": bars(days, "day"),
         "model_chart": bars(by_model["data"], "model"),
+        "csv_groups": [("day", "per day"), ("model", "per model"), ("key", "per key")],
         "start_value": request.GET.get("start") or period.start.date().isoformat(),
         "end_value": request.GET.get("end") or period.end.date().isoformat(),
     })
@@ -129,3 +132,29 @@ def quickstart_page(request):
     context = quickstart_snippets(request)
     context["has_key"] = APIKey.objects.for_org(request.organization).filter(revoked_at__isnull=True).exists()
     return render(request, "inference/quickstart.html", context)
+
+
+@org_member_required
+def request_log_page(request):
+    """Recent requests, filterable and paginated; never prompt text (not stored)."""
+    filters = requestlog.RequestLogFilter(request.organization, request.GET)  # bound: no filter means the default period
+    page = Paginator(requestlog.request_log(request.organization, filters), requestlog.PAGE_SIZE).get_page(
+        request.GET.get("page"))
+    query = request.GET.copy()
+    query.pop("page", None)
+    return render(request, "inference/request_log.html", {"filters": filters, "page": page, "query": query.urlencode()},
+                  status=400 if filters.errors else 200)
+
+
+@org_member_required
+def usage_csv(request):
+    """GET /usage/export.csv?start=&end=&group_by=: the rows of GET /api/usage with the same parameters."""
+    try:
+        period = Period.parse(request.GET.get("start") or None, request.GET.get("end") or None)
+        data = report(request.organization, period, request.GET.get("group_by", "day"))
+    except ReportError as exc:
+        return HttpResponse(f"{exc.param}: {exc}\n", status=400, content_type="text/plain; charset=utf-8")
+    name = f"usage-{request.organization.slug}-{period.start.date()}-{period.end.date()}-by-{data['group_by']}.csv"
+    response = HttpResponse(requestlog.report_csv(data), content_type="text/csv; charset=utf-8")
+    response["Content-Disposition"] = f'attachment; filename="{name}"'
+    return response

@@ -177,6 +177,17 @@ def walk(console, engine_url, page):
     stopped = UsageRecord.objects.get(status=UsageStatus.CLIENT_DISCONNECTED)
     assert stopped.source == UsageSource.PLAYGROUND and 0 < stopped.completion_tokens < 600
 
+    page.get_by_role("link", name="Requests").click()
+    row = page.locator(f'tr[data-request-id="{record.request_id}"]')
+    expect(row).to_contain_text("Playground")
+    expect(row.locator(".tokens")).to_have_text(f"{record.prompt_tokens} / {record.completion_tokens}")
+    expect(row).to_contain_text(f"{record.latency_ms:.0f} ms")
+    expect(page.locator(f'tr[data-request-id="{stopped.request_id}"]')).to_contain_text("Client disconnected")
+    page.get_by_label("Status").select_option("failed")
+    page.get_by_role("button", name="Filter").click()
+    expect(page.locator("tr[data-request-id]")).to_have_count(1)
+    shoot(page, "requests")
+
     page.get_by_role("link", name="Usage").click()
     records = list(UsageRecord.objects.for_org(org))
     assert len(records) == 2
