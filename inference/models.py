@@ -314,3 +314,25 @@ class EntitlementNotice(TenantOwned):
 
     def __str__(self) -> str:
         return f"{self.entitlement} {self.threshold}"
+
+
+class StoredResponse(TenantOwned):
+    """A /v1/responses answer kept for retrieval and for `previous_response_id` (`store`, the default).
+
+    `history` is the conversation a continuation starts from: the previous turns' and this turn's input
+    messages and this turn's answer, without `instructions` (OpenAI does not carry them over)."""
+
+    response_id = models.CharField(max_length=64, unique=True)
+    api_key = models.ForeignKey(APIKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    model_name = models.CharField(max_length=128)
+    body = models.JSONField(help_text="The response object as the API returned it.")
+    input_items = models.JSONField(help_text="This turn's input items (GET /v1/responses/{id}/input_items).")
+    history = models.JSONField(help_text="Chat messages a continuation starts from.")
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField(db_index=True, help_text="RESPONSES_RETENTION_DAYS after creation.")
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return self.response_id

@@ -65,6 +65,14 @@ def rollup_daily_usage(day: str | None = None) -> dict[str, int]:
 
 
 @shared_task(**RETRY)
+def purge_expired_responses() -> int:
+    """Stored /v1/responses past RESPONSES_RETENTION_DAYS."""
+    from .responses import purge_expired
+
+    return purge_expired()
+
+
+@shared_task(**RETRY)
 def expire_reservations() -> int:
     """Release the tokens held by requests that died without settling."""
     from .quotas import expire_reservations as expire

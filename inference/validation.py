@@ -28,6 +28,7 @@ class InferenceRequest:
     prompt_bound: int  # safe upper bound on prompt tokens (before the template overhead)
     max_completion_tokens: int | None
     n: int  # choices over all prompts (n x prompts on completions; inputs on embeddings)
+    usage_endpoint: str | None = None  # the usage record's endpoint when not `endpoint` (responses: chat)
 
     def reservation(self, context_length: int, overhead: int) -> int:
         """Tokens to hold: prompt bound + n × max completion, never more than n × context length.

@@ -30,7 +30,7 @@ from engine import schema
 from maas import telemetry
 from maas.logging import bind_request_id
 
-from . import metrics, pgasync, proxy, quotas
+from . import metrics, pgasync, proxy, quotas, responses
 from .catalog import CatalogEntry, Upstream, catalog
 from .errors import GatewayError, error_response, invalid_api_key, service_unavailable
 from .models import UsageRecord, UsageStatus
@@ -197,6 +197,46 @@ async def embeddings(request: HttpRequest) -> HttpResponse:
     return await complete(request, parse_embedding)
 
 
+@openai_endpoint("POST")
+async def create_response(request: HttpRequest) -> HttpResponse:
+    """POST /v1/responses (non-streaming): one chat completion on the gateway path, answered as a Response
+    and stored for the organization unless `store` is false (inference/responses.py)."""
+    caller = await caller_for(request)  # 401 before any 400, as OpenAI does
+    org_id = caller.organization.pk
+    parsed = responses.parse(parse_json_body(request))
+    history = await in_worker_thread(responses.history_of)(org_id, parsed.previous_response_id)
+    inference = responses.chat_request(parsed, history)
+    created_at = int(time.time())
+    answer = await complete(request, lambda _body: inference)
+    if answer.status_code != 200:
+        return answer
+    body = responses.response_object(parsed, json.loads(answer.content), responses.new_response_id(), created_at)
+    if parsed.store is not False:
+        await in_worker_thread(responses.store)(org_id, caller.api_key.pk, parsed, body, history)
+    return HttpResponse(json.dumps(body), content_type="application/json")
+
+
+@openai_endpoint("GET", "DELETE")
+async def response_detail(request: HttpRequest, response_id: str) -> HttpResponse:
+    caller = await caller_for(request)
+    if request.method == "DELETE":
+        body = await in_worker_thread(responses.delete)(caller.organization.pk, response_id)
+    else:
+        body = (await in_worker_thread(responses.stored)(caller.organization.pk, response_id)).body
+    return HttpResponse(json.dumps(body), content_type="application/json")
+
+
+@openai_endpoint("GET")
+async def response_input_items(request: HttpRequest, response_id: str) -> HttpResponse:
+    caller = await caller_for(request)
+    found = await in_worker_thread(responses.stored)(caller.organization.pk, response_id)
+    items = [{"id": f"msg_{found.response_id.removeprefix('resp_')}_{i}", **item}
+             for i, item in enumerate(found.input_items)][::-1]  # newest first, OpenAI's default order
+    body = {"object": "list", "data": items, "first_id": items[0]["id"] if items else None,
+            "last_id": items[-1]["id"] if items else None, "has_more": False}
+    return HttpResponse(json.dumps(body), content_type="application/json")
+
+
 @csrf_exempt
 async def unknown_path(request: HttpRequest, rest: str = "") -> HttpResponse:
     response = error_response(404, f"Invalid URL ({request.method} {request.path})", code="unknown_url")
@@ -204,12 +244,15 @@ async def unknown_path(request: HttpRequest, rest: str = "") -> HttpResponse:
     return response
 
 
-def parse_body(request: HttpRequest, parser) -> InferenceRequest:
+def parse_json_body(request: HttpRequest):
     try:
-        body = schema.parse_json(request.body)
+        return schema.parse_json(request.body)
     except schema.RequestError as exc:
         raise GatewayError(400, exc.message, code=exc.code) from None
-    return parser(body)
+
+
+def parse_body(request: HttpRequest, parser) -> InferenceRequest:
+    return parser(parse_json_body(request))
 
 
 async def complete(request: HttpRequest, parser, credential: quotas.SessionCredential | None = None) -> HttpResponse:
@@ -382,7 +425,7 @@ class Forward:
                 model_id=model.pk,
                 model_name=model.name,
                 deployment_id=self.upstream.id,
-                endpoint=self.inference.endpoint,
+                endpoint=self.inference.usage_endpoint or self.inference.endpoint,
                 prompt_tokens=prompt,
                 cached_tokens=min(meter.cached_tokens, prompt),
                 completion_tokens=meter.completion_tokens,

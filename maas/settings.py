@@ -326,6 +326,8 @@ GATEWAY_UPSTREAM_KEEPALIVE_EXPIRY = env_float("GATEWAY_UPSTREAM_KEEPALIVE_EXPIRY
 GATEWAY_RESERVATION_TTL_SECONDS = env_int("GATEWAY_RESERVATION_TTL_SECONDS", 900)
 # Added to the byte-count bound on prompt tokens (chat template, default system prompt).
 GATEWAY_PROMPT_OVERHEAD_TOKENS = env_int("GATEWAY_PROMPT_OVERHEAD_TOKENS", 256)
+# /v1/responses: stored responses (store: true, the default) are kept this long, then purged.
+RESPONSES_RETENTION_DAYS = env_int("RESPONSES_RETENTION_DAYS", 30)
 GATEWAY_RATELIMIT_USE_REDIS = env_bool("GATEWAY_RATELIMIT_USE_REDIS", default=bool(REDIS_URL))
 GATEWAY_RATELIMIT_ON_REDIS_ERROR = os.environ.get("GATEWAY_RATELIMIT_ON_REDIS_ERROR", "refuse")  # or "local"
 # Organizations without their own limits get these (0: no limit, and no x-ratelimit-* headers).
@@ -381,6 +383,11 @@ CELERY_BEAT_SCHEDULE = {
     "notify-entitlement-thresholds": {
         "task": "inference.tasks.notify_entitlement_thresholds",
         "schedule": env_float("ENTITLEMENT_NOTICE_SECONDS", 3600),
+    },
+    "purge-expired-responses": {
+        "task": "inference.tasks.purge_expired_responses",
+        "schedule": env_float("RESPONSES_PURGE_SECONDS", 3600),
+        "options": {"expires": env_float("RESPONSES_PURGE_SECONDS", 3600)},
     },
 }
 

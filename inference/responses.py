@@ -1,0 +1,187 @@
+"""The Responses API (non-streaming) on top of chat completions: request validation, the chat request a
+response is generated with, the response object, and its storage per organization.
+
+A create becomes one chat completion on the model's engine (same gateway path: hold, settlement, one
+usage record with `endpoint: "responses"`); the answer is turned into a Response object and, unless
+`store` is false, kept in PostgreSQL for RESPONSES_RETENTION_DAYS so that `GET`, `DELETE` and
+`previous_response_id` find it. Another organization's id is a 404, as is an expired one.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import timedelta
+from typing import Annotated, Any, Literal
+
+from django.conf import settings
+from django.utils import timezone
+from pydantic import Field, ValidationError
+
+from engine import schema
+from engine.sampling_params import MaxTokens, Temperature, TopP
+
+from .errors import GatewayError
+from .models import StoredResponse
+from .validation import InferenceRequest, parse_chat
+
+
+class InputText(schema._Strict):
+    type: Literal["input_text", "output_text"]
+    text: str
+    annotations: list | None = None
+
+
+class InputMessage(schema._Strict):
+    type: Literal["message"] | None = None
+    role: Literal["user", "assistant", "system", "developer"]
+    content: str | Annotated[list[InputText], Field(min_length=1)]
+    id: str | None = None
+    status: str | None = None
+
+    def chat(self) -> dict:
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": self.role, "content": text}
+
+    def item(self) -> dict:
+        """The input item as the API lists it back."""
+        parts = ([{"type": "input_text", "text": self.content}] if isinstance(self.content, str)
+                 else [p.model_dump(exclude_none=True) for p in self.content])
+        return {"type": "message", "role": self.role, "content": parts}
+
+
+class TextFormat(schema._Strict):
+    type: Literal["text"]  # json_schema / json_object: not yet (a 400 naming text.format.type)
+
+
+class TextConfig(schema._Strict):
+    format: TextFormat | None = None
+
+
+class ResponsesRequest(schema._Strict):
+    model: Annotated[str, Field(min_length=1)]
+    input: Annotated[str, Field(min_length=1)] | Annotated[list[InputMessage], Field(min_length=1)]
+    instructions: str | None = None
+    previous_response_id: Annotated[str, Field(min_length=1)] | None = None
+    store: bool | None = None
+    max_output_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    text: TextConfig | None = None
+    metadata: Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
+                        Field(max_length=16)] | None = None
+    user: str | None = None
+    stream: Literal[False] | None = None  # streaming: not yet
+    tools: Annotated[list, Field(max_length=0)] | None = None  # function tools: not yet
+    tool_choice: Literal["none", "auto"] | None = None
+    parallel_tool_calls: bool | None = None
+    truncation: Literal["disabled"] | None = None
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
+
+    def messages(self) -> list[InputMessage]:
+        if isinstance(self.input, str):
+            return [InputMessage(role="user", content=self.input)]
+        return list(self.input)
+
+
+def parse(body: Any) -> ResponsesRequest:
+    if not isinstance(body, dict):
+        raise GatewayError(400, "The request body must be a JSON object.", code="invalid_type")
+    try:
+        return ResponsesRequest.model_validate(body)
+    except ValidationError as exc:
+        error = schema._request_error(exc)
+        raise GatewayError(400, error.message, "invalid_request_error", error.code, error.param) from None
+
+
+def chat_request(request: ResponsesRequest, history: list[dict]) -> InferenceRequest:
+    """The chat completion that generates the response: instructions, the stored conversation, the input."""
+    messages = ([{"role": "system", "content": request.instructions}] if request.instructions else [])
+    messages += history + [m.chat() for m in request.messages()]
+    body: dict[str, Any] = {"model": request.model, "messages": messages}
+    for name, value in (("max_completion_tokens", request.max_output_tokens), ("temperature", request.temperature),
+                        ("top_p", request.top_p), ("user", request.user)):
+        if value is not None:
+            body[name] = value
+    inference = parse_chat(body)
+    inference.usage_endpoint = "responses"
+    return inference
+
+
+def response_object(request: ResponsesRequest, chat: dict, response_id: str, created_at: int) -> dict:
+    """OpenAI's Response object for a chat completion's answer."""
+    choice = chat["choices"][0]
+    usage = chat.get("usage") or {}
+    incomplete = choice.get("finish_reason") == "length"
+    message = {"type": "message", "id": f"msg_{uuid.uuid4().hex}", "status": "incomplete" if incomplete else "completed",
+               "role": "assistant",
+               "content": [{"type": "output_text", "text": choice["message"].get("content") or "", "annotations": [],
+                            "logprobs": []}]}
+    prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+    return {
+        "id": response_id, "object": "response", "created_at": created_at,
+        "completed_at": None if incomplete else int(time.time()),
+        "status": "incomplete" if incomplete else "completed", "error": None,
+        "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+        "model": request.model, "instructions": request.instructions, "output": [message],
+        "previous_response_id": request.previous_response_id, "max_output_tokens": request.max_output_tokens,
+        "temperature": request.temperature if request.temperature is not None else 1.0,
+        "top_p": request.top_p if request.top_p is not None else 1.0,
+        "parallel_tool_calls": request.parallel_tool_calls is not False, "tool_choice": request.tool_choice or "auto",
+        "tools": [], "text": {"format": {"type": "text"}}, "truncation": "disabled",
+        "store": request.store is not False, "metadata": request.metadata or {},
+        **({"user": request.user} if request.user is not None else {}),
+        "usage": {"input_tokens": prompt,
+                  "input_tokens_details": {"cached_tokens": int((usage.get("prompt_tokens_details") or {})
+                                                                .get("cached_tokens") or 0),
+                                           "cache_write_tokens": 0},
+                  "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": 0},
+                  "total_tokens": prompt + completion},
+    }
+
+
+def new_response_id() -> str:
+    return f"resp_{uuid.uuid4().hex}"
+
+
+# -- storage (services and selectors; the views run them on a worker thread) ------------------------
+def not_found(response_id: str) -> GatewayError:
+    return GatewayError(404, f"Response with id '{response_id}' not found.", "invalid_request_error", None,
+                        "response_id")
+
+
+def stored(organization_id: int, response_id: str) -> StoredResponse:
+    """The organization's unexpired stored response, or 404 (whoever else's it is)."""
+    found = (StoredResponse.objects.filter(organization_id=organization_id, response_id=response_id,
+                                           expires_at__gt=timezone.now()).first())
+    if found is None:
+        raise not_found(response_id)
+    return found
+
+
+def history_of(organization_id: int, response_id: str | None) -> list[dict]:
+    if response_id is None:
+        return []
+    return stored(organization_id, response_id).history
+
+
+def store(organization_id: int, api_key_id: int | None, request: ResponsesRequest, body: dict,
+          history: list[dict]) -> StoredResponse:
+    text = body["output"][0]["content"][0]["text"]
+    return StoredResponse.objects.create(
+        organization_id=organization_id, api_key_id=api_key_id, response_id=body["id"], model_name=request.model,
+        body=body, input_items=[m.item() for m in request.messages()],
+        history=history + [m.chat() for m in request.messages()] + [{"role": "assistant", "content": text}],
+        expires_at=timezone.now() + timedelta(days=settings.RESPONSES_RETENTION_DAYS),
+    )
+
+
+def delete(organization_id: int, response_id: str) -> dict:
+    stored(organization_id, response_id).delete()
+    return {"id": response_id, "object": "response.deleted", "deleted": True}
+
+
+def purge_expired(now=None) -> int:
+    """Delete the stored responses past their retention (Celery beat: inference.tasks.purge_expired_responses)."""
+    deleted, _ = StoredResponse.objects.filter(expires_at__lte=now or timezone.now()).delete()
+    return deleted
