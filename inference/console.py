@@ -15,10 +15,9 @@ from accounts.models import APIKey
 from accounts.tenancy import org_member_required
 
 from . import quotas, requestlog, snippets
-from .usage import Period, ReportError, day_series, report
+from .charts import usage_charts
+from .usage import Period, ReportError, report
 from .views import model_object
-
-CHART_WIDTH, CHART_HEIGHT = 720, 200
 
 
 class UsageAPI(APIView):
@@ -35,21 +34,6 @@ class UsageAPI(APIView):
             return Response({"error": {"message": str(exc), "param": exc.param}}, status=400)
 
 
-def bars(rows: list[dict], label_key: str, value_key: str = "total_tokens") -> dict:
-    """Geometry of a vertical bar chart drawn as inline SVG by the template (no JavaScript)."""
-    peak = max((r[value_key] for r in rows), default=0) or 1
-    slot = CHART_WIDTH / max(len(rows), 1)
-    out = []
-    for i, row in enumerate(rows):
-        height = round(row[value_key] / peak * (CHART_HEIGHT - 20), 1)
-        out.append({
-            "x": round(i * slot + slot * 0.1, 1), "width": round(slot * 0.8, 1),
-            "y": round(CHART_HEIGHT - height, 1), "height": height,
-            "label": row[label_key], "value": row[value_key],
-        })
-    return {"bars": out, "width": CHART_WIDTH, "height": CHART_HEIGHT, "peak": peak if peak > 1 else 0}
-
-
 @org_member_required
 def usage_page(request):
     organization = request.organization
@@ -62,15 +46,13 @@ def usage_page(request):
     by_day = report(organization, period, "day")
     by_model = report(organization, period, "model")
     by_key = report(organization, period, "key")
-    days = day_series(period, by_day["data"])
     return render(request, "inference/usage.html", {
         "period": period,
         "error": error,
         "totals": by_day["totals"],
         "by_model": by_model["data"],
         "by_key": by_key["data"],
-        "day_chart": bars(days, "day"),
-        "model_chart": bars(by_model["data"], "model"),
+        "charts": usage_charts(organization, period),
         "csv_groups": [("day", "per day"), ("model", "per model"), ("key", "per key")],
         "start_value": request.GET.get("start") or period.start.date().isoformat(),
         "end_value": request.GET.get("end") or period.end.date().isoformat(),

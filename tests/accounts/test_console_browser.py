@@ -194,5 +194,12 @@ def walk(console, engine_url, page):
     totals = page.locator("#usage-totals").locator("xpath=..")
     expect(totals).to_contain_text(f"{sum(r.completion_tokens for r in records):,}")
     expect(totals).to_contain_text(f"{sum(r.prompt_tokens for r in records):,}")
+    expect(page.locator("html")).to_have_attribute("data-charts", "drawn")
+    for chart in ("tokens", "cost", "requests", "latency", "keys"):  # Chart.js drew into each canvas
+        assert page.evaluate(f"Chart.getChart('chart-{chart}').data.datasets.length") >= 1, chart
+    assert page.evaluate("Chart.getChart('chart-tokens').data.datasets[0].data.reduce((a, b) => a + b, 0)") == sum(
+        r.total_tokens for r in records)
+    assert page.evaluate("Chart.getChart('chart-keys').data.labels") == ["Playground"]
+    page.locator("#chart-tokens").hover()  # a tooltip in the screenshot
     shoot(page, "usage")
     assert page.evaluate("window.__csp") == []

@@ -87,7 +87,10 @@ def test_usage_page_has_charts_tables_and_nav_link(client, setup):
     response = client.get("/usage/", {"start": "2026-11-19", "end": "2026-11-22"})
     html = response.content.decode()
     assert response.status_code == 200
-    assert html.count("<svg") == 2 and html.count("<rect") == 4 + 2  # four days, two models
+    charts = response.context["charts"]  # drawn by static/js/usage-charts.js (Chart.js)
+    assert charts["by_day"]["days"] == ["2026-11-19", "2026-11-20", "2026-11-21", "2026-11-22"]
+    assert sorted(charts["by_day"]["models"]) == ["other-model", "smollm2"]  # two models
+    assert 'id="usage-charts" type="application/json"' in html and "vendor/chartjs/chart.umd.min.js" in html
     assert "alpha" in html and "beta" in html and "other-model" in html
     assert 'href="/usage/" aria-current="page">Usage</a>' in html
     assert "999" not in html  # the other organization's usage
