@@ -40,14 +40,17 @@ MFA_SETUP_SESSION_KEY = "mfa_setup_required"
 
 
 def has_authenticator(user) -> bool:
+    """A second factor of its own: a TOTP app or a security key (recovery codes only back them up)."""
     from allauth.mfa.models import Authenticator
 
-    return Authenticator.objects.filter(user=user, type=Authenticator.Type.TOTP).exists()
+    return Authenticator.objects.filter(
+        user=user, type__in=[Authenticator.Type.TOTP, Authenticator.Type.WEBAUTHN]
+    ).exists()
 
 
 @receiver(user_logged_in, dispatch_uid="staff-mfa-required")
 def staff_login(sender, request, user, **kwargs) -> None:
-    """allauth's login (the only login form, the admin's included) of a staff member without TOTP."""
+    """allauth's login (the only login form, the admin's included) of a staff member without a second factor."""
     if settings.MFA_REQUIRED_FOR_STAFF and user.is_staff and not has_authenticator(user):
         request.session[MFA_SETUP_SESSION_KEY] = True
 
@@ -58,7 +61,7 @@ def organization_requires_mfa(user) -> bool:
 
 
 class MFARequiredMiddleware:
-    """Until a user who must have a second factor has set up TOTP, every page but the account pages
+    """Until a user who must have a second factor has one (TOTP or a security key), every page but the account pages
     (/accounts/: MFA set-up, log out) redirects to the TOTP set-up. Who must: a staff member flagged at
     login (MFA_REQUIRED_FOR_STAFF), and every member of an organization whose owners require it
     (`Organization.require_mfa`, checked on each request, so it applies to sessions already open)."""

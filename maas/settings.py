@@ -196,9 +196,10 @@ CONSOLE_BASE_URL = os.environ.get("CONSOLE_BASE_URL", "http://localhost:8000").r
 # The OpenAI base URL the console's snippets show (quickstart, playground "view code"); empty: the
 # console's own origin + /v1 (the gateway serves both).
 API_BASE_URL = os.environ.get("API_BASE_URL", "").rstrip("/")
-# Second factor (allauth.mfa): TOTP and recovery codes. Staff must set one up at their first login
-# (MFA_REQUIRED_FOR_STAFF); anyone else may. /admin/login/ hands over to this login (maas/urls.py).
-MFA_SUPPORTED_TYPES = ["totp", "recovery_codes"]
+# Second factor (allauth.mfa): TOTP, security keys (WebAuthn, through fido2) and recovery codes. Staff
+# must set one up at their first login (MFA_REQUIRED_FOR_STAFF); anyone else may. /admin/login/ hands over
+# to this login (maas/urls.py). WebAuthn needs the console on https (or http://localhost).
+MFA_SUPPORTED_TYPES = ["totp", "recovery_codes", "webauthn"]
 MFA_TOTP_ISSUER = os.environ.get("MFA_TOTP_ISSUER", "MaaS")
 MFA_REQUIRED_FOR_STAFF = env_bool("MFA_REQUIRED_FOR_STAFF", default=True)
 # Single sign-on (OpenID Connect, allauth's generic provider; accounts/sso_config.py): off unless
