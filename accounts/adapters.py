@@ -36,6 +36,11 @@ class SocialAccountAdapter(DefaultSocialAccountAdapter):
                 create_personal_organization(user)
         return user
 
+    def list_apps(self, request, provider=None, client_id=None):
+        """Only the provider the environment configures (SSO_OIDC_*): a SocialApp row, made in the shell
+        or a database, never becomes a way to sign in (it could assert anyone's verified email)."""
+        return [app for app in super().list_apps(request, provider, client_id) if app.pk is None]
+
     def on_authentication_error(self, request, provider, error=None, exception=None, extra_context=None):
         """Operators see why a sign-in failed (the page tells the user only that it did)."""
         logger.warning("SSO sign-in through %s failed: %s %r", getattr(provider, "sub_id", provider), error, exception)

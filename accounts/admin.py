@@ -208,4 +208,4 @@ class APIKeyAdmin(admin.ModelAdmin):
         self.message_user(request, f"Revoked {len(keys)} key(s).", messages.SUCCESS)
 
 
-from . import admin_codes  # noqa: E402,F401  (authorization codes and entitlements)
+from . import admin_codes, admin_sso  # noqa: E402,F401  (codes and entitlements; single sign-on connections)

@@ -4,6 +4,7 @@ syntax and roles. The sign-in itself runs through a real provider in test_sso_br
 from __future__ import annotations
 
 import pytest
+from allauth.socialaccount.models import SocialAccount, SocialApp
 from django.core.exceptions import ImproperlyConfigured
 
 from accounts import sso_config
@@ -91,3 +92,31 @@ def test_the_map_never_changes_an_existing_role_nor_names_an_inactive_organizati
     org_a.save()
     assert join_mapped_organization(make_user("late@example.com"), ["late@example.com"]) is None
     assert "no active organization 'org-a'" in caplog.text
+
+
+def test_a_database_socialapp_is_no_way_in(client, settings):
+    """Only the environment configures a provider: a row (shell, database) shows no button and its
+    URLs answer 404."""
+    configured(settings, {})
+    SocialApp.objects.create(provider="openid_connect", provider_id="rogue", name="Rogue", client_id="x",
+                             secret="y", settings={"server_url": "https://rogue.example"})
+    assert "Rogue" not in client.get("/accounts/login/").content.decode()
+    assert client.get("/accounts/oidc/rogue/login/").status_code == 404
+
+
+def test_the_admin_shows_connections_read_only_and_no_provider_pages(client, owner_a):
+    staff = make_user("root@example.com")
+    staff.is_staff = staff.is_superuser = True
+    staff.save()
+    account = SocialAccount.objects.create(user=owner_a, provider=PROVIDER_ID, uid="owner-a-at-idp")
+    client.force_login(staff)
+    assert client.get("/admin/socialaccount/socialapp/").status_code == 404
+    assert client.get("/admin/socialaccount/socialtoken/").status_code == 404
+    assert client.get("/admin/socialaccount/socialaccount/add/").status_code == 403
+    page = client.get(f"/admin/socialaccount/socialaccount/{account.pk}/change/")
+    assert page.status_code == 200 and 'name="uid"' not in page.content.decode()
+    client.post(f"/admin/socialaccount/socialaccount/{account.pk}/change/", {"uid": "someone-else", "user": staff.pk})
+    account.refresh_from_db()
+    assert (account.uid, account.user) == ("owner-a-at-idp", owner_a)
+    client.post(f"/admin/socialaccount/socialaccount/{account.pk}/delete/", {"post": "yes"})
+    assert not SocialAccount.objects.filter(pk=account.pk).exists()  # removing a connection is allowed
