@@ -16,6 +16,7 @@ from accounts.tenancy import org_member_required
 
 from . import quotas, requestlog, snippets
 from .charts import usage_charts
+from .models import ModelKind
 from .usage import Period, ReportError, report
 from .views import model_object
 
@@ -59,14 +60,17 @@ def usage_page(request):
     })
 
 
-CAPABILITY_NAMES = {"tools": "Tools", "json_schema": "Structured outputs (JSON schema)", "json_object": "JSON mode"}
+CAPABILITY_NAMES = {"tools": "Tools", "json_schema": "Structured outputs (JSON schema)", "json_object": "JSON mode",
+                    "embeddings": "Embeddings"}
 
 
-def organization_models(request) -> list[dict]:
+def organization_models(request, kind: str | None = None) -> list[dict]:
     """The catalog as the current organization sees it: the model objects of GET /v1/models for every
-    model it may call (visible to it and covered by an active entitlement)."""
+    model it may call (visible to it and covered by an active entitlement), with the model's `kind`;
+    only those of `kind` when given."""
     caller = quotas.organization_caller(request.organization, request.user.pk)
-    return [model_object(entry) for entry in caller.visible_models()]
+    return [{**model_object(entry), "kind": entry.model.kind} for entry in caller.visible_models()
+            if kind is None or entry.model.kind == kind]
 
 
 @org_member_required
@@ -87,7 +91,7 @@ def api_base_url(request) -> str:
 def playground_page(request):
     """The playground: the page's JavaScript (static/js/playground.js) streams from
     /playground/v1/chat/completions with the session and its CSRF token, never a key."""
-    models = organization_models(request)
+    models = organization_models(request, ModelKind.CHAT)
     ids = [m["id"] for m in models]
     wanted = request.GET.get("model")
     return render(request, "inference/playground.html", {
@@ -100,7 +104,7 @@ def playground_page(request):
 def quickstart_snippets(request, allowed_models: list[str] | None = None) -> dict:
     """Base URL, model and snippets for the current organization: its first model (by name) that it may
     call and, for a key with an allowlist, that the key may call too; None when there is none yet."""
-    names = [m["id"] for m in organization_models(request)]
+    names = [m["id"] for m in organization_models(request, ModelKind.CHAT)]
     if allowed_models:
         names = [n for n in names if n in allowed_models]
     model = names[0] if names else None

@@ -125,5 +125,14 @@ def test_models_page_respects_the_entitlements_model_list(client_a, org_a):
     assert 'data-model="covered"' in html and 'data-model="not-covered"' not in html
 
 
+def test_models_page_shows_embedding_models_without_a_playground_link(client_a, org_a):
+    AIModel.objects.create(name="an-embedder", kind="embeddings")
+    redeem(org_a, issue_codes(1)[0].raw, org_a.memberships.first().user)
+    catalog.invalidate()
+    html = client_a.get(reverse("models")).content.decode()
+    card = html.split('data-model="an-embedder"', 1)[1]
+    assert "Embeddings (<code>/v1/embeddings</code>)" in card and "Try it in the playground" not in card
+
+
 def test_models_page_requires_login(client):
     assert client.get(reverse("models")).status_code == 302

@@ -160,14 +160,16 @@ def test_playground_page_offers_the_organizations_models_and_holds_no_key(client
     AIModel.objects.create(name="first-model", display_name="First")
     AIModel.objects.create(name="second-model", display_name="Second")
     AIModel.objects.create(name="not-covered")
-    redeem(org_a, issue_codes(1, model_names=["first-model", "second-model"])[0].raw, org_a.memberships.first().user)
+    AIModel.objects.create(name="an-embedder", kind="embeddings")  # covered, but not a chat model
+    redeem(org_a, issue_codes(1, model_names=["first-model", "second-model", "an-embedder"])[0].raw,
+           org_a.memberships.first().user)
     APIKey.objects.create_key(org_a, "existing key")
     catalog.invalidate()
     response = client_a.get("/playground/?model=second-model")
     html = response.content.decode()
     assert response.status_code == 200 and "csrftoken" in response.cookies
     assert '<option value="second-model" selected>' in html and '<option value="first-model" >' in html
-    assert "not-covered" not in html
+    assert "not-covered" not in html and "an-embedder" not in html
     assert f'data-endpoint="{PLAYGROUND}"' in html and "js/playground.js" in html
     assert "sk-" not in html and "<script>" not in html  # no key, no inline script (CSP)
     assert 'data-base-url="http://testserver/v1"' in html
