@@ -51,7 +51,27 @@ class InputMessage(schema._Strict):
 
 
 class TextFormat(schema._Strict):
-    type: Literal["text"]  # json_schema / json_object: not yet (a 400 naming text.format.type)
+    """`text.format`: free text, any JSON object, or JSON matching `schema` (chat's response_format)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    name: Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")] | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+    def response_format(self) -> dict | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return {"type": "json_object"}
+        return {"type": "json_schema", "json_schema": {"name": self.name, "schema": self.schema_,
+                                                       **({"strict": self.strict} if self.strict is not None else {})}}
+
+    def check(self) -> None:
+        for field, value in (("name", self.name), ("schema", self.schema_)):
+            if self.type == "json_schema" and value is None:
+                raise GatewayError(400, f"Missing required parameter: 'text.format.{field}'.", "invalid_request_error",
+                                   "missing_required_parameter", f"text.format.{field}")
 
 
 class TextConfig(schema._Strict):
@@ -88,10 +108,13 @@ def parse(body: Any) -> ResponsesRequest:
     if not isinstance(body, dict):
         raise GatewayError(400, "The request body must be a JSON object.", code="invalid_type")
     try:
-        return ResponsesRequest.model_validate(body)
+        request = ResponsesRequest.model_validate(body)
     except ValidationError as exc:
         error = schema._request_error(exc)
         raise GatewayError(400, error.message, "invalid_request_error", error.code, error.param) from None
+    if request.text is not None and request.text.format is not None:
+        request.text.format.check()
+    return request
 
 
 def chat_request(request: ResponsesRequest, history: list[dict]) -> InferenceRequest:
@@ -99,8 +122,10 @@ def chat_request(request: ResponsesRequest, history: list[dict]) -> InferenceReq
     messages = ([{"role": "system", "content": request.instructions}] if request.instructions else [])
     messages += history + [m.chat() for m in request.messages()]
     body: dict[str, Any] = {"model": request.model, "messages": messages}
+    text_format = request.text.format if request.text and request.text.format else None
     for name, value in (("max_completion_tokens", request.max_output_tokens), ("temperature", request.temperature),
-                        ("top_p", request.top_p), ("user", request.user)):
+                        ("top_p", request.top_p), ("user", request.user),
+                        ("response_format", text_format.response_format() if text_format else None)):
         if value is not None:
             body[name] = value
     inference = parse_chat(body)
@@ -128,7 +153,7 @@ def response_object(request: ResponsesRequest, chat: dict, response_id: str, cre
         "temperature": request.temperature if request.temperature is not None else 1.0,
         "top_p": request.top_p if request.top_p is not None else 1.0,
         "parallel_tool_calls": request.parallel_tool_calls is not False, "tool_choice": request.tool_choice or "auto",
-        "tools": [], "text": {"format": {"type": "text"}}, "truncation": "disabled",
+        "tools": [], "text": {"format": text_format(request)}, "truncation": "disabled",
         "store": request.store is not False, "metadata": request.metadata or {},
         **({"user": request.user} if request.user is not None else {}),
         "usage": {"input_tokens": prompt,
@@ -138,6 +163,12 @@ def response_object(request: ResponsesRequest, chat: dict, response_id: str, cre
                   "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": 0},
                   "total_tokens": prompt + completion},
     }
+
+
+def text_format(request: ResponsesRequest) -> dict:
+    if request.text is None or request.text.format is None:
+        return {"type": "text"}
+    return request.text.format.model_dump(by_alias=True, exclude_none=True)
 
 
 def new_response_id() -> str:

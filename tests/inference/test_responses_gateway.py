@@ -4,6 +4,7 @@ retention, billing and organization scoping."""
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 import httpx
@@ -122,7 +123,9 @@ def test_an_expired_response_is_a_404_and_is_purged(gateway, smollm2):
 @pytest.mark.parametrize(("body", "param"), [
     ({"stream": True}, "stream"),
     ({"tools": [{"type": "function", "name": "f"}]}, "tools"),
-    ({"text": {"format": {"type": "json_object"}}}, "text.format.type"),
+    ({"text": {"format": {"type": "xml"}}}, "text.format.type"),
+    ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
+    ({"text": {"format": {"type": "json_schema", "schema": {"type": "object"}}}}, "text.format.name"),
     ({"input": ""}, "input"),
     ({"input": []}, "input"),
     ({"max_output_tokens": 0}, "max_output_tokens"),
@@ -136,6 +139,24 @@ def test_unsupported_and_invalid_fields_are_400s_naming_them(gateway, smollm2, b
     assert response.json()["error"]["param"] == param
     validate_error(response.json())
     assert not UsageRecord.objects.filter(organization=tenant.organization).exists()
+
+
+def test_text_format_json_schema_constrains_the_output(gateway, smollm2):
+    tenant = make_tenant("resp-json")
+    fmt = {"type": "json_schema", "name": "answer", "strict": True,
+           "schema": {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+                      "additionalProperties": False}}
+    created = client_for(gateway, tenant).responses.create(
+        model="smollm2", input="Is water wet? Answer in JSON.", max_output_tokens=40, temperature=0,
+        text={"format": fmt})
+    assert created.status == "completed"
+    assert isinstance(json.loads(created.output_text)["ok"], bool)
+    assert created.text.format.type == "json_schema" and created.text.format.name == "answer"
+    validate_response("/v1/responses", "post", 200, created.model_dump(exclude_unset=True, by_alias=True))
+    bad = call(gateway, tenant, "POST", "responses", {"model": "smollm2", "input": "Hi", "text": {"format": {
+        **fmt, "schema": {"type": "object", "properties": {"n": {"type": "integer", "minimum": "x"}}}}}})
+    assert bad.status_code == 400, bad.text  # refused by the engine's grammar compiler, relayed
+    validate_error(bad.json())
 
 
 def test_a_key_is_required(gateway, smollm2):
