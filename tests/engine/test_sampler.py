@@ -108,18 +108,26 @@ def test_seed_reproduces_regardless_of_batch_neighbours():
 
 def test_logprobs_are_of_the_raw_distribution():
     logits = torch.randn(2, VOCAB)
+    logits[1] = 0.0
+    logits[1, 7], logits[1, 8] = 1.0, 0.5  # token 7 leads until the penalty pushes it below token 8
     out = Sampler()(
         logits,
         [
             seq(temperature=0, logprobs=True, top_logprobs=3),
-            seq(temperature=0, logprobs=True, presence_penalty=1.0),
+            seq(output=(7,), temperature=0, logprobs=True, top_logprobs=2, presence_penalty=2.0),
         ],
     )
     ref = logits.log_softmax(-1)
     chosen, top = out.logprobs[0]
     assert chosen == pytest.approx(ref[0].max().item(), abs=1e-6)
     assert [t for t, _ in top] == ref[0].topk(3).indices.tolist()
-    assert out.logprobs[1][1] == []
+    # The penalty changed the choice, not the reported distribution: the raw logprob of the chosen token,
+    # and the raw top alternatives (the penalised token 7 still first).
+    assert out.token_ids[1] == 8
+    chosen, top = out.logprobs[1]
+    assert chosen == pytest.approx(ref[1, 8].item(), abs=1e-6)
+    assert [t for t, _ in top] == [7, 8]
+    assert [v for _, v in top] == pytest.approx([ref[1, 7].item(), ref[1, 8].item()], abs=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -170,6 +170,19 @@ def test_prefix_stats_do_not_count_a_lookup_whose_admission_failed():
     assert bm.prefix_queries == 13 and bm.prefix_hits == 0
 
 
+
+def test_prefix_hits_of_a_lookup_whose_admission_failed_are_rolled_back():
+    sched = make_scheduler(num_blocks=5, budget=64)
+    first = make_seq(13, "first")  # 4 blocks; its 3 full ones are cached at allocation
+    big = Sequence("big", list(range(1, 13)) + list(range(50, 71)), SamplingParams(), max_tokens=10)
+    sched.add(first)
+    sched.add(big)
+    batch, plan = run_step(sched)
+    bm = sched.block_manager
+    assert list(plan) == [first.seq_id] and sched.waiting[0] is big  # 6 more blocks do not fit in 1
+    assert (bm.prefix_queries, bm.prefix_hits) == (13, 0)
+    assert bm.find_cached_blocks(big) == first.block_table[:3]  # the lookup it made did hit 12 tokens
+
 def test_identical_prompts_in_one_step_give_the_same_greedy_tokens_as_alone():
     import torch
 
