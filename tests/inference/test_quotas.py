@@ -11,9 +11,11 @@ from django.db import connections
 from django.utils import timezone
 
 from accounts.models import APIKey, Entitlement, Organization
-from inference import quotas
+from inference import pgasync, quotas
+from inference.catalog import catalog
 from inference.errors import GatewayError
-from inference.models import Reservation, UsageRecord
+from inference.models import AIModel, Deployment, Reservation, UsageRecord
+from inference.ratelimit import RateLimiter
 from inference.validation import parse_chat, parse_completion
 
 MESSAGES = [{"role": "user", "content": "héllo"}]  # 6 bytes of UTF-8
@@ -108,7 +110,9 @@ def test_expired_holds_are_released_and_late_settlements_charge_what_fits(org):
     quotas.settle(other, 900, None)
     entitlement.refresh_from_db()
     assert (entitlement.tokens_used, entitlement.tokens_reserved) == (1000, 0)
-    assert crashed.tokens == 700
+    quotas.settle(crashed, 700, None)  # the crashed request reports after all: nothing fits any more
+    entitlement.refresh_from_db()
+    assert (entitlement.tokens_used, entitlement.tokens_reserved) == (1000, 0)
 
 
 def test_admission_query_matches_entitlement_active_rule(org):
@@ -176,3 +180,134 @@ def test_concurrent_holds_never_exceed_the_quota():
         quotas.settle(hold, 150, None)
     entitlement.refresh_from_db()
     assert (entitlement.tokens_used, entitlement.tokens_reserved) == (750, 0)
+
+
+def usage_record(org, key, request_id: str) -> UsageRecord:
+    return UsageRecord(organization=org, api_key=key, model_name="m", endpoint="chat/completions",
+                       prompt_tokens=100, completion_tokens=200, status="ok", http_status=200, latency_ms=1.0,
+                       request_id=request_id)
+
+
+def expire_all_holds():
+    Reservation.objects.update(expires_at=timezone.now() - dt.timedelta(seconds=1))
+    quotas.expire_reservations()
+
+
+def test_a_late_settlement_with_its_record_charges_what_fits(org):
+    """The one-statement PostgreSQL settle (hold and record): a hold that already expired is still charged."""
+    entitlement = grant(org, 1000)
+    key, _ = APIKey.objects.create_key(org, "k")
+    late = quotas.reserve([entitlement], 300, "req_late")
+    expire_all_holds()
+    other = quotas.reserve([entitlement], 800, "req_other")
+    quotas.settle(late, 300, usage_record(org, key, "req_late"), key)
+    entitlement.refresh_from_db()
+    assert (entitlement.tokens_used, entitlement.tokens_reserved) == (200, 800)  # 1000 - 800 held
+    assert UsageRecord.objects.filter(request_id="req_late").exists()
+    quotas.settle(other, 800, usage_record(org, key, "req_other"), key)
+    entitlement.refresh_from_db()
+    assert (entitlement.tokens_used, entitlement.tokens_reserved) == (1000, 0)
+
+
+def in_thread(fn):
+    """Run ORM code from an async test in a worker thread and give its connection back."""
+    from asgiref.sync import sync_to_async
+
+    def run():
+        try:
+            return fn()
+        finally:
+            connections.close_all()
+    return sync_to_async(run, thread_sensitive=False)()
+
+
+@pytest.fixture
+async def async_pool_closed():
+    """The event-loop path opens its own pool to the test database: closed after the test."""
+    yield
+    for pool in list(pgasync._pools.values()):
+        await pool.close()
+    pgasync._pools.clear()
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("async_pool_closed")
+async def test_a_late_settlement_on_the_event_loop_charges_what_fits():
+    """settle_async (the gateway's path on PostgreSQL) after the hold expired: charged in a worker thread."""
+    def setup():
+        org = Organization.objects.create(name="Late", slug="late-async")
+        entitlement = grant(org, 1000)
+        key, _ = APIKey.objects.create_key(org, "k")
+        late = quotas.reserve([entitlement], 300, "req_late_async")
+        expire_all_holds()
+        quotas.reserve([entitlement], 900, "req_other_async")
+        return org, entitlement, key, late
+
+    org, entitlement, key, late = await in_thread(setup)
+    await quotas.settle_async(late, 300, usage_record(org, key, "req_late_async"), key)
+
+    def check():
+        entitlement.refresh_from_db()
+        assert (entitlement.tokens_used, entitlement.tokens_reserved) == (100, 900)
+        assert UsageRecord.objects.filter(request_id="req_late_async").exists()
+
+    await in_thread(check)
+
+
+def test_bounded_grants_ending_soonest_pay_first_unlimited_last(org):
+    now = timezone.now()
+    unlimited = grant(org, None)
+    open_ended = grant(org, 1000)
+    later = grant(org, 1000, ends_at=now + dt.timedelta(days=2))
+    sooner = grant(org, 1000, ends_at=now + dt.timedelta(days=1))
+    AIModel.objects.create(name="order-model")
+    catalog.invalidate()
+    _, raw = APIKey.objects.create_key(org, "k")
+    _, covering = quotas.admit(raw).resolve("order-model")
+    assert [e.pk for e in covering] == [sooner.pk, later.pk, open_ended.pk, unlimited.pk]
+    assert quotas.reserve(covering, 600, "req_1").entitlement_id == sooner.pk
+    assert quotas.reserve(covering, 600, "req_2").entitlement_id == later.pk  # 400 left on the first
+
+
+@pytest.fixture
+def served_model(org):
+    model = AIModel.objects.create(name=f"served-{org.pk}")
+    Deployment.objects.create(model=model, base_url="http://127.0.0.1:9")
+    catalog.invalidate()
+    return model
+
+
+def test_a_refused_hold_gives_back_the_concurrency_slot(org, served_model):
+    org.max_concurrent_requests = 1
+    org.save()
+    grant(org, 1000)
+    _, raw = APIKey.objects.create_key(org, "k")
+    limiter = RateLimiter("", "refuse", 0.5)
+    body = {"model": served_model.name, "messages": MESSAGES, "max_tokens": 2000}
+    with pytest.raises(GatewayError) as err:
+        quotas.admit_request(raw, parse_chat(body), None, "req_refused", limiter)
+    assert err.value.code == "insufficient_quota"
+    admitted = quotas.admit_request(raw, parse_chat({**body, "max_tokens": 1}), None, "req_fits", limiter)
+    assert admitted.decision.allowed and admitted.hold.tokens <= 1000
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("async_pool_closed")
+async def test_a_refused_hold_on_the_event_loop_gives_back_the_concurrency_slot():
+    def setup():
+        org = Organization.objects.create(name="Slot", slug="slot-async", max_concurrent_requests=1)
+        grant(org, 1000)
+        model = AIModel.objects.create(name="slot-model")
+        Deployment.objects.create(model=model, base_url="http://127.0.0.1:9")
+        catalog.invalidate()
+        return APIKey.objects.create_key(org, "k")[1]
+
+    raw = await in_thread(setup)
+    limiter = RateLimiter("", "refuse", 0.5)
+    body = {"model": "slot-model", "messages": MESSAGES, "max_tokens": 2000}
+    with pytest.raises(GatewayError) as err:
+        await quotas.admit_request_async(raw, parse_chat(body), None, "req_refused_async", limiter)
+    assert err.value.code == "insufficient_quota"
+    admitted = await quotas.admit_request_async(raw, parse_chat({**body, "max_tokens": 1}), None, "req_fits_async",
+                                                limiter)
+    assert admitted.decision.allowed
