@@ -11,6 +11,7 @@ import sys
 import threading
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
@@ -93,6 +94,11 @@ def test_runplatform_serves_chat_on_embedded_defaults_and_restarts_a_failed_engi
         again = client.chat.completions.create(model="smollm2-135m-instruct", temperature=0, max_tokens=4,
                                                messages=[{"role": "user", "content": "Hi"}])
         assert again.choices[0].message.content and again.usage.completion_tokens > 0
+
+        # SIGTERM (what `make run`'s Ctrl-C or a supervisor sends): a clean exit that takes the engine along.
+        process.terminate()
+        assert process.wait(timeout=30) == 0, "".join(lines[-40:])
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{engine_port}/health", timeout=5)
     finally:
         stop(process)
-    assert process.returncode is not None

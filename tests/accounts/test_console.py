@@ -173,11 +173,55 @@ def admin_client_(client, org_a):
     return client
 
 
+def changelist(client, model: str, **query) -> set[int]:
+    """The primary keys the admin changelist of `model` lists for `query` (search `q`, filters)."""
+    response = client.get(reverse(f"admin:accounts_{model}_changelist"), query)
+    assert response.status_code == 200
+    return {obj.pk for obj in response.context["cl"].result_list}
+
+
+@pytest.fixture
+def two_tenants(org_a, org_b, owner_a, owner_b):
+    """For each admin model, (the row of org-a, the row of org-b)."""
+    import secrets
+
+    from accounts.models import keyed_hash
+
+    def invitation(org, email):
+        return Invitation.objects.create(organization=org, email=email, token_hash=keyed_hash(secrets.token_hex()),
+                                         invited_by=org.memberships.get().user, expires_at=timezone.now() + timedelta(days=1))
+
+    manager_a = Membership.objects.get(organization=org_a, user=owner_a)
+    manager_b = Membership.objects.get(organization=org_b, user=owner_b)
+    return {
+        "user": (owner_a.pk, owner_b.pk),
+        "organization": (org_a.pk, org_b.pk),
+        "membership": (manager_a.pk, manager_b.pk),
+        "invitation": (invitation(org_a, "new-a@example.com").pk, invitation(org_b, "new-b@example.com").pk),
+        "apikey": (APIKey.objects.create_key(org_a, "key a")[0].pk, APIKey.objects.create_key(org_b, "key b")[0].pk),
+    }
+
+
 @pytest.mark.parametrize("model", ["user", "organization", "membership", "invitation", "apikey"])
-def test_admin_changelists_search_and_filter(admin_client_, model):
-    url = reverse(f"admin:accounts_{model}_changelist")
-    assert admin_client_.get(url).status_code == 200
-    assert admin_client_.get(url, {"q": "org-a"}).status_code == 200
+def test_admin_changelists_search_and_filter(admin_client_, two_tenants, model):
+    row_a, row_b = two_tenants[model]
+    assert {row_a, row_b} <= changelist(admin_client_, model)
+    assert changelist(admin_client_, model, q="org-a") == {row_a}  # the search reaches the organization
+    assert changelist(admin_client_, model, q="org-b") == {row_b}
+
+
+def test_admin_filters_keep_only_the_matching_rows(admin_client_, org_a, owner_a):
+    active, _ = APIKey.objects.create_key(org_a, "active")
+    expired, _ = APIKey.objects.create_key(org_a, "expired", expires_at=timezone.now() - timedelta(seconds=1))
+    revoked, _ = APIKey.objects.create_key(org_a, "revoked")
+    revoked.revoke()
+    for status, key in [("active", active), ("expired", expired), ("revoked", revoked)]:
+        assert changelist(admin_client_, "apikey", status=status) == {key.pk}
+    inactive = make_user("gone@example.com")
+    inactive.is_active = False
+    inactive.save()
+    assert changelist(admin_client_, "user", is_active__exact="0") == {inactive.pk}
+    assert inactive.pk not in changelist(admin_client_, "user", is_active__exact="1")
 
 
 def test_admin_key_page_never_shows_or_edits_the_hash(admin_client_, org_a):

@@ -53,7 +53,9 @@ def test_chat_completion(client):
     assert choice.finish_reason in ("stop", "length")
     assert resp.usage.prompt_tokens > 20 and 0 < resp.usage.completion_tokens <= 16
     assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
-    assert resp.usage.prompt_tokens_details.cached_tokens >= 0
+    # cache hits are whole KV blocks (16 tokens), and the last prompt token is always computed
+    cached = resp.usage.prompt_tokens_details.cached_tokens
+    assert cached % 16 == 0 and 0 <= cached < resp.usage.prompt_tokens
 
 
 def test_streaming_chat_with_usage_matches_non_streaming(client):

@@ -156,17 +156,23 @@ def test_model_outside_allowlist_entitlement_or_visibility_is_404(gateway, stub_
     add_model("second-model", stub_upstream)
     restricted_key = make_tenant("keyallow", allowed_models=["second-model"])
     restricted_grant = make_tenant("grant", model_names=["second-model"])
+    unrestricted = make_tenant("open")
     listed = add_model("listed-model", stub_upstream, visibility=Visibility.LISTED)
     for tenant, model in [
-        (restricted_key, "stub-model"), (restricted_grant, "stub-model"), (restricted_key, "listed-model"),
+        (restricted_key, "stub-model"), (restricted_grant, "stub-model"), (unrestricted, "listed-model"),
         (restricted_key, "no-such-model"),
     ]:
         with pytest.raises(openai.NotFoundError) as err:
             client_for(gateway, tenant.raw_key).chat.completions.create(model=model, messages=MESSAGES)
         assert err.value.code == "model_not_found" and model in err.value.message
-    assert listed.pk
     ok = client_for(gateway, restricted_grant.raw_key).chat.completions.create(model="second-model", messages=MESSAGES)
-    assert ok.choices
+    assert ok.choices[0].message.content
+    # Listing the organization makes the listed model callable for it, and only for it.
+    listed.organizations.add(unrestricted.organization)
+    assert client_for(gateway, unrestricted.raw_key).chat.completions.create(
+        model="listed-model", messages=MESSAGES).choices[0].message.content
+    with pytest.raises(openai.NotFoundError):
+        client_for(gateway, restricted_grant.raw_key).chat.completions.create(model="listed-model", messages=MESSAGES)
 
 
 @pytest.mark.parametrize(

@@ -1,12 +1,13 @@
 """All mail takes the queued path: allauth's messages included (tasks run eagerly in the test settings)."""
 
+import uuid
+
 import pytest
 from celery.signals import task_prerun
 from django.core import mail
 from django.core.mail import EmailMultiAlternatives
 
 from accounts.models import User
-from accounts.tasks import send_email
 from maas.mail import deserialize_message, serialize_message
 
 
@@ -26,9 +27,52 @@ def test_attachments_are_refused_with_a_clear_error():
         serialize_message(message)
 
 
-def test_send_email_task_is_retried_with_backoff_on_delivery_errors():
-    assert send_email.autoretry_for and OSError in send_email.autoretry_for
-    assert send_email.retry_backoff and send_email.max_retries >= 3 and send_email.acks_late
+class Inbox:
+    """aiosmtpd handler: the messages a real SMTP server received."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: N802 (aiosmtpd's hook name)
+        self.messages.append(envelope.content.decode())
+        return "250 OK"
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_send_email_task_is_retried_with_backoff_on_delivery_errors(tmp_path):
+    """A real worker delivering over SMTP: the server is down (connection refused), the task is retried
+    with a backoff, and once the server is up the next attempt delivers the message."""
+    from aiosmtpd.controller import Controller
+    from celery import Celery
+
+    from tests.ops.test_celery_worker import BROKER, Worker, wait_for
+    from tests.processes import free_port
+
+    port, queue = free_port(), f"mail-retry-{uuid.uuid4().hex[:8]}"
+    (tmp_path / "mail").mkdir()
+    worker = Worker(tmp_path / "mail", tmp_path / "worker.log", queue=queue,
+                    EMAIL_BACKEND="django.core.mail.backends.smtp.EmailBackend", EMAIL_HOST="127.0.0.1",
+                    EMAIL_PORT=str(port))
+    producer = Celery("mail-retry-producer", broker=BROKER, set_as_current=False)
+    inbox, controller = Inbox(), None
+    try:
+        subject = f"Welcome {uuid.uuid4().hex[:6]}"
+        message = EmailMultiAlternatives(subject, "body", "noreply@example.com", ["user@example.com"])
+        producer.send_task("accounts.tasks.send_email", args=[serialize_message(message), f"key-{subject}"],
+                           queue=queue)
+        wait_for(lambda: "Retry in" in worker.output(), "a retry after the refused connection")
+        assert "ConnectionRefusedError" in worker.output() and not inbox.messages
+        controller = Controller(inbox, hostname="127.0.0.1", port=port)
+        controller.start()
+        wait_for(lambda: inbox.messages, "delivery on a later attempt")
+        assert len(inbox.messages) == 1 and f"Subject: {subject}" in inbox.messages[0]
+        assert "succeeded" in worker.output()
+    finally:
+        if controller is not None:
+            controller.stop()
+        worker.stop()
+        producer.close()
 
 
 @pytest.mark.django_db
