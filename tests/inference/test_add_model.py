@@ -31,16 +31,20 @@ def test_add_then_update():
     assert Deployment.objects.filter(model=model).count() == 1
 
 
-@pytest.mark.parametrize("args", [
-    ["--engine-url", "ftp://x"],
-    ["--engine-url", "http://x:1", "--price-input", "-1"],
-    ["--engine-url", "http://x:1", "--price-output", "cheap"],
-    ["--engine-url", "http://x:1", "--visibility", "no-such-org"],
-    ["--engine-url", "http://x:1", "--context-length", "0"],
+ENGINE = ["--engine-url", "http://127.0.0.1:8001"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--engine-url", "ftp://x"], "Not an http(s) URL: ftp://x"),
+    ([*ENGINE, "--price-input", "-1"], "Prices cannot be negative: -1"),
+    ([*ENGINE, "--price-output", "cheap"], "Not a price: 'cheap'"),
+    ([*ENGINE, "--visibility", "no-such-org"], "Unknown organizations: no-such-org"),
+    ([*ENGINE, "--context-length", "0"], "--context-length must be positive."),
 ])
-def test_bad_input_is_refused_and_changes_nothing(args):
-    with pytest.raises((CommandError, SystemExit)):
+def test_bad_input_is_refused_and_changes_nothing(args, message):
+    with pytest.raises(CommandError) as err:
         call_command("add_model", "m", *args)
+    assert str(err.value) == message
     assert not AIModel.objects.exists() and not Deployment.objects.exists()
 
 
