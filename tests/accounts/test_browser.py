@@ -9,16 +9,20 @@ import shutil
 import time
 from pathlib import Path
 
+import openai
 import pytest
 from django.core import mail
 from playwright.sync_api import expect
 
 from accounts import codes
 from accounts.models import APIKey, Membership
+from inference.models import AIModel
+from tests.ci import CHROMIUM, IN_CI, chromium_missing
+from tests.inference.conftest import start_gateway
+from tests.processes import stop
 
 from .console_helpers import *  # noqa: F403  (fixtures)
 
-CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -27,7 +31,8 @@ CHROMIUM_ARGS = [
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.django_db(transaction=True),
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Chromium is installed by `make services` (.ci/services)"),
+    # In CI (CI=true) a missing browser fails instead: tests/conftest.py.
+    pytest.mark.skipif(chromium_missing() and not IN_CI, reason="Chromium is installed by `make services` (.ci/services)"),
 ]
 
 
@@ -132,3 +137,15 @@ def walk_the_console(live_server, page, tmp_path):
     page.get_by_text("already created").wait_for()
     assert page.locator("#new-key").count() == 0 and raw_key not in page.content()
     assert APIKey.objects.for_org(org).count() == 1
+
+    # The key from the page authenticates at the gateway's /v1 and sees the model its code and allowlist grant.
+    AIModel.objects.create(name="smollm2-135m")
+    AIModel.objects.create(name="other-model")
+    url, gateway = start_gateway()
+    try:
+        api = openai.OpenAI(base_url=f"{url}/v1", api_key=raw_key, max_retries=0, timeout=30)
+        assert [m.id for m in api.models.list()] == ["smollm2-135m"]
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key=raw_key[:-1] + "0", max_retries=0).models.list()
+    finally:
+        stop(gateway)

@@ -3,14 +3,13 @@ a real browser (headless Chromium) reports no violation of it on any of them."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from django.conf import settings
 from django.test import Client
 
 from accounts import codes
 from accounts.models import APIKey, Entitlement, User
+from tests.ci import IN_CI, chromium_missing
 
 from ..accounts import test_browser
 from ..accounts.console_helpers import *  # noqa: F403  (fixtures)
@@ -21,7 +20,8 @@ browser_page = test_browser.browser_page  # the headless Chromium fixture
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.django_db(transaction=True),
-    pytest.mark.skipif(not Path(test_browser.CHROMIUM).exists(), reason="Chromium is installed by `make services`"),
+    # In CI (CI=true) a missing browser fails instead: tests/conftest.py.
+    pytest.mark.skipif(chromium_missing() and not IN_CI, reason="Chromium is installed by `make services`"),
 ]
 
 CONSOLE_PAGES = ["/", "/keys/", "/members/", "/redeem/", "/usage/", "/organizations/new/", "/accounts/email/",
