@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from engine.sampler import Sampler, _race, apply_penalties, filter_logits
+from engine.sampler import Sampler, _race, apply_logit_bias, apply_penalties, choice_seed, filter_logits
 from engine.sampling_params import SamplingParamError, SamplingParams
 from engine.sequence import Sequence
 
@@ -308,3 +308,68 @@ def test_top_p_zero_keeps_the_most_likely_token():
     logits = torch.tensor([[0.1, 2.0, 1.0]])
     filter_logits(logits, torch.tensor([0]), torch.tensor([0.0]), torch.tensor([0.0]))
     assert torch.isfinite(logits[0]).tolist() == [False, True, False]
+
+
+# -- pinned details (each test kills mutants that the behavioural tests above let through) ---------
+
+
+def test_choice_seeds_are_stable_across_releases():
+    """A client's seed must give the same tokens after an upgrade: the derivation is pinned (SHA-256 of
+    "seed,index", its first 8 bytes little-endian, cut to 63 bits)."""
+    assert choice_seed(1234, 0) == 5003229038957807606
+    assert choice_seed(-7, 3) == 2645659177270255018
+    assert all(0 <= choice_seed(s, i) < 2**63 for s in range(200) for i in range(3))
+    assert max(choice_seed(s, 0) for s in range(200)) >= 2**62  # the 63rd bit is used
+
+
+def test_repetition_penalty_on_a_small_positive_logit_and_an_id_past_the_vocabulary():
+    logits = torch.zeros(1, VOCAB)
+    logits[0, 3], logits[0, 4] = 0.5, -0.5
+    # id VOCAB: a prompt token the (padded) logits have no column for is skipped, not an IndexError
+    apply_penalties(logits, [0], [seq(prompt=(3, 4, VOCAB), repetition_penalty=2.0)])
+    assert (logits[0, 3].item(), logits[0, 4].item()) == (0.25, -1.0)
+
+
+def test_logit_bias_adds_to_the_logit_on_token_zero_and_skips_ids_past_the_vocabulary():
+    logits = torch.full((2, VOCAB), 1.5, dtype=torch.float64)  # float64: the bias takes the logits' dtype
+    apply_logit_bias(logits, [0, 1], [seq(logit_bias={0: 2.0, VOCAB: 5.0}), seq(logit_bias={7: -1.0})])
+    assert logits[0, 0].item() == 3.5 and logits[1, 7].item() == 0.5  # added, not replaced
+    assert (logits[0, 1:] == 1.5).all() and logits[1, 0].item() == 1.5
+
+
+def test_min_tokens_masks_the_stop_tokens_until_enough_are_out():
+    logits = torch.zeros(3, VOCAB)
+    logits[:, 0], logits[:, 9] = 10.0, 5.0  # EOS (0) first, then 9
+    early, done, other = seq(min_tokens=3), seq(output=(5, 6, 7), min_tokens=3), seq(min_tokens=3)
+    early.min_tokens_stop_ids = (0, VOCAB)  # an id past the vocabulary is skipped
+    done.min_tokens_stop_ids = (0,)
+    other.min_tokens_stop_ids = (9,)
+    out = Sampler()(logits, [early, done, other])
+    assert out.token_ids == [9, 0, 0]
+    assert logits[0, 0].item() == 10.0  # the caller's logits are untouched
+
+
+def test_top_k_one_keeps_only_the_best_token():
+    logits = torch.arange(VOCAB, dtype=torch.float32).unsqueeze(0)
+    filter_logits(logits, torch.tensor([1]), torch.tensor([1.0]), torch.tensor([0.0]))
+    assert torch.isfinite(logits[0]).nonzero().flatten().tolist() == [VOCAB - 1]
+    out = Sampler()(torch.zeros(64, VOCAB).index_fill_(1, torch.tensor([7]), 1.0),
+                    [seq(temperature=2.0, top_k=1) for _ in range(64)])
+    assert set(out.token_ids) == {7}
+
+
+def test_top_p_boundary_and_min_p_one():
+    logits = torch.tensor([[0.0, 0.0, float("-inf"), float("-inf")]])  # probabilities exactly 0.5, 0.5
+    filter_logits(logits, torch.tensor([0]), torch.tensor([0.5]), torch.tensor([0.0]))
+    assert torch.isfinite(logits[0]).sum().item() == 1  # the first token already holds top_p of the mass
+    logits = torch.tensor([[2.0, 1.0, 0.0, 0.0]])
+    filter_logits(logits, torch.tensor([0]), torch.tensor([1.0]), torch.tensor([1.0]))
+    assert torch.isfinite(logits[0]).tolist() == [True, False, False, False]  # min_p 1: only the top token
+
+
+def test_low_temperature_sharpens_and_high_temperature_flattens():
+    logits = torch.tensor([[0.0, 1.0]]).repeat(2000, 1)
+    cold = Sampler()(logits, [seq(temperature=0.05) for _ in range(2000)]).token_ids
+    assert cold.count(1) == 2000  # e^(1/0.05) : 1
+    hot = Sampler()(logits, [seq(temperature=2.0) for _ in range(2000)]).token_ids
+    assert 0.55 < hot.count(1) / 2000 < 0.70  # sigmoid(0.5) = 0.62; at temperature 1 it would be 0.73

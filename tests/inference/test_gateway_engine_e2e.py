@@ -4,7 +4,9 @@ with PostgreSQL and Redis. Keys come from redeemed authorization codes."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
+from decimal import Decimal
 
 import httpx
 import openai
@@ -13,7 +15,7 @@ from asgiref.sync import sync_to_async
 from django.db import connections
 
 from accounts.models import Entitlement
-from inference.models import Reservation, UsageRecord, UsageStatus
+from inference.models import AIModel, Reservation, UsageRecord, UsageStatus
 
 from .conftest import add_model, make_tenant
 
@@ -90,10 +92,17 @@ def test_sdk_exception_classes_against_the_engine(gateway, smollm2, stub_upstrea
     assert quota.value.code == "insufficient_quota"
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=4)
-    client.chat.completions.create(model="smollm2", messages=MESSAGES, max_tokens=2)
-    with pytest.raises(openai.RateLimitError) as rate:  # third admitted request of the minute was the 2nd: 3 max
-        for _ in range(3):
-            client.chat.completions.create(model="smollm2", messages=MESSAGES, max_tokens=2)
+    assert client.chat.completions.create(model="smollm2", messages=MESSAGES, max_tokens=2).choices
+
+    # Refused holds count as requests: two of them use up a limit of 2 a minute (never reaching the engine,
+    # so the bucket cannot refill in between), and the third request is rate limited.
+    limited = sync_client(gateway, make_tenant("limited", token_quota=10, requests_per_minute=2))
+    for _ in range(2):
+        with pytest.raises(openai.RateLimitError) as refused:
+            limited.chat.completions.create(model="smollm2", messages=MESSAGES, max_tokens=2)
+        assert refused.value.code == "insufficient_quota"
+    with pytest.raises(openai.RateLimitError) as rate:
+        limited.chat.completions.create(model="smollm2", messages=MESSAGES, max_tokens=2)
     assert rate.value.code == "rate_limit_exceeded"
 
     no_grant = make_tenant("nogrant")
@@ -105,8 +114,22 @@ def test_sdk_exception_classes_against_the_engine(gateway, smollm2, stub_upstrea
         client.chat.completions.create(model="smollm2", messages=MESSAGES, max_tokens=2)
 
 
+def metric_sum(engine_url: str, name: str) -> float:
+    text = httpx.get(f"{engine_url}/metrics").text
+    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M))
+
+
+def generated_tokens(engine_url: str) -> float:
+    return metric_sum(engine_url, "engine_generation_tokens_total")
+
+
+def engine_busy(engine_url: str) -> bool:
+    return metric_sum(engine_url, "engine_num_requests_running") + metric_sum(engine_url, "engine_num_requests_waiting") > 0
+
+
 def test_client_disconnect_against_the_engine(gateway, smollm2, engine_server):
     tenant = make_tenant("disconnect")
+    generated_before = generated_tokens(engine_server)
     body = {"model": "smollm2", "messages": [{"role": "user", "content": "Write a long story about a cat."}],
             "max_tokens": 400, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", f"{gateway}/v1/chat/completions", json=body,
@@ -126,6 +149,11 @@ def test_client_disconnect_against_the_engine(gateway, smollm2, engine_server):
     expected_prompt = httpx.post(f"{engine_server}/tokenize", json={"messages": body["messages"]}).json()["count"]
     assert row.prompt_tokens == expected_prompt
     assert 5 <= row.completion_tokens < 400
+    # never charged for more than the engine generated for it (it stops once the gateway hangs up)
+    deadline = time.monotonic() + 20
+    while engine_busy(engine_server) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert row.completion_tokens <= generated_tokens(engine_server) - generated_before
     entitlement = Entitlement.objects.get(pk=tenant.entitlement.pk)
     assert (entitlement.tokens_used, entitlement.tokens_reserved) == (row.prompt_tokens + row.completion_tokens, 0)
 
@@ -187,3 +215,53 @@ def test_several_prompts_through_the_gateway_are_held_answered_and_billed_togeth
     assert all(r.status == UsageStatus.OK for r in rows)
     entitlement = Entitlement.objects.get(pk=tenant.entitlement.pk)
     assert entitlement.tokens_reserved == 0 and entitlement.tokens_used == 2 * usage["total_tokens"]
+
+
+LONG_MESSAGES = [{"role": "user", "content": "Here is a list of fruits: " + ", ".join(
+    ["apple", "banana", "cherry", "date", "elderberry", "fig", "grape"] * 12) + ". Which one is red?"}]
+
+
+def test_cached_tokens_are_recorded_and_billed_at_the_cached_price(gateway, engine_server):
+    """The engine's prefix cache: the same prompt again reports cached tokens; the gateway records them
+    and bills them at the cached-input price (the stub upstream always reports 0)."""
+    add_model("smollm2", engine_server, price_input_per_million=3, price_cached_input_per_million=1,
+              price_output_per_million=5)
+    tenant = make_tenant("cached")
+    client = sync_client(gateway, tenant)
+    first = client.chat.completions.create(model="smollm2", messages=LONG_MESSAGES, max_tokens=3, temperature=0)
+    again = client.chat.completions.create(model="smollm2", messages=LONG_MESSAGES, max_tokens=3, temperature=0)
+    chunks = list(client.chat.completions.create(model="smollm2", messages=LONG_MESSAGES, max_tokens=3, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    streamed = chunks[-1].usage
+    for usage in (again.usage, streamed):
+        cached = usage.prompt_tokens_details.cached_tokens
+        assert cached >= 64 and cached % 16 == 0 and cached < usage.prompt_tokens  # most of the prompt
+    rows = list(UsageRecord.objects.filter(organization=tenant.organization).order_by("created_at"))
+    assert [r.stream for r in rows] == [False, False, True]
+    for row, usage in zip(rows, [first.usage, again.usage, streamed], strict=True):
+        cached = usage.prompt_tokens_details.cached_tokens
+        assert (row.prompt_tokens, row.cached_tokens, row.completion_tokens) == (
+            usage.prompt_tokens, cached, usage.completion_tokens)
+        expected = (Decimal(row.prompt_tokens - cached) * 3 + Decimal(cached) * 1
+                    + Decimal(row.completion_tokens) * 5) / Decimal(1_000_000)
+        assert row.cost == expected.quantize(Decimal("0.00000001"))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_engine_context_length_refusal_is_relayed_and_recorded(gateway, engine_server, stream):
+    """The catalog allows 8192 tokens, the engine 2048: the engine's 400 context_length_exceeded reaches the
+    client as it is, recorded as rejected upstream, and nothing is charged."""
+    AIModel.objects.filter(name="smollm2").delete()
+    add_model("smollm2", engine_server, context_length=8192, price_input_per_million=1)
+    tenant = make_tenant("toolong")
+    too_long = [{"role": "user", "content": "word " * 3000}]
+    with pytest.raises(openai.BadRequestError) as err:
+        sync_client(gateway, tenant).chat.completions.create(model="smollm2", messages=too_long, max_tokens=16,
+                                                             stream=stream)
+    assert err.value.status_code == 400 and err.value.code == "context_length_exceeded"
+    assert "2048" in err.value.message
+    row = UsageRecord.objects.get(organization=tenant.organization)
+    assert (row.status, row.http_status, row.stream) == (UsageStatus.REJECTED_UPSTREAM, 400, stream)
+    assert (row.prompt_tokens, row.completion_tokens, row.cost) == (0, 0, 0)
+    entitlement = Entitlement.objects.get(pk=tenant.entitlement.pk)
+    assert (entitlement.tokens_used, entitlement.tokens_reserved) == (0, 0)

@@ -88,8 +88,14 @@ def test_no_healthy_deployment_is_503_and_health_checks_update_state(gateway, st
     assert err.value.status_code == 503
     assert not UsageRecord.objects.exists()  # never forwarded
     settled(tenant, 0)
-    check_deployments()
-    assert client_for(gateway, tenant).chat.completions.create(model="sick-model", messages=MESSAGES, max_tokens=2)
+    # The next check finds the stub healthy again (the dead port stays unhealthy) and requests reach it.
+    assert check_deployments() == {"healthy": 1, "unhealthy": 1}
+    stub = Deployment.objects.get(base_url=stub_upstream)
+    assert stub.healthy and Deployment.objects.get(model=model, healthy=False).base_url != stub_upstream
+    reply = client_for(gateway, tenant).chat.completions.create(model="sick-model", messages=MESSAGES, max_tokens=2)
+    assert reply.choices[0].message.content and reply.usage.completion_tokens == 2
+    row = UsageRecord.objects.get()
+    assert (row.status, row.deployment_id) == (UsageStatus.OK, stub.pk)
 
 
 def test_engine_timing_out_is_504_and_recorded(gateway, tenant):
