@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test services lint
+.PHONY: install run test services lint mutate
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,3 +35,13 @@ test: install services
 	$(VENV)/bin/ruff check .
 	$(PY) manage.py makemigrations --check --dry-run --settings=tests.settings
 	$(VENV)/bin/pytest
+
+# Mutation testing (docs/mutation.md), not part of .ci/run: mutmut on the money path and the engine's
+# scheduler, block manager and sampler, with the fast unit tests only, ONE worker by default (a shared
+# 2-core machine). MUTANTS picks a part: make mutate MUTANTS='engine.*' (names: mutmut results).
+MUTANTS ?=
+MUTATE_WORKERS ?= 1
+mutate: install services
+	TEST_DATABASE_NAME=$${TEST_DATABASE_NAME:-test_mutmut} OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 \
+		$(VENV)/bin/mutmut run --max-children $(MUTATE_WORKERS) $(MUTANTS)
+	$(PY) tests/mutation_scores.py
