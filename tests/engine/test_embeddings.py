@@ -99,9 +99,9 @@ def test_a_large_request_shares_each_step_with_the_requests_behind_it(loaded):
     assert [o.request_id for o in first] == ["small"]  # not behind all twelve of "big"
     finals = run_all(engine)
     assert len(finals["big"].embeddings) == 12
-    expected = Embedder.__new__(Embedder)
-    expected.engine, expected.tokenizer = make_engine(loaded), loaded.tokenizer
-    again = expected.embed([f"sentence number {i}" for i in range(12)])
+    alone = make_engine(loaded)
+    alone.add_request("again", ids(loaded, [f"sentence number {i}" for i in range(12)]), EmbeddingParams())
+    again = torch.stack(run_all(alone)["again"].embeddings)
     assert torch.allclose(torch.stack(finals["big"].embeddings), again, atol=1e-5)  # in input order
 
 
