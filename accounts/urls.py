@@ -1,4 +1,5 @@
 from django.urls import path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitView
 
 from .views import console, keys, members, organization, redeem
 
@@ -26,4 +27,6 @@ urlpatterns: list = [
     path("api/redeem", redeem.RedeemAPIView.as_view(), name="api-redeem"),
     path("api/entitlements", redeem.EntitlementListAPIView.as_view(), name="api-entitlements"),
     path("api/entitlements/<int:pk>", redeem.EntitlementDetailAPIView.as_view(), name="api-entitlement"),
+    path("api/schema", SpectacularAPIView.as_view(), name="api-schema"),
+    path("api/docs", SpectacularSwaggerSplitView.as_view(url_name="console:api-schema"), name="api-docs"),
 ]

@@ -4,17 +4,21 @@ the models page and the playground."""
 from __future__ import annotations
 
 from django.conf import settings
+from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
-from django.http import HttpResponse
+from django.http import Http404, HttpResponse
 from django.shortcuts import render
 from django.views.decorators.csrf import ensure_csrf_cookie
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from accounts.api_errors import APIError, ErrorSerializer
 from accounts.models import APIKey
 from accounts.tenancy import org_member_required
 
-from . import quotas, requestlog, snippets
+from . import overview, quotas, requestlog, snippets
 from .charts import usage_charts
 from .models import ModelKind
 from .usage import Period, ReportError, report
@@ -24,15 +28,20 @@ from .views import model_object
 class UsageAPI(APIView):
     """`GET /api/usage?start=&end=&group_by=model|key|day` for the current organization."""
 
+    @extend_schema(parameters=[
+        OpenApiParameter("start", str, description="ISO date or datetime (UTC when naive); default: 30 days before end."),
+        OpenApiParameter("end", str, description="ISO date (that day included) or datetime; default: now."),
+        OpenApiParameter("group_by", str, enum=["model", "key", "day"], description="Default: model."),
+    ], responses={200: OpenApiTypes.OBJECT, 400: ErrorSerializer, 403: ErrorSerializer})
     def get(self, request):
         organization = getattr(request, "organization", None)
         if organization is None:
-            return Response({"error": {"message": "You are not a member of any organization.", "param": None}}, status=403)
+            raise APIError("You are not a member of any organization.", "no_organization", 403)
         try:
             period = Period.parse(request.query_params.get("start"), request.query_params.get("end"))
             return Response(report(organization, period, request.query_params.get("group_by", "model")))
         except ReportError as exc:
-            return Response({"error": {"message": str(exc), "param": exc.param}}, status=400)
+            raise APIError(str(exc), "invalid", 400, exc.param) from exc
 
 
 @org_member_required
@@ -144,3 +153,13 @@ def usage_csv(request):
     response = HttpResponse(requestlog.report_csv(data), content_type="text/csv; charset=utf-8")
     response["Content-Disposition"] = f'attachment; filename="{name}"'
     return response
+
+
+@login_required
+def operator_overview(request):
+    """Staff only (others: 404, the page is not advertised): the whole platform at a glance."""
+    if not request.user.is_staff:
+        raise Http404("No such page.")
+    return render(request, "inference/operator.html", {
+        "days": overview.platform_days(), "replicas": overview.replicas(), "refusals": overview.refusals(),
+    })

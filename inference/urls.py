@@ -17,6 +17,7 @@ urlpatterns = [
     path("usage/", console.usage_page, name="usage"),
     path("usage/export.csv", console.usage_csv, name="usage-csv"),
     path("requests/", console.request_log_page, name="request-log"),
+    path("operator/", console.operator_overview, name="operator-overview"),
     path("models/", console.models_page, name="models"),
     path("playground/", console.playground_page, name="playground"),
     path("get-started/", console.quickstart_page, name="quickstart"),

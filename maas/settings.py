@@ -70,6 +70,8 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "django.contrib.humanize",
     "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
     "allauth",
     "allauth.account",
     "allauth.mfa",
@@ -300,6 +302,23 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    # One error shape for the whole session API: {"error": {"message", "type", "param", "code"}}.
+    "EXCEPTION_HANDLER": "accounts.api_errors.exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+}
+
+# The session API's OpenAPI document (/api/schema) and its Swagger UI (/api/docs), served from
+# drf-spectacular-sidecar's static files: nothing is loaded from another host.
+SPECTACULAR_SETTINGS = {
+    "TITLE": "MaaS console API",
+    "DESCRIPTION": "The console's session API under /api/: log in to the console, send the CSRF token in "
+    "X-CSRFToken on writes. Errors: {\"error\": {\"message\", \"type\", \"param\", \"code\"}}. The "
+    "OpenAI-compatible inference API is under /v1/ (API keys).",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
 }
 
 # Rolling an API key: the longest grace period the old key may keep working (default 30 days).

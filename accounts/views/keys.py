@@ -10,14 +10,16 @@ from django.core.cache import cache
 from django.core.exceptions import PermissionDenied
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
+from drf_spectacular.utils import extend_schema
 from rest_framework import status
 from rest_framework.exceptions import APIException, MethodNotAllowed, NotFound, ValidationError
 from rest_framework.exceptions import PermissionDenied as APIPermissionDenied
 from rest_framework.response import Response
-from rest_framework.views import APIView, exception_handler
+from rest_framework.views import APIView
 
 from .. import keys as keys_service
 from .. import tenancy
+from ..api_errors import ErrorSerializer
 from ..forms import APIKeyForm
 from ..models import APIKey
 from ..serializers import APIKeySerializer, CreatedAPIKeySerializer, RollSerializer
@@ -100,37 +102,8 @@ def key_revoke(request, pk: int):
     return redirect("console:keys")
 
 
-def api_exception_handler(exc, context):
-    """Errors in the platform's error shape: {"error": {"message", "type", "param", "code"}}."""
-    response = exception_handler(exc, context)
-    if response is None:
-        return None
-    param = None
-    if isinstance(exc, ValidationError) and isinstance(response.data, dict):
-        param, messages_ = next(iter(response.data.items()))
-        first = messages_[0] if isinstance(messages_, list) and messages_ else messages_
-        if isinstance(first, dict):  # nested (list items)
-            first = next(iter(first.values()))
-        message = f"{param}: {first}"
-        response.data = {
-            "error": {"message": message, "type": "invalid_request_error", "param": param, "code": "invalid"},
-            "errors": response.data,
-        }
-        return response
-    detail = response.data.get("detail", str(exc)) if isinstance(response.data, dict) else str(exc)
-    code = getattr(exc, "default_code", "error")
-    kind = "not_found_error" if response.status_code == 404 else (
-        "permission_error" if response.status_code == 403 else "invalid_request_error"
-    )
-    response.data = {"error": {"message": str(detail), "type": kind, "param": None, "code": code}}
-    return response
-
-
 class OrgAPIView(APIView):
     """Session-authenticated, CSRF-protected, scoped to the session's current organization."""
-
-    def get_exception_handler(self):
-        return api_exception_handler
 
     def initial(self, request, *args, **kwargs):
         super().initial(request, *args, **kwargs)
@@ -138,10 +111,17 @@ class OrgAPIView(APIView):
             raise NotFound("You belong to no organization; create one in the console first.")
 
 
+ERRORS = {400: ErrorSerializer, 403: ErrorSerializer, 404: ErrorSerializer}
+
+
 class APIKeyListView(OrgAPIView):
+    @extend_schema(operation_id="keys_list", summary="The organization's API keys, newest first",
+                   responses={200: APIKeySerializer(many=True), 404: ErrorSerializer})
     def get(self, request):
         return Response(APIKeySerializer(_org_keys(request), many=True).data)
 
+    @extend_schema(summary="Create a key; the response has its secret, the only time it is shown",
+                   request=APIKeySerializer, responses={201: CreatedAPIKeySerializer, **ERRORS})
     def post(self, request):
         serializer = APIKeySerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
@@ -156,9 +136,12 @@ class APIKeyDetailView(OrgAPIView):
     def _key(self, request, pk: int) -> APIKey:
         return tenancy.get_for_org_or_404(_org_keys(request), request.organization, pk=pk)
 
+    @extend_schema(summary="One key of the organization (another organization's is a 404)",
+                   responses={200: APIKeySerializer, 404: ErrorSerializer})
     def get(self, request, pk: int):
         return Response(APIKeySerializer(self._key(request, pk)).data)
 
+    @extend_schema(summary="Revoke a key (it stops working now)", responses={200: APIKeySerializer, **ERRORS})
     def delete(self, request, pk: int):
         key = self._key(request, pk)
         try:
@@ -172,12 +155,16 @@ class APIKeyDetailView(OrgAPIView):
 class APIKeyRollView(APIKeyDetailView):
     """`POST /api/keys/{id}/roll {"grace_seconds": N}`: 201 with the successor (its secret, once)."""
 
+    @extend_schema(exclude=True)
     def get(self, request, pk: int):
         raise MethodNotAllowed("GET")
 
+    @extend_schema(exclude=True)
     def delete(self, request, pk: int):
         raise MethodNotAllowed("DELETE")
 
+    @extend_schema(summary="Roll a key: a successor now, the old key ends after the grace period",
+                   request=RollSerializer, responses={201: CreatedAPIKeySerializer, 409: ErrorSerializer, **ERRORS})
     def post(self, request, pk: int):
         key = self._key(request, pk)
         serializer = RollSerializer(data=request.data)

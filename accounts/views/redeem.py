@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from django.contrib import messages
 from django.shortcuts import redirect, render
+from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from .. import codes, tenancy
+from ..api_errors import APIError, ErrorSerializer
 from ..forms_codes import RedeemCodeForm
 from ..models import Entitlement
 
@@ -85,37 +87,31 @@ def describe(entitlement: Entitlement) -> str:
     return f"{quota}, {until}, {models}"
 
 
-def error_response(message: str, code: str, http_status: int, param: str | None = None) -> Response:
-    """`detail` for DRF clients, `error` in the platform's (OpenAI) error shape."""
-    kind = {404: "not_found_error", 429: "rate_limit_error"}.get(http_status, "invalid_request_error")
-    body = {"detail": message, "error": {"message": message, "type": kind, "param": param, "code": code}}
-    return Response(body, status=http_status)
-
-
 class RedeemAPIView(APIView):
     """`POST /api/redeem {"code": "..."}` -> 201 with the new entitlement of the current organization."""
 
+    @extend_schema(summary="Redeem an authorization code for the current organization", request=RedeemSerializer,
+                   responses={201: EntitlementSerializer, 400: ErrorSerializer, 404: ErrorSerializer,
+                              409: ErrorSerializer, 429: ErrorSerializer})
     def post(self, request):
         serializer = RedeemSerializer(data=request.data if isinstance(request.data, dict) else {})
         if not serializer.is_valid():
-            message = serializer.errors["code"][0]
-            return error_response(str(message), "invalid", status.HTTP_400_BAD_REQUEST, param="code")
+            raise APIError(str(serializer.errors["code"][0]), "invalid", status.HTTP_400_BAD_REQUEST, param="code")
         try:
             entitlement = codes.redeem(
                 request.organization, serializer.validated_data["code"], request.user, ip=codes.client_ip(request)
             )
         except codes.RedemptionRateLimited as exc:
-            response = error_response(exc.message, exc.code, exc.http_status, param="code")
-            response["Retry-After"] = str(exc.retry_after)
-            return response
+            raise APIError(exc.message, exc.code, exc.http_status, "code", {"Retry-After": str(exc.retry_after)}) from exc
         except codes.RedemptionError as exc:
-            return error_response(exc.message, exc.code, exc.http_status, param="code")
+            raise APIError(exc.message, exc.code, exc.http_status, "code") from exc
         return Response(EntitlementSerializer(entitlement).data, status=status.HTTP_201_CREATED)
 
 
 class EntitlementListAPIView(APIView):
     """`GET /api/entitlements`: the current organization's entitlements, newest first."""
 
+    @extend_schema(operation_id="entitlements_list", responses={200: EntitlementSerializer(many=True)})
     def get(self, request):
         if request.organization is None:
             return Response([])
@@ -125,10 +121,11 @@ class EntitlementListAPIView(APIView):
 class EntitlementDetailAPIView(APIView):
     """`GET /api/entitlements/{id}`: one of the current organization's entitlements; others are 404."""
 
+    @extend_schema(responses={200: EntitlementSerializer, 404: ErrorSerializer})
     def get(self, request, pk: int):
         entitlement = None
         if request.organization is not None:
             entitlement = org_entitlements(request.organization).filter(pk=pk).first()
         if entitlement is None:
-            return error_response("Your organization has no entitlement with this id.", "not_found", 404)
+            raise APIError("Your organization has no entitlement with this id.", "not_found", 404)
         return Response(EntitlementSerializer(entitlement).data)

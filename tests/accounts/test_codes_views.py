@@ -152,8 +152,8 @@ def test_api_redeem_failures(alice_client, alice, outcome):
     response = alice_client.post(API, {"code": raw}, content_type="application/json")
     assert response.status_code == status
     body = response.json()
-    assert fragment in body["detail"]
-    assert body["error"]["code"] == code and body["error"]["message"] == body["detail"]
+    assert fragment in body["error"]["message"] and list(body) == ["error"]  # the one /api error shape
+    assert body["error"]["code"] == code
     assert Entitlement.objects.count() == count
     assert not Entitlement.objects.for_org(alice[1]).exists()
 
@@ -164,7 +164,7 @@ def test_api_already_redeemed_is_409(alice_client):
     response = alice_client.post(API, {"code": raw}, content_type="application/json")
     assert response.status_code == 409
     assert response.json()["error"]["code"] == "already_redeemed"
-    assert "already redeemed" in response.json()["detail"]
+    assert "already redeemed" in response.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(
@@ -183,14 +183,14 @@ def test_api_bad_input_is_400_and_changes_nothing(alice_client, payload, fragmen
     issue_one()
     response = alice_client.post(API, payload, content_type="application/json")
     assert response.status_code == 400
-    assert fragment.lower() in response.json()["detail"].lower()
+    assert fragment.lower() in response.json()["error"]["message"].lower()
     assert not Entitlement.objects.exists()
 
 
 def test_api_malformed_json_is_400(alice_client):
     response = alice_client.post(API, "{not json", content_type="application/json")
     assert response.status_code == 400
-    assert "JSON" in response.json()["detail"]
+    assert "JSON" in response.json()["error"]["message"]
 
 
 def test_api_requires_login_and_csrf(alice):
@@ -201,7 +201,7 @@ def test_api_requires_login_and_csrf(alice):
     client.force_login(alice[0])
     response = client.post(API, {"code": raw}, content_type="application/json")
     assert response.status_code == 403
-    assert "CSRF" in response.json()["detail"]
+    assert "CSRF" in response.json()["error"]["message"]
     assert not Entitlement.objects.exists()
     # With the token from the console page, the same request works.
     client.get(REDEEM)
@@ -218,7 +218,7 @@ def test_api_and_console_rate_limit_failed_attempts_per_user(alice_client, alice
     assert alice_client.post(REDEEM, {"code": "wrong"}).status_code == 400
     response = alice_client.post(API, {"code": good}, content_type="application/json")
     assert response.status_code == 429
-    assert "Too many failed redemption attempts" in response.json()["detail"]
+    assert "Too many failed redemption attempts" in response.json()["error"]["message"]
     assert 0 < int(response["Retry-After"]) <= 900
     response = alice_client.post(REDEEM, {"code": good})
     assert "Too many failed redemption attempts" in response.context["form"].errors["code"][0]
@@ -282,6 +282,6 @@ def test_api_redeem_without_an_organization(db):
     response = client.post(API, {"code": issue_one()}, content_type="application/json")
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "no_organization"
-    assert "not a member of any organization" in response.json()["detail"]
+    assert "not a member of any organization" in response.json()["error"]["message"]
     assert not Entitlement.objects.exists()
     assert client.get(REDEEM)["Location"] == reverse("console:org-new")  # the console sends them to create one
