@@ -98,7 +98,8 @@ def test_runplatform_serves_chat_on_embedded_defaults_and_restarts_a_failed_engi
         # SIGTERM (what `make run`'s Ctrl-C or a supervisor sends): a clean exit that takes the engine along.
         process.terminate()
         assert process.wait(timeout=30) == 0, "".join(lines[-40:])
-        with pytest.raises(httpx.ConnectError):
-            httpx.get(f"http://127.0.0.1:{engine_port}/health", timeout=5)
+        for port_left in (engine_port, embedding_port):  # both engines went with it
+            with pytest.raises(httpx.ConnectError):
+                httpx.get(f"http://127.0.0.1:{port_left}/health", timeout=5)
     finally:
         stop(process)

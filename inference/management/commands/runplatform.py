@@ -30,6 +30,12 @@ def _terminate_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    """SIGTERM (a supervisor, `kill`): leave through `finally`, which stops the engines, with status 0.
+    uvicorn handles the signal while it serves, then re-raises it once it has shut down: this handler."""
+    raise SystemExit(0)
+
+
 class Command(BaseCommand):
     help = "Run the engine, the gateway and the console together (embedded defaults)."
 
@@ -51,6 +57,9 @@ class Command(BaseCommand):
         parser.add_argument("--startup-timeout", type=float, default=300.0)
 
     def handle(self, *args, **options):
+        import signal
+
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
         model_path = options["model"] or str(self.demo_model_path())
         call_command("migrate", interactive=False, verbosity=0)
         admin_line = self.ensure_admin()
