@@ -14,7 +14,7 @@ import pytest
 from playwright.sync_api import expect
 
 from accounts import codes
-from accounts.models import Membership
+from accounts.models import Membership, User
 from inference.models import UsageRecord, UsageSource, UsageStatus
 from tests.inference.conftest import add_model, engine_server  # noqa: F401  (fixture)
 from tests.processes import stop
@@ -60,10 +60,15 @@ def console(django_db_setup, tmp_path):
 
 
 def shoot(page, name: str) -> None:
+    """Full-page screenshots at desktop and phone width; the page must fit the phone's width and have
+    raised no Content-Security-Policy violation."""
+    assert page.evaluate("window.__csp") == [], name
     SHOTS.mkdir(parents=True, exist_ok=True)
     for label, size in (("desktop", DESKTOP), ("phone", PHONE)):
         page.set_viewport_size(size)
+        page.wait_for_timeout(400)  # charts resize to the new width (ResizeObserver) before the shot
         page.screenshot(path=str(SHOTS / f"{name}-{label}.png"), full_page=True)
+        assert page.evaluate("document.documentElement.scrollWidth") <= size["width"], f"{name} overflows at {label}"
     page.set_viewport_size(DESKTOP)
 
 
@@ -202,4 +207,31 @@ def walk(console, engine_url, page):
     assert page.evaluate("Chart.getChart('chart-keys').data.labels") == ["Playground"]
     page.locator("#chart-tokens").hover()  # a tooltip in the screenshot
     shoot(page, "usage")
+
+    page.get_by_role("link", name="Playground").click()  # JSON mode, a schema and tools reach the request
+    page.get_by_label("Response format").select_option("json_schema")
+    page.get_by_label("Tools").fill('[{"type": "function", "function": {"name": "get_weather", "parameters": '
+                                    '{"type": "object", "properties": {"city": {"type": "string"}}}}}]')
+    page.locator("#pg-code summary").click()
+    curl = page.locator("#code-curl").text_content()
+    assert '"type": "json_schema"' in curl and '"required": [' in curl and '"name": "get_weather"' in curl
+    page.get_by_label("Tools").fill("[not json")
+    page.get_by_label("Your message").fill("Hi")
+    page.get_by_role("button", name="Send").click()
+    expect(page.locator("#pg-error")).to_contain_text("Tools is not valid JSON")
+
+    page.get_by_role("navigation", name="Console").get_by_role("link", name="API keys").click()
+    page.locator("#id_name").fill("first key")
+    page.get_by_role("button", name="Create key").click()
+    expect(page.locator("#qs-export")).to_contain_text('export MAAS_API_KEY="sk-')
+    expect(page.locator("#qs-curl")).to_contain_text('"model": "smollm2"')
+    shoot(page, "key-reveal")
+
+    User.objects.filter(email=email).update(is_staff=True)
+    page.goto(f"{base}/")
+    page.get_by_role("link", name="Operator").click()
+    expect(page.locator("#op-replicas").locator("xpath=..")).to_contain_text("healthy")
+    expect(page.locator("#op-days").locator("xpath=..").locator(".tokens").first).to_have_text(
+        f"{sum(r.total_tokens for r in records):,}")
+    shoot(page, "operator")
     assert page.evaluate("window.__csp") == []
