@@ -1,5 +1,6 @@
 """Headless Chromium against a real gateway process (uvicorn, so answers stream) and the real engine
-(SmolLM2): sign up, confirm the email, redeem a code, see the model on the models page, chat in the
+(SmolLM2): sign up, confirm the email, redeem a code, see the model on the models page (degraded once a
+second replica fails its health check), chat in the
 playground (the answer grows token by token; Stop cuts a long one), and find the same numbers in usage.
 Screenshots of each page at desktop and phone width go to CONSOLE_SCREENSHOT_DIR (default /tmp/console-shots)."""
 
@@ -15,9 +16,10 @@ from playwright.sync_api import expect
 
 from accounts import codes
 from accounts.models import Membership, User
-from inference.models import UsageRecord, UsageSource, UsageStatus
+from inference.catalog import check_deployments
+from inference.models import AIModel, Deployment, UsageRecord, UsageSource, UsageStatus
 from tests.inference.conftest import add_model, engine_server  # noqa: F401  (fixture)
-from tests.processes import stop
+from tests.processes import free_port, stop
 
 from . import test_browser
 from .console_helpers import *  # noqa: F403  (fixtures)
@@ -123,6 +125,13 @@ def walk(console, engine_url, page):
     expect(card.locator('[data-price="output"]')).to_have_text("4 per 1M tokens")
     expect(card.locator('[data-price="cached_input"]')).to_have_text("0.5 per 1M tokens")
     shoot(page, "models")
+
+    # A second replica that is not running: the next health check takes it down, the model is degraded.
+    Deployment.objects.create(model=AIModel.objects.get(name="smollm2"), base_url=f"http://127.0.0.1:{free_port()}")
+    assert check_deployments() == {"healthy": 1, "unhealthy": 1}
+    page.reload()
+    expect(card.locator(".status")).to_have_text("Degraded")
+    expect(card).to_contain_text("Some replicas failed their last health check")
 
     page.get_by_role("link", name="Get started").click()
     expect(page.locator("#qs-model")).to_have_text("smollm2")
@@ -230,7 +239,8 @@ def walk(console, engine_url, page):
     User.objects.filter(email=email).update(is_staff=True)
     page.goto(f"{base}/")
     page.get_by_role("link", name="Operator").click()
-    expect(page.locator("#op-replicas").locator("xpath=..")).to_contain_text("healthy")
+    expect(page.locator("#op-replicas").locator("xpath=..")).to_contain_text("unhealthy")
+    expect(page.locator("#op-replicas").locator("xpath=..")).to_contain_text("ConnectError")
     expect(page.locator("#op-days").locator("xpath=..").locator(".tokens").first).to_have_text(
         f"{sum(r.total_tokens for r in records):,}")
     shoot(page, "operator")
