@@ -1,7 +1,7 @@
 """Headless Chromium against a real gateway process (uvicorn, so answers stream) and the real engine
 (SmolLM2): sign up, confirm the email, redeem a code, see the model on the models page (degraded once a
-second replica fails its health check), chat in the
-playground (the answer grows token by token; Stop cuts a long one), and find the same numbers in usage.
+second replica fails its health check), chat in the playground (the answer grows token by token; Stop
+cuts a long one), and find the same numbers in the request log and usage.
 Screenshots of each page at desktop and phone width go to CONSOLE_SCREENSHOT_DIR (default /tmp/console-shots)."""
 
 from __future__ import annotations
