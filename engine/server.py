@@ -24,6 +24,7 @@ from engine import schema, telemetry, tools
 from engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError
 from engine.embedding_engine import EmbeddingEngine, EmbeddingOutput
 from engine.llm_engine import CompletionDelta, ContextLengthError, RequestOutput, TokenLogprob
+from engine.prompts import PromptBuilder
 from engine.protocol import (
     APIError,
     ParsedEmbedding,
@@ -47,6 +48,8 @@ class OpenAIServer:
         self.llm = engine.engine
         self.embeds = isinstance(self.llm, EmbeddingEngine)  # an embeddings model: /v1/embeddings only
         self.tokenizer = self.llm.tokenizer
+        self.prompts = PromptBuilder(self.tokenizer, tool_format)
+        self._published: bytes | None = None  # GET /v1/tokenizer's body, built on first use
         self.model_name = self.llm.model_name
         self.api_key = api_key
         self.created = int(time.time())
@@ -80,21 +83,11 @@ class OpenAIServer:
     def _prompt_ids(self, parsed: ParsedRequest, prompt: str | list[int] | None = None) -> list[int]:
         """The token ids of the chat's rendered messages, or of `prompt` (default: the first prompt)."""
         if parsed.messages is not None:
-            messages, kwargs = tools.render(parsed.messages, parsed.tools, native=self._native_tools(parsed.tool_format))
             try:
-                text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
-            except Exception as exc:  # noqa: BLE001 - template errors are the client's messages
-                raise invalid(f"cannot apply the chat template: {exc}", "messages") from None
-            return self.tokenizer.encode(text, add_special_tokens=False)
-        prompt = parsed.prompt if prompt is None else prompt
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
-        return list(prompt)
-
-    def _native_tools(self, tool_format: str | None) -> bool:
-        """Whether tools go to the chat template (tool format "auto" and a template that supports them)."""
-        return ((tool_format or self.tool_format) == "auto"
-                and tools.template_supports_tools(self.tokenizer.chat_template))
+                return self.prompts.chat_ids(parsed.messages, parsed.tools, parsed.tool_format)
+            except ValueError as exc:
+                raise invalid(str(exc), "messages") from None
+        return self.prompts.completion_ids(parsed.prompt if prompt is None else prompt)
 
     def _check_prompt(self, ids: list[int], parsed: ParsedRequest) -> None:
         try:
@@ -203,6 +196,14 @@ class OpenAIServer:
     async def metrics(self, request: Request) -> Response:
         self.llm.metrics.observe_gauges(self.llm)
         return Response(self.llm.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def published_tokenizer(self, request: Request) -> Response:
+        """The tokenizer, chat template and default tool format (our extension): the gateway counts prompts
+        with them exactly as this server builds them. Cached by the caller per replica."""
+        self._authorize(request)
+        if self._published is None:
+            self._published = json.dumps({**self.prompts.published(), "model": self.model_name}).encode()
+        return Response(self._published, media_type="application/json")
 
     async def tokenize(self, request: Request) -> Response:
         self._authorize(request)
@@ -648,6 +649,7 @@ def build_app(engine: AsyncEngine, *, api_key: str | None = None, keepalive_inte
             Route("/v1/completions", server.completions, methods=["POST"]),
             Route("/v1/embeddings", server.embeddings, methods=["POST"]),
             Route("/tokenize", server.tokenize, methods=["POST"]),
+            Route("/v1/tokenizer", server.published_tokenizer, methods=["GET"]),
             Route("/health", server.health, methods=["GET"]),
             Route("/metrics", server.metrics, methods=["GET"]),
         ],

@@ -88,6 +88,18 @@ def insufficient_quota() -> GatewayError:
     )
 
 
+def quota_in_flight(retry_after_ms: int) -> GatewayError:
+    """The quota is not used up: its room is held by requests in flight. Retryable, unlike insufficient_quota."""
+    return GatewayError(
+        429,
+        "Your quota's remaining tokens are held by requests still in flight; retry when they finish.",
+        "tokens",
+        "quota_in_flight",
+        headers={"retry-after": str(max(1, -(-retry_after_ms // 1000))), "retry-after-ms": str(retry_after_ms),
+                 "x-should-retry": "true"},
+    )
+
+
 def service_unavailable(message: str) -> GatewayError:
     return GatewayError(503, message, "server_error", "service_unavailable")
 

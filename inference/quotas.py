@@ -11,10 +11,12 @@ crashed requests are released by `expire_reservations` (scheduled by Celery beat
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hmac
 import json
 import logging
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -27,7 +29,7 @@ from django.utils import timezone
 from accounts.models import APIKey, Entitlement, Membership, Organization, keyed_hash
 from maas import telemetry
 
-from . import pgasync
+from . import pgasync, prompt_count
 from .catalog import CatalogEntry, Upstream, catalog
 from .errors import (
     GatewayError,
@@ -35,6 +37,7 @@ from .errors import (
     invalid_api_key,
     model_not_found,
     no_entitlement,
+    quota_in_flight,
     service_unavailable,
 )
 from .models import Reservation, UsageRecord, UsageSource
@@ -244,18 +247,77 @@ async def admit_credential_async(credential: str | SessionCredential) -> Caller:
     return await admit_async(credential)
 
 
-def reserve(entitlements: list[Entitlement], tokens: int, request_id: str) -> Hold:
-    """Hold `tokens` on the first covering entitlement where they fit, or raise insufficient_quota.
+QUOTA_POLL_SECONDS = (0.02, 0.25)  # first and longest pause between tries while the quota's room is held
+QUOTA_RETRY_AFTER_MS = 1000  # suggested to a client whose wait ran out
 
-    On PostgreSQL the conditional UPDATE and the Reservation row are one statement (one round trip);
-    elsewhere two statements in a transaction.
-    """
+
+def reserve(entitlements: list[Entitlement], tokens: int, request_id: str) -> Hold:
+    """Hold `tokens` on the first covering entitlement where they fit; when none has room now, a 429:
+    insufficient_quota (no retry) when the tokens do not fit even with nothing in flight, else the
+    retryable quota_in_flight. This path runs in one of the gateway's few database threads, so it does not
+    wait for holds to settle (`reserve_async`, PostgreSQL's path, does)."""
+    hold = try_reserve(entitlements, tokens, request_id)
+    if hold is None:
+        with connection.cursor() as cursor:
+            cursor.execute(*room_query(entitlements))
+            _next_pause(entitlements, cursor.fetchall(), tokens, deadline=0.0, pause=0.0)
+    return hold
+
+
+async def reserve_async(entitlements: list[Entitlement], tokens: int, request_id: str) -> Hold:
+    """`reserve` on the event loop (PostgreSQL). When the quota's room is held by requests in flight, it
+    tries again (pauses doubling up to QUOTA_POLL_SECONDS[1]) for up to GATEWAY_QUOTA_WAIT_SECONDS before
+    the retryable 429, so that a burst over a quota is served as holds settle rather than refused."""
+    deadline = time.monotonic() + settings.GATEWAY_QUOTA_WAIT_SECONDS
+    pause = QUOTA_POLL_SECONDS[0]
+    while True:
+        now = timezone.now()
+        expires_at = now + timedelta(seconds=settings.GATEWAY_RESERVATION_TTL_SECONDS)
+        for entitlement in _may_fit(entitlements, tokens):
+            row = await pgasync.fetchone(*hold_statement(entitlement, tokens, request_id, now, expires_at))
+            if row is not None:
+                return Hold(row[0], entitlement.pk, tokens)
+        rows = await pgasync.fetchall(*room_query(entitlements))
+        await asyncio.sleep(_next_pause(entitlements, rows, tokens, deadline, pause))
+        pause = min(pause * 2, QUOTA_POLL_SECONDS[1])
+
+
+def _may_fit(entitlements: list[Entitlement], tokens: int) -> list[Entitlement]:
+    """The entitlements worth a round trip: those the tokens fit with nothing in flight (as last read)."""
+    return [e for e in entitlements if e.token_quota is None or e.token_quota - e.tokens_used >= tokens]
+
+
+def room_query(entitlements: list[Entitlement]) -> tuple[str, list]:
+    """What each entitlement has used now (revoked ones are left out)."""
+    placeholders = ", ".join(["%s"] * len(entitlements))
+    return (f"SELECT id, tokens_used FROM {ENTITLEMENTS} WHERE id IN ({placeholders}) AND revoked_at IS NULL",
+            [e.pk for e in entitlements])
+
+
+def _next_pause(entitlements: list[Entitlement], rows: list[tuple], tokens: int, deadline: float, pause: float) -> float:
+    """After a failed try, with `rows` what each entitlement has used now: insufficient_quota when the
+    tokens fit none of them even once the holds in flight settle; quota_in_flight when a pause of `pause`
+    would pass the deadline; else `pause`."""
+    used = dict(rows)
+    for entitlement in entitlements:
+        if entitlement.pk in used:
+            entitlement.tokens_used = used[entitlement.pk]
+        else:
+            entitlement.token_quota, entitlement.tokens_used = 0, 0  # revoked meanwhile: never fits
+    if not _may_fit(entitlements, tokens):
+        raise insufficient_quota()
+    if time.monotonic() + pause > deadline:
+        raise quota_in_flight(QUOTA_RETRY_AFTER_MS)
+    return pause
+
+
+def try_reserve(entitlements: list[Entitlement], tokens: int, request_id: str) -> Hold | None:
+    """One try: the hold on the first entitlement with room now, or None. On PostgreSQL the conditional
+    UPDATE and the Reservation row are one statement (one round trip); elsewhere two in a transaction."""
     now = timezone.now()
     expires_at = now + timedelta(seconds=settings.GATEWAY_RESERVATION_TTL_SECONDS)
     fits = "revoked_at IS NULL AND (token_quota IS NULL OR tokens_used + tokens_reserved + %s <= token_quota)"
-    for entitlement in entitlements:
-        if entitlement.token_quota is not None and entitlement.token_quota - entitlement.tokens_used < tokens:
-            continue  # cannot fit even with nothing in flight: skip the round trip
+    for entitlement in _may_fit(entitlements, tokens):
         if connection.vendor == "postgresql":
             with connection.cursor() as cursor:
                 execute_fast(cursor, *hold_statement(entitlement, tokens, request_id, now, expires_at))
@@ -276,7 +338,7 @@ def reserve(entitlements: list[Entitlement], tokens: int, request_id: str) -> Ho
                     row = cursor.fetchone()
         if row is not None:
             return Hold(row[0], entitlement.pk, tokens)
-    raise insufficient_quota()
+    return None
 
 
 def hold_statement(entitlement: Entitlement, tokens: int, request_id: str, now, expires_at) -> tuple[str, list]:
@@ -289,19 +351,6 @@ def hold_statement(entitlement: Entitlement, tokens: int, request_id: str, now, 
         " SELECT organization_id, id, %s, %s, %s, %s FROM held RETURNING id",
         [tokens, entitlement.pk, tokens, tokens, request_id, now, expires_at],
     )
-
-
-async def reserve_async(entitlements: list[Entitlement], tokens: int, request_id: str) -> Hold:
-    """`reserve` on the event loop (PostgreSQL)."""
-    now = timezone.now()
-    expires_at = now + timedelta(seconds=settings.GATEWAY_RESERVATION_TTL_SECONDS)
-    for entitlement in entitlements:
-        if entitlement.token_quota is not None and entitlement.token_quota - entitlement.tokens_used < tokens:
-            continue
-        row = await pgasync.fetchone(*hold_statement(entitlement, tokens, request_id, now, expires_at))
-        if row is not None:
-            return Hold(row[0], entitlement.pk, tokens)
-    raise insufficient_quota()
 
 
 def execute_fast(cursor, sql: str, params: list) -> None:
@@ -425,9 +474,9 @@ class Admission:
 
 def _route(
     caller: Caller, inference: InferenceRequest | None, invalid: GatewayError | None, labels: dict | None,
-) -> tuple[CatalogEntry, list[Entitlement], Upstream, int]:
+) -> tuple[CatalogEntry, list[Entitlement], Upstream]:
     """The steps between authentication and the limits, shared by both admission paths: the body's
-    validation error (400), model (404), replica (503), and the tokens to hold."""
+    validation error (400), model (404), replica (503)."""
     if labels is not None:
         labels["organization"] = caller.organization.slug
     if invalid is not None or inference is None:
@@ -441,8 +490,15 @@ def _route(
     upstream = catalog.pick(entry)
     if upstream is None:
         raise service_unavailable(f"The model `{inference.model}` is temporarily unavailable: no healthy replica. Please retry.")
-    tokens = inference.reservation(entry.model.context_length, settings.GATEWAY_PROMPT_OVERHEAD_TOKENS)
-    return entry, entitlements, upstream, tokens
+    return entry, entitlements, upstream
+
+
+def hold_size(inference: InferenceRequest, entry: CatalogEntry, builder) -> int:
+    """The tokens to hold: the prompt counted exactly with the replica's tokenizer when it is known."""
+    tool_format = entry.model.tool_format if inference.endpoint == "chat/completions" else None
+    prompt = prompt_count.count(builder, inference, tool_format)
+    return inference.reservation(entry.model.context_length, prompt, settings.GATEWAY_PROMPT_OVERHEAD_TOKENS,
+                                 settings.GATEWAY_DEFAULT_MAX_TOKENS)
 
 
 def admit_request(
@@ -455,7 +511,8 @@ def admit_request(
     and model for the gateway's metrics as soon as they are known, refusals included."""
     with telemetry.span("gateway.auth"):
         caller = admit_credential(credential)
-    entry, entitlements, upstream, tokens = _route(caller, inference, invalid, labels)
+    entry, entitlements, upstream = _route(caller, inference, invalid, labels)
+    tokens = hold_size(inference, entry, prompt_count.builder_for(upstream))
     decision = limiter.acquire(caller.api_key, caller.organization, tokens)
     if not decision.allowed:
         raise rate_limit_error(decision)
@@ -479,7 +536,11 @@ async def admit_request_async(
     """`admit_request` on the event loop (PostgreSQL): same steps, same order."""
     with telemetry.span("gateway.auth"):
         caller = await admit_credential_async(credential)
-    entry, entitlements, upstream, tokens = _route(caller, inference, invalid, labels)
+    entry, entitlements, upstream = _route(caller, inference, invalid, labels)
+    builder = prompt_count.cached(upstream)
+    if builder is False:  # first request to this replica (or due again): fetch its tokenizer off the loop
+        builder = await sync_to_async(prompt_count.fetch, thread_sensitive=False)(upstream)
+    tokens = hold_size(inference, entry, builder)
     decision = await limiter.acquire_async(caller.api_key, caller.organization, tokens)
     if not decision.allowed:
         raise rate_limit_error(decision)

@@ -77,6 +77,26 @@ return out
 """.replace("BUCKET_TTL_MS", str(BUCKET_TTL_MS)).replace("CONCURRENCY_TTL_S", str(CONCURRENCY_TTL_S))
 
 
+# KEYS: the token buckets to refund, then the concurrency key (or none). ARGV: the refund, each bucket's
+# capacity, then 1 if there is a concurrency key. A refund never lifts a bucket above its capacity.
+LUA_RELEASE = """
+local refund = tonumber(ARGV[1])
+local has_slot = tonumber(ARGV[#ARGV])
+local n = #KEYS
+if has_slot == 1 then n = n - 1 end
+for i = 1, n do
+  local v = tonumber(redis.call('HGET', KEYS[i], 'v'))
+  if v ~= nil then
+    redis.call('HSET', KEYS[i], 'v', tostring(math.min(tonumber(ARGV[i + 1]), v + refund)))
+  end
+end
+if has_slot == 1 and redis.call('DECR', KEYS[n + 1]) < 0 then
+  redis.call('SET', KEYS[n + 1], 0)
+end
+return 1
+"""
+
+
 def format_duration(seconds: float) -> str:
     """Go-style durations as OpenAI sends them in x-ratelimit-reset-*: `20ms`, `1s`, `1.5s`, `6m0s`."""
     ms = max(0, math.ceil(seconds * 1000))
@@ -110,6 +130,8 @@ class Decision:
     headers: dict[str, str] = field(default_factory=dict)
     concurrency_key: str | None = None
     local: bool = False  # decided by this process's buckets (no Redis)
+    token_buckets: tuple[tuple[str, int], ...] = ()  # (key, capacity) of the tokens-per-minute buckets charged
+    token_cost: int = 0  # what each of them was charged (the hold); the unused part is refunded on release
 
 
 def buckets_for(api_key, organization, tokens: int) -> list[Bucket]:
@@ -188,9 +210,15 @@ class LocalLimiter:
                 self._concurrent[concurrency_key] = self._concurrent.get(concurrency_key, 0) + 1
             return out
 
-    def release(self, concurrency_key: str) -> None:
+    def release(self, concurrency_key: str | None, token_buckets: tuple[tuple[str, int], ...] = (),
+                refund: int = 0) -> None:
         with self._lock:
-            self._concurrent[concurrency_key] = max(self._concurrent.get(concurrency_key, 0) - 1, 0)
+            if concurrency_key is not None:
+                self._concurrent[concurrency_key] = max(self._concurrent.get(concurrency_key, 0) - 1, 0)
+            for key, capacity in token_buckets if refund > 0 else ():
+                if key in self._levels:
+                    level, at = self._levels[key]
+                    self._levels[key] = (min(float(capacity), level + refund), at)
 
     def reset(self) -> None:
         with self._lock:
@@ -209,10 +237,20 @@ class _Plan:
         self.concurrency_key = f"rl:org:{organization.pk}:concurrent" if self.cap else None
         self.keys = [b.key for b in self.buckets] + ([self.concurrency_key] if self.concurrency_key else [])
         self.args = [x for b in self.buckets for x in (b.capacity, b.cost)] + [self.cap]
+        too_large = next((b for b in self.buckets if b.cost > b.capacity), None)
+        if too_large is not None:
+            raise request_too_large(too_large, "key" if too_large.key.startswith("rl:key:") else "organization")
 
     @property
     def empty(self) -> bool:
         return not self.buckets and not self.concurrency_key
+
+    def charged(self, decision: Decision) -> Decision:
+        """The decision, remembering (when allowed) which token buckets it charged and how much."""
+        if decision.allowed:
+            decision.token_buckets = tuple((b.key, b.capacity) for b in self.buckets if b.kind == "tokens")
+            decision.token_cost = next((b.cost for b in self.buckets if b.kind == "tokens"), 0)
+        return decision
 
 
 class RateLimiter:
@@ -242,7 +280,8 @@ class RateLimiter:
             return Decision(True)
         if self.redis is not None:
             try:
-                return decide(plan.buckets, self.script(keys=plan.keys, args=plan.args), plan.concurrency_key)
+                return plan.charged(decide(plan.buckets, self.script(keys=plan.keys, args=plan.args),
+                                           plan.concurrency_key))
             except Exception as exc:  # redis.ConnectionError, TimeoutError, ...
                 self._redis_failed(exc)
         return self._acquire_locally(plan)
@@ -255,7 +294,7 @@ class RateLimiter:
         if self.redis is not None:
             try:
                 answer = await self._async_script()(keys=plan.keys, args=plan.args)
-                return decide(plan.buckets, answer, plan.concurrency_key)
+                return plan.charged(decide(plan.buckets, answer, plan.concurrency_key))
             except Exception as exc:
                 self._redis_failed(exc)
         return self._acquire_locally(plan)
@@ -269,22 +308,22 @@ class RateLimiter:
 
     def _acquire_locally(self, plan: _Plan) -> Decision:
         answer = self.local.acquire(plan.buckets, plan.concurrency_key, plan.cap)
-        decision = decide(plan.buckets, answer, plan.concurrency_key)
+        decision = plan.charged(decide(plan.buckets, answer, plan.concurrency_key))
         decision.local = True
         return decision
 
-    async def release_async(self, decision: Decision) -> None:
-        key = decision.concurrency_key
-        if key is None:
+    async def release_async(self, decision: Decision, used_tokens: int | None = None) -> None:
+        """`release` on the event loop."""
+        work = self._release_work(decision, used_tokens)
+        if work is None:
             return
-        decision.concurrency_key = None
         if self.redis is not None and not decision.local:
             try:
-                await self._async_client().decr(key)
+                await self._async_client().eval(LUA_RELEASE, len(work[0]), *work[0], *work[1])
             except Exception as exc:  # the slot's key expires on its own (CONCURRENCY_TTL_S)
-                logger.warning("rate limiter: could not release %s in Redis: %s", key, exc)
+                logger.warning("rate limiter: could not release %s in Redis: %s", work[0], exc)
             return
-        self.local.release(key)
+        self.local.release(*work[2])
 
     def _async_client(self):
         import asyncio
@@ -301,20 +340,33 @@ class RateLimiter:
         self._async_client()
         return self._async[2]
 
-    def release(self, decision: Decision) -> None:
-        """Give back a concurrency slot taken by `acquire`."""
-        key = decision.concurrency_key
-        if key is None:
+    def release(self, decision: Decision, used_tokens: int | None = None) -> None:
+        """Give back the concurrency slot `acquire` took and refund the tokens-per-minute buckets what the
+        request did not use of its hold (`used_tokens`; None: it used nothing). Once per decision."""
+        work = self._release_work(decision, used_tokens)
+        if work is None:
             return
-        decision.concurrency_key = None  # once
         if self.redis is not None and not decision.local:
             try:
-                self.redis.decr(key)
-                return
+                self.redis.eval(LUA_RELEASE, len(work[0]), *work[0], *work[1])
             except Exception as exc:  # the slot's key expires on its own (CONCURRENCY_TTL_S)
-                logger.warning("rate limiter: could not release %s in Redis: %s", key, exc)
-                return
-        self.local.release(key)
+                logger.warning("rate limiter: could not release %s in Redis: %s", work[0], exc)
+            return
+        self.local.release(*work[2])
+
+    @staticmethod
+    def _release_work(decision: Decision, used_tokens: int | None):
+        """(script keys, script args, local-release args) for a release, or None when there is nothing to
+        give back; marks the decision released."""
+        refund = decision.token_cost - (used_tokens or 0)
+        buckets = decision.token_buckets if refund > 0 else ()
+        key = decision.concurrency_key
+        decision.concurrency_key, decision.token_buckets = None, ()
+        if key is None and not buckets:
+            return None
+        keys = [k for k, _ in buckets] + ([key] if key else [])
+        args = [refund, *(capacity for _, capacity in buckets), 1 if key else 0]
+        return keys, args, (key, buckets, refund)
 
 
 def rate_limit_error(decision: Decision) -> GatewayError:
@@ -330,6 +382,16 @@ def rate_limit_error(decision: Decision) -> GatewayError:
             f"Please try again in {format_duration(decision.retry_after_ms / 1000)}."
         )
     return GatewayError(429, message, decision.denied_kind or "requests", "rate_limit_exceeded", headers=headers)
+
+
+def request_too_large(bucket: Bucket, scope: str) -> GatewayError:
+    """A request whose hold exceeds a tokens-per-minute limit can never pass: OpenAI's wording, no retry."""
+    return GatewayError(
+        429,
+        f"Request too large for this {scope} on tokens per min (TPM): Limit {bucket.capacity}, Requested "
+        f"{bucket.cost}. The input or output tokens must be reduced in order to run successfully.",
+        "tokens", "rate_limit_exceeded", headers={"x-should-retry": "false"},
+    )
 
 
 _limiter: RateLimiter | None = None

@@ -28,20 +28,29 @@ class InferenceRequest:
     prompt_bound: int  # safe upper bound on prompt tokens (before the template overhead)
     max_completion_tokens: int | None
     n: int  # choices over all prompts (n x prompts on completions; inputs on embeddings)
+    request: Any  # the validated body (engine.schema's request model)
     usage_endpoint: str | None = None  # the usage record's endpoint when not `endpoint` (responses: chat)
+    default_max_tokens: int | None = None  # set by `reservation`: the max_tokens the gateway sends when absent
 
-    def reservation(self, context_length: int, overhead: int) -> int:
-        """Tokens to hold: prompt bound + n × max completion, never more than n × context length.
+    def reservation(self, context_length: int, prompt_tokens: int | None, overhead: int, default_max_tokens: int) -> int:
+        """Tokens to hold: the prompt + n × the completion's bound, never more than n × context length.
 
-        Each choice's prompt + completion fits the context, so n × context is a bound on its own;
-        the byte-count prompt bound holds for byte-level BPE (every token is at least one byte).
+        The prompt is `prompt_tokens` when counted exactly (inference/prompt_count.py), else the byte-count
+        bound plus `overhead` (it holds for byte-level BPE: every token is at least one byte). Without
+        max_tokens, a counted chat prompt is held with `default_max_tokens` per choice (capped by what the
+        context leaves), which the gateway then sends as max_tokens; uncounted, the whole context.
+        Each choice's prompt + completion fits the context, so n × context is a bound on its own.
         """
         ceiling = self.n * context_length
-        if self.max_completion_tokens is None:
+        completion = self.max_completion_tokens
+        if completion is None and prompt_tokens is not None and default_max_tokens:
+            completion = self.default_max_tokens = max(1, min(default_max_tokens, context_length - prompt_tokens))
+        if completion is None:
             return ceiling
-        if self.endpoint == "embeddings":
-            overhead = 0  # no template: the bound counts the special tokens already
-        return min(self.prompt_bound + overhead + self.n * self.max_completion_tokens, ceiling)
+        prompt = prompt_tokens if prompt_tokens is not None else self.prompt_bound + overhead
+        if prompt_tokens is None and self.endpoint == "embeddings":
+            prompt = self.prompt_bound  # no template: the bound counts the special tokens already
+        return min(prompt + self.n * completion, ceiling)
 
 
 def _validated(parse, body: Any):
@@ -56,7 +65,7 @@ def parse_chat(body: Any) -> InferenceRequest:
     # every field the template renders (texts, names, tool calls, tool definitions and their instructions)
     prompt_bytes = request.prompt_bytes() + PER_MESSAGE_OVERHEAD_TOKENS * len(request.messages)
     return InferenceRequest("chat/completions", body, request.model, bool(request.stream), request.include_usage,
-                            prompt_bytes, request.max_completion, request.n or 1)
+                            prompt_bytes, request.max_completion, request.n or 1, request)
 
 
 def parse_completion(body: Any) -> InferenceRequest:
@@ -66,7 +75,7 @@ def parse_completion(body: Any) -> InferenceRequest:
     prompts = request.prompt_list()
     prompt_bound = sum(len(p) if isinstance(p, list) else len(p.encode()) + 1 for p in prompts)
     return InferenceRequest("completions", body, request.model, bool(request.stream), request.include_usage,
-                            prompt_bound, request.max_completion, (request.n or 1) * len(prompts))
+                            prompt_bound, request.max_completion, (request.n or 1) * len(prompts), request)
 
 
 BERT_SPECIAL_TOKENS = 2  # [CLS] and [SEP]: what an encoder's tokenizer adds around each string input
@@ -79,4 +88,4 @@ def parse_embedding(body: Any) -> InferenceRequest:
     # generated (max completion 0), and no input may exceed the context: n x context bounds it too.
     inputs = request.inputs()
     prompt_bound = sum(len(x) if isinstance(x, list) else len(x.encode()) + BERT_SPECIAL_TOKENS for x in inputs)
-    return InferenceRequest("embeddings", body, request.model, False, False, prompt_bound, 0, len(inputs))
+    return InferenceRequest("embeddings", body, request.model, False, False, prompt_bound, 0, len(inputs), request)

@@ -30,7 +30,7 @@ from engine import schema
 from maas import telemetry
 from maas.logging import bind_request_id
 
-from . import metrics, pgasync, proxy, quotas, responses
+from . import metrics, pgasync, prompt_count, proxy, quotas, responses
 from .catalog import CatalogEntry, Upstream, catalog
 from .errors import GatewayError, error_response, invalid_api_key, service_unavailable
 from .models import UsageRecord, UsageStatus
@@ -298,6 +298,7 @@ class Forward:
         self.upstream: Upstream = admission.upstream
         self.meter = proxy.Meter()
         self.settled = False
+        self.reached_engine = False  # an engine accepted it (200): it did work, which is billed
 
     def payload(self) -> bytes:
         body = dict(self.inference.body)
@@ -306,6 +307,8 @@ class Forward:
             body["cache_salt"] = self.caller.organization.cache_salt
         if self.inference.endpoint == "chat/completions":
             body["tool_format"] = self.entry.model.tool_format  # the catalog decides how tools are prompted
+        if self.inference.default_max_tokens is not None:
+            body["max_tokens"] = self.inference.default_max_tokens  # what the hold allows (no max_tokens given)
         if self.inference.stream:
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         return json.dumps(body).encode()
@@ -316,11 +319,12 @@ class Forward:
         except BaseException:
             await self.finish()
             raise
+        self.reached_engine = response.status_code == 200
         if not self.inference.stream:
             try:
                 return await self.read_whole(response)
             finally:
-                await self.finish()
+                await self.finish_shielded()
         if response.status_code != 200:
             try:
                 error = proxy.upstream_error_response(response.status_code, await response.aread())
@@ -363,6 +367,9 @@ class Forward:
         try:
             try:
                 content = await response.aread()
+            except asyncio.CancelledError:  # the client left: the engine aborts; what it did is billed
+                self.meter.status, self.meter.http_status = UsageStatus.CLIENT_DISCONNECTED, 499
+                raise
             except httpx.HTTPError as exc:  # after the response began: the engine's failure, never retried
                 self.meter.status, error = proxy.upstream_failure(exc)
                 self.meter.http_status = error.status
@@ -396,13 +403,16 @@ class Forward:
                 yield part
         finally:
             catalog.finished(self.upstream)
-            # Shielded: a client that disconnects cancels the stream, never the settlement.
-            task = asyncio.ensure_future(self.finish())
-            _background.add(task)
-            task.add_done_callback(_background.discard)
-            await asyncio.shield(task)
+            await self.finish_shielded()
         if self.meter.done:
             yield b"data: [DONE]\n\n"  # only once the usage is recorded
+
+    async def finish_shielded(self) -> None:
+        """`finish`, shielded: a client that disconnects cancels the response, never the settlement."""
+        task = asyncio.ensure_future(self.finish())
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+        await asyncio.shield(task)
 
     async def finish(self) -> None:
         """Settle the hold and write the one usage record (idempotent)."""
@@ -411,8 +421,8 @@ class Forward:
         self.settled = True
         meter = self.meter
         try:
-            if not meter.usage_reported and meter.completion_tokens:
-                await proxy.count_cut_stream(self.upstream, self.inference.body, meter, self.request_id)
+            if not meter.usage_reported and self.reached_engine:
+                await self.count_unreported()
             prompt = meter.prompt_tokens or 0
             model = self.entry.model
             key, organization = self.caller.api_key, self.caller.organization
@@ -450,7 +460,7 @@ class Forward:
                     try:
                         await quotas.settle_async(self.hold, prompt + meter.completion_tokens, record, key)
                     finally:
-                        await get_limiter().release_async(self.decision)
+                        await get_limiter().release_async(self.decision, prompt + meter.completion_tokens)
                 else:
                     await in_worker_thread(settle_and_release)(
                         self.hold, prompt + meter.completion_tokens, record, key, self.decision
@@ -460,10 +470,21 @@ class Forward:
             logger.exception("could not settle %s; its reservation expires on its own", self.request_id)
 
 
+    async def count_unreported(self) -> None:
+        """Work the engine did without reporting its usage (client gone, stream cut, engine dead): counted
+        with the replica's tokenizer here when the gateway has it, else by asking the replica."""
+        builder = prompt_count.cached(self.upstream) or None
+        tool_format = self.entry.model.tool_format if self.inference.endpoint == "chat/completions" else None
+        if builder is not None:
+            prompt_count.count_cut(builder, self.inference, tool_format, self.meter)
+        elif self.meter.completion_tokens:
+            await proxy.count_cut_stream(self.upstream, self.inference.body, self.meter, self.request_id)
+
+
 def settle_and_release(hold, used, record, key, decision: Decision) -> None:
-    """Settle in the database and give back the concurrency slot."""
+    """Settle in the database, give back the concurrency slot and refund the unused tokens per minute."""
     try:
         quotas.settle(hold, used, record, key)
     finally:
-        get_limiter().release(decision)
+        get_limiter().release(decision, used)
 

@@ -348,6 +348,17 @@ GATEWAY_RESERVATION_TTL_SECONDS = env_int("GATEWAY_RESERVATION_TTL_SECONDS", 900
 GATEWAY_PROMPT_OVERHEAD_TOKENS = env_int("GATEWAY_PROMPT_OVERHEAD_TOKENS", 256)
 # /v1/responses: stored responses (store: true, the default) are kept this long, then purged.
 RESPONSES_RETENTION_DAYS = env_int("RESPONSES_RETENTION_DAYS", 30)
+# Count prompts exactly with the tokenizer each replica publishes (inference/prompt_count.py); the byte
+# bound above applies only while a replica's tokenizer is unknown.
+GATEWAY_EXACT_PROMPT_COUNT = env_bool("GATEWAY_EXACT_PROMPT_COUNT", default=True)
+GATEWAY_TOKENIZER_TIMEOUT = env_float("GATEWAY_TOKENIZER_TIMEOUT", 10.0)
+GATEWAY_TOKENIZER_RETRY_SECONDS = env_float("GATEWAY_TOKENIZER_RETRY_SECONDS", 60.0)
+# A chat request without max_tokens is held (and sent to the engine) with this bound per choice, capped by
+# what the context leaves after the counted prompt; 0: hold the whole context instead.
+GATEWAY_DEFAULT_MAX_TOKENS = env_int("GATEWAY_DEFAULT_MAX_TOKENS", 4096)
+# When the quota's room is held by requests in flight (not used up), wait this long for it to free before
+# answering a retryable 429.
+GATEWAY_QUOTA_WAIT_SECONDS = env_float("GATEWAY_QUOTA_WAIT_SECONDS", 5.0)
 GATEWAY_RATELIMIT_USE_REDIS = env_bool("GATEWAY_RATELIMIT_USE_REDIS", default=bool(REDIS_URL))
 GATEWAY_RATELIMIT_ON_REDIS_ERROR = os.environ.get("GATEWAY_RATELIMIT_ON_REDIS_ERROR", "refuse")  # or "local"
 # Organizations without their own limits get these (0: no limit, and no x-ratelimit-* headers).

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from engine.layers.linear import QuantSpec
-from engine.loader.tokenizer import Tokenizer
 from engine.models.llama import LlamaConfig, LlamaForCausalLM
+from engine.tokenizer import Tokenizer
 
 
 class ModelLoadError(Exception):

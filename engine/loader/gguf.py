@@ -18,8 +18,8 @@ from tokenizers import Tokenizer as BackendTokenizer
 
 from engine.layers.linear import QuantSpec
 from engine.loader import LoadedModel, ModelLoadError, build_model, model_spec, resident_bytes, unique_ids
-from engine.loader.tokenizer import Tokenizer
 from engine.models.llama import ARCHITECTURES, LlamaConfig
+from engine.tokenizer import Tokenizer
 
 # GGUF tensor name pieces -> HF names.
 _GLOBAL_NAMES = {

@@ -20,8 +20,8 @@ from engine.loader import (
     resident_bytes,
     unique_ids,
 )
-from engine.loader.tokenizer import SPECIAL_TOKEN_NAMES, Tokenizer, select_chat_template, token_content
 from engine.models.llama import LlamaConfig
+from engine.tokenizer import SPECIAL_TOKEN_NAMES, Tokenizer, select_chat_template, token_content
 
 # HF model_type -> our architecture name.
 MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}

@@ -23,17 +23,26 @@ MESSAGES = [{"role": "user", "content": "héllo"}]  # 6 bytes of UTF-8
 
 def test_reservation_arithmetic():
     chat = parse_chat({"model": "m", "messages": MESSAGES, "max_tokens": 10})
-    # bytes of content + role + per-message overhead, then the template overhead and the completion
+    # uncounted: bytes of content + role + per-message overhead, then the template overhead and the completion
     assert chat.prompt_bound == 6 + 4 + 8
-    assert chat.reservation(context_length=2048, overhead=256) == 18 + 256 + 10
-    assert chat.reservation(context_length=100, overhead=256) == 100  # never more than the context
+    assert chat.reservation(2048, None, overhead=256, default_max_tokens=4096) == 18 + 256 + 10
+    assert chat.reservation(100, None, overhead=256, default_max_tokens=4096) == 100  # never more than the context
+    assert chat.reservation(2048, 12, overhead=256, default_max_tokens=4096) == 12 + 10  # counted: exact
+    assert chat.default_max_tokens is None  # max_tokens was given: nothing to add to the body
     unbounded = parse_chat({"model": "m", "messages": MESSAGES, "n": 3})
-    assert unbounded.reservation(context_length=2048, overhead=256) == 3 * 2048
+    assert unbounded.reservation(2048, None, overhead=256, default_max_tokens=4096) == 3 * 2048
+    assert unbounded.default_max_tokens is None  # uncounted: the whole context, and the body unchanged
+    assert unbounded.reservation(2048, 12, overhead=256, default_max_tokens=1000) == 12 + 3 * 1000
+    assert unbounded.default_max_tokens == 1000  # sent to the engine as max_tokens
+    assert unbounded.reservation(2048, 1500, overhead=256, default_max_tokens=1000) == 1500 + 3 * 548
+    assert unbounded.default_max_tokens == 548  # what the context leaves
+    whole = parse_chat({"model": "m", "messages": MESSAGES})
+    assert whole.reservation(2048, 12, overhead=256, default_max_tokens=0) == 2048  # default off: the context
     two = parse_chat({"model": "m", "messages": MESSAGES, "max_completion_tokens": 10, "n": 2})
-    assert two.reservation(context_length=2048, overhead=0) == 18 + 2 * 10
+    assert two.reservation(2048, None, overhead=0, default_max_tokens=4096) == 18 + 2 * 10
     legacy = parse_completion({"model": "m", "prompt": [1, 2, 3]})
     assert legacy.max_completion_tokens == 16  # OpenAI's default, the engine's too (one schema)
-    assert legacy.reservation(context_length=2048, overhead=0) == 3 + 16
+    assert legacy.reservation(2048, None, overhead=0, default_max_tokens=4096) == 3 + 16
 
 
 @pytest.fixture
@@ -51,13 +60,17 @@ def test_hold_settle_and_refusal(org):
     entitlement.refresh_from_db()
     assert (entitlement.tokens_used, entitlement.tokens_reserved) == (0, 600)
     with pytest.raises(GatewayError) as err:
-        quotas.reserve([entitlement], 500, "req_b")  # 600 held + 500 > 1000
-    assert (err.value.status, err.value.code) == (429, "insufficient_quota")
-    assert err.value.headers["x-should-retry"] == "false"
+        quotas.reserve([entitlement], 500, "req_b")  # 600 held + 500 > 1000, but nothing is used yet
+    assert (err.value.status, err.value.code) == (429, "quota_in_flight")  # the room is held, not spent
+    assert err.value.headers["x-should-retry"] == "true" and err.value.headers["retry-after"] == "1"
     quotas.settle(hold, 120, None)
     entitlement.refresh_from_db()
     assert (entitlement.tokens_used, entitlement.tokens_reserved) == (120, 0)
     assert not Reservation.objects.exists()
+    with pytest.raises(GatewayError) as err:
+        quotas.reserve([entitlement], 881, "req_c")  # 120 used + 881 > 1000 with nothing in flight
+    assert (err.value.status, err.value.code) == (429, "insufficient_quota")
+    assert err.value.headers["x-should-retry"] == "false"
     quotas.reserve([entitlement], 880, "req_c")  # exactly what is left
 
 

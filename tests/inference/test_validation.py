@@ -77,7 +77,7 @@ def test_a_batch_of_prompts_holds_quota_for_every_prompt_and_choice():
     request = parse_completion({"model": "m", "prompt": prompts, "n": 2, "max_tokens": 10})
     assert request.n == 6  # one engine request per prompt, n choices each
     assert request.prompt_bound == sum(len(p.encode()) + 1 for p in prompts)  # + a special token each
-    assert request.reservation(context_length=100, overhead=0) == request.prompt_bound + 6 * 10
+    assert request.reservation(100, None, overhead=0, default_max_tokens=0) == request.prompt_bound + 6 * 10
     ids = parse_completion({"model": "m", "prompt": [[1, 2, 3], [4]], "max_tokens": 5})
     assert ids.n == 2 and ids.prompt_bound == 4  # token ids are the tokens: nothing is added to them
     single = parse_completion({"model": "m", "prompt": "abc", "n": 3, "max_tokens": 5})
