@@ -18,9 +18,9 @@ from engine.failures import RequestFailedError, install_test_fault
 from engine.llm_engine import ContextLengthError
 from engine.loader import ModelLoadError
 from engine.loader.encoder import demo_embedding_model_path, is_encoder_directory, load_encoder
-from engine.loader.tokenizer import Tokenizer
 from engine.pooling import PoolingConfigError, pool, read_pooling
 from engine.sampling_params import SamplingParamError
+from engine.tokenizer import Tokenizer
 from tests.engine.checkpoints import tiny_checkpoint
 
 torch.set_num_threads(2)

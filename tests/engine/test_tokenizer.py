@@ -14,7 +14,7 @@ import pytest
 from engine.loader import load_model
 from engine.loader.gguf import GGUFMetadata, build_tokenizer
 from engine.loader.hf import load_tokenizer
-from engine.loader.tokenizer import Tokenizer
+from engine.tokenizer import Tokenizer
 from tests.engine.checkpoints import (
     load_reference_tokenizer,
     smollm2_gguf_path,
