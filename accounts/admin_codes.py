@@ -260,8 +260,14 @@ class EntitlementForm(forms.ModelForm):
             return None
         if quota < 1:
             raise forms.ValidationError("The quota must be a positive number of tokens (empty: unlimited).")
-        if self.instance.pk and quota < self.instance.tokens_used:
-            raise forms.ValidationError(f"{self.instance.tokens_used:,} tokens are already used; the quota cannot be lower.")
+        if self.instance.pk:
+            # The counters as they are now (the gateway moves them while the form is open).
+            used, reserved = Entitlement.objects.filter(pk=self.instance.pk).values_list(
+                "tokens_used", "tokens_reserved").get()
+            if quota < used + reserved:
+                raise forms.ValidationError(
+                    f"{used:,} tokens are used and {reserved:,} held by requests in flight; the quota cannot be "
+                    f"lower than {used + reserved:,}.")
         return quota
 
     def clean(self):
@@ -319,6 +325,14 @@ class EntitlementAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False  # revoke instead: usage records refer to entitlements
+
+    def save_model(self, request, obj, form, change):
+        """An edit writes only the fields the form edits: the usage counters the gateway moves meanwhile
+        are never written back from the form's stale copy."""
+        if change:
+            obj.save(update_fields=[f for f in EntitlementForm.Meta.fields if f != "organization"])
+        else:
+            obj.save()
 
     @admin.action(description="Revoke selected entitlements (effective on the next request)", permissions=["change"])
     def revoke_entitlements(self, request, queryset):

@@ -388,6 +388,13 @@ def usage_insert() -> tuple[list, str]:
     return fields, f"INSERT INTO {USAGE} ({columns}) VALUES ({placeholders})"
 
 
+# What a settlement adds to tokens_used: the charge, cut to what the quota still allows when an operator
+# lowered the quota below used + reserved meanwhile (the usage record keeps the full count), so the
+# statement never violates entitlement_usage_within_quota and never loses the usage record.
+CHARGE_SQL = ("CASE WHEN {e}token_quota IS NULL OR {e}token_quota - {e}tokens_used >= %s THEN %s"
+              " WHEN {e}token_quota > {e}tokens_used THEN {e}token_quota - {e}tokens_used ELSE 0 END")
+
+
 def settle(hold: Hold | None, used: int, record: UsageRecord | None, touch_key: APIKey | None = None) -> None:
     """Charge `used` tokens, release the rest of the hold, write the usage record and mark the key used,
     atomically: on PostgreSQL one statement (one round trip), elsewhere one transaction."""
@@ -406,9 +413,9 @@ def settle(hold: Hold | None, used: int, record: UsageRecord | None, touch_key: 
             cursor.execute(f"DELETE FROM {RESERVATIONS} WHERE id = %s", [hold.reservation_id])
             if cursor.rowcount:
                 cursor.execute(
-                    f"UPDATE {ENTITLEMENTS} SET tokens_reserved = tokens_reserved - %s, tokens_used = tokens_used + %s"
-                    " WHERE id = %s",
-                    [hold.tokens, charge, hold.entitlement_id],
+                    f"UPDATE {ENTITLEMENTS} SET tokens_reserved = tokens_reserved - %s,"
+                    f" tokens_used = tokens_used + {CHARGE_SQL.format(e='')} WHERE id = %s",
+                    [hold.tokens, charge, charge, hold.entitlement_id],
                 )
             elif charge:
                 charge_expired_hold(hold, charge)
@@ -424,11 +431,12 @@ def settle_statement(hold: Hold, charge: int, record: UsageRecord, touch_key, to
     return (
         f"WITH released AS (DELETE FROM {RESERVATIONS} WHERE id = %s RETURNING tokens),"
         f" charged AS (UPDATE {ENTITLEMENTS} e SET tokens_reserved = e.tokens_reserved - released.tokens,"
-        " tokens_used = e.tokens_used + %s FROM released WHERE e.id = %s RETURNING e.id),"
+        f" tokens_used = e.tokens_used + {CHARGE_SQL.format(e='e.')} FROM released WHERE e.id = %s RETURNING e.id),"
         f" touched AS (UPDATE {API_KEYS} SET last_used_at = %s WHERE id = %s AND %s RETURNING id),"
         f" recorded AS ({insert_sql} RETURNING id)"
         " SELECT (SELECT count(*) FROM released), (SELECT count(*) FROM recorded)",
-        [hold.reservation_id, charge, hold.entitlement_id, now, touch_key.pk if touch_key else None, touch, *insert_params],
+        [hold.reservation_id, charge, charge, hold.entitlement_id, now, touch_key.pk if touch_key else None, touch,
+         *insert_params],
     )
 
 

@@ -239,7 +239,7 @@ def test_entitlement_quota_cannot_drop_below_usage(admin_client, alice):
     entitlement = Entitlement.objects.create(organization=alice[1], token_quota=1000, tokens_used=600)
     response = admin_client.post(f"{ENTITLEMENTS}{entitlement.pk}/change/", entitlement_form(alice[1], token_quota="500"))
     assert response.status_code == 200
-    assert "600 tokens are already used" in response.content.decode()
+    assert "600 tokens are used and 0 held by requests in flight" in response.content.decode()
     entitlement.refresh_from_db()
     assert entitlement.token_quota == 1000
 
