@@ -565,6 +565,22 @@ async def admit_request_async(
     return Admission(caller, entry, upstream, decision, hold)
 
 
+def extend_statement(hold: Hold) -> tuple[str, list]:
+    expires_at = timezone.now() + timedelta(seconds=settings.GATEWAY_RESERVATION_TTL_SECONDS)
+    return f"UPDATE {RESERVATIONS} SET expires_at = %s WHERE id = %s", [expires_at, hold.reservation_id]
+
+
+def extend_hold(hold: Hold) -> None:
+    """Push a live request's hold expiry a full TTL ahead, so the sweep never releases the hold of a
+    request still running (it releases those of crashed requests, which stop extending theirs)."""
+    with connection.cursor() as cursor:
+        cursor.execute(*extend_statement(hold))
+
+
+async def extend_hold_async(hold: Hold) -> None:
+    await pgasync.fetchall(*extend_statement(hold))
+
+
 def expire_reservations(now=None) -> int:
     """Release holds whose request never settled (crashed worker); returns how many were released."""
     now = now or timezone.now()

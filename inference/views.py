@@ -299,6 +299,7 @@ class Forward:
         self.meter = proxy.Meter()
         self.settled = False
         self.reached_engine = False  # an engine accepted it (200): it did work, which is billed
+        self.heartbeat: asyncio.Future | None = None  # keeps the hold from expiring while the answer runs
 
     def payload(self) -> bytes:
         body = dict(self.inference.body)
@@ -320,6 +321,7 @@ class Forward:
             await self.finish()
             raise
         self.reached_engine = response.status_code == 200
+        self.heartbeat = asyncio.ensure_future(self.keep_hold())
         if not self.inference.stream:
             try:
                 return await self.read_whole(response)
@@ -414,11 +416,26 @@ class Forward:
         task.add_done_callback(_background.discard)
         await asyncio.shield(task)
 
+    async def keep_hold(self) -> None:
+        """Every third of the reservation TTL, extend the hold: a long answer keeps it until settlement."""
+        period = settings.GATEWAY_RESERVATION_TTL_SECONDS / 3
+        while True:
+            await asyncio.sleep(period)
+            try:
+                if pgasync.available():
+                    await quotas.extend_hold_async(self.hold)
+                else:
+                    await in_worker_thread(quotas.extend_hold)(self.hold)
+            except Exception:  # noqa: BLE001 - tried again next period; the sweep is minutes away
+                logger.warning("could not extend the hold of %s", self.request_id, exc_info=True)
+
     async def finish(self) -> None:
         """Settle the hold and write the one usage record (idempotent)."""
         if self.settled:
             return
         self.settled = True
+        if self.heartbeat is not None:
+            self.heartbeat.cancel()
         meter = self.meter
         try:
             if not meter.usage_reported and self.reached_engine:

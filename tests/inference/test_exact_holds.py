@@ -8,19 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
 
 import httpx
 import openai
 import pytest
 
 from accounts.models import Entitlement
-from inference import prompt_count
+from inference import prompt_count, quotas
 from inference.catalog import catalog
 from inference.models import Reservation, UsageRecord
 from inference.quotas import hold_size
 from inference.validation import parse_chat, parse_completion
+from tests.processes import stop
 
-from .conftest import add_model, make_tenant
+from .conftest import add_model, make_tenant, start_gateway
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -137,3 +139,37 @@ def test_the_unused_part_of_a_hold_is_refunded_to_the_tokens_per_minute_bucket(g
         answer = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Hi"}],
                                                 max_tokens=300, temperature=0, stop=["\n", ".", "!", "?"])
         assert answer.usage.total_tokens < 150
+
+
+@pytest.fixture
+def short_ttl_gateway(django_db_setup, redis_clean):
+    """A gateway whose holds expire 3 s after their last extension."""
+    url, process = start_gateway(GATEWAY_RESERVATION_TTL_SECONDS="3")
+    yield url
+    stop(process)
+
+
+def test_a_running_stream_keeps_its_hold_past_the_expiry_sweep(short_ttl_gateway, smollm2):
+    """A stream running far longer than the reservation TTL: the sweep (run here every second, as Celery
+    beat would) never releases its hold, so nobody else can take its room and its settlement charges
+    everything it generated."""
+    tenant = make_tenant(token_quota=2000)
+    client = openai.OpenAI(base_url=f"{short_ttl_gateway}/v1", api_key=tenant.raw_key, max_retries=0, timeout=300)
+    started = time.monotonic()
+    released = 0
+    with client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Tell a story."}],
+                                        max_tokens=300, temperature=0, stream=True, extra_body={"ignore_eos": True},
+                                        stream_options={"include_usage": True}) as stream:
+        last_sweep = started
+        for chunk in stream:
+            if time.monotonic() - last_sweep > 1:
+                released += quotas.expire_reservations()
+                last_sweep = time.monotonic()
+            if chunk.usage:
+                usage = chunk.usage
+    assert time.monotonic() - started > 6  # two TTLs at least: the hold was extended
+    assert released == 0
+    entitlement = Entitlement.objects.get(pk=tenant.entitlement.pk)
+    record = UsageRecord.objects.get(organization=tenant.organization)
+    assert record.completion_tokens == usage.completion_tokens == 300
+    assert entitlement.tokens_used == usage.total_tokens and entitlement.tokens_reserved == 0
