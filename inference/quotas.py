@@ -521,7 +521,7 @@ def admit_request(
         caller = admit_credential(credential)
     entry, entitlements, upstream = _route(caller, inference, invalid, labels)
     tokens = hold_size(inference, entry, prompt_count.builder_for(upstream))
-    decision = limiter.acquire(caller.api_key, caller.organization, tokens)
+    decision = limiter.acquire(caller.api_key, caller.organization, tokens, request_id)
     if not decision.allowed:
         raise rate_limit_error(decision)
     try:
@@ -549,7 +549,7 @@ async def admit_request_async(
     if builder is False:  # first request to this replica (or due again): fetch its tokenizer off the loop
         builder = await sync_to_async(prompt_count.fetch, thread_sensitive=False)(upstream)
     tokens = hold_size(inference, entry, builder)
-    decision = await limiter.acquire_async(caller.api_key, caller.organization, tokens)
+    decision = await limiter.acquire_async(caller.api_key, caller.organization, tokens, request_id)
     if not decision.allowed:
         raise rate_limit_error(decision)
     try:

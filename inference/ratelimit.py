@@ -14,6 +14,7 @@ import logging
 import math
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 
 from django.conf import settings
@@ -24,16 +25,19 @@ logger = logging.getLogger(__name__)
 
 WINDOW_MS = 60_000
 BUCKET_TTL_MS = 2 * WINDOW_MS
-CONCURRENCY_TTL_S = 3600
 
 # KEYS: bucket keys, then the concurrency key (or none). ARGV: capacity and cost per bucket, then the
-# concurrency cap (0: none). Returns {allowed, wait_ms, denied_by, remaining_1, reset_ms_1, ...};
-# denied_by is the 1-based bucket index, or n+1 for the concurrency cap.
+# concurrency cap (0: none), the request's slot id and the slot's lifetime in ms. Returns {allowed,
+# wait_ms, denied_by, remaining_1, reset_ms_1, ...}; denied_by is the 1-based bucket index, or n+1 for
+# the concurrency cap. The concurrency slots are a sorted set of slot ids scored by expiry: a slot whose
+# request never released it (crashed worker) drops out once it expires, whatever traffic follows; live
+# requests push their slot's expiry ahead (LUA_EXTEND).
 LUA_ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local n = #KEYS
-local cap_concurrency = tonumber(ARGV[#ARGV])
+local cap_concurrency = tonumber(ARGV[#ARGV - 2])
+local slot, slot_ttl = ARGV[#ARGV - 1], tonumber(ARGV[#ARGV])
 if cap_concurrency > 0 then n = n - 1 end
 local levels = {}
 local allowed = 1
@@ -56,8 +60,8 @@ for i = 1, n do
   end
 end
 if allowed == 1 and cap_concurrency > 0 then
-  local current = tonumber(redis.call('GET', KEYS[n + 1]) or '0')
-  if current >= cap_concurrency then allowed = 0; denied_by = n + 1; wait = 1000 end
+  redis.call('ZREMRANGEBYSCORE', KEYS[n + 1], '-inf', now)
+  if redis.call('ZCARD', KEYS[n + 1]) >= cap_concurrency then allowed = 0; denied_by = n + 1; wait = 1000 end
 end
 local out = {allowed, math.ceil(wait), denied_by}
 for i = 1, n do
@@ -70,28 +74,39 @@ for i = 1, n do
   out[#out + 1] = math.ceil((cap - v) / (cap / 60000.0))
 end
 if allowed == 1 and cap_concurrency > 0 then
-  redis.call('INCR', KEYS[n + 1])
-  redis.call('EXPIRE', KEYS[n + 1], CONCURRENCY_TTL_S)
+  redis.call('ZADD', KEYS[n + 1], now + slot_ttl, slot)
+  redis.call('PEXPIRE', KEYS[n + 1], slot_ttl)
 end
 return out
-""".replace("BUCKET_TTL_MS", str(BUCKET_TTL_MS)).replace("CONCURRENCY_TTL_S", str(CONCURRENCY_TTL_S))
+""".replace("BUCKET_TTL_MS", str(BUCKET_TTL_MS))
+
+# KEYS: the concurrency key. ARGV: the slot id and its lifetime in ms. A live request's slot expires later.
+LUA_EXTEND = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if redis.call('ZADD', KEYS[1], 'XX', 'CH', now + tonumber(ARGV[2]), ARGV[1]) then
+  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
+end
+return 1
+"""
 
 
 # KEYS: the token buckets to refund, then the concurrency key (or none). ARGV: the refund, each bucket's
-# capacity, then 1 if there is a concurrency key. A refund never lifts a bucket above its capacity.
+# capacity, then the slot id ('' without a concurrency key). A refund never lifts a bucket above its
+# capacity.
 LUA_RELEASE = """
 local refund = tonumber(ARGV[1])
-local has_slot = tonumber(ARGV[#ARGV])
+local slot = ARGV[#ARGV]
 local n = #KEYS
-if has_slot == 1 then n = n - 1 end
+if slot ~= '' then n = n - 1 end
 for i = 1, n do
   local v = tonumber(redis.call('HGET', KEYS[i], 'v'))
   if v ~= nil then
     redis.call('HSET', KEYS[i], 'v', tostring(math.min(tonumber(ARGV[i + 1]), v + refund)))
   end
 end
-if has_slot == 1 and redis.call('DECR', KEYS[n + 1]) < 0 then
-  redis.call('SET', KEYS[n + 1], 0)
+if slot ~= '' then
+  redis.call('ZREM', KEYS[n + 1], slot)
 end
 return 1
 """
@@ -129,6 +144,7 @@ class Decision:
     denied_kind: str | None = None  # "requests", "tokens" or "concurrency"
     headers: dict[str, str] = field(default_factory=dict)
     concurrency_key: str | None = None
+    concurrency_slot: str = ""  # this request's member of the concurrency set
     local: bool = False  # decided by this process's buckets (no Redis)
     token_buckets: tuple[tuple[str, int], ...] = ()  # (key, capacity) of the tokens-per-minute buckets charged
     token_cost: int = 0  # what each of them was charged (the hold); the unused part is refunded on release
@@ -182,9 +198,10 @@ class LocalLimiter:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._levels: dict[str, tuple[float, float]] = {}
-        self._concurrent: dict[str, int] = {}
+        self._slots: dict[str, dict[str, float]] = {}  # concurrency key -> {slot id: expiry (ms)}
 
-    def acquire(self, buckets: list[Bucket], concurrency_key: str | None, concurrency_cap: int) -> list[int]:
+    def acquire(self, buckets: list[Bucket], concurrency_key: str | None, concurrency_cap: int, slot: str = "",
+                slot_ttl_ms: int = 0) -> list[int]:
         now = time.monotonic() * 1000
         with self._lock:
             levels, allowed, wait, denied_by = [], 1, 0.0, 0
@@ -198,7 +215,10 @@ class LocalLimiter:
                     w = (b.cost - v) / rate
                     if w > wait:
                         wait, denied_by = w, i + 1
-            if allowed and concurrency_key and self._concurrent.get(concurrency_key, 0) >= concurrency_cap:
+            slots = self._slots.setdefault(concurrency_key, {}) if concurrency_key else {}
+            for stale in [k for k, expiry in slots.items() if expiry <= now]:
+                del slots[stale]  # a crashed request's slot
+            if allowed and concurrency_key and len(slots) >= concurrency_cap:
                 allowed, denied_by, wait = 0, len(buckets) + 1, 1000
             out = [allowed, math.ceil(wait), denied_by]
             for b, v in zip(buckets, levels, strict=True):
@@ -207,14 +227,20 @@ class LocalLimiter:
                 self._levels[b.key] = (v, now)
                 out += [math.floor(v), math.ceil((b.capacity - v) / (b.capacity / WINDOW_MS))]
             if allowed and concurrency_key:
-                self._concurrent[concurrency_key] = self._concurrent.get(concurrency_key, 0) + 1
+                slots[slot] = now + slot_ttl_ms
             return out
 
-    def release(self, concurrency_key: str | None, token_buckets: tuple[tuple[str, int], ...] = (),
+    def extend(self, concurrency_key: str, slot: str, slot_ttl_ms: int) -> None:
+        with self._lock:
+            slots = self._slots.get(concurrency_key, {})
+            if slot in slots:
+                slots[slot] = time.monotonic() * 1000 + slot_ttl_ms
+
+    def release(self, concurrency_key: str | None, slot: str = "", token_buckets: tuple[tuple[str, int], ...] = (),
                 refund: int = 0) -> None:
         with self._lock:
             if concurrency_key is not None:
-                self._concurrent[concurrency_key] = max(self._concurrent.get(concurrency_key, 0) - 1, 0)
+                self._slots.get(concurrency_key, {}).pop(slot, None)
             for key, capacity in token_buckets if refund > 0 else ():
                 if key in self._levels:
                     level, at = self._levels[key]
@@ -223,20 +249,22 @@ class LocalLimiter:
     def reset(self) -> None:
         with self._lock:
             self._levels.clear()
-            self._concurrent.clear()
+            self._slots.clear()
 
 
 class _Plan:
     """What one request asks of the limiter: its buckets, the concurrency slot, and the script's arguments."""
 
-    __slots__ = ("buckets", "cap", "concurrency_key", "keys", "args")
+    __slots__ = ("buckets", "cap", "concurrency_key", "slot", "slot_ttl_ms", "keys", "args")
 
-    def __init__(self, api_key, organization, tokens: int) -> None:
+    def __init__(self, api_key, organization, tokens: int, slot: str | None = None) -> None:
         self.buckets = buckets_for(api_key, organization, tokens)
         self.cap = organization.max_concurrent_requests or 0
-        self.concurrency_key = f"rl:org:{organization.pk}:concurrent" if self.cap else None
+        self.concurrency_key = f"rl:org:{organization.pk}:slots" if self.cap else None
+        # A slot lives as long as a quota hold: the request extends both while it runs.
+        self.slot, self.slot_ttl_ms = slot or uuid.uuid4().hex, settings.GATEWAY_RESERVATION_TTL_SECONDS * 1000
         self.keys = [b.key for b in self.buckets] + ([self.concurrency_key] if self.concurrency_key else [])
-        self.args = [x for b in self.buckets for x in (b.capacity, b.cost)] + [self.cap]
+        self.args = [x for b in self.buckets for x in (b.capacity, b.cost)] + [self.cap, self.slot, self.slot_ttl_ms]
         too_large = next((b for b in self.buckets if b.cost > b.capacity), None)
         if too_large is not None:
             raise request_too_large(too_large, "key" if too_large.key.startswith("rl:key:") else "organization")
@@ -248,6 +276,7 @@ class _Plan:
     def charged(self, decision: Decision) -> Decision:
         """The decision, remembering (when allowed) which token buckets it charged and how much."""
         if decision.allowed:
+            decision.concurrency_slot = self.slot
             decision.token_buckets = tuple((b.key, b.capacity) for b in self.buckets if b.kind == "tokens")
             decision.token_cost = next((b.cost for b in self.buckets if b.kind == "tokens"), 0)
         return decision
@@ -274,8 +303,9 @@ class RateLimiter:
             self.redis = redis.Redis.from_url(redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
             self.script = self.redis.register_script(LUA_ACQUIRE)
 
-    def acquire(self, api_key, organization, tokens: int) -> Decision:
-        plan = _Plan(api_key, organization, tokens)
+    def acquire(self, api_key, organization, tokens: int, slot: str | None = None) -> Decision:
+        """Check and charge every limit that applies; `slot` names the request's concurrency slot."""
+        plan = _Plan(api_key, organization, tokens, slot)
         if plan.empty:
             return Decision(True)
         if self.redis is not None:
@@ -286,9 +316,9 @@ class RateLimiter:
                 self._redis_failed(exc)
         return self._acquire_locally(plan)
 
-    async def acquire_async(self, api_key, organization, tokens: int) -> Decision:
+    async def acquire_async(self, api_key, organization, tokens: int, slot: str | None = None) -> Decision:
         """`acquire` on the event loop: the same script through the asyncio Redis client."""
-        plan = _Plan(api_key, organization, tokens)
+        plan = _Plan(api_key, organization, tokens, slot)
         if plan.empty:
             return Decision(True)
         if self.redis is not None:
@@ -307,7 +337,7 @@ class RateLimiter:
         logger.warning("rate limiter: Redis unreachable, using per-process limits: %s", exc)
 
     def _acquire_locally(self, plan: _Plan) -> Decision:
-        answer = self.local.acquire(plan.buckets, plan.concurrency_key, plan.cap)
+        answer = self.local.acquire(plan.buckets, plan.concurrency_key, plan.cap, plan.slot, plan.slot_ttl_ms)
         decision = plan.charged(decide(plan.buckets, answer, plan.concurrency_key))
         decision.local = True
         return decision
@@ -320,7 +350,7 @@ class RateLimiter:
         if self.redis is not None and not decision.local:
             try:
                 await self._async_client().eval(LUA_RELEASE, len(work[0]), *work[0], *work[1])
-            except Exception as exc:  # the slot's key expires on its own (CONCURRENCY_TTL_S)
+            except Exception as exc:  # the slot expires on its own (the hold's TTL)
                 logger.warning("rate limiter: could not release %s in Redis: %s", work[0], exc)
             return
         self.local.release(*work[2])
@@ -349,10 +379,29 @@ class RateLimiter:
         if self.redis is not None and not decision.local:
             try:
                 self.redis.eval(LUA_RELEASE, len(work[0]), *work[0], *work[1])
-            except Exception as exc:  # the slot's key expires on its own (CONCURRENCY_TTL_S)
+            except Exception as exc:  # the slot expires on its own (the hold's TTL)
                 logger.warning("rate limiter: could not release %s in Redis: %s", work[0], exc)
             return
         self.local.release(*work[2])
+
+    def extend(self, decision: Decision) -> None:
+        """Push the request's concurrency slot expiry a full TTL ahead (the request is still running)."""
+        if decision.concurrency_key is None:
+            return
+        ttl_ms = settings.GATEWAY_RESERVATION_TTL_SECONDS * 1000
+        if self.redis is not None and not decision.local:
+            self.redis.eval(LUA_EXTEND, 1, decision.concurrency_key, decision.concurrency_slot, ttl_ms)
+        else:
+            self.local.extend(decision.concurrency_key, decision.concurrency_slot, ttl_ms)
+
+    async def extend_async(self, decision: Decision) -> None:
+        if decision.concurrency_key is None:
+            return
+        ttl_ms = settings.GATEWAY_RESERVATION_TTL_SECONDS * 1000
+        if self.redis is not None and not decision.local:
+            await self._async_client().eval(LUA_EXTEND, 1, decision.concurrency_key, decision.concurrency_slot, ttl_ms)
+        else:
+            self.local.extend(decision.concurrency_key, decision.concurrency_slot, ttl_ms)
 
     @staticmethod
     def _release_work(decision: Decision, used_tokens: int | None):
@@ -365,8 +414,9 @@ class RateLimiter:
         if key is None and not buckets:
             return None
         keys = [k for k, _ in buckets] + ([key] if key else [])
-        args = [refund, *(capacity for _, capacity in buckets), 1 if key else 0]
-        return keys, args, (key, buckets, refund)
+        slot = decision.concurrency_slot if key else ""
+        args = [refund, *(capacity for _, capacity in buckets), slot]
+        return keys, args, (key, slot, buckets, refund)
 
 
 def rate_limit_error(decision: Decision) -> GatewayError:

@@ -417,15 +417,18 @@ class Forward:
         await asyncio.shield(task)
 
     async def keep_hold(self) -> None:
-        """Every third of the reservation TTL, extend the hold: a long answer keeps it until settlement."""
+        """Every third of the reservation TTL, extend the hold and the concurrency slot: a long answer keeps
+        both until settlement."""
         period = settings.GATEWAY_RESERVATION_TTL_SECONDS / 3
         while True:
             await asyncio.sleep(period)
             try:
                 if pgasync.available():
                     await quotas.extend_hold_async(self.hold)
+                    await get_limiter().extend_async(self.decision)
                 else:
                     await in_worker_thread(quotas.extend_hold)(self.hold)
+                    await in_worker_thread(get_limiter().extend)(self.decision)
             except Exception:  # noqa: BLE001 - tried again next period; the sweep is minutes away
                 logger.warning("could not extend the hold of %s", self.request_id, exc_info=True)
 

@@ -142,3 +142,45 @@ def test_local_limiter_refills_over_time(monkeypatch):
     clock[0] += 1.0  # one request per second comes back
     assert local.acquire([bucket], None, 0)[0] == 1
     assert local.acquire([bucket], None, 0)[0] == 0
+
+
+def test_a_crashed_requests_concurrency_slot_comes_back_under_steady_traffic(limiter, settings):
+    """A request that took a slot and never released it (its worker died) holds it only for the hold's
+    TTL, even while other requests keep arriving; a live request extends its slot meanwhile."""
+    import time
+
+    settings.GATEWAY_RESERVATION_TTL_SECONDS = 1
+    org = owner(concurrent=2)
+    crashed = limiter.acquire(None, org, 1, "crashed")
+    live = limiter.acquire(None, org, 1, "live")
+    assert crashed.allowed and live.allowed
+    deadline = time.monotonic() + 1.6
+    refused = 0
+    while time.monotonic() < deadline:  # steady traffic, refused while both slots are taken
+        limiter.extend(live)
+        decision = limiter.acquire(None, org, 1)
+        if decision.allowed:
+            break
+        assert decision.denied_kind == "concurrency"
+        refused += 1
+        time.sleep(0.1)
+    assert refused >= 5 and decision.allowed  # the crashed slot expired; the live one did not
+    assert not limiter.acquire(None, org, 1).allowed  # live + the newcomer: full again
+    limiter.release(live)
+    assert limiter.acquire(None, org, 1).allowed
+
+
+def test_the_unused_tokens_of_a_hold_are_refunded_on_release(limiter):
+    key, org = owner(tpm=1000), owner()
+    first = limiter.acquire(key, org, 800)
+    assert first.allowed and not limiter.acquire(key, org, 800).allowed
+    limiter.release(first, used_tokens=100)  # 700 unused come back
+    assert limiter.acquire(key, org, 800).allowed
+
+
+def test_a_hold_over_a_tokens_per_minute_limit_is_too_large(limiter):
+    with pytest.raises(GatewayError) as refused:
+        limiter.acquire(owner(tpm=100), owner(), 150)
+    error = refused.value
+    assert (error.status, error.type, error.code) == (429, "tokens", "rate_limit_exceeded")
+    assert "Limit 100, Requested 150" in error.message and error.headers["x-should-retry"] == "false"
