@@ -43,11 +43,11 @@ class OpenAIServer:
                  tool_format: str = "auto"):
         assert tool_format in schema.TOOL_FORMATS, tool_format
         self.engine = engine
-        self.tool_format = tool_format  # the default; a request's `tool_format` (the gateway's catalog) wins
         self.keepalive_interval = keepalive_interval  # non-streamed answers: seconds of silence at most
         self.llm = engine.engine
         self.embeds = isinstance(self.llm, EmbeddingEngine)  # an embeddings model: /v1/embeddings only
         self.tokenizer = self.llm.tokenizer
+        # its tool_format is the default; a request's `tool_format` (the gateway's catalog) wins
         self.prompts = PromptBuilder(self.tokenizer, tool_format)
         self._published: bytes | None = None  # GET /v1/tokenizer's body, built on first use
         self.model_name = self.llm.model_name
@@ -177,7 +177,7 @@ class OpenAIServer:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "maas",
                 "max_model_len": self.llm.scheduler.max_model_len,
                 "capabilities": dict(schema.EMBEDDING_CAPABILITIES if self.embeds else schema.CAPABILITIES),
-                "tool_format": self.tool_format}
+                "tool_format": self.prompts.tool_format}
 
     async def models(self, request: Request) -> Response:
         self._authorize(request)

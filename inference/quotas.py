@@ -12,6 +12,7 @@ crashed requests are released by `expire_reservations` (scheduled by Celery beat
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import hmac
 import json
@@ -247,7 +248,7 @@ async def admit_credential_async(credential: str | SessionCredential) -> Caller:
     return await admit_async(credential)
 
 
-QUOTA_POLL_SECONDS = (0.02, 0.25)  # first and longest pause between tries while the quota's room is held
+QUOTA_RETRY_SECONDS = 1.0  # longest pause between tries while the quota's room is held (no settlement woke it)
 QUOTA_RETRY_AFTER_MS = 1000  # suggested to a client whose wait ran out
 
 
@@ -266,20 +267,61 @@ def reserve(entitlements: list[Entitlement], tokens: int, request_id: str) -> Ho
 
 async def reserve_async(entitlements: list[Entitlement], tokens: int, request_id: str) -> Hold:
     """`reserve` on the event loop (PostgreSQL). When the quota's room is held by requests in flight, it
-    tries again (pauses doubling up to QUOTA_POLL_SECONDS[1]) for up to GATEWAY_QUOTA_WAIT_SECONDS before
-    the retryable 429, so that a burst over a quota is served as holds settle rather than refused."""
+    waits for room for up to GATEWAY_QUOTA_WAIT_SECONDS before the retryable 429, so that a burst over a
+    quota is served as holds settle rather than refused: a settlement in this process wakes the waiters
+    one at a time (`room_freed`), settlements elsewhere are seen by a retry every QUOTA_RETRY_SECONDS."""
     deadline = time.monotonic() + settings.GATEWAY_QUOTA_WAIT_SECONDS
-    pause = QUOTA_POLL_SECONDS[0]
     while True:
         now = timezone.now()
         expires_at = now + timedelta(seconds=settings.GATEWAY_RESERVATION_TTL_SECONDS)
+        used = []
         for entitlement in _may_fit(entitlements, tokens):
-            row = await pgasync.fetchone(*hold_statement(entitlement, tokens, request_id, now, expires_at))
-            if row is not None:
-                return Hold(row[0], entitlement.pk, tokens)
-        rows = await pgasync.fetchall(*room_query(entitlements))
-        await asyncio.sleep(_next_pause(entitlements, rows, tokens, deadline, pause))
-        pause = min(pause * 2, QUOTA_POLL_SECONDS[1])
+            reservation_id, tokens_used = await pgasync.fetchone(
+                *hold_statement(entitlement, tokens, request_id, now, expires_at))
+            if reservation_id is not None:
+                room_freed().notify()  # there may be room for the next waiter too
+                return Hold(reservation_id, entitlement.pk, tokens)
+            if tokens_used is not None:
+                used.append((entitlement.pk, tokens_used))
+        pause = _next_pause(entitlements, used, tokens, deadline, QUOTA_RETRY_SECONDS)
+        await room_freed().wait(pause)
+
+
+class RoomFreed:
+    """This event loop's waiters for quota room, woken in arrival order, one per settlement."""
+
+    def __init__(self) -> None:
+        self._waiters: collections.deque[asyncio.Future] = collections.deque()
+
+    async def wait(self, timeout: float) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, timeout)
+        except TimeoutError:
+            pass
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+    def notify(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+
+_room: dict[asyncio.AbstractEventLoop, RoomFreed] = {}
+
+
+def room_freed() -> RoomFreed:
+    loop = asyncio.get_running_loop()
+    room = _room.get(loop)
+    if room is None:
+        _room.clear()  # a new event loop (tests): the old loop's waiters are gone with it
+        room = _room[loop] = RoomFreed()
+    return room
 
 
 def _may_fit(entitlements: list[Entitlement], tokens: int) -> list[Entitlement]:
@@ -322,6 +364,7 @@ def try_reserve(entitlements: list[Entitlement], tokens: int, request_id: str) -
             with connection.cursor() as cursor:
                 execute_fast(cursor, *hold_statement(entitlement, tokens, request_id, now, expires_at))
                 row = cursor.fetchone()
+            row = row if row[0] is not None else None
         else:
             with transaction.atomic(), connection.cursor() as cursor:
                 cursor.execute(
@@ -342,14 +385,17 @@ def try_reserve(entitlements: list[Entitlement], tokens: int, request_id: str) -
 
 
 def hold_statement(entitlement: Entitlement, tokens: int, request_id: str, now, expires_at) -> tuple[str, list]:
-    """PostgreSQL: the conditional UPDATE and the Reservation row in one statement."""
+    """PostgreSQL: the conditional UPDATE and the Reservation row in one statement. It answers one row:
+    the reservation id (NULL when the tokens did not fit) and what the entitlement has used (NULL when it
+    is revoked), which tells a quota used up from one held by requests in flight without a second query."""
     return (
         f"WITH held AS (UPDATE {ENTITLEMENTS} SET tokens_reserved = tokens_reserved + %s"
         f" WHERE id = %s AND revoked_at IS NULL AND (token_quota IS NULL OR tokens_used + tokens_reserved + %s <= token_quota)"
-        " RETURNING id, organization_id)"
-        f" INSERT INTO {RESERVATIONS} (organization_id, entitlement_id, tokens, request_id, created_at, expires_at)"
-        " SELECT organization_id, id, %s, %s, %s, %s FROM held RETURNING id",
-        [tokens, entitlement.pk, tokens, tokens, request_id, now, expires_at],
+        " RETURNING id, organization_id),"
+        f" inserted AS (INSERT INTO {RESERVATIONS} (organization_id, entitlement_id, tokens, request_id, created_at,"
+        " expires_at) SELECT organization_id, id, %s, %s, %s, %s FROM held RETURNING id)"
+        f" SELECT (SELECT id FROM inserted), (SELECT tokens_used FROM {ENTITLEMENTS} WHERE id = %s AND revoked_at IS NULL)",
+        [tokens, entitlement.pk, tokens, tokens, request_id, now, expires_at, entitlement.pk],
     )
 
 
@@ -446,6 +492,7 @@ async def settle_async(hold: Hold, used: int, record: UsageRecord, touch_key: AP
     touch = touch_key is not None and (touch_key.last_used_at is None or now - touch_key.last_used_at > timedelta(minutes=1))
     charge = charge_for(hold, used)
     released, _ = await pgasync.fetchone(*settle_statement(hold, charge, record, touch_key, touch, now))
+    room_freed().notify()
     if not released and charge:
         await sync_to_async(charge_expired_hold_and_close, thread_sensitive=False)(hold, charge)
 

@@ -268,7 +268,7 @@ def test_tool_format_picks_the_template_or_the_hermes_default(keyed, monkeypatch
     assert rendered(tool_format="auto") == rendered()
     hermes = rendered(tool_format="hermes")
     assert "<tools>get_weather;" not in hermes and "<tool_call>" in hermes and "get_weather" in hermes
-    monkeypatch.setattr(server, "tool_format", "hermes")  # the server's --tool-format default
+    monkeypatch.setattr(server.prompts, "tool_format", "hermes")  # the server's --tool-format default
     assert rendered() == hermes and "<tools>get_weather;" in rendered(tool_format="auto")
     refused = keyed.post("/v1/chat/completions", headers=auth, json={**body, "tool_format": "xml", "max_tokens": 1})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "tool_format"

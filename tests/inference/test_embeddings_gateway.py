@@ -94,12 +94,13 @@ def test_the_hold_is_a_bound_the_settlement_exact_and_one_usage_record_is_writte
     assert not Reservation.objects.exists()
 
 
-def test_a_quota_that_cannot_cover_the_bound_is_refused_and_one_that_can_is_charged_exactly(gateway, minilm):
-    # "hello world": 11 bytes + [CLS] and [SEP] = a hold of 13 tokens; it uses 4
-    refused = make_tenant("embed-poor", token_quota=12)
+def test_a_quota_that_cannot_cover_the_input_is_refused_and_one_that_can_is_charged_exactly(gateway, minilm):
+    # "hello world" is [CLS] hello world [SEP]: the hold counts those 4 tokens with the engine's tokenizer
+    # (the byte bound, 11 + 2, applies only while the replica's tokenizer is unknown)
+    refused = make_tenant("embed-poor", token_quota=3)
     response = post(gateway, refused.raw_key, {"model": EMBEDDING_MODEL, "input": "hello world"})
     assert response.status_code == 429 and response.json()["error"]["code"] == "insufficient_quota"
-    exact = make_tenant("embed-exact", token_quota=13)
+    exact = make_tenant("embed-exact", token_quota=4)
     response = post(gateway, exact.raw_key, {"model": EMBEDDING_MODEL, "input": "hello world"})
     assert response.status_code == 200 and response.json()["usage"]["prompt_tokens"] == 4
     entitlement = Entitlement.objects.get(pk=exact.entitlement.pk)

@@ -90,10 +90,10 @@ def test_an_embeddings_hold_bounds_every_input_and_nothing_generated():
     request = parse_embedding({"model": "m", "input": ["héllo", "hi"]})
     # bytes + [CLS] and [SEP] per string: 6 + 2 and 2 + 2; no template overhead, no completion
     assert (request.endpoint, request.n, request.prompt_bound) == ("embeddings", 2, 12)
-    assert request.reservation(context_length=256, overhead=256) == 12
+    assert request.reservation(256, None, overhead=256, default_max_tokens=4096) == 12
     tokens = parse_embedding({"model": "m", "input": [[101, 7592, 102]] * 3})
-    assert tokens.reservation(context_length=256, overhead=256) == 9
-    assert parse_embedding({"model": "m", "input": "x" * 1000}).reservation(256, 256) == 256  # one input <= context
+    assert tokens.reservation(256, None, overhead=256, default_max_tokens=4096) == 9
+    assert parse_embedding({"model": "m", "input": "x" * 1000}).reservation(256, None, 256, 4096) == 256  # <= context
     with pytest.raises(GatewayError) as exc:
         parse_embedding({"model": "m", "input": "x", "extra": 1})
     assert (exc.value.status, exc.value.param) == (400, "extra")
