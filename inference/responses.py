@@ -1,4 +1,4 @@
-"""The Responses API (non-streaming) on top of chat completions: request validation, the chat request a
+"""The Responses API on top of chat completions: request validation, the chat request a
 response is generated with, the response object, and its storage per organization.
 
 A create becomes one chat completion on the model's engine (same gateway path: hold, settlement, one
@@ -91,7 +91,7 @@ class ResponsesRequest(schema._Strict):
     metadata: Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
                         Field(max_length=16)] | None = None
     user: str | None = None
-    stream: Literal[False] | None = None  # streaming: not yet
+    stream: bool | None = None
     tools: Annotated[list, Field(max_length=0)] | None = None  # function tools: not yet
     tool_choice: Literal["none", "auto"] | None = None
     parallel_tool_calls: bool | None = None
@@ -128,27 +128,55 @@ def chat_request(request: ResponsesRequest, history: list[dict]) -> InferenceReq
                         ("response_format", text_format.response_format() if text_format else None)):
         if value is not None:
             body[name] = value
+    if request.stream:  # the usage chunk is what `response.completed` reports
+        body.update(stream=True, stream_options={"include_usage": True})
     inference = parse_chat(body)
     inference.usage_endpoint = "responses"
     return inference
 
 
-def response_object(request: ResponsesRequest, chat: dict, response_id: str, created_at: int) -> dict:
+def output_message(text: str, message_id: str, status: str) -> dict:
+    """The assistant message output item (`status`: in_progress, completed or incomplete)."""
+    content = [] if status == "in_progress" else [output_text(text)]
+    return {"type": "message", "id": message_id, "status": status, "role": "assistant", "content": content}
+
+
+def output_text(text: str) -> dict:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def response_object(request: ResponsesRequest, chat: dict, response_id: str, created_at: int,
+                    message_id: str | None = None) -> dict:
     """OpenAI's Response object for a chat completion's answer."""
     choice = chat["choices"][0]
-    usage = chat.get("usage") or {}
     incomplete = choice.get("finish_reason") == "length"
-    message = {"type": "message", "id": f"msg_{uuid.uuid4().hex}", "status": "incomplete" if incomplete else "completed",
-               "role": "assistant",
-               "content": [{"type": "output_text", "text": choice["message"].get("content") or "", "annotations": [],
-                            "logprobs": []}]}
-    prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+    message = output_message(choice["message"].get("content") or "", message_id or f"msg_{uuid.uuid4().hex}",
+                             "incomplete" if incomplete else "completed")
     return {
-        "id": response_id, "object": "response", "created_at": created_at,
+        **response_shell(request, response_id, created_at, "incomplete" if incomplete else "completed"),
         "completed_at": None if incomplete else int(time.time()),
-        "status": "incomplete" if incomplete else "completed", "error": None,
         "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
-        "model": request.model, "instructions": request.instructions, "output": [message],
+        "output": [message], "usage": usage_object(chat.get("usage") or {}),
+    }
+
+
+def usage_object(usage: dict) -> dict:
+    """A chat completion's usage in the Responses API's names."""
+    prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+    return {"input_tokens": prompt,
+            "input_tokens_details": {"cached_tokens": int((usage.get("prompt_tokens_details") or {})
+                                                          .get("cached_tokens") or 0),
+                                     "cache_write_tokens": 0},
+            "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": prompt + completion}
+
+
+def response_shell(request: ResponsesRequest, response_id: str, created_at: int, status: str) -> dict:
+    """The Response object without its output: what a stream's `response.created` carries."""
+    return {
+        "id": response_id, "object": "response", "created_at": created_at, "completed_at": None,
+        "status": status, "error": None, "incomplete_details": None, "output": [],
+        "model": request.model, "instructions": request.instructions,
         "previous_response_id": request.previous_response_id, "max_output_tokens": request.max_output_tokens,
         "temperature": request.temperature if request.temperature is not None else 1.0,
         "top_p": request.top_p if request.top_p is not None else 1.0,
@@ -156,12 +184,6 @@ def response_object(request: ResponsesRequest, chat: dict, response_id: str, cre
         "tools": [], "text": {"format": text_format(request)}, "truncation": "disabled",
         "store": request.store is not False, "metadata": request.metadata or {},
         **({"user": request.user} if request.user is not None else {}),
-        "usage": {"input_tokens": prompt,
-                  "input_tokens_details": {"cached_tokens": int((usage.get("prompt_tokens_details") or {})
-                                                                .get("cached_tokens") or 0),
-                                           "cache_write_tokens": 0},
-                  "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": 0},
-                  "total_tokens": prompt + completion},
     }
 
 

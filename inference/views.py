@@ -35,6 +35,7 @@ from .catalog import CatalogEntry, Upstream, catalog
 from .errors import GatewayError, error_response, invalid_api_key, service_unavailable
 from .models import UsageRecord, UsageStatus
 from .ratelimit import Decision, get_limiter
+from .response_stream import ResponseStream
 from .validation import InferenceRequest, parse_chat, parse_completion, parse_embedding
 
 logger = logging.getLogger(__name__)
@@ -199,8 +200,8 @@ async def embeddings(request: HttpRequest) -> HttpResponse:
 
 @openai_endpoint("POST")
 async def create_response(request: HttpRequest) -> HttpResponse:
-    """POST /v1/responses (non-streaming): one chat completion on the gateway path, answered as a Response
-    and stored for the organization unless `store` is false (inference/responses.py)."""
+    """POST /v1/responses: one chat completion on the gateway path, answered as a Response (or, streamed, as
+    its events: inference/response_stream.py) and stored for the organization unless `store` is false."""
     caller = await caller_for(request)  # 401 before any 400, as OpenAI does
     org_id = caller.organization.pk
     parsed = responses.parse(parse_json_body(request))
@@ -210,7 +211,17 @@ async def create_response(request: HttpRequest) -> HttpResponse:
     answer = await complete(request, lambda _body: inference)
     if answer.status_code != 200:
         return answer
-    body = responses.response_object(parsed, json.loads(answer.content), responses.new_response_id(), created_at)
+    response_id = responses.new_response_id()
+    if parsed.stream:
+        save = None
+        if parsed.store is not False:
+            async def save(body):
+                await in_worker_thread(responses.store)(org_id, caller.api_key.pk, parsed, body, history)
+        events = ResponseStream(parsed, response_id, created_at, save).events(answer.streaming_content)
+        streaming = StreamingHttpResponse(events, content_type="text/event-stream")
+        streaming["cache-control"], streaming["x-accel-buffering"] = "no-cache", "no"
+        return streaming
+    body = responses.response_object(parsed, json.loads(answer.content), response_id, created_at)
     if parsed.store is not False:
         await in_worker_thread(responses.store)(org_id, caller.api_key.pk, parsed, body, history)
     return HttpResponse(json.dumps(body), content_type="application/json")

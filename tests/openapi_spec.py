@@ -15,6 +15,7 @@ jsonschema ignores; known formats (`date`, `uri`, ...) are checked.
 
     validate_response("/v1/chat/completions", "post", 200, body)       # the schema the spec's paths name
     validate_stream("/v1/chat/completions", "post", sse_text)          # each `data:` chunk, then [DONE]
+    validate_events("/v1/responses", "post", sse_text)                 # each named event by its type
     validate_error(body)                                               # ErrorResponse, any path
     validate(body, "CreateChatCompletionResponse")                     # a named component schema
 """
@@ -308,3 +309,63 @@ def validate_stream(path: str, method: str, text: str) -> list[dict]:
             _check(validator, chunk, f"event {i}: not a valid {what}")
         chunks.append(chunk)
     return chunks
+
+
+# -- named server-sent events (the Responses API) -------------------------------------------------
+def sse_events(text: str) -> list[tuple[str | None, str]]:
+    """The (`event:` name, `data:` payload) pairs of an event stream, in order."""
+    events, name, lines = [], None, []
+    for line in text.splitlines() + [""]:
+        if not line:
+            if lines:
+                events.append((name, "\n".join(lines)))
+            name, lines = None, []
+        elif line.startswith("event:"):
+            name = line[6:].strip()
+        elif line.startswith("data:"):
+            lines.append(line[5:].removeprefix(" "))
+    return events
+
+
+@functools.cache
+def _event_schemas(path: str, method: str) -> dict[str, str]:
+    """Event `type` -> the schema pointer of that event, from the anyOf of the operation's stream schema."""
+    _template, operation = _operation(path, method)
+    pointer = schema_pointer(_response_object(operation, 200)["content"]["text/event-stream"]["schema"]["$ref"])
+    node = spec()
+    for part in pointer.strip("/").split("/"):
+        node = node[part]
+    schemas = {}
+    for branch in node["anyOf"]:
+        event_pointer = schema_pointer(branch["$ref"])
+        target = spec()
+        for part in event_pointer.strip("/").split("/"):
+            target = target[part]
+        for type_ in target.get("properties", {}).get("type", {}).get("enum", []):
+            schemas[type_] = event_pointer
+    return schemas
+
+
+def validate_events(path: str, method: str, text: str) -> list[dict]:
+    """Each event of a streamed 200 response against the spec's schema for its `type` (ResponseStreamEvent's
+    branches for /responses): the `event:` name equals the data's `type`, the `sequence_number`s count up
+    from 0, and no `[DONE]` follows (OpenAI's Responses streams end without one). Returns the events."""
+    schemas = _event_schemas(path, method)
+    events = []
+    for i, (name, payload) in enumerate(sse_events(text)):
+        try:
+            event = json.loads(payload)
+        except json.JSONDecodeError as exc:
+            raise SpecViolation(f"event {i} is not JSON ({exc}): {payload[:500]!r}") from None
+        type_ = event.get("type") if isinstance(event, dict) else None
+        if type_ not in schemas:
+            raise SpecViolation(f"event {i}: {type_!r} is not an event type of {path}: {payload[:500]!r}")
+        if name != type_:
+            raise SpecViolation(f"event {i}: `event: {name}` names another type than its data ({type_})")
+        if event.get("sequence_number") != i:
+            raise SpecViolation(f"event {i}: sequence_number {event.get('sequence_number')!r}, expected {i}")
+        _check(_validator(schemas[type_]), event, f"event {i}: not a valid {schemas[type_].rsplit('/', 1)[-1]}")
+        events.append(event)
+    if not events:
+        raise SpecViolation("the stream holds no event")
+    return events

@@ -121,7 +121,7 @@ def test_an_expired_response_is_a_404_and_is_purged(gateway, smollm2):
 
 
 @pytest.mark.parametrize(("body", "param"), [
-    ({"stream": True}, "stream"),
+    ({"stream": "yes"}, "stream"),
     ({"tools": [{"type": "function", "name": "f"}]}, "tools"),
     ({"text": {"format": {"type": "xml"}}}, "text.format.type"),
     ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
