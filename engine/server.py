@@ -252,8 +252,14 @@ class OpenAIServer:
             return StreamingResponse(self._stream(streams, parsed, request_id, created, chat, ids,
                                                   caller_request_id=request.headers.get("x-request-id")),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        answer = asyncio.ensure_future(self._answer(streams, parsed, request_id, created, chat, ids,
-                                                    request.headers.get("x-request-id")))
+        return await self._whole(request, self._answer(streams, parsed, request_id, created, chat, ids,
+                                                        request.headers.get("x-request-id")))
+
+    async def _whole(self, request: Request, answer_body) -> Response:
+        """A non-streamed answer (the coroutine `answer_body` builds its body). The client leaving aborts it
+        in the engine (499); a long answer gets its 200 now and whitespace (valid before JSON) while it is
+        generated, so that no proxy's read timeout fires on silence; a failure after that is an error body."""
+        answer = asyncio.ensure_future(answer_body)
         gone = asyncio.ensure_future(_disconnected(request))
         done, _ = await asyncio.wait({answer, gone}, timeout=self.keepalive_interval,
                                      return_when=asyncio.FIRST_COMPLETED)
@@ -262,8 +268,6 @@ class OpenAIServer:
                 answer.cancel()  # aborts the request in the engine
                 return Response(status_code=499)
             gone.cancel()
-            # A long answer: send the 200 now and whitespace (valid before JSON) while it is generated, so
-            # that no proxy's read timeout fires on silence; a failure after this is an error body.
             return StreamingResponse(self._keepalive(answer), media_type="application/json")
         gone.cancel()
         return JSONResponse(answer.result())
@@ -294,18 +298,7 @@ class OpenAIServer:
             stream = self.engine.embed(f"embd-{uuid.uuid4().hex}", ids, parsed.params)
         except RuntimeError as exc:  # overloaded, or not running
             raise engine_error(exc) from None
-        answer = asyncio.ensure_future(self._embedding_answer(stream, parsed))
-        gone = asyncio.ensure_future(_disconnected(request))
-        done, _ = await asyncio.wait({answer, gone}, timeout=self.keepalive_interval,
-                                     return_when=asyncio.FIRST_COMPLETED)
-        if answer not in done:
-            if gone in done:
-                answer.cancel()  # aborts the request in the engine
-                return Response(status_code=499)
-            gone.cancel()
-            return StreamingResponse(self._keepalive(answer), media_type="application/json")
-        gone.cancel()
-        return JSONResponse(answer.result())
+        return await self._whole(request, self._embedding_answer(stream, parsed))
 
     async def _embedding_answer(self, stream: AsyncIterator[EmbeddingOutput], parsed: ParsedEmbedding) -> dict:
         """OpenAI's embeddings list: one vector per input, in input order, floats or base64 float32."""

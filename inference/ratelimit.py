@@ -295,13 +295,15 @@ class RateLimiter:
         self.on_redis_error = on_redis_error
         self.local = LocalLimiter()
         self.timeout = timeout
-        self._async = None  # (event loop, asyncio client, script) of this process's loop
+        self._async = None  # (event loop, its scripts) of this process's loop
         self.redis = None
         if redis_url:
             import redis
 
             self.redis = redis.Redis.from_url(redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
             self.script = self.redis.register_script(LUA_ACQUIRE)
+            self.release_script = self.redis.register_script(LUA_RELEASE)
+            self.extend_script = self.redis.register_script(LUA_EXTEND)
 
     def acquire(self, api_key, organization, tokens: int, slot: str | None = None) -> Decision:
         """Check and charge every limit that applies; `slot` names the request's concurrency slot."""
@@ -323,7 +325,7 @@ class RateLimiter:
             return Decision(True)
         if self.redis is not None:
             try:
-                answer = await self._async_script()(keys=plan.keys, args=plan.args)
+                answer = await self._async_scripts()[0](keys=plan.keys, args=plan.args)
                 return plan.charged(decide(plan.buckets, answer, plan.concurrency_key))
             except Exception as exc:
                 self._redis_failed(exc)
@@ -349,13 +351,14 @@ class RateLimiter:
             return
         if self.redis is not None and not decision.local:
             try:
-                await self._async_client().eval(LUA_RELEASE, len(work[0]), *work[0], *work[1])
+                await self._async_scripts()[1](keys=work[0], args=work[1])
             except Exception as exc:  # the slot expires on its own (the hold's TTL)
                 logger.warning("rate limiter: could not release %s in Redis: %s", work[0], exc)
             return
         self.local.release(*work[2])
 
-    def _async_client(self):
+    def _async_scripts(self):
+        """(acquire, release, extend) scripts on this process's asyncio Redis client for the running loop."""
         import asyncio
 
         import redis.asyncio as aioredis
@@ -363,12 +366,8 @@ class RateLimiter:
         loop = asyncio.get_running_loop()
         if self._async is None or self._async[0] is not loop:
             client = aioredis.Redis.from_url(self.redis_url, socket_timeout=self.timeout, socket_connect_timeout=self.timeout)
-            self._async = (loop, client, client.register_script(LUA_ACQUIRE))
+            self._async = (loop, tuple(client.register_script(lua) for lua in (LUA_ACQUIRE, LUA_RELEASE, LUA_EXTEND)))
         return self._async[1]
-
-    def _async_script(self):
-        self._async_client()
-        return self._async[2]
 
     def release(self, decision: Decision, used_tokens: int | None = None) -> None:
         """Give back the concurrency slot `acquire` took and refund the tokens-per-minute buckets what the
@@ -378,7 +377,7 @@ class RateLimiter:
             return
         if self.redis is not None and not decision.local:
             try:
-                self.redis.eval(LUA_RELEASE, len(work[0]), *work[0], *work[1])
+                self.release_script(keys=work[0], args=work[1])
             except Exception as exc:  # the slot expires on its own (the hold's TTL)
                 logger.warning("rate limiter: could not release %s in Redis: %s", work[0], exc)
             return
@@ -390,7 +389,7 @@ class RateLimiter:
             return
         ttl_ms = settings.GATEWAY_RESERVATION_TTL_SECONDS * 1000
         if self.redis is not None and not decision.local:
-            self.redis.eval(LUA_EXTEND, 1, decision.concurrency_key, decision.concurrency_slot, ttl_ms)
+            self.extend_script(keys=[decision.concurrency_key], args=[decision.concurrency_slot, ttl_ms])
         else:
             self.local.extend(decision.concurrency_key, decision.concurrency_slot, ttl_ms)
 
@@ -399,7 +398,7 @@ class RateLimiter:
             return
         ttl_ms = settings.GATEWAY_RESERVATION_TTL_SECONDS * 1000
         if self.redis is not None and not decision.local:
-            await self._async_client().eval(LUA_EXTEND, 1, decision.concurrency_key, decision.concurrency_slot, ttl_ms)
+            await self._async_scripts()[2](keys=[decision.concurrency_key], args=[decision.concurrency_slot, ttl_ms])
         else:
             self.local.extend(decision.concurrency_key, decision.concurrency_slot, ttl_ms)
 
