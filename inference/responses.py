@@ -50,6 +50,80 @@ class InputMessage(schema._Strict):
         return {"type": "message", "role": self.role, "content": parts}
 
 
+class FunctionCallItem(schema._Strict):
+    """A `function_call` the model made (an earlier output item, sent back as input)."""
+
+    type: Literal["function_call"]
+    call_id: Annotated[str, Field(min_length=1)]
+    name: Annotated[str, Field(min_length=1)]
+    arguments: str
+    id: str | None = None
+    status: str | None = None
+
+    def tool_call(self) -> dict:
+        return {"id": self.call_id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+    def item(self) -> dict:
+        return {"type": "function_call", "call_id": self.call_id, "name": self.name, "arguments": self.arguments,
+                "status": "completed"}
+
+
+class FunctionCallOutputItem(schema._Strict):
+    """The caller's result of a function call: a `tool` message in the chat conversation."""
+
+    type: Literal["function_call_output"]
+    call_id: Annotated[str, Field(min_length=1)]
+    output: str
+    id: str | None = None
+    status: str | None = None
+
+    def chat(self) -> dict:
+        return {"role": "tool", "tool_call_id": self.call_id, "content": self.output}
+
+    def item(self) -> dict:
+        return {"type": "function_call_output", "call_id": self.call_id, "output": self.output,
+                "status": "completed"}
+
+
+InputItem = InputMessage | FunctionCallItem | FunctionCallOutputItem
+
+
+def chat_messages(items: list[InputItem]) -> list[dict]:
+    """Input items as chat messages; consecutive function calls are one assistant message's tool_calls."""
+    messages: list[dict] = []
+    for item in items:
+        if isinstance(item, FunctionCallItem):
+            if messages and messages[-1]["role"] == "assistant" and messages[-1].get("tool_calls"):
+                messages[-1]["tool_calls"].append(item.tool_call())
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [item.tool_call()]})
+        else:
+            messages.append(item.chat())
+    return messages
+
+
+class FunctionTool(schema._Strict):
+    type: Literal["function"]
+    name: Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    def chat(self) -> dict:
+        function = self.model_dump(exclude_none=True, exclude={"type"})
+        return {"type": "function", "function": function}
+
+    def echo(self) -> dict:
+        """As the Response object lists it (FunctionTool: parameters and strict always present)."""
+        return {"type": "function", "name": self.name, "description": self.description,
+                "parameters": self.parameters, "strict": self.strict if self.strict is not None else True}
+
+
+class NamedFunctionChoice(schema._Strict):
+    type: Literal["function"]
+    name: Annotated[str, Field(min_length=1)]
+
+
 class TextFormat(schema._Strict):
     """`text.format`: free text, any JSON object, or JSON matching `schema` (chat's response_format)."""
 
@@ -80,7 +154,7 @@ class TextConfig(schema._Strict):
 
 class ResponsesRequest(schema._Strict):
     model: Annotated[str, Field(min_length=1)]
-    input: Annotated[str, Field(min_length=1)] | Annotated[list[InputMessage], Field(min_length=1)]
+    input: Annotated[str, Field(min_length=1)] | Annotated[list[InputItem], Field(min_length=1)]
     instructions: str | None = None
     previous_response_id: Annotated[str, Field(min_length=1)] | None = None
     store: bool | None = None
@@ -92,16 +166,26 @@ class ResponsesRequest(schema._Strict):
                         Field(max_length=16)] | None = None
     user: str | None = None
     stream: bool | None = None
-    tools: Annotated[list, Field(max_length=0)] | None = None  # function tools: not yet
-    tool_choice: Literal["none", "auto"] | None = None
+    tools: Annotated[list[FunctionTool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedFunctionChoice | None = None
     parallel_tool_calls: bool | None = None
     truncation: Literal["disabled"] | None = None
     service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
 
-    def messages(self) -> list[InputMessage]:
+    def messages(self) -> list[InputItem]:
         if isinstance(self.input, str):
             return [InputMessage(role="user", content=self.input)]
         return list(self.input)
+
+    def chat_tool_choice(self) -> str | dict | None:
+        if isinstance(self.tool_choice, NamedFunctionChoice):
+            return {"type": "function", "function": {"name": self.tool_choice.name}}
+        return self.tool_choice
+
+    def echo_tool_choice(self) -> str | dict:
+        if isinstance(self.tool_choice, NamedFunctionChoice):
+            return self.tool_choice.model_dump()
+        return self.tool_choice or "auto"
 
 
 def parse(body: Any) -> ResponsesRequest:
@@ -114,18 +198,24 @@ def parse(body: Any) -> ResponsesRequest:
         raise GatewayError(400, error.message, "invalid_request_error", error.code, error.param) from None
     if request.text is not None and request.text.format is not None:
         request.text.format.check()
+    if request.stream and request.tools and request.tool_choice != "none":
+        raise GatewayError(400, "Streaming with function tools is not supported yet: send 'stream': false.",
+                           "invalid_request_error", "unsupported_parameter", "stream")
     return request
 
 
 def chat_request(request: ResponsesRequest, history: list[dict]) -> InferenceRequest:
     """The chat completion that generates the response: instructions, the stored conversation, the input."""
     messages = ([{"role": "system", "content": request.instructions}] if request.instructions else [])
-    messages += history + [m.chat() for m in request.messages()]
+    messages += history + chat_messages(request.messages())
     body: dict[str, Any] = {"model": request.model, "messages": messages}
     text_format = request.text.format if request.text and request.text.format else None
     for name, value in (("max_completion_tokens", request.max_output_tokens), ("temperature", request.temperature),
                         ("top_p", request.top_p), ("user", request.user),
-                        ("response_format", text_format.response_format() if text_format else None)):
+                        ("response_format", text_format.response_format() if text_format else None),
+                        ("tools", [t.chat() for t in request.tools] if request.tools else None),
+                        ("tool_choice", request.chat_tool_choice() if request.tools else None),
+                        ("parallel_tool_calls", request.parallel_tool_calls if request.tools else None)):
         if value is not None:
             body[name] = value
     if request.stream:  # the usage chunk is what `response.completed` reports
@@ -150,14 +240,35 @@ def response_object(request: ResponsesRequest, chat: dict, response_id: str, cre
     """OpenAI's Response object for a chat completion's answer."""
     choice = chat["choices"][0]
     incomplete = choice.get("finish_reason") == "length"
-    message = output_message(choice["message"].get("content") or "", message_id or f"msg_{uuid.uuid4().hex}",
-                             "incomplete" if incomplete else "completed")
+    calls = choice["message"].get("tool_calls") or []
+    output = [function_call(call) for call in calls]
+    if choice["message"].get("content") or not calls:
+        output.insert(0, output_message(choice["message"].get("content") or "",
+                                        message_id or f"msg_{uuid.uuid4().hex}",
+                                        "incomplete" if incomplete else "completed"))
     return {
         **response_shell(request, response_id, created_at, "incomplete" if incomplete else "completed"),
         "completed_at": None if incomplete else int(time.time()),
         "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
-        "output": [message], "usage": usage_object(chat.get("usage") or {}),
+        "output": output, "usage": usage_object(chat.get("usage") or {}),
     }
+
+
+def function_call(call: dict) -> dict:
+    """A chat tool call as a `function_call` output item (its `call_id` is the chat tool call's id)."""
+    return {"type": "function_call", "id": f"fc_{uuid.uuid4().hex}", "call_id": call["id"],
+            "name": call["function"]["name"], "arguments": call["function"]["arguments"], "status": "completed"}
+
+
+def assistant_turn(output: list[dict]) -> dict:
+    """The output items as the assistant message a continuation sends back to the model."""
+    text = "".join(part["text"] for item in output if item["type"] == "message" for part in item["content"])
+    calls = [{"id": item["call_id"], "type": "function",
+              "function": {"name": item["name"], "arguments": item["arguments"]}}
+             for item in output if item["type"] == "function_call"]
+    if not calls:
+        return {"role": "assistant", "content": text}
+    return {"role": "assistant", "content": text or None, "tool_calls": calls}
 
 
 def usage_object(usage: dict) -> dict:
@@ -180,8 +291,8 @@ def response_shell(request: ResponsesRequest, response_id: str, created_at: int,
         "previous_response_id": request.previous_response_id, "max_output_tokens": request.max_output_tokens,
         "temperature": request.temperature if request.temperature is not None else 1.0,
         "top_p": request.top_p if request.top_p is not None else 1.0,
-        "parallel_tool_calls": request.parallel_tool_calls is not False, "tool_choice": request.tool_choice or "auto",
-        "tools": [], "text": {"format": text_format(request)}, "truncation": "disabled",
+        "parallel_tool_calls": request.parallel_tool_calls is not False, "tool_choice": request.echo_tool_choice(),
+        "tools": [t.echo() for t in request.tools or []], "text": {"format": text_format(request)}, "truncation": "disabled",
         "store": request.store is not False, "metadata": request.metadata or {},
         **({"user": request.user} if request.user is not None else {}),
     }
@@ -220,11 +331,10 @@ def history_of(organization_id: int, response_id: str | None) -> list[dict]:
 
 def store(organization_id: int, api_key_id: int | None, request: ResponsesRequest, body: dict,
           history: list[dict]) -> StoredResponse:
-    text = body["output"][0]["content"][0]["text"]
     return StoredResponse.objects.create(
         organization_id=organization_id, api_key_id=api_key_id, response_id=body["id"], model_name=request.model,
         body=body, input_items=[m.item() for m in request.messages()],
-        history=history + [m.chat() for m in request.messages()] + [{"role": "assistant", "content": text}],
+        history=history + chat_messages(request.messages()) + [assistant_turn(body["output"])],
         expires_at=timezone.now() + timedelta(days=settings.RESPONSES_RETENTION_DAYS),
     )
 

@@ -1,6 +1,6 @@
 """/v1/responses (non-streaming) end to end: the openai SDK → the gateway → `python -m engine serve` on
 SmolLM2, with PostgreSQL: create, retrieve, delete, input items, `previous_response_id`, `store`,
-retention, billing and organization scoping."""
+retention, billing, organization scoping, and function tools (a call, its output, the answer)."""
 
 from __future__ import annotations
 
@@ -122,7 +122,10 @@ def test_an_expired_response_is_a_404_and_is_purged(gateway, smollm2):
 
 @pytest.mark.parametrize(("body", "param"), [
     ({"stream": "yes"}, "stream"),
-    ({"tools": [{"type": "function", "name": "f"}]}, "tools"),
+    ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
+    ({"tools": [{"type": "function", "name": "f"}], "stream": True}, "stream"),
+    ({"tools": [{"type": "function", "name": "f g"}]}, "tools[0].name"),
+    ({"input": [{"type": "function_call_output", "output": "x"}]}, "input"),
     ({"text": {"format": {"type": "xml"}}}, "text.format.type"),
     ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
     ({"text": {"format": {"type": "json_schema", "schema": {"type": "object"}}}}, "text.format.name"),
@@ -162,3 +165,44 @@ def test_text_format_json_schema_constrains_the_output(gateway, smollm2):
 def test_a_key_is_required(gateway, smollm2):
     response = httpx.post(f"{gateway}/v1/responses", json={"model": "smollm2", "input": "Hi"}, timeout=30)
     assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+
+
+WEATHER = {"type": "function", "name": "get_weather", "description": "Current weather in a city", "strict": True,
+           "parameters": {"type": "object", "properties": {"city": {"type": "string", "minLength": 1, "maxLength": 20}},
+                          "required": ["city"], "additionalProperties": False}}
+ASK = "What is the weather in Oslo? Use the tool."
+
+
+def test_a_function_call_then_its_output_gives_the_final_answer(gateway, smollm2):
+    tenant = make_tenant("resp-tools")
+    client = client_for(gateway, tenant)
+    first = client.responses.create(model="smollm2", input=ASK, tools=[WEATHER], tool_choice="required",
+                                    parallel_tool_calls=False, max_output_tokens=40, temperature=0)
+    validate_response("/v1/responses", "post", 200, first.model_dump(exclude_unset=True))
+    assert [item.type for item in first.output] == ["function_call"]
+    call_item = first.output[0]
+    assert call_item.name == "get_weather" and call_item.call_id and call_item.id.startswith("fc_")
+    assert isinstance(json.loads(call_item.arguments)["city"], str)
+    assert first.tools[0].name == "get_weather" and first.tool_choice == "required"
+    plain = client.responses.create(model="smollm2", input=ASK, max_output_tokens=1, store=False)
+    assert first.usage.input_tokens > plain.usage.input_tokens + 30  # the tool definitions are in the prompt
+
+    result = {"type": "function_call_output", "call_id": call_item.call_id, "output": '{"celsius": -3, "sky": "snow"}'}
+    second = client.responses.create(model="smollm2", previous_response_id=first.id, input=[result],
+                                     tools=[WEATHER], tool_choice="none", max_output_tokens=30, temperature=0)
+    validate_response("/v1/responses", "post", 200, second.model_dump(exclude_unset=True))
+    assert [item.type for item in second.output] == ["message"] and second.output_text
+    history = StoredResponse.objects.get(response_id=second.id).history
+    assert [m["role"] for m in history] == ["user", "assistant", "tool", "assistant"]
+    assert history[1]["tool_calls"][0]["id"] == history[2]["tool_call_id"] == call_item.call_id
+
+    # the same conversation sent whole in `input` (no stored state) is the same prompt and answer
+    whole = client.responses.create(
+        model="smollm2", store=False, tools=[WEATHER], tool_choice="none", max_output_tokens=30, temperature=0,
+        input=[{"role": "user", "content": ASK}, call_item.model_dump(exclude_none=True), result])
+    assert whole.usage.input_tokens == second.usage.input_tokens and whole.output_text == second.output_text
+    items = call(gateway, tenant, "GET", f"responses/{second.id}/input_items").json()["data"]
+    assert [(i["type"], i["call_id"]) for i in items] == [("function_call_output", call_item.call_id)]
+    records = UsageRecord.objects.filter(organization=tenant.organization, endpoint="responses")
+    assert sorted(r.prompt_tokens for r in records) == sorted(
+        r.usage.input_tokens for r in (first, plain, second, whole))
