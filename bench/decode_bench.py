@@ -58,7 +58,7 @@ def run_engine(runner: ModelRunner, prompts: list[list[int]], max_tokens: int, w
     cfg = runner.config
     scheduler = Scheduler(BlockManager(runner.num_blocks, cfg.block_size, enable_prefix_caching=False),
                           max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
-                          max_model_len=cfg.max_model_len, eos_token_ids=[])
+                          max_model_len=cfg.max_model_len)
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     for p in prompts:
         scheduler.add(Sequence("bench", p, params, max_tokens))

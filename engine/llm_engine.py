@@ -106,8 +106,9 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(
             block_manager, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-            max_model_len=self.max_model_len, eos_token_ids=self.loaded.eos_token_ids,
+            max_model_len=self.max_model_len,
         )
+        self.eos_token_ids = frozenset(self.loaded.eos_token_ids)  # read by `finish_reason` and min_tokens
         self.requests: dict[str, Request] = {}
         self.metrics = EngineMetrics(self.model_name) if metrics else None
         self.grammars = Grammars(self.tokenizer, self.loaded.spec.vocab_size, self.loaded.eos_token_ids)
@@ -128,7 +129,7 @@ class LLMEngine:
                 seq.grammar = self.grammars.matcher(params.guide)
         if params.min_tokens:  # the sampler masks these until min_tokens tokens are out
             early = tuple(sorted(set(params.stop_token_ids) | (set() if params.ignore_eos
-                                                               else set(self.scheduler.eos_token_ids))))
+                                                               else set(self.eos_token_ids))))
             for seq in seqs:
                 seq.min_tokens_stop_ids = early
         detoks = [IncrementalDetokenizer(self.tokenizer, token_ids, params) for _ in seqs]
@@ -291,7 +292,7 @@ class LLMEngine:
         params = seq.params
         stops = seq.num_output_tokens > params.min_tokens
         if stops and (token in params.stop_token_ids
-                      or (not params.ignore_eos and token in self.scheduler.eos_token_ids)):
+                      or (not params.ignore_eos and token in self.eos_token_ids)):
             return "stop"
         detok.add_token(token, check_stop=stops)
         if detok.stopped:

@@ -76,34 +76,45 @@ class OnDevice(torch.Tensor):
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         wrappers: dict[int, OnDevice] = {}
-
-        def unwrap(x):
-            if isinstance(x, OnDevice):
-                wrappers[id(x.inner)] = x
-                return x.inner
-            if isinstance(x, torch.Tensor) and (x.dim() > 0 or x.device != _HOST):
-                raise MixedDeviceError(
-                    f"{func}: a {x.device} tensor of shape {tuple(x.shape)} mixed with tensors on the model's "
-                    f"device (create it with device=...)")
-            if isinstance(x, _Generator) and not isinstance(x, OnDeviceGenerator):
-                raise MixedDeviceError(f"{func}: a {x.device} generator drives an op on the model's device")
-            if isinstance(x, torch.device) and x.type == DEVICE.type:
-                return _HOST
-            return x
-
+        unwrap = _unwrapper(str(func), wrappers)
         inner_args, inner_kwargs = tree_map(unwrap, args), tree_map(unwrap, kwargs)
         if func is torch.ops.aten._to_copy.default and kwargs.get("device") is not None \
                 and torch.device(kwargs["device"]).type != DEVICE.type:
             return func(*inner_args, **inner_kwargs)  # .to("cpu"): a plain host tensor comes back
-        out = func(*inner_args, **inner_kwargs)
+        return tree_map(_rewrapper(wrappers), func(*inner_args, **inner_kwargs))
 
-        def wrap(x):
-            if not isinstance(x, torch.Tensor):
-                return x
-            same = wrappers.get(id(x))  # an in-place op returns its argument
-            return same if same is not None else OnDevice(x)
 
-        return tree_map(wrap, out)
+def _unwrapper(name: str, wrappers: dict[int, OnDevice]):
+    """The step that takes an op's arguments off the fake device: device tensors to the data behind them
+    (remembered in `wrappers`), the fake device to the host; host tensors and host generators refused."""
+
+    def unwrap(x):
+        if isinstance(x, OnDevice):
+            wrappers[id(x.inner)] = x
+            return x.inner
+        if isinstance(x, torch.Tensor) and (x.dim() > 0 or x.device != _HOST):
+            raise MixedDeviceError(
+                f"{name}: a {x.device} tensor of shape {tuple(x.shape)} mixed with tensors on the model's "
+                f"device (create it with device=...)")
+        if isinstance(x, _Generator) and not isinstance(x, OnDeviceGenerator):
+            raise MixedDeviceError(f"{name}: a {x.device} generator drives an op on the model's device")
+        if isinstance(x, torch.device | str) and _is_device_name(x) and torch.device(x).type == DEVICE.type:
+            return _HOST
+        return x
+
+    return unwrap
+
+
+def _rewrapper(wrappers: dict[int, OnDevice]):
+    """The step that puts an op's results back on the fake device (an in-place op returns its argument)."""
+
+    def wrap(x):
+        if not isinstance(x, torch.Tensor) or isinstance(x, OnDevice):
+            return x
+        same = wrappers.get(id(x))
+        return same if same is not None else OnDevice(x)
+
+    return wrap
 
 
 class OnDeviceGenerator(_Generator):
@@ -116,40 +127,19 @@ class OnDeviceGenerator(_Generator):
 
 def _on_device(func, args, kwargs):
     """Run `func` on the data behind the device tensors; refuse host tensors and host generators."""
-    wrappers: dict[int, OnDevice] = {}
-
-    def unwrap(x):
-        if isinstance(x, OnDevice):
-            wrappers[id(x.inner)] = x
-            return x.inner
-        if isinstance(x, torch.Tensor) and (x.dim() > 0 or x.device != _HOST):
-            raise MixedDeviceError(
-                f"{getattr(func, '__name__', func)}: a {x.device} tensor of shape {tuple(x.shape)} mixed with "
-                f"tensors on the model's device (create it with device=...)")
-        if isinstance(x, _Generator) and not isinstance(x, OnDeviceGenerator):
-            raise MixedDeviceError(f"{getattr(func, '__name__', func)}: a {x.device} generator drives an op on "
-                                   f"the model's device")
-        if isinstance(x, torch.device | str) and _is_device_name(x) and torch.device(x).type == DEVICE.type:
-            return _HOST
-        return x
-
+    name = getattr(func, "__name__", str(func))
     to_host = func in (torch.Tensor.cpu, torch.Tensor.numpy) or (
         func is torch.Tensor.to and any(
             _is_device_name(a) and torch.device(a).type != DEVICE.type
             for a in [*args[1:], kwargs.get("device")] if a is not None))
     if _no_sync[0] and (to_host or func in _HOST_READS):
-        raise HostSyncError(f"{getattr(func, '__name__', func)} reads a device value on the host (a sync)")
+        raise HostSyncError(f"{name} reads a device value on the host (a sync)")
+    wrappers: dict[int, OnDevice] = {}
+    unwrap = _unwrapper(name, wrappers)
     out = func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
     if to_host:
         return out  # device -> host: a plain tensor comes back
-
-    def wrap(x):
-        if not isinstance(x, torch.Tensor) or isinstance(x, OnDevice):
-            return x
-        same = wrappers.get(id(x))  # an in-place op returns its argument
-        return same if same is not None else OnDevice(x)
-
-    return tree_map(wrap, out)
+    return tree_map(_rewrapper(wrappers), out)
 
 
 def _is_device_name(x) -> bool:

@@ -77,7 +77,7 @@ def test_stop_token_ids_finish_without_their_text(llm):
 def test_finish_reasons_are_decided_in_one_place(llm):
     """EOS and stop ids stop (unless ignore_eos), max_tokens and the context make "length"."""
     engine = llm.engine
-    eos = next(iter(engine.scheduler.eos_token_ids))
+    eos = next(iter(engine.eos_token_ids))
 
     def decide(token, **params):
         params = SamplingParams(**{"max_tokens": 5, **params})
@@ -165,7 +165,7 @@ def test_min_tokens_masks_stop_tokens_until_reached(llm):
 
 
 def test_min_tokens_holds_off_eos(llm):
-    eos = next(iter(llm.engine.scheduler.eos_token_ids))
+    eos = next(iter(llm.engine.eos_token_ids))
     params = dict(temperature=0, max_tokens=8, logit_bias={eos: 100})
     assert len(llm.generate("Hello", SamplingParams(**params))[0].outputs[0].token_ids) == 1  # the premise
     choice = llm.generate("Hello", SamplingParams(**params, min_tokens=2))[0].outputs[0]
@@ -204,7 +204,7 @@ def test_include_stop_str_in_output_keeps_the_matched_stop_string(llm):
 
 def test_finish_reason_ignores_stops_during_min_tokens(llm):
     engine = llm.engine
-    eos = next(iter(engine.scheduler.eos_token_ids))
+    eos = next(iter(engine.eos_token_ids))
 
     def decide(outputs, token, **params):
         params = SamplingParams(**{"max_tokens": 5, **params})

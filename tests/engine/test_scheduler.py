@@ -8,13 +8,12 @@ from engine.sequence import Sequence, SequenceStatus
 BS = 4
 
 
-def make_scheduler(num_blocks=64, budget=32, max_num_seqs=8, max_model_len=1024, eos=(0,)):
+def make_scheduler(num_blocks=64, budget=32, max_num_seqs=8, max_model_len=1024):
     return Scheduler(
         BlockManager(num_blocks, BS),
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=budget,
         max_model_len=max_model_len,
-        eos_token_ids=list(eos),
     )
 
 
@@ -120,8 +119,9 @@ def test_prompt_that_can_never_fit_is_rejected():
 
 
 def test_update_appends_tokens_and_leaves_finishing_to_the_engine():
-    """The scheduler only records tokens; LLMEngine.finish_reason is the one place that finishes."""
-    sched = make_scheduler(eos=(7,))
+    """The scheduler only records tokens, whatever they are (it knows no EOS); LLMEngine.finish_reason is
+    the one place that finishes."""
+    sched = make_scheduler()
     a = make_seq(3, "a", max_tokens=1)
     sched.add(a)
     run_step(sched, token=7)

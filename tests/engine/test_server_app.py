@@ -141,7 +141,7 @@ def test_completion_request_accepts_token_ids_and_one_element_batches():
 
 def test_min_tokens_and_include_stop_str_in_output_over_http(keyed):
     auth = {"Authorization": "Bearer s3cret"}
-    eos = next(iter(keyed.app.state.server.llm.scheduler.eos_token_ids))
+    eos = next(iter(keyed.app.state.server.llm.eos_token_ids))
     body = {"model": "tiny", "prompt": "Hello", "max_tokens": 8, "temperature": 0, "logit_bias": {str(eos): 100}}
     assert keyed.post("/v1/completions", headers=auth, json=body).json()["usage"]["completion_tokens"] == 1
     held = keyed.post("/v1/completions", headers=auth, json={**body, "min_tokens": 3}).json()
