@@ -340,7 +340,9 @@ def test_logit_bias_adds_to_the_logit_on_token_zero_and_skips_ids_past_the_vocab
 def test_min_tokens_masks_the_stop_tokens_until_enough_are_out():
     logits = torch.zeros(3, VOCAB)
     logits[:, 0], logits[:, 9] = 10.0, 5.0  # EOS (0) first, then 9
-    early, done, other = seq(min_tokens=3), seq(output=(5, 6, 7), min_tokens=3), seq(min_tokens=3)
+    early = seq(temperature=0, min_tokens=3)
+    done = seq(output=(5, 6, 7), temperature=0, min_tokens=3)
+    other = seq(temperature=0, min_tokens=3)
     early.min_tokens_stop_ids = (0, VOCAB)  # an id past the vocabulary is skipped
     done.min_tokens_stop_ids = (0,)
     other.min_tokens_stop_ids = (9,)
