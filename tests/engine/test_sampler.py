@@ -107,7 +107,7 @@ def test_seed_reproduces_regardless_of_batch_neighbours():
 
 
 def test_logprobs_are_of_the_raw_distribution():
-    logits = torch.randn(2, VOCAB)
+    logits = torch.randn(3, VOCAB)
     logits[1] = 0.0
     logits[1, 7], logits[1, 8] = 1.0, 0.5  # token 7 leads until the penalty pushes it below token 8
     out = Sampler()(
@@ -115,6 +115,7 @@ def test_logprobs_are_of_the_raw_distribution():
         [
             seq(temperature=0, logprobs=True, top_logprobs=3),
             seq(output=(7,), temperature=0, logprobs=True, top_logprobs=2, presence_penalty=2.0),
+            seq(temperature=0, logprobs=True),
         ],
     )
     ref = logits.log_softmax(-1)
@@ -128,6 +129,7 @@ def test_logprobs_are_of_the_raw_distribution():
     assert chosen == pytest.approx(ref[1, 8].item(), abs=1e-6)
     assert [t for t, _ in top] == [7, 8]
     assert [v for _, v in top] == pytest.approx([ref[1, 7].item(), ref[1, 8].item()], abs=1e-6)
+    assert out.logprobs[2] == (pytest.approx(ref[2].max().item(), abs=1e-6), [])  # no top_logprobs asked
 
 
 @pytest.mark.parametrize(
