@@ -91,8 +91,26 @@ def count_cut(builder: PromptBuilder, inference: InferenceRequest, tool_format: 
     if prompt is not None:
         meter.prompt_tokens = prompt
     encode = builder.tokenizer.encode
-    relayed = sum(len(encode("".join(parts), add_special_tokens=False)) for parts in meter.streamed_text.values())
-    meter.completion_tokens = max(meter.completion_tokens, relayed)
+    echoes = _echoes(builder, inference)
+    relayed = 0
+    for index, parts in meter.streamed_text.items():
+        text = "".join(parts)
+        echo = echoes.get(index, "")
+        relayed += len(encode(text[len(echo):] if echo and text.startswith(echo) else text, add_special_tokens=False))
+    if echoes:  # the echo chunks were counted as one token each while relayed: the text decides
+        meter.completion_tokens = relayed
+    else:
+        meter.completion_tokens = max(meter.completion_tokens, relayed)
+
+
+def _echoes(builder: PromptBuilder, inference: InferenceRequest) -> dict[int, str]:
+    """With `echo` (completions), each choice's echoed prompt text, which is not generated work."""
+    request = inference.request
+    if inference.endpoint != "completions" or not request.echo:
+        return {}
+    n = request.n or 1
+    texts = [p if isinstance(p, str) else builder.tokenizer.decode(p) for p in request.prompt_list()]
+    return {k: texts[k // n] for k in range(len(texts) * n)}
 
 
 def forget() -> None:

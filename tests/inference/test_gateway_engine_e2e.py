@@ -266,3 +266,33 @@ def test_engine_context_length_refusal_is_relayed_and_recorded(gateway, engine_s
     assert (row.prompt_tokens, row.completion_tokens, row.cost) == (0, 0, 0)
     entitlement = Entitlement.objects.get(pk=tenant.entitlement.pk)
     assert (entitlement.tokens_used, entitlement.tokens_reserved) == (0, 0)
+
+
+def test_a_cut_echo_stream_is_not_billed_its_echoed_prompt_as_completion(gateway, smollm2, engine_server):
+    """With echo the first chunk is the prompt's text: a stream cut by the client is billed the prompt as
+    prompt and only the generated text as completion (never more than the engine generated)."""
+    tenant = make_tenant("echo-cut")
+    generated_before = generated_tokens(engine_server)
+    prompt = "The history of the printing press begins in the fifteenth century, when movable type " * 3
+    body = {"model": "smollm2", "prompt": prompt, "echo": True, "max_tokens": 400, "stream": True,
+            "ignore_eos": True}
+    with httpx.stream("POST", f"{gateway}/v1/completions", json=body,
+                      headers={"authorization": f"Bearer {tenant.raw_key}"}, timeout=60) as response:
+        assert response.status_code == 200
+        received = []
+        for line in response.iter_lines():
+            if line.startswith("data:"):
+                received.append(line)
+            if len(received) == 6:  # the echo and five generated chunks
+                break
+    assert prompt in received[0]  # the echo came first
+    deadline = time.monotonic() + 20
+    while not UsageRecord.objects.filter(organization=tenant.organization).exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    row = UsageRecord.objects.get(organization=tenant.organization)
+    assert row.status == UsageStatus.CLIENT_DISCONNECTED
+    assert row.prompt_tokens == httpx.post(f"{engine_server}/tokenize", json={"prompt": prompt}).json()["count"]
+    deadline = time.monotonic() + 20
+    while engine_busy(engine_server) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert 5 <= row.completion_tokens <= generated_tokens(engine_server) - generated_before < row.prompt_tokens
