@@ -198,9 +198,6 @@ def parse(body: Any) -> ResponsesRequest:
         raise GatewayError(400, error.message, "invalid_request_error", error.code, error.param) from None
     if request.text is not None and request.text.format is not None:
         request.text.format.check()
-    if request.stream and request.tools and request.tool_choice != "none":
-        raise GatewayError(400, "Streaming with function tools is not supported yet: send 'stream': false.",
-                           "invalid_request_error", "unsupported_parameter", "stream")
     return request
 
 
@@ -235,16 +232,14 @@ def output_text(text: str) -> dict:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
-def response_object(request: ResponsesRequest, chat: dict, response_id: str, created_at: int,
-                    message_id: str | None = None) -> dict:
+def response_object(request: ResponsesRequest, chat: dict, response_id: str, created_at: int) -> dict:
     """OpenAI's Response object for a chat completion's answer."""
     choice = chat["choices"][0]
     incomplete = choice.get("finish_reason") == "length"
     calls = choice["message"].get("tool_calls") or []
     output = [function_call(call) for call in calls]
     if choice["message"].get("content") or not calls:
-        output.insert(0, output_message(choice["message"].get("content") or "",
-                                        message_id or f"msg_{uuid.uuid4().hex}",
+        output.insert(0, output_message(choice["message"].get("content") or "", f"msg_{uuid.uuid4().hex}",
                                         "incomplete" if incomplete else "completed"))
     return {
         **response_shell(request, response_id, created_at, "incomplete" if incomplete else "completed"),

@@ -123,7 +123,6 @@ def test_an_expired_response_is_a_404_and_is_purged(gateway, smollm2):
 @pytest.mark.parametrize(("body", "param"), [
     ({"stream": "yes"}, "stream"),
     ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
-    ({"tools": [{"type": "function", "name": "f"}], "stream": True}, "stream"),
     ({"tools": [{"type": "function", "name": "f g"}]}, "tools[0].name"),
     ({"input": [{"type": "function_call_output", "output": "x"}]}, "input"),
     ({"text": {"format": {"type": "xml"}}}, "text.format.type"),

@@ -1,6 +1,6 @@
 """/v1/responses with `stream: true` end to end: the openai SDK (and raw SSE, validated event by event
 against OpenAI's spec) → the gateway → `python -m engine serve` on SmolLM2, with PostgreSQL: the streamed
-text, usage and billing, storage, `max_output_tokens` cuts and client disconnects."""
+text, usage and billing, storage, `max_output_tokens` cuts, client disconnects and streamed function calls."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from inference.models import StoredResponse, UsageRecord, UsageStatus
 from tests.openapi_spec import validate_events
 
 from .conftest import add_model, make_tenant
-from .test_responses_gateway import client_for
+from .test_responses_gateway import ASK, WEATHER, client_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -109,3 +109,34 @@ def test_a_client_that_disconnects_is_billed_like_a_cut_chat_stream_and_nothing_
     entitlement = Entitlement.objects.get(pk=tenant.entitlement.pk)
     assert (entitlement.tokens_used, entitlement.tokens_reserved) == (record.prompt_tokens + record.completion_tokens, 0)
     assert not StoredResponse.objects.filter(response_id=events[0]["response"]["id"]).exists()
+
+
+def test_a_streamed_function_call_is_its_own_item_with_its_arguments_events(gateway, smollm2):
+    tenant = make_tenant("resp-stream-tools")
+    client = client_for(gateway, tenant)
+    ask = {"model": "smollm2", "input": ASK, "tools": [WEATHER], "tool_choice": "required",
+           "parallel_tool_calls": False, "max_output_tokens": 40, "temperature": 0}
+    whole = client.responses.create(**ask, store=False)
+    events = stream_raw(gateway, tenant, ask)
+    types = [e["type"] for e in events]
+    deltas = [e for e in events if e["type"] == "response.function_call_arguments.delta"]
+    assert deltas and types == [
+        "response.created", "response.in_progress", "response.output_item.added",
+        *["response.function_call_arguments.delta"] * len(deltas), "response.function_call_arguments.done",
+        "response.output_item.done", "response.completed"], types
+    added, (done, item_done, completed) = events[2], events[-3:]
+    assert added["item"]["type"] == "function_call" and added["item"]["status"] == "in_progress"
+    assert {e["item_id"] for e in [*deltas, done]} == {added["item"]["id"]} == {item_done["item"]["id"]}
+    expected = whole.output[0]
+    assert (done["name"], done["arguments"]) == (expected.name, expected.arguments)
+    assert done["name"] == "get_weather" and "".join(e["delta"] for e in deltas) == done["arguments"]
+    [call_item] = completed["response"]["output"]
+    assert call_item == item_done["item"] and call_item["call_id"] == added["item"]["call_id"]
+    assert StoredResponse.objects.get(response_id=completed["response"]["id"]).history[-1]["tool_calls"][0][
+        "function"] == {"name": "get_weather", "arguments": expected.arguments}
+
+    with client.responses.stream(**ask, store=False) as stream:
+        final = stream.get_final_response()
+    assert [(i.type, i.name, i.arguments) for i in final.output] == [("function_call", "get_weather",
+                                                                      expected.arguments)]
+    assert final.usage.input_tokens == whole.usage.input_tokens
