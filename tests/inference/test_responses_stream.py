@@ -140,3 +140,20 @@ def test_a_streamed_function_call_is_its_own_item_with_its_arguments_events(gate
     assert [(i.type, i.name, i.arguments) for i in final.output] == [("function_call", "get_weather",
                                                                       expected.arguments)]
     assert final.usage.input_tokens == whole.usage.input_tokens
+
+
+def test_an_engine_failure_midway_ends_with_error_and_response_failed_billed_and_not_stored(gateway, stub_upstream):
+    add_model("stub-model", stub_upstream)
+    tenant = make_tenant("resp-stream-broken")
+    with httpx.stream("POST", f"{gateway}/v1/responses", headers={"authorization": f"Bearer {tenant.raw_key}"},
+                      json={"model": "stub-model", "input": "Tell me a story", "max_output_tokens": 8,
+                            "stream": True, "user": "stub:close_midway"}, timeout=60) as response:
+        events = validate_events("/v1/responses", "post", response.read().decode())
+    assert [e["type"] for e in events[-2:]] == ["error", "response.failed"]
+    assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == "Hello from the"
+    failed = events[-1]["response"]
+    assert failed["status"] == "failed" and failed["error"]["code"] == "server_error"
+    assert failed["output"][0]["content"][0]["text"] == "Hello from the"
+    record = UsageRecord.objects.get(organization=tenant.organization)
+    assert (record.endpoint, record.status, record.completion_tokens) == ("responses", UsageStatus.UPSTREAM_ERROR, 3)
+    assert not StoredResponse.objects.filter(response_id=failed["id"]).exists()
