@@ -328,6 +328,11 @@ class Forward:
     async def run(self) -> HttpResponse:
         try:
             response = await self.send()
+        except asyncio.CancelledError:  # the client left while the engine had the request: its prompt is billed
+            self.meter.status, self.meter.http_status = UsageStatus.CLIENT_DISCONNECTED, 499
+            self.reached_engine = True
+            await self.finish_shielded()
+            raise
         except BaseException:
             await self.finish()
             raise

@@ -296,3 +296,23 @@ def test_a_cut_echo_stream_is_not_billed_its_echoed_prompt_as_completion(gateway
     while engine_busy(engine_server) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert 5 <= row.completion_tokens <= generated_tokens(engine_server) - generated_before < row.prompt_tokens
+
+
+def test_a_non_streamed_request_whose_client_leaves_is_billed_its_prompt(gateway, smollm2, engine_server):
+    """The client gives up on a long non-streamed answer (before or after the engine's 200): the record
+    says client_disconnected (not ok with 0 tokens) and the prompt the engine was given is billed, counted
+    by the gateway's own tokenizer."""
+    tenant = make_tenant("leaves")
+    messages = [{"role": "user", "content": "Write a very long story about a lighthouse keeper."}]
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{gateway}/v1/chat/completions", headers={"authorization": f"Bearer {tenant.raw_key}"},
+                   json={"model": "smollm2", "messages": messages, "max_tokens": 400, "ignore_eos": True},
+                   timeout=httpx.Timeout(60, read=1.5))
+    deadline = time.monotonic() + 20
+    while not UsageRecord.objects.filter(organization=tenant.organization).exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    row = UsageRecord.objects.get(organization=tenant.organization)
+    assert (row.status, row.http_status) == (UsageStatus.CLIENT_DISCONNECTED, 499)
+    assert row.prompt_tokens == httpx.post(f"{engine_server}/tokenize", json={"messages": messages}).json()["count"]
+    entitlement = Entitlement.objects.get(pk=tenant.entitlement.pk)
+    assert (entitlement.tokens_used, entitlement.tokens_reserved) == (row.prompt_tokens + row.completion_tokens, 0)
