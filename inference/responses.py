@@ -188,6 +188,14 @@ class ResponsesRequest(schema._Strict):
         return self.tool_choice or "auto"
 
 
+# What a union-typed field must be, in the Responses API's terms.
+SHAPES = {
+    "input": "a non-empty string or a non-empty array of input items (messages, function_call, "
+             "function_call_output)",
+    "tool_choice": "'none', 'auto', 'required' or {\"type\": \"function\", \"name\": ...}",
+}
+
+
 def parse(body: Any) -> ResponsesRequest:
     if not isinstance(body, dict):
         raise GatewayError(400, "The request body must be a JSON object.", code="invalid_type")
@@ -195,7 +203,10 @@ def parse(body: Any) -> ResponsesRequest:
         request = ResponsesRequest.model_validate(body)
     except ValidationError as exc:
         error = schema._request_error(exc)
-        raise GatewayError(400, error.message, "invalid_request_error", error.code, error.param) from None
+        message = error.message
+        if error.code == "invalid_type" and error.param in SHAPES:  # chat's wording names chat's shapes
+            message = f"'{error.param}' must be {SHAPES[error.param]}."
+        raise GatewayError(400, message, "invalid_request_error", error.code, error.param) from None
     if request.text is not None and request.text.format is not None:
         request.text.format.check()
     return request

@@ -125,6 +125,7 @@ def test_an_expired_response_is_a_404_and_is_purged(gateway, smollm2):
     ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
     ({"tools": [{"type": "function", "name": "f g"}]}, "tools[0].name"),
     ({"input": [{"type": "function_call_output", "output": "x"}]}, "input"),
+    ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),  # chat's shape
     ({"text": {"format": {"type": "xml"}}}, "text.format.type"),
     ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
     ({"text": {"format": {"type": "json_schema", "schema": {"type": "object"}}}}, "text.format.name"),
@@ -139,6 +140,8 @@ def test_unsupported_and_invalid_fields_are_400s_naming_them(gateway, smollm2, b
     response = call(gateway, tenant, "POST", "responses", {"model": "smollm2", "input": "Hi", **body})
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
+    if param in ("input", "tool_choice"):  # the shape in the Responses API's terms, not chat's
+        assert '"function": {' not in response.json()["error"]["message"] and "token ids" not in response.text
     validate_error(response.json())
     assert not UsageRecord.objects.filter(organization=tenant.organization).exists()
 
