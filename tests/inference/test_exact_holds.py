@@ -116,6 +116,7 @@ def test_a_burst_over_a_small_quota_spends_it_all_and_never_more(gateway, smollm
     assert quota - entitlement.tokens_used < per_request  # refused only when another could not fit
     assert entitlement.tokens_reserved == 0 and not Reservation.objects.filter(entitlement=entitlement).exists()
     assert UsageRecord.objects.filter(organization=tenant.organization).count() == outcomes["ok"]
+    print(f"burst: {dict(outcomes)}, {charged} of {quota} tokens charged ({charged / quota:.0%})")
 
 
 def test_a_request_over_the_tokens_per_minute_limit_is_too_large(gateway, smollm2):
