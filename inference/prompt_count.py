@@ -16,6 +16,7 @@ import time
 
 import httpx
 from django.conf import settings
+from opentelemetry import context as otel_context
 
 from engine.prompts import PromptBuilder
 
@@ -44,6 +45,7 @@ def cached(upstream: Upstream) -> PromptBuilder | None | bool:
 def fetch(upstream: Upstream) -> PromptBuilder | None:
     """GET /v1/tokenizer from the replica (blocking; the async path calls it in a thread, once)."""
     key = (upstream.id, upstream.base_url)
+    detached = otel_context.attach(otel_context.Context())  # a cache fill, not part of the request's trace
     try:
         response = httpx.get(f"{upstream.base_url}/v1/tokenizer", headers=upstream_headers(upstream, "tokenizer"),
                              timeout=settings.GATEWAY_TOKENIZER_TIMEOUT)
@@ -55,6 +57,8 @@ def fetch(upstream: Upstream) -> PromptBuilder | None:
         with _lock:
             _builders[key] = time.monotonic() + settings.GATEWAY_TOKENIZER_RETRY_SECONDS
         return None
+    finally:
+        otel_context.detach(detached)
     with _lock:
         _builders[key] = builder
     return builder

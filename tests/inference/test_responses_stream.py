@@ -154,6 +154,9 @@ def test_an_engine_failure_midway_ends_with_error_and_response_failed_billed_and
     failed = events[-1]["response"]
     assert failed["status"] == "failed" and failed["error"]["code"] == "server_error"
     assert failed["output"][0]["content"][0]["text"] == "Hello from the"
+    deadline = time.monotonic() + 20  # the settlement of a broken stream may finish just after its last event
+    while not UsageRecord.objects.filter(organization=tenant.organization).exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
     record = UsageRecord.objects.get(organization=tenant.organization)
     assert (record.endpoint, record.status, record.completion_tokens) == ("responses", UsageStatus.UPSTREAM_ERROR, 3)
     assert not StoredResponse.objects.filter(response_id=failed["id"]).exists()
