@@ -556,14 +556,7 @@ _SHAPES["input"] = "a non-empty string, an array of token ids, or a non-empty ar
 
 
 def parse_embedding(body: Any) -> EmbeddingRequest:
-    if not isinstance(body, dict):
-        raise RequestError("The request body must be a JSON object.", None, "invalid_type")
-    try:
-        request = EmbeddingRequest.model_validate(body)
-    except ValidationError as exc:
-        raise _request_error(exc) from None
-    request._check()
-    return request
+    return _validated(EmbeddingRequest, _json_object(body))
 
 
 def parse_json(raw: bytes) -> Any:
@@ -585,13 +578,23 @@ def parse_completion(body: Any) -> CompletionRequest:
 
 
 def _parse(model: type[_GenerationRequest], body: Any) -> _GenerationRequest:
-    if not isinstance(body, dict):
-        raise RequestError("The request body must be a JSON object.", None, "invalid_type")
-    body = _drop_neutral(body, _NEUTRAL if model is ChatCompletionRequest else _COMPLETION_NEUTRAL, "")
+    neutral = _NEUTRAL if model is ChatCompletionRequest else _COMPLETION_NEUTRAL
+    body = _drop_neutral(_json_object(body), neutral, "")
     messages = body.get("messages")
     if isinstance(messages, list):
         body["messages"] = [_drop_neutral(m, _MESSAGE_NEUTRAL, f"messages[{i}].") if isinstance(m, dict) else m
                             for i, m in enumerate(messages)]
+    return _validated(model, body)
+
+
+def _json_object(body: Any) -> dict:
+    if not isinstance(body, dict):
+        raise RequestError("The request body must be a JSON object.", None, "invalid_type")
+    return body
+
+
+def _validated(model: type[_Strict], body: dict):
+    """The body as `model`, with its own checks run; a 400 naming the field otherwise."""
     try:
         request = model.model_validate(body)
     except ValidationError as exc:
