@@ -118,6 +118,19 @@ def make_tenant(
     return Tenant(organization, user, key, raw, entitlement)
 
 
+def in_thread(fn):
+    """Run ORM code from an async test in a worker thread and give its connection back."""
+    from asgiref.sync import sync_to_async
+    from django.db import connections
+
+    def run():
+        try:
+            return fn()
+        finally:
+            connections.close_all()
+    return sync_to_async(run, thread_sensitive=False)()
+
+
 def add_model(name: str, base_url: str, context_length: int = 2048, **fields):
     from inference.models import AIModel, Deployment
 

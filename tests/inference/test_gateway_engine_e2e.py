@@ -12,12 +12,11 @@ import httpx
 import openai
 import pytest
 from asgiref.sync import sync_to_async
-from django.db import connections
 
 from accounts.models import Entitlement
 from inference.models import AIModel, Reservation, UsageRecord, UsageStatus
 
-from .conftest import add_model, make_tenant
+from .conftest import add_model, in_thread, make_tenant
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -35,16 +34,6 @@ def sync_client(gateway, tenant) -> openai.OpenAI:
 
 def async_client(gateway, tenant) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key=tenant.raw_key, max_retries=0, timeout=300)
-
-
-def in_thread(fn):
-    """Run ORM code from an async test and give its connection back."""
-    def run():
-        try:
-            return fn()
-        finally:
-            connections.close_all()
-    return sync_to_async(run, thread_sensitive=False)()
 
 
 async def test_redeemed_key_chats_sync_async_stream_and_not(gateway, smollm2):

@@ -18,6 +18,8 @@ from inference.models import AIModel, Deployment, Reservation, UsageRecord
 from inference.ratelimit import RateLimiter
 from inference.validation import parse_chat, parse_completion
 
+from .conftest import in_thread
+
 MESSAGES = [{"role": "user", "content": "héllo"}]  # 6 bytes of UTF-8
 
 
@@ -220,18 +222,6 @@ def test_a_late_settlement_with_its_record_charges_what_fits(org):
     quotas.settle(other, 800, usage_record(org, key, "req_other"), key)
     entitlement.refresh_from_db()
     assert (entitlement.tokens_used, entitlement.tokens_reserved) == (1000, 0)
-
-
-def in_thread(fn):
-    """Run ORM code from an async test in a worker thread and give its connection back."""
-    from asgiref.sync import sync_to_async
-
-    def run():
-        try:
-            return fn()
-        finally:
-            connections.close_all()
-    return sync_to_async(run, thread_sensitive=False)()
 
 
 @pytest.fixture
