@@ -6,12 +6,14 @@ Screenshots of each page at desktop and phone width go to CONSOLE_SCREENSHOT_DIR
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from playwright.sync_api import expect
 
 from accounts import codes
@@ -68,7 +70,11 @@ def shoot(page, name: str) -> None:
     SHOTS.mkdir(parents=True, exist_ok=True)
     for label, size in (("desktop", DESKTOP), ("phone", PHONE)):
         page.set_viewport_size(size)
-        page.wait_for_timeout(400)  # charts resize to the new width (ResizeObserver) before the shot
+        # Charts follow the new width through a ResizeObserver callback, which a loaded machine may run
+        # late: wait (boundedly) for the layout to fit, then assert it does.
+        fits = f"document.documentElement.scrollWidth <= {size['width']}"
+        with contextlib.suppress(PlaywrightTimeout):
+            page.wait_for_function(fits, timeout=5000)
         page.screenshot(path=str(SHOTS / f"{name}-{label}.png"), full_page=True)
         assert page.evaluate("document.documentElement.scrollWidth") <= size["width"], f"{name} overflows at {label}"
     page.set_viewport_size(DESKTOP)

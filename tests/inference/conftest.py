@@ -17,7 +17,8 @@ import pytest
 
 from tests.processes import ROOT, free_port, start_engine, stop, wait_until_up
 
-REDIS_DB = 6  # GATEWAY's Redis database for the test run
+# The gateway processes' Redis database for the test run (a parallel run on the same machine picks another).
+REDIS_DB = int(os.environ.get("TEST_GATEWAY_REDIS_DB", "6"))
 REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
 
 
