@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
+
+from engine.support import parse_bytes  # noqa: F401 (the CLI's --kv-cache-memory parser)
 
 
 @dataclass
@@ -49,15 +50,3 @@ class EngineConfig:
         if self.enforce_eager is None:
             return device.type == "cuda"
         return not self.enforce_eager
-
-
-_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
-          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
-
-
-def parse_bytes(text: str) -> int:
-    """'2GiB', '512MB', '1e9' or '1073741824' -> bytes."""
-    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", text)
-    if not match or match.group(2).lower() not in _UNITS:
-        raise ValueError(f"not a byte size: {text!r} (examples: 2GiB, 512MB, 1073741824)")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])

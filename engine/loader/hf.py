@@ -21,10 +21,11 @@ from engine.loader import (
     unique_ids,
 )
 from engine.models.llama import LlamaConfig
+from engine.support import DECODER_ARCHITECTURES
 from engine.tokenizer import SPECIAL_TOKEN_NAMES, Tokenizer, select_chat_template, token_content
 
 # HF model_type -> our architecture name.
-MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+MODEL_TYPES = {name: name for name in DECODER_ARCHITECTURES}
 GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 

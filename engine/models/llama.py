@@ -19,8 +19,7 @@ from engine.layers.embedding import LMHead, VocabEmbedding
 from engine.layers.linear import QuantSpec, make_linear
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, apply_rotary
-
-ARCHITECTURES = ("llama", "qwen2", "qwen3")
+from engine.support import DECODER_ARCHITECTURES as ARCHITECTURES
 
 
 @dataclass
