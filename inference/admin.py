@@ -2,11 +2,12 @@ from django import forms
 from django.contrib import admin
 
 from .catalog import catalog
-from .models import AIModel, Deployment, Reservation, UsageRecord
+from .models import AIModel, Deployment, ModelFallback, Reservation, UsageRecord
 
 
 class DeploymentForm(forms.ModelForm):
-    """The engine token is write-only: never rendered back, kept when left empty, replaced when typed."""
+    """The engine token and an external upstream's API key are write-only: never rendered back, kept when
+    left empty, replaced when typed (the key is stored encrypted: inference/secrets.py)."""
 
     internal_token = forms.CharField(
         required=False, strip=True, label="Internal token",
@@ -14,15 +15,25 @@ class DeploymentForm(forms.ModelForm):
         help_text="Sent upstream as a Bearer token. Never shown; leave empty to keep the current one.",
     )
     clear_internal_token = forms.BooleanField(required=False, label="Remove the internal token")
+    api_key = forms.CharField(
+        required=False, strip=True, label="Upstream API key",
+        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
+        help_text="An external server's key, stored encrypted and sent instead of the internal token. Never shown; "
+                  "leave empty to keep the current one.",
+    )
+    clear_api_key = forms.BooleanField(required=False, label="Remove the upstream API key")
 
     class Meta:
         model = Deployment
-        fields = ["model", "base_url", "served_model_name", "internal_token", "weight", "enabled"]
+        fields = ["model", "base_url", "served_model_name", "kind", "internal_token", "weight", "enabled", "draining",
+                  "supports_cache_salt", "supports_tokenize", "supports_tokenizer"]
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.instance.pk and self.instance.internal_token:
             self.fields["internal_token"].widget.attrs["placeholder"] = "•••••• (set)"
+        if "api_key" in self.fields and self.instance.pk and self.instance.api_key_encrypted:
+            self.fields["api_key"].widget.attrs["placeholder"] = "•••••• (set)"
 
     def clean_internal_token(self) -> str:
         typed = self.cleaned_data.get("internal_token", "")
@@ -34,14 +45,33 @@ class DeploymentForm(forms.ModelForm):
             data["internal_token"] = ""
         return data
 
+    def save(self, commit: bool = True) -> Deployment:
+        if self.cleaned_data.get("clear_api_key"):
+            self.instance.api_key = ""
+        elif self.cleaned_data.get("api_key"):
+            self.instance.api_key = self.cleaned_data["api_key"]
+        return super().save(commit)
+
+
+DEPLOYMENT_FIELDS = ["base_url", "served_model_name", "kind", "internal_token", "clear_internal_token", "api_key",
+                     "clear_api_key", "supports_cache_salt", "supports_tokenize", "supports_tokenizer", "weight",
+                     "enabled", "draining", "healthy", "last_checked_at", "last_error"]
+
 
 class DeploymentInline(admin.TabularInline):
     model = Deployment
     form = DeploymentForm
     extra = 0
-    fields = ["base_url", "served_model_name", "internal_token", "clear_internal_token", "weight", "enabled", "healthy",
-              "last_checked_at", "last_error"]
+    fields = DEPLOYMENT_FIELDS
     readonly_fields = ["healthy", "last_checked_at", "last_error"]
+
+
+class ModelFallbackInline(admin.TabularInline):
+    model = ModelFallback
+    fk_name = "model"
+    extra = 0
+    fields = ["fallback", "position"]
+    verbose_name = "fallback model"
 
 
 @admin.register(AIModel)
@@ -51,7 +81,7 @@ class AIModelAdmin(admin.ModelAdmin):
     list_filter = ["enabled", "visibility", "kind"]
     search_fields = ["name", "display_name", "description"]
     filter_horizontal = ["organizations"]
-    inlines = [DeploymentInline]
+    inlines = [DeploymentInline, ModelFallbackInline]
 
     def save_model(self, request, obj, form, change):
         super().save_model(request, obj, form, change)
@@ -60,14 +90,35 @@ class AIModelAdmin(admin.ModelAdmin):
 
 @admin.register(Deployment)
 class DeploymentAdmin(admin.ModelAdmin):
-    list_display = ["model", "base_url", "weight", "enabled", "healthy", "last_checked_at"]
-    list_filter = ["enabled", "healthy", "model"]
+    list_display = ["model", "base_url", "kind", "weight", "enabled", "draining", "healthy", "last_checked_at"]
+    list_filter = ["enabled", "draining", "healthy", "kind", "model"]
     search_fields = ["base_url", "model__name"]
     form = DeploymentForm
-    fields = ["model", "base_url", "served_model_name", "internal_token", "clear_internal_token", "weight", "enabled",
-              "healthy", "last_checked_at", "last_error"]
+    fields = ["model", *DEPLOYMENT_FIELDS]
     readonly_fields = ["healthy", "last_checked_at", "last_error"]
-    actions = ["check_health"]
+    actions = ["check_health", "start_draining", "stop_draining"]
+
+    def save_model(self, request, obj, form, change):
+        super().save_model(request, obj, form, change)
+        catalog.invalidate()
+
+    @admin.action(description="Drain: new requests avoid it, running ones finish", permissions=["change"])
+    def start_draining(self, request, queryset):
+        self._set_draining(request, queryset, True)
+
+    @admin.action(description="Stop draining", permissions=["change"])
+    def stop_draining(self, request, queryset):
+        self._set_draining(request, queryset, False)
+
+    def _set_draining(self, request, queryset, draining: bool) -> None:
+        changed = 0
+        for deployment in queryset:  # save(): the audit log records each change
+            if deployment.draining != draining:
+                deployment.draining = draining
+                deployment.save(update_fields=["draining"])
+                changed += 1
+        catalog.invalidate()
+        self.message_user(request, f"{changed} deployment(s) {'now draining' if draining else 'no longer draining'}.")
 
     @admin.action(description="Check health now", permissions=["change"])
     def check_health(self, request, queryset):

@@ -1,5 +1,7 @@
-"""The catalog as the gateway reads it: a per-process snapshot refreshed every few seconds, and the
-choice of a deployment (healthy, fewest requests in flight, weight as tie-breaker).
+"""The catalog as the gateway reads it: a per-process snapshot refreshed every few seconds, and which of
+a model's deployments can take a request now (enabled, healthy, not benched, not draining). The choice
+among those, shared by every gateway process, is inference/routing.py's; `pick` (fewest in flight in
+this process) is its fallback when Redis cannot be reached.
 
 Health has two sources: the periodic check (`check_deployments`, run by Celery beat) stored in the
 database, and this process's own observations: a connect failure benches a deployment for
@@ -17,7 +19,7 @@ import httpx
 from django.conf import settings
 from django.utils import timezone
 
-from .models import AIModel, Deployment, Visibility, upstream_refusal
+from .models import AIModel, Deployment, DeploymentKind, Visibility, upstream_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +36,22 @@ class Upstream:
     internal_token: str
     weight: int
     healthy: bool
+    kind: str = DeploymentKind.ENGINE
+    draining: bool = False
+    supports_cache_salt: bool = True
+    supports_tokenize: bool = True
+    supports_tokenizer: bool = True
+
+    @property
+    def is_engine(self) -> bool:
+        """Our engine: it takes our other extensions (tool_format) and publishes GET /load."""
+        return self.kind == DeploymentKind.ENGINE
+
+    @classmethod
+    def of(cls, deployment: Deployment, public_name: str) -> Upstream:
+        d = deployment
+        return cls(d.pk, d.base_url.rstrip("/"), d.served_model_name or public_name, d.bearer_token, d.weight,
+                   d.healthy, d.kind, d.draining, d.supports_cache_salt, d.supports_tokenize, d.supports_tokenizer)
 
 
 @dataclass(frozen=True)
@@ -41,6 +59,7 @@ class CatalogEntry:
     model: AIModel
     visible_to: frozenset[int] | None  # organization ids; None: every organization
     upstreams: tuple[Upstream, ...]
+    fallbacks: tuple[str, ...] = ()  # model names tried in order when no replica of this one answers
 
     def visible_for(self, organization_id: int) -> bool:
         return self.visible_to is None or organization_id in self.visible_to
@@ -84,24 +103,26 @@ class Catalog:
     @staticmethod
     def _load() -> dict[str, CatalogEntry]:
         entries = {}
-        models = AIModel.objects.filter(enabled=True).prefetch_related("organizations", "deployments")
+        models = AIModel.objects.filter(enabled=True).prefetch_related(
+            "organizations", "deployments", "fallback_links__fallback")
         for model in models:
             visible_to = None
             if model.visibility == Visibility.LISTED:
                 visible_to = frozenset(org.pk for org in model.organizations.all())
-            upstreams = tuple(
-                Upstream(d.pk, d.base_url.rstrip("/"), d.served_model_name or model.name, d.internal_token, d.weight,
-                         d.healthy)
-                for d in model.deployments.all()
-                if d.enabled
-            )
-            entries[model.name] = CatalogEntry(model, visible_to, upstreams)
+            upstreams = tuple(Upstream.of(d, model.name) for d in model.deployments.all() if d.enabled)
+            fallbacks = tuple(link.fallback.name for link in model.fallback_links.all())
+            entries[model.name] = CatalogEntry(model, visible_to, upstreams, fallbacks)
         return entries
 
-    def pick(self, entry: CatalogEntry) -> Upstream | None:
-        """A healthy upstream with the fewest requests in flight here; higher weight wins ties."""
+    def available(self, entry: CatalogEntry, exclude: frozenset[int] = frozenset()) -> list[Upstream]:
+        """The replicas that may take a new request: healthy, not benched here, not draining."""
         now = time.monotonic()
-        candidates = [u for u in entry.upstreams if u.healthy and self.benched_until.get(u.id, 0) <= now]
+        return [u for u in entry.upstreams if u.healthy and not u.draining and u.id not in exclude
+                and self.benched_until.get(u.id, 0) <= now]
+
+    def pick(self, entry: CatalogEntry, exclude: frozenset[int] = frozenset()) -> Upstream | None:
+        """An available upstream with the fewest requests in flight here; higher weight wins ties."""
+        candidates = self.available(entry, exclude)
         if not candidates:
             return None
         return min(candidates, key=lambda u: (self.in_flight.get(u.id, 0) / max(u.weight, 1), -u.weight, u.id))
@@ -121,17 +142,20 @@ catalog = Catalog()
 
 
 def check_deployment(deployment: Deployment, client: httpx.Client) -> bool:
-    """GET {base_url}/health; stores the result on the row."""
-    headers = {"authorization": f"Bearer {deployment.internal_token}"} if deployment.internal_token else {}
+    """GET {base_url}/health (an external server: /v1/models); stores the result on the row."""
+    token = deployment.bearer_token
+    headers = {"authorization": f"Bearer {token}"} if token else {}
     error = upstream_refusal(deployment.base_url) or ""  # no request (nor token) to a host no longer allowed
+    # Our engine answers GET /health; any OpenAI-compatible server answers GET /v1/models.
+    path = "/health" if deployment.kind == DeploymentKind.ENGINE else "/v1/models"
     try:
         if error:
             healthy = False
         else:
-            response = client.get(f"{deployment.base_url.rstrip('/')}/health", headers=headers)
+            response = client.get(f"{deployment.base_url.rstrip('/')}{path}", headers=headers)
             healthy = response.status_code == 200
             if not healthy:
-                error = f"/health answered {response.status_code}"
+                error = f"{path} answered {response.status_code}"
     except httpx.HTTPError as exc:
         healthy, error = False, f"{type(exc).__name__}: {exc}"[:500]
     if healthy != deployment.healthy:

@@ -72,6 +72,10 @@ class AIModel(models.Model):
                   "package:NAME for a demo model (inference/sources.py). Empty: replicas are registered by hand.",
     )
     created_at = models.DateTimeField(auto_now_add=True)
+    fallbacks = models.ManyToManyField(
+        "self", through="ModelFallback", through_fields=("model", "fallback"), symmetrical=False, blank=True,
+        related_name="+", help_text="Models tried in order when every replica of this one fails before answering.",
+    )
 
     class Meta:
         ordering = ["name"]
@@ -108,6 +112,25 @@ class AIModel(models.Model):
             + completion_tokens * self.price_output_per_million
         )
         return (total / PER_MILLION).quantize(Decimal("0.00000001"))
+
+
+class ModelFallback(models.Model):
+    """`fallback` answers for `model` when no replica of `model` could (billed at `fallback`'s prices)."""
+
+    model = models.ForeignKey(AIModel, on_delete=models.CASCADE, related_name="fallback_links")
+    fallback = models.ForeignKey(AIModel, on_delete=models.CASCADE, related_name="+")
+    position = models.PositiveSmallIntegerField(default=0, help_text="Lower is tried first.")
+
+    class Meta:
+        ordering = ["model", "position", "id"]
+        constraints = [models.UniqueConstraint(fields=["model", "fallback"], name="one_fallback_link")]
+
+    def __str__(self) -> str:
+        return f"{self.model} → {self.fallback}"
+
+    def clean(self) -> None:
+        if self.model_id is not None and self.model_id == self.fallback_id:
+            raise ValidationError({"fallback": "A model cannot be its own fallback."})
 
 
 def _plain(price: Decimal) -> str:
@@ -153,13 +176,19 @@ def _network(entry: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None
         return None
 
 
+class DeploymentKind(models.TextChoices):
+    ENGINE = "engine", "Our engine (python -m engine serve)"
+    OPENAI = "openai", "Another OpenAI-compatible server (vLLM, llama.cpp, a cloud provider)"
+
+
 # Health checks write healthy, last_checked_at and last_error: state, not audit events.
-@audited(secret=("internal_token",), quiet=("healthy", "last_checked_at", "last_error"))
+@audited(secret=("internal_token", "api_key_encrypted"), quiet=("healthy", "last_checked_at", "last_error"))
 class Deployment(models.Model):
-    """One engine replica serving a model (an OpenAI-compatible `python -m engine serve`).
+    """One replica serving a model: our engine (`python -m engine serve`) or any OpenAI-compatible server.
 
     Its base URL must be allowed by DEPLOYMENT_ALLOWED_UPSTREAMS (checked on every save and on each
-    health check): the gateway sends it every prompt and the internal token."""
+    health check): the gateway sends it every prompt and the internal token. The `supports_*` flags say
+    which of our engine's extensions it accepts; the gateway sends nothing else (inference/upstreams.py)."""
 
     model = models.ForeignKey(AIModel, on_delete=models.CASCADE, related_name="deployments")
     base_url = models.URLField(max_length=300, help_text="Engine root, e.g. http://10.0.0.5:8001 (without /v1).")
@@ -167,8 +196,22 @@ class Deployment(models.Model):
         max_length=128, blank=True, help_text="The model id the engine serves, if not the public name."
     )
     internal_token = models.CharField(max_length=300, blank=True, help_text="Sent upstream as a Bearer token.")
+    kind = models.CharField(max_length=16, choices=DeploymentKind.choices, default=DeploymentKind.ENGINE)
+    api_key_encrypted = models.TextField(
+        blank=True, editable=False,
+        help_text="The upstream's API key, encrypted (inference/secrets.py); sent as the Bearer token instead of "
+                  "the internal token.",
+    )
+    supports_cache_salt = models.BooleanField(
+        default=True, help_text="Accepts `cache_salt` (per-tenant prefix cache isolation), as our engine and vLLM do.")
+    supports_tokenize = models.BooleanField(
+        default=True, help_text="Counts tokens at POST /tokenize ({count}), as our engine does.")
+    supports_tokenizer = models.BooleanField(
+        default=True, help_text="Publishes its tokenizer and chat template at GET /v1/tokenizer, as our engine does.")
     weight = models.PositiveIntegerField(default=1, help_text="Tie-breaker between equally loaded replicas.")
     enabled = models.BooleanField(default=True)
+    draining = models.BooleanField(
+        default=False, help_text="New requests avoid it; those it is answering finish (take it out gracefully).")
     healthy = models.BooleanField(default=True)
     last_checked_at = models.DateTimeField(null=True, blank=True)
     last_error = models.CharField(max_length=500, blank=True)
@@ -185,6 +228,23 @@ class Deployment(models.Model):
         if refusal:
             raise ValidationError({"base_url": refusal})
         super().save(*args, **kwargs)
+
+    @property
+    def api_key(self) -> str:
+        from .secrets import decrypt
+
+        return decrypt(self.api_key_encrypted) if self.api_key_encrypted else ""
+
+    @api_key.setter
+    def api_key(self, value: str) -> None:
+        from .secrets import encrypt
+
+        self.api_key_encrypted = encrypt(value) if value else ""
+
+    @property
+    def bearer_token(self) -> str:
+        """What the gateway sends upstream: the external server's API key, else our engine's internal token."""
+        return self.api_key or self.internal_token
 
     def clean(self) -> None:
         super().clean()

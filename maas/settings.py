@@ -57,6 +57,10 @@ if not API_KEY_HMAC_SECRET:
 elif API_KEY_HMAC_SECRET == SECRET_KEY and not DEBUG:
     raise ImproperlyConfigured("API_KEY_HMAC_SECRET must differ from SECRET_KEY.")
 
+# Encrypts the API keys of external upstreams at rest (inference/secrets.py). Defaults to SECRET_KEY; set
+# it on its own so rotating SECRET_KEY does not make the stored keys unreadable.
+DEPLOYMENT_KEY_SECRET = os.environ.get("DEPLOYMENT_KEY_SECRET", "") or SECRET_KEY
+
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]" if DEBUG else "")
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS")
 
@@ -368,6 +372,18 @@ GATEWAY_REDIS_TIMEOUT = env_float("GATEWAY_REDIS_TIMEOUT", 0.5)
 GATEWAY_CATALOG_CACHE_SECONDS = env_float("GATEWAY_CATALOG_CACHE_SECONDS", 5.0)
 GATEWAY_UNHEALTHY_BACKOFF_SECONDS = env_float("GATEWAY_UNHEALTHY_BACKOFF_SECONDS", 10.0)
 GATEWAY_HEALTH_CHECK_TIMEOUT = env_float("GATEWAY_HEALTH_CHECK_TIMEOUT", 2.0)
+# Replica choice, shared by every gateway process through Redis (inference/routing.py): "affinity"
+# (bounded-load consistent hashing on the prompt's prefix), "least_loaded" or "round_robin".
+GATEWAY_ROUTING = os.environ.get("GATEWAY_ROUTING", "affinity")
+# Bounded loads: a replica takes a request while its load is below this factor times the mean (c > 1).
+GATEWAY_AFFINITY_LOAD_FACTOR = env_float("GATEWAY_AFFINITY_LOAD_FACTOR", 1.25)
+# The prefix that keys affinity: this many characters of the rendered messages (a system prompt, a
+# conversation's first turns), with the tenant's cache_salt.
+GATEWAY_AFFINITY_PREFIX_CHARS = env_int("GATEWAY_AFFINITY_PREFIX_CHARS", 1024)
+# How often one gateway process (whichever takes the Redis lock) polls the engines' GET /load.
+GATEWAY_LOAD_POLL_SECONDS = env_float("GATEWAY_LOAD_POLL_SECONDS", 1.0)
+# An attempt that has no response headers after this long fails over (fallback models, next replica).
+GATEWAY_FIRST_BYTE_TIMEOUT = env_float("GATEWAY_FIRST_BYTE_TIMEOUT", 120.0)
 # Quota holds and settlements commit without waiting for the WAL flush (see inference/quotas.py).
 GATEWAY_ASYNC_COMMIT = env_bool("GATEWAY_ASYNC_COMMIT", default=True)
 GATEWAY_DB_THREADS = env_int("GATEWAY_DB_THREADS", 4)  # per process, for the admission and settlement

@@ -131,7 +131,7 @@ def test_deployment_token_is_write_only(client, deployment):
         assert TOKEN not in page, url
     # Saving the form without typing a token keeps the stored one; typing one replaces it.
     data = {"model": deployment.model_id, "base_url": deployment.base_url, "served_model_name": "", "internal_token": "",
-            "weight": "1", "enabled": "on"}
+            "kind": "engine", "weight": "1", "enabled": "on"}
     client.post(f"/admin/inference/deployment/{deployment.pk}/change/", data)
     deployment.refresh_from_db()
     assert deployment.internal_token == TOKEN
@@ -141,6 +141,41 @@ def test_deployment_token_is_write_only(client, deployment):
     client.post(f"/admin/inference/deployment/{deployment.pk}/change/", {**data, "clear_internal_token": "on"})
     deployment.refresh_from_db()
     assert deployment.internal_token == ""
+
+
+def test_upstream_api_key_is_stored_encrypted_and_never_shown(client, deployment):
+    root = User.objects.create_superuser("root@example.com", "pw-not-used-123")
+    client.force_login(root)
+    url = f"/admin/inference/deployment/{deployment.pk}/change/"
+    data = {"model": deployment.model_id, "base_url": deployment.base_url, "kind": "openai", "weight": "1",
+            "enabled": "on", "api_key": "sk-provider-key-never-shown-91c2"}
+    client.post(url, data)
+    deployment.refresh_from_db()
+    assert deployment.kind == "openai" and deployment.api_key == "sk-provider-key-never-shown-91c2"
+    assert "sk-provider" not in deployment.api_key_encrypted  # at rest: Fernet ciphertext only
+    assert deployment.bearer_token == "sk-provider-key-never-shown-91c2"  # the key replaces the internal token
+    for page_url in (url, f"/admin/inference/aimodel/{deployment.model_id}/change/"):
+        page = client.get(page_url).content.decode()
+        assert "sk-provider" not in page and deployment.api_key_encrypted not in page, page_url
+    client.post(url, {**data, "api_key": ""})  # left empty: kept
+    deployment.refresh_from_db()
+    assert deployment.api_key == "sk-provider-key-never-shown-91c2"
+    client.post(url, {**data, "api_key": "", "clear_api_key": "on"})
+    deployment.refresh_from_db()
+    assert deployment.api_key_encrypted == "" and deployment.bearer_token == TOKEN
+
+
+def test_draining_is_an_admin_action_that_needs_the_change_permission(client, deployment):
+    staff_with(client, "view_deployment")
+    run_action(client, "/admin/inference/deployment/", "start_draining", deployment.pk)
+    deployment.refresh_from_db()
+    assert not deployment.draining
+    client.logout()
+    User.objects.filter(email="staff@example.com").delete()
+    staff_with(client, "view_deployment", "change_deployment")
+    run_action(client, "/admin/inference/deployment/", "start_draining", deployment.pk)
+    deployment.refresh_from_db()
+    assert deployment.draining
 
 
 def test_billing_rows_cannot_be_deleted_or_edited_by_anyone(client, org):

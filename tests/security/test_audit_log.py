@@ -114,7 +114,10 @@ def test_an_admin_change_to_a_model_and_its_deployment_is_audited(client):
         "deployments-TOTAL_FORMS": "1", "deployments-INITIAL_FORMS": "1", "deployments-MIN_NUM_FORMS": "0",
         "deployments-MAX_NUM_FORMS": "1000", "deployments-0-id": str(deployment.pk), "deployments-0-model": str(model.pk),
         "deployments-0-base_url": "http://127.0.0.1:9", "deployments-0-served_model_name": "",
-        "deployments-0-internal_token": "", "deployments-0-weight": "1", "deployments-0-enabled": "on",
+        "deployments-0-internal_token": "", "deployments-0-kind": "engine", "deployments-0-weight": "1",
+        "deployments-0-enabled": "on",
+        "fallback_links-TOTAL_FORMS": "0", "fallback_links-INITIAL_FORMS": "0", "fallback_links-MIN_NUM_FORMS": "0",
+        "fallback_links-MAX_NUM_FORMS": "1000",
     })
     response = client.post(f"/admin/inference/aimodel/{model.pk}/change/", data, REMOTE_ADDR=CLIENT_IP)
     assert response.status_code == 302, response.context["adminform"].form.errors
