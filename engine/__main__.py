@@ -24,7 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8100)
     serve.add_argument("--served-model-name", help="the model id clients send (default: the file/directory stem)")
-    serve.add_argument("--api-key", help="require 'Authorization: Bearer TOKEN' on /v1 and /tokenize")
+    serve.add_argument("--api-key", default=os.environ.get("ENGINE_API_KEY") or None,
+                       help="require 'Authorization: Bearer TOKEN' on /v1 and /tokenize (default: $ENGINE_API_KEY, "
+                            "which keeps the token out of the process list)")
     serve.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     serve.add_argument("--kv-cache-memory", type=parse_bytes,
                        help="bytes for the KV-cache pool, e.g. 2GiB (default: --gpu-memory-fraction of free GPU "

@@ -1,8 +1,15 @@
 from django import forms
-from django.contrib import admin
+from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.template.response import TemplateResponse
+from django.urls import path
+from django.utils.http import urlencode
 
+from . import replicas, sources
 from .catalog import catalog
-from .models import AIModel, Deployment, ModelFallback, Reservation, UsageRecord
+from .models import AIModel, Deployment, ModelFallback, Replica, Reservation, UsageRecord
+
+OPERATE_REPLICAS = "inference.operate_replica"
 
 
 class DeploymentForm(forms.ModelForm):
@@ -74,18 +81,74 @@ class ModelFallbackInline(admin.TabularInline):
     verbose_name = "fallback model"
 
 
+class ReplicaInline(admin.TabularInline):
+    """Platform-run replicas of the model, read-only here (actions and options: *Replicas*)."""
+
+    model = Replica
+    extra = 0
+    can_delete = False
+    show_change_link = True
+    fields = ["desired", "status", "device", "dtype", "port", "pid", "restarts", "last_error"]
+    readonly_fields = fields
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+
+class OperateReplicasMixin:
+    """Starting, stopping and restarting engine processes takes the dedicated permission, not just staff."""
+
+    def has_operate_permission(self, request) -> bool:
+        return request.user.has_perm(OPERATE_REPLICAS)
+
+
 @admin.register(AIModel)
-class AIModelAdmin(admin.ModelAdmin):
+class AIModelAdmin(OperateReplicasMixin, admin.ModelAdmin):
     list_display = ["name", "display_name", "kind", "context_length", "enabled", "visibility",
                     "price_input_per_million", "price_cached_input_per_million", "price_output_per_million"]
     list_filter = ["enabled", "visibility", "kind"]
     search_fields = ["name", "display_name", "description"]
     filter_horizontal = ["organizations"]
-    inlines = [DeploymentInline, ModelFallbackInline]
+    inlines = [DeploymentInline, ModelFallbackInline, ReplicaInline]
+    actions = ["start_replica"]
+    change_list_template = "admin/inference/aimodel/change_list.html"
 
     def save_model(self, request, obj, form, change):
         super().save_model(request, obj, form, change)
         catalog.invalidate()
+
+    @admin.action(description="Start a replica (the launcher runs it)", permissions=["operate"])
+    def start_replica(self, request, queryset):
+        for model in queryset:
+            try:
+                replica = replicas.start_replica(model)
+            except (replicas.ReplicaError, ValidationError) as exc:
+                self.message_user(request, str(exc), messages.ERROR)
+            else:
+                self.message_user(request, f"Started {replica}: the launcher starts its engine (see Replicas).")
+
+    def get_urls(self):
+        view = self.admin_site.admin_view(self.sources_view)
+        return [path("sources/", view, name="inference_aimodel_sources"), *super().get_urls()]
+
+    def sources_view(self, request):
+        """What can be served from MODELS_DIR and the demo packages, each with a pre-filled *Add* link."""
+        if not self.has_add_permission(request):
+            raise PermissionDenied
+        found, refused = sources.list_sources()
+        in_catalog = {}
+        for name, source in AIModel.objects.exclude(source="").values_list("name", "source"):
+            in_catalog.setdefault(source, []).append(name)
+        rows = [
+            {"source": source, "models": in_catalog.get(source.id, []),
+             "add_query": urlencode(replicas.model_defaults(source))}
+            for source in found
+        ]
+        context = {
+            **self.admin_site.each_context(request), "opts": self.model._meta, "title": "Model sources",
+            "rows": rows, "refused": refused, "models_dir": sources.models_dir(),
+        }
+        return TemplateResponse(request, "admin/inference/aimodel/sources.html", context)
 
 
 @admin.register(Deployment)
@@ -129,6 +192,79 @@ class DeploymentAdmin(admin.ModelAdmin):
         with httpx.Client(timeout=5) as client:
             healthy = sum(check_deployment(d, client) for d in queryset)
         self.message_user(request, f"{healthy} of {queryset.count()} deployments healthy.")
+
+
+class ReplicaForm(forms.ModelForm):
+    class Meta:
+        model = Replica
+        fields = ["model", "dtype", "device", "kv_cache_memory", "max_num_seqs", "max_model_len"]
+
+    def clean_model(self):
+        model = self.cleaned_data["model"]
+        try:
+            replicas.check_servable(model)
+        except replicas.ReplicaError as exc:
+            raise ValidationError(str(exc)) from None
+        return model
+
+
+@admin.register(Replica)
+class ReplicaAdmin(OperateReplicasMixin, admin.ModelAdmin):
+    """Engine options are fields; desired state changes only through the actions (audited with who did it).
+    Every change here needs the operate_replica permission: it starts or stops processes."""
+
+    list_display = ["__str__", "model", "desired", "status", "device", "dtype", "port", "pid", "restarts",
+                    "endpoint", "last_seen_at"]
+    list_filter = ["desired", "status", "model"]
+    list_select_related = ["model", "deployment"]
+    fields = ["model", "dtype", "device", "kv_cache_memory", "max_num_seqs", "max_model_len", "desired",
+              "generation", "status", "endpoint", "pid", "restarts", "started_at", "last_seen_at", "last_error",
+              "log"]
+    readonly_fields = ["desired", "generation", "status", "endpoint", "pid", "restarts", "started_at",
+                       "last_seen_at", "last_error", "log"]
+    actions = ["start", "stop", "restart"]
+    form = ReplicaForm
+
+    def has_add_permission(self, request):
+        return self.has_operate_permission(request)
+
+    def has_change_permission(self, request, obj=None):
+        return self.has_operate_permission(request)
+
+    def has_delete_permission(self, request, obj=None):
+        return self.has_operate_permission(request)
+
+    def get_readonly_fields(self, request, obj=None):
+        return [*self.readonly_fields, "model"] if obj is not None else self.readonly_fields
+
+    @admin.display(description="Endpoint")
+    def endpoint(self, obj: Replica) -> str:
+        return obj.deployment.base_url if obj.deployment else "-"
+
+    @admin.display(description="Log (last lines)")
+    def log(self, obj: Replica):
+        from django.utils.html import format_html
+
+        return format_html('<pre style="max-height: 30em; overflow: auto">{}</pre>', obj.log_tail or "-")
+
+    @admin.action(description="Start selected replicas", permissions=["operate"])
+    def start(self, request, queryset):
+        try:
+            count = replicas.start_replicas(queryset)
+        except replicas.ReplicaError as exc:
+            self.message_user(request, str(exc), messages.ERROR)
+            return
+        self.message_user(request, f"{count} replicas to start.")
+
+    @admin.action(description="Stop selected replicas (out of routing, then the process ends)", permissions=["operate"])
+    def stop(self, request, queryset):
+        count = replicas.stop_replicas(queryset)
+        self.message_user(request, f"{count} replicas to stop.")
+
+    @admin.action(description="Restart selected replicas (a fresh engine process)", permissions=["operate"])
+    def restart(self, request, queryset):
+        count = replicas.restart_replicas(queryset)
+        self.message_user(request, f"{count} replicas to restart.")
 
 
 @admin.register(UsageRecord)

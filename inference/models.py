@@ -84,6 +84,16 @@ class AIModel(models.Model):
     def __str__(self) -> str:
         return self.name
 
+    def clean(self) -> None:
+        super().clean()
+        if self.source:
+            from .sources import SourceError, resolve
+
+            try:
+                resolve(self.source)
+            except SourceError as exc:
+                raise ValidationError({"source": str(exc)}) from None
+
     @property
     def pricing(self) -> dict[str, str]:
         """Prices per million tokens as exact decimal strings (GET /v1/models, the models page)."""

@@ -402,13 +402,17 @@ DEPLOYMENT_ALLOWED_UPSTREAMS = env_list(
 # from the admin*). MODELS_DIR: the directory the admin lists models from (empty: only the demo packages);
 # nothing outside it (after resolving symlinks) is ever served.
 MODELS_DIR = os.environ.get("MODELS_DIR", "")
-# The address engines the launcher starts listen on and are registered under, and their port range.
-LAUNCHER_HOST = os.environ.get("LAUNCHER_HOST", "127.0.0.1")
+# Engines the launcher starts listen on LAUNCHER_BIND_HOST and are registered as http://LAUNCHER_HOST:PORT
+# (compose: 0.0.0.0 and the launcher service's name), PORT from LAUNCHER_PORT_RANGE.
+LAUNCHER_BIND_HOST = os.environ.get("LAUNCHER_BIND_HOST", "127.0.0.1")
+LAUNCHER_HOST = os.environ.get("LAUNCHER_HOST", LAUNCHER_BIND_HOST)
 LAUNCHER_PORT_RANGE = tuple(int(p) for p in os.environ.get("LAUNCHER_PORT_RANGE", "8200-8299").split("-", 1))
 # Where the launcher keeps each engine's log file.
 LAUNCHER_STATE_DIR = os.environ.get("LAUNCHER_STATE_DIR", str(BASE_DIR / "var" / "launcher"))
 LAUNCHER_POLL_SECONDS = env_float("LAUNCHER_POLL_SECONDS", 2.0)
 LAUNCHER_STARTUP_TIMEOUT = env_float("LAUNCHER_STARTUP_TIMEOUT", 600.0)
+# Extra `python -m engine serve` arguments for every engine it starts, e.g. "--threads 4 --log-level warning".
+LAUNCHER_ENGINE_ARGS = os.environ.get("LAUNCHER_ENGINE_ARGS", "")
 
 # GET /metrics (Prometheus) needs `Authorization: Bearer <METRICS_TOKEN>`; empty: /metrics answers 404.
 METRICS_TOKEN = os.environ.get("METRICS_TOKEN", "")

