@@ -28,6 +28,7 @@ MODELS_MOUNT = "/models"
 class Rendered:
     documents: list[str] = field(default_factory=list)  # one YAML text (Deployment + Service) per replica
     skipped: list[str] = field(default_factory=list)  # why a wanted replica has no manifest
+    replicas: list[Replica] = field(default_factory=list)  # those rendered
 
     @property
     def text(self) -> str:
@@ -67,5 +68,6 @@ def render(*, namespace: str = "maas", image: str = "maas-engine:latest", secret
             "secret": secret, "port": ENGINE_PORT, "models_claim": models_claim,
             "resources": {"limits": {"nvidia.com/gpu": 1}} if gpu else {},
         }
+        rendered.replicas.append(replica)
         rendered.documents.append(source.substitute({key: json.dumps(value) for key, value in values.items()}))
     return rendered

@@ -103,8 +103,26 @@ def test_engine_reserves_a_gpu_and_mounts_models(compose):
         assert service["environment"]["OTEL_SERVICE_NAME"].startswith("maas-engine")
 
 
+def test_the_launcher_runs_platform_replicas_with_the_models_and_a_gpu(compose):
+    launcher = compose["services"]["launcher"]
+    assert launcher["command"] == ["python", "manage.py", "launcher"]
+    assert launcher["build"]["dockerfile"] == "platform/Dockerfile.web"  # Django and the engine package
+    env = launcher["environment"]
+    mount = next(v for v in launcher["volumes"] if v.endswith(":ro"))
+    assert mount.split(":")[-2] == env["MODELS_DIR"] == "/models"
+    assert any(v.endswith(":" + env["LAUNCHER_STATE_DIR"]) for v in launcher["volumes"])
+    assert env["LAUNCHER_STATE_DIR"] in " ".join(launcher["healthcheck"]["test"])  # the heartbeat file
+    # Engines listen on every interface of the container and are registered under the service's name.
+    assert env["LAUNCHER_BIND_HOST"] == "0.0.0.0" and env["LAUNCHER_HOST"] == "launcher"
+    low, high = map(int, env["LAUNCHER_PORT_RANGE"].split("-"))
+    assert 1024 < low < high < 65536
+    assert launcher["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert launcher["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert env["DATABASE_URL"].startswith("postgres://")
+
+
 def test_named_volumes_and_platform_files(compose):
-    assert {"pgdata", "redisdata", "beatdata"} <= set(compose["volumes"])
+    assert {"pgdata", "redisdata", "beatdata", "launcherdata"} <= set(compose["volumes"])
     assert "pgdata:/var/lib/postgresql/data" in compose["services"]["postgres"]["volumes"]
     for path in ("platform/Dockerfile.web", "platform/Dockerfile.engine", "platform/otel-collector.yaml"):
         assert (ROOT / path).is_file(), path

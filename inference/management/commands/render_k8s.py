@@ -7,7 +7,6 @@ from pathlib import Path
 from django.core.management.base import BaseCommand
 
 from inference.k8s import TEMPLATE, render, service_url
-from inference.models import Replica
 
 
 class Command(BaseCommand):
@@ -26,5 +25,5 @@ class Command(BaseCommand):
         self.stdout.write(rendered.text)
         for line in rendered.skipped:
             self.stderr.write(f"skipped {line}")
-        for replica in Replica.objects.filter(desired="running").order_by("pk"):
+        for replica in rendered.replicas:
             self.stderr.write(f"register {replica} as {service_url(replica, options['namespace'])}")
