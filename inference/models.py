@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator
 from django.db import models
 
 from accounts.audit import audited
@@ -57,6 +58,10 @@ class AIModel(models.Model):
     price_input_per_million = models.DecimalField(max_digits=12, decimal_places=6, default=Decimal(0))
     price_cached_input_per_million = models.DecimalField(max_digits=12, decimal_places=6, default=Decimal(0))
     price_output_per_million = models.DecimalField(max_digits=12, decimal_places=6, default=Decimal(0))
+    batch_discount_percent = models.PositiveSmallIntegerField(
+        default=50, validators=[MaxValueValidator(100)],
+        help_text="Discount on the prices for lines of the Batch API (/v1/batches), in percent.",
+    )
     owned_by = models.CharField(max_length=64, default="maas")
     tool_format = models.CharField(
         max_length=16, choices=ToolFormat.choices, default=ToolFormat.AUTO,
@@ -102,6 +107,7 @@ class AIModel(models.Model):
             "input": _plain(self.price_input_per_million),
             "cached_input": _plain(self.price_cached_input_per_million),
             "output": _plain(self.price_output_per_million),
+            "batch_discount_percent": self.batch_discount_percent,
         }
 
     def endpoint_refusal(self, endpoint: str) -> str | None:
@@ -122,6 +128,11 @@ class AIModel(models.Model):
             + completion_tokens * self.price_output_per_million
         )
         return (total / PER_MILLION).quantize(Decimal("0.00000001"))
+
+    def batch_cost(self, prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> Decimal:
+        """Price of one line of a batch: `cost` less the model's batch discount."""
+        full = self.cost(prompt_tokens, cached_tokens, completion_tokens)
+        return (full * (100 - self.batch_discount_percent) / 100).quantize(Decimal("0.00000001"))
 
 
 class ModelFallback(models.Model):
@@ -289,6 +300,7 @@ class UsageStatus(models.TextChoices):
 class UsageSource(models.TextChoices):
     API = "api", "API key"
     PLAYGROUND = "playground", "Console playground"
+    BATCH = "batch", "Batch API"
 
 
 class UsageRecord(TenantOwned):
@@ -494,3 +506,6 @@ class Replica(models.Model):
                 raise ValidationError({"kv_cache_memory": str(exc)}) from None
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ValidationError({"device": "Expected cpu, cuda or cuda:N."})
+
+
+from .batch_models import Batch, BatchLine, StoredFile  # noqa: E402,F401  (registered with the app)

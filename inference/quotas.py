@@ -238,7 +238,31 @@ def admit_session_and_close(credential: SessionCredential) -> Caller:
         connection.close()
 
 
-def admit_credential(credential: str | SessionCredential) -> Caller:
+@dataclass(frozen=True)
+class KeyCredential:
+    """The third kind: an API key by its id, for work done later on the key's behalf (a batch's lines,
+    inference/batch_runner.py). The key authenticated when the work was submitted; each line is
+    admitted again as that key (revoked, expired, disabled organization, allowlist, entitlements)."""
+
+    api_key_id: int
+    source: str = UsageSource.BATCH
+
+
+def admit_key(credential: KeyCredential) -> Caller:
+    """`admit` without the secret: 401 when the key is no longer usable, 403 without an entitlement."""
+    key = APIKey.objects.select_related("organization").filter(pk=credential.api_key_id).first()
+    now = timezone.now()
+    if key is None or not key.is_usable(now):
+        raise invalid_api_key("The API key that submitted this work is no longer usable.")
+    entitlements = list(Entitlement.objects.for_org(key.organization).active(now))
+    if not entitlements:
+        raise no_entitlement()
+    return Caller(key, entitlements, catalog.entries(), source=credential.source)
+
+
+def admit_credential(credential: str | SessionCredential | KeyCredential) -> Caller:
+    if isinstance(credential, KeyCredential):
+        return admit_key(credential)
     return admit_session(credential) if isinstance(credential, SessionCredential) else admit(credential)
 
 

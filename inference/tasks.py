@@ -165,3 +165,27 @@ def notify_entitlement_thresholds() -> int:
                 )
                 sent += 1
     return sent
+
+
+@shared_task(**RETRY)
+def run_batch(batch_pk: int) -> str:
+    """Run one batch (inference/batch_runner.py); routed to BATCH_QUEUE (CELERY_TASK_ROUTES)."""
+    from .batch_runner import run
+
+    return run(batch_pk)
+
+
+@shared_task(**RETRY)
+def resume_batches() -> int:
+    """Queue a runner for each unfinished batch: those of a worker that died are taken up again."""
+    from .batch_runner import resume
+
+    return resume()
+
+
+@shared_task(**RETRY)
+def purge_expired_files() -> int:
+    """Batch output and error files past their expiry (BATCH_FILES_RETENTION_DAYS or output_expires_after)."""
+    from .files import purge_expired
+
+    return purge_expired()

@@ -1,6 +1,6 @@
 from django.urls import path, re_path
 
-from . import console, views
+from . import batch_api, console, views
 
 urlpatterns = [
     path("v1/models", views.list_models, name="v1-models"),
@@ -11,6 +11,12 @@ urlpatterns = [
     path("v1/responses", views.create_response, name="v1-responses"),
     path("v1/responses/<str:response_id>", views.response_detail, name="v1-response"),
     path("v1/responses/<str:response_id>/input_items", views.response_input_items, name="v1-response-input-items"),
+    path("v1/files", batch_api.files_collection, name="v1-files"),
+    path("v1/files/<str:file_id>", batch_api.file_detail, name="v1-file"),
+    path("v1/files/<str:file_id>/content", batch_api.file_content, name="v1-file-content"),
+    path("v1/batches", batch_api.batches_collection, name="v1-batches"),
+    path("v1/batches/<str:batch_id>", batch_api.batch_detail, name="v1-batch"),
+    path("v1/batches/<str:batch_id>/cancel", batch_api.batch_cancel, name="v1-batch-cancel"),
     re_path(r"^v1(?:/(?P<rest>.*))?$", views.unknown_path),
     path("playground/v1/chat/completions", views.playground_chat_completions, name="playground-chat-completions"),
     path("api/usage", console.UsageAPI.as_view(), name="api-usage"),

@@ -7,7 +7,7 @@ CELERY_BEAT_SCHEDULE in settings).
 import os
 
 from celery import Celery
-from celery.signals import beat_init, worker_init
+from celery.signals import beat_init, worker_init, worker_ready
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "maas.settings")
 
@@ -29,3 +29,11 @@ def _trace_beat(**_kwargs) -> None:
     from maas.telemetry import configure_telemetry
 
     configure_telemetry("maas-beat")
+
+
+@worker_ready.connect(weak=False)
+def _resume_batches(**_kwargs) -> None:
+    """A (re)started worker takes up the batches whose runner died (inference/batch_runner.py)."""
+    from inference.tasks import resume_batches
+
+    resume_batches.delay()

@@ -4,6 +4,7 @@ Embedded defaults (no variables set): SQLite file, local-memory cache, Celery ta
 Production: set DATABASE_URL, REDIS_URL, SECRET_KEY, ALLOWED_HOSTS and the EMAIL_* variables.
 """
 
+import json
 import os
 from pathlib import Path
 
@@ -243,6 +244,14 @@ STORAGES = {
     },
 }
 WHITENOISE_USE_FINDERS = DEBUG
+# The Batch API's files (/v1/files): a local directory by default; any Django storage backend by
+# BATCH_FILES_STORAGE_BACKEND and its options as JSON (S3-compatible: "storages.backends.s3.S3Storage"
+# from django-storages, options such as {"bucket_name": ..., "endpoint_url": ...}).
+STORAGES["batch_files"] = {
+    "BACKEND": os.environ.get("BATCH_FILES_STORAGE_BACKEND", "django.core.files.storage.FileSystemStorage"),
+    "OPTIONS": json.loads(os.environ.get("BATCH_FILES_STORAGE_OPTIONS", "")
+                          or json.dumps({"location": os.environ.get("BATCH_FILES_DIR", str(BASE_DIR / "var" / "batch_files"))})),
+}
 
 # Email: console backend in development, SMTP from the environment in production.
 # Every message is queued to one Celery task (maas/mail.py); the worker delivers it with
@@ -350,6 +359,15 @@ GATEWAY_UPSTREAM_KEEPALIVE_EXPIRY = env_float("GATEWAY_UPSTREAM_KEEPALIVE_EXPIRY
 GATEWAY_RESERVATION_TTL_SECONDS = env_int("GATEWAY_RESERVATION_TTL_SECONDS", 900)
 # Added to the byte-count bound on prompt tokens (chat template, default system prompt).
 GATEWAY_PROMPT_OVERHEAD_TOKENS = env_int("GATEWAY_PROMPT_OVERHEAD_TOKENS", 256)
+# The Batch API (README "Batch API"): limits, the runner's pace, and how long its files are kept.
+BATCH_MAX_FILE_BYTES = env_int("BATCH_MAX_FILE_BYTES", 100 * 1024 * 1024)
+BATCH_MAX_LINES = env_int("BATCH_MAX_LINES", 50_000)
+BATCH_MAX_ACTIVE_PER_ORGANIZATION = env_int("BATCH_MAX_ACTIVE_PER_ORGANIZATION", 5)
+BATCH_LINE_CONCURRENCY = env_int("BATCH_LINE_CONCURRENCY", 4)  # lines of one batch in flight at once
+BATCH_QUEUE = os.environ.get("BATCH_QUEUE", "batch")
+BATCH_LEASE_SECONDS = env_int("BATCH_LEASE_SECONDS", 60)  # a runner that stops renewing loses its batch after this
+BATCH_COMPLETION_WINDOW_SECONDS = env_int("BATCH_COMPLETION_WINDOW_SECONDS", 24 * 3600)
+BATCH_FILES_RETENTION_DAYS = env_int("BATCH_FILES_RETENTION_DAYS", 30)
 # /v1/responses: stored responses (store: true, the default) are kept this long, then purged.
 RESPONSES_RETENTION_DAYS = env_int("RESPONSES_RETENTION_DAYS", 30)
 # Count prompts exactly with the tokenizer each replica publishes (inference/prompt_count.py); the byte
@@ -424,6 +442,9 @@ CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", default=not CELE
 CELERY_TASK_EAGER_PROPAGATES = True
 CELERY_TASK_DEFAULT_QUEUE = os.environ.get("CELERY_TASK_DEFAULT_QUEUE", "maas")
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# Batch lines run on their own queue, served by workers of their own (`celery -A maas worker -Q batch`),
+# so interactive traffic's tasks never wait behind a batch.
+CELERY_TASK_ROUTES = {"inference.tasks.run_batch": {"queue": BATCH_QUEUE}}
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BEAT_SCHEDULE_FILENAME = os.environ.get("CELERY_BEAT_SCHEDULE_FILENAME", "celerybeat-schedule")
 # Periods in seconds; `expires` drops a run that waited longer than its period (the next one is due).
@@ -446,6 +467,16 @@ CELERY_BEAT_SCHEDULE = {
     "notify-entitlement-thresholds": {
         "task": "inference.tasks.notify_entitlement_thresholds",
         "schedule": env_float("ENTITLEMENT_NOTICE_SECONDS", 3600),
+    },
+    "resume-batches": {
+        "task": "inference.tasks.resume_batches",
+        "schedule": env_float("BATCH_RESUME_SECONDS", 60),
+        "options": {"expires": env_float("BATCH_RESUME_SECONDS", 60)},
+    },
+    "purge-expired-files": {
+        "task": "inference.tasks.purge_expired_files",
+        "schedule": env_float("BATCH_FILES_PURGE_SECONDS", 3600),
+        "options": {"expires": env_float("BATCH_FILES_PURGE_SECONDS", 3600)},
     },
     "purge-expired-responses": {
         "task": "inference.tasks.purge_expired_responses",

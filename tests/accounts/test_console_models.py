@@ -93,7 +93,7 @@ def test_models_page_and_v1_models_agree_and_follow_replicas_going_down(client_a
     model = listed()
     assert model["id"] == "chat-small" and model["description"] == "A small model for chat."
     assert model["max_model_len"] == 4096 and model["display_name"] == "Chat Small"
-    assert model["pricing"] == {"unit": "per_million_tokens", "input": "0.15", "cached_input": "0.075", "output": "0.6"}
+    assert model["pricing"] == {"unit": "per_million_tokens", "input": "0.15", "cached_input": "0.075", "output": "0.6", "batch_discount_percent": 50}
     assert model["status"] == "up"
 
     stop(replicas[1][1])  # one replica goes down
