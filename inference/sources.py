@@ -8,6 +8,7 @@ the launcher serve a file elsewhere. The metadata comes from `engine.support.des
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass
@@ -80,7 +81,21 @@ def resolve(source_id: str) -> Path:
 
 
 def get(source_id: str) -> Source:
-    return Source(source_id, path := resolve(source_id), describe(path))
+    path = resolve(source_id)
+    return Source(source_id, path, _describe(path, *_version(path)))
+
+
+def _version(path: Path) -> tuple[int, int, int]:
+    """Changes when the model does: the file's (or config.json's) size and modification time, and for a
+    directory its own modification time (a file added or removed)."""
+    stat = (path / "config.json" if path.is_dir() else path).stat()
+    return stat.st_size, stat.st_mtime_ns, path.stat().st_mtime_ns if path.is_dir() else 0
+
+
+@functools.lru_cache(maxsize=256)
+def _describe(path: Path, size: int, mtime_ns: int, directory_mtime_ns: int) -> ModelInfo:
+    """describe() parses a GGUF's whole metadata (its vocabulary too: seconds for a large one): once per version."""
+    return describe(path)
 
 
 def list_sources() -> tuple[list[Source], list[tuple[str, str]]]:

@@ -17,7 +17,7 @@ from .conftest import REDIS_URL, test_database_url
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Small and quiet engines: one thread each (the test machines have two cores), a small KV pool.
-ENGINE_ARGS = "--threads 1 --max-model-len 1024 --kv-cache-memory 64MiB --log-level warning"
+ENGINE_ARGS = "--threads 1 --log-level warning"
 
 
 def models_dir_with_smollm2(root: Path) -> Path:
@@ -49,6 +49,12 @@ class LauncherProcess:
     def _read(self) -> None:
         for line in self.process.stdout:
             self.lines.append(line)
+
+    def wait_output(self, text: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.output:
+            assert time.monotonic() < deadline and self.process.poll() is None, f"no {text!r} in:\n{self.output}"
+            time.sleep(0.1)
 
     @property
     def output(self) -> str:

@@ -65,16 +65,23 @@ def test_a_model_added_from_a_source_is_served_restarted_after_kill_9_and_stoppe
             model = add_from_source(client, GGUF_NAME)
             assert (model.name, model.kind, model.context_length) == ("smollm2-135m-instruct", "chat", 8192)
 
-            response = client.post("/admin/inference/aimodel/",
-                                   {"action": "start_replica", "_selected_action": [model.pk]}, REMOTE_ADDR="198.51.100.4")
-            assert response.status_code == 302
+            # The engine options are the replica's fields (the *Start a replica* action takes the defaults).
+            add_page = client.get("/admin/inference/replica/add/")
+            assert {"dtype", "device", "kv_cache_memory", "max_num_seqs", "max_model_len"} <= set(
+                add_page.context["adminform"].form.fields)
+            response = client.post("/admin/inference/replica/add/", {
+                "model": model.pk, "dtype": "bfloat16", "device": "cpu", "kv_cache_memory": "64MiB",
+                "max_num_seqs": 4, "max_model_len": 1024}, REMOTE_ADDR="198.51.100.4")
+            assert response.status_code == 302, response.context["adminform"].form.errors
         replica = Replica.objects.get(model=model)
         [created] = ReplicaEvent.objects.filter(pgh_obj_id=replica.pk, pgh_label="insert")
         assert created.pgh_context.metadata["user"] == admin.pk
         assert created.pgh_context.metadata["ip"] == "198.51.100.4"
+        print(f"admin flow: {time.monotonic() - started:.1f} s")
 
         wait_for(replica, lambda r: r.status == ReplicaStatus.RUNNING, 150, launcher)
         first_pid = replica.pid
+        assert "--max-num-seqs 4 --device cpu --dtype bfloat16 --kv-cache-memory 64MiB" in replica.log_tail
         print(f"first start: {time.monotonic() - started:.1f} s")
         tenant = make_tenant("launched")
         client_ai = openai.OpenAI(base_url=f"{gateway}/v1", api_key=tenant.raw_key, max_retries=0)
@@ -97,13 +104,21 @@ def test_a_model_added_from_a_source_is_served_restarted_after_kill_9_and_stoppe
         assert "The engine exited with status -9" in launcher.output
         assert "Paris" in chat()
 
+        # The launcher's own restart: the next one adopts the running engine instead of starting another.
+        launcher.stop()
+        assert pid_alive(second_pid)
+        launcher = LauncherProcess(models_dir, tmp_path / "state")
+        launcher.wait_output(f"Adopted the running engine of {replica} (pid {second_pid}", 60)
+        assert "Paris" in chat()
+
         response = client.post("/admin/inference/replica/", {"action": "stop", "_selected_action": [replica.pk]})
         assert response.status_code == 302
         wait_for(replica, lambda r: r.status == ReplicaStatus.STOPPED, 30, launcher)
         assert replica.desired == ReplicaState.STOPPED and replica.pid is None
         replica.deployment.refresh_from_db()
         assert not replica.deployment.enabled
-        assert not pid_alive(second_pid) and not pid_alive(first_pid)
+        assert not pid_alive(second_pid) and not pid_alive(first_pid)  # the adopted engine too
+        assert "Starting the engine" not in launcher.output
         with pytest.raises(openai.APIStatusError) as refused:
             chat()
         assert refused.value.status_code == 503
