@@ -4,7 +4,9 @@ real process on the test database, and waiting for a replica's row to reach a st
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -60,7 +62,16 @@ class LauncherProcess:
     def output(self) -> str:
         return "".join(self.lines)
 
-    def stop(self) -> None:
+    def engine_pids(self) -> set[int]:
+        return {int(pid) for pid in re.findall(r"\(pid (\d+)", self.output)}
+
+    def stop(self, *, engines_too: bool = False) -> None:
+        """SIGTERM (its engines keep running, for the next launcher to adopt), or with them (a test's cleanup:
+        an engine runs in its own session, so nothing else would end it)."""
+        if engines_too:
+            for pid in self.engine_pids():
+                if pid_alive(pid):
+                    os.kill(pid, signal.SIGKILL)
         self.process.terminate()
         try:
             self.process.wait(timeout=15)

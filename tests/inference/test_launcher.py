@@ -108,6 +108,7 @@ def test_a_model_added_from_a_source_is_served_restarted_after_kill_9_and_stoppe
         launcher.stop()
         assert pid_alive(second_pid)
         launcher = LauncherProcess(models_dir, tmp_path / "state")
+        launcher.lines.append(f"(pid {second_pid}")  # for the cleanup, should this launcher not adopt it
         launcher.wait_output(f"Adopted the running engine of {replica} (pid {second_pid}", 60)
         assert "Paris" in chat()
 
@@ -125,6 +126,6 @@ def test_a_model_added_from_a_source_is_served_restarted_after_kill_9_and_stoppe
         stopped = ReplicaEvent.objects.filter(pgh_obj_id=replica.pk, pgh_label="update").latest("pgh_id")
         assert stopped.desired == ReplicaState.STOPPED and stopped.pgh_context.metadata["user"] == admin.pk
     finally:
-        launcher.stop()
+        launcher.stop(engines_too=True)
         print(f"launcher test: {time.monotonic() - started:.1f} s")
 
