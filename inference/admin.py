@@ -81,20 +81,6 @@ class ModelFallbackInline(admin.TabularInline):
     verbose_name = "fallback model"
 
 
-class ReplicaInline(admin.TabularInline):
-    """Platform-run replicas of the model, read-only here (actions and options: *Replicas*)."""
-
-    model = Replica
-    extra = 0
-    can_delete = False
-    show_change_link = True
-    fields = ["desired", "status", "device", "dtype", "port", "pid", "restarts", "last_error"]
-    readonly_fields = fields
-
-    def has_add_permission(self, request, obj=None):
-        return False
-
-
 class OperateReplicasMixin:
     """Starting, stopping and restarting engine processes takes the dedicated permission, not just staff."""
 
@@ -109,13 +95,28 @@ class AIModelAdmin(OperateReplicasMixin, admin.ModelAdmin):
     list_filter = ["enabled", "visibility", "kind"]
     search_fields = ["name", "display_name", "description"]
     filter_horizontal = ["organizations"]
-    inlines = [DeploymentInline, ModelFallbackInline, ReplicaInline]
+    inlines = [DeploymentInline, ModelFallbackInline]
+    readonly_fields = ["platform_replicas"]
     actions = ["start_replica"]
     change_list_template = "admin/inference/aimodel/change_list.html"
 
     def save_model(self, request, obj, form, change):
         super().save_model(request, obj, form, change)
         catalog.invalidate()
+
+    @admin.display(description="Platform-run replicas")
+    def platform_replicas(self, obj: AIModel):
+        """Read-only here (a form, not a formset: posting the model form needs nothing more); options and
+        actions are on *Replicas*."""
+        from django.urls import reverse
+        from django.utils.html import format_html, format_html_join
+
+        if obj.pk is None or not obj.replicas.exists():
+            return "-"
+        return format_html("<ul>{}</ul>", format_html_join("", '<li><a href="{}">{}</a>: {} (wanted {}){}</li>', (
+            (reverse("admin:inference_replica_change", args=[r.pk]), r, r.get_status_display(), r.desired,
+             f" — {r.last_error}" if r.last_error else "")
+            for r in obj.replicas.all())))
 
     @admin.action(description="Start a replica (the launcher runs it)", permissions=["operate"])
     def start_replica(self, request, queryset):

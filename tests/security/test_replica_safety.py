@@ -90,6 +90,9 @@ def test_start_stop_and_restart_are_audit_events_with_the_operator_and_ip(models
     # What the launcher writes while it watches (status, pid, log tail) is state, not an event.
     Replica.objects.filter(pk=replica.pk).update(status=ReplicaStatus.RUNNING, pid=123, log_tail="x")
 
+    page = operator.get(f"/admin/inference/aimodel/{model.pk}/change/").content.decode()
+    assert f"{replica}</a>: Running (wanted stopped)" in page  # what the launcher last saw, and the wish
+
     events = list(ReplicaEvent.objects.filter(pgh_obj_id=replica.pk).order_by("pgh_id"))
     assert [(e.pgh_label, e.desired, e.generation) for e in events] == [
         ("insert", "running", 1), ("update", "running", 2), ("update", "stopped", 2)]
@@ -108,7 +111,7 @@ def test_a_source_outside_models_dir_is_refused(models_dir, source_id):
         "name": "escape", "context_length": 2048, "visibility": "all", "price_input_per_million": 0,
         "price_cached_input_per_million": 0, "price_output_per_million": 0, "owned_by": "maas",
         "tool_format": "auto", "kind": "chat", "source": source_id or "x/../..",
-        **{f"{prefix}-{name}": 0 for prefix in ("deployments", "replicas")
+        **{f"{prefix}-{name}": 0 for prefix in ("deployments", "fallback_links")
            for name in ("TOTAL_FORMS", "INITIAL_FORMS", "MIN_NUM_FORMS", "MAX_NUM_FORMS")},
     })
     assert response.status_code == 200 and "source" in response.context["adminform"].form.errors
