@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tool-format", choices=("auto", "hermes"), default="auto",
                        help="how tools reach the prompt: auto (the chat template if it supports tools, else the "
                             "Hermes-style default) or hermes; a request's tool_format (the gateway's catalog) wins")
+    serve.add_argument("--tensor-parallel-size", type=int, default=1,
+                       help="split the model across this many ranks on this host (cuda:0..N-1, or CPU processes "
+                            "over gloo): heads, MLP and vocabulary are sharded; dense and GGUF weights only")
     serve.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
     serve.add_argument("--dtype", choices=sorted(_DTYPES), help="default: float32 on CPU, bfloat16 on CUDA")
     serve.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -84,10 +87,15 @@ def serve(args: argparse.Namespace) -> None:
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         max_waiting_requests=args.max_waiting_requests, enable_prefix_caching=not args.no_prefix_caching,
         torch_threads=args.threads, max_tokens_per_request=args.max_tokens_per_request,
-        enforce_eager=True if args.enforce_eager else None,
+        enforce_eager=True if args.enforce_eager else None, tensor_parallel_size=args.tensor_parallel_size,
     )
     telemetry.configure_tracing()  # from OTEL_* variables; nothing without them
-    llm_engine = EmbeddingEngine(config) if is_encoder_directory(args.model) else LLMEngine(config)
+    if is_encoder_directory(args.model):
+        if args.tensor_parallel_size > 1:
+            raise SystemExit("--tensor-parallel-size: embedding models run on one device")
+        llm_engine = EmbeddingEngine(config)
+    else:
+        llm_engine = LLMEngine(config)
     install_test_fault(llm_engine, os.environ.get("ENGINE_TEST_FAULT"))
     engine = AsyncEngine(llm_engine, on_fatal=lambda exc: exit_soon(args.fatal_exit_delay))
     app = build_app(engine, api_key=args.api_key, keepalive_interval=args.keepalive_interval,

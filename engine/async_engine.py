@@ -38,6 +38,10 @@ class AsyncEngine:
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
         self.error: BaseException | None = None
+        self._fail_lock = threading.Lock()
+        workers = getattr(engine, "workers", None)
+        if workers is not None:  # a tensor-parallel worker dying breaks the engine even while it is idle
+            workers.on_death(self.fail)
 
     def start(self) -> None:
         self._thread.start()
@@ -46,6 +50,9 @@ class AsyncEngine:
         self._stop = True
         self._wakeup.set()
         self._thread.join(timeout=10)
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            close()
 
     @property
     def healthy(self) -> bool:
@@ -145,8 +152,17 @@ class AsyncEngine:
                         self._deliver(out.request_id, out)
         except BaseException as exc:
             log.exception("engine loop crashed: the engine is unhealthy")
+            self.fail(exc)
+
+    def fail(self, exc: BaseException) -> None:
+        """The engine is broken (its loop crashed, or a tensor-parallel worker died, maybe while the loop
+        waits in a collective that never returns): every request in flight and every new one answers 503,
+        and `on_fatal` runs, once."""
+        with self._fail_lock:
+            if self.error is not None:
+                return
             self.error = exc
-            for request_id in list(self._streams):
-                self._deliver(request_id, EngineDeadError(f"The engine failed ({exc!r}) and is restarting. Please retry."))
-            if self.on_fatal is not None:
-                self.on_fatal(exc)
+        for request_id in list(self._streams):
+            self._deliver(request_id, EngineDeadError(f"The engine failed ({exc!r}) and is restarting. Please retry."))
+        if self.on_fatal is not None:
+            self.on_fatal(exc)

@@ -34,6 +34,8 @@ class EngineConfig:
     # CUDA graphs for decode-only steps: None = on for CUDA, off elsewhere; True = never (eager always).
     enforce_eager: bool | None = None
     max_graph_batch_size: int = 512  # decode batches above this (or above max_num_seqs) run eager
+    # Ranks one model is split across (engine/tp_workers.py); rank r computes on cuda:r, or on the CPU.
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -42,6 +44,8 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens, max_num_seqs and max_tokens_per_request must be positive")
         if self.max_graph_batch_size < 1:
             raise ValueError("max_graph_batch_size must be positive")
+        if self.tensor_parallel_size < 1:
+            raise ValueError("tensor_parallel_size must be positive")
         if not 0 < self.gpu_memory_fraction <= 1:
             raise ValueError("gpu_memory_fraction must be in (0, 1]")
 

@@ -94,10 +94,23 @@ class LLMEngine:
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         self.config = config
-        self.loaded = loaded or load_model(config.model, dtype=config.dtype, device=config.device)
+        self.workers = None  # tensor parallelism: ranks 1..N-1 (engine/tp_workers.py)
+        tp = None
+        if config.tensor_parallel_size > 1:
+            from engine.distributed import rank_device
+            from engine.tp_workers import Workers
+
+            self.workers = Workers.start(config)
+            tp = self.workers.tp
+        try:
+            device = config.device if tp is None else rank_device(config.device, 0)
+            self.loaded = loaded or load_model(config.model, dtype=config.dtype, device=device, tp=tp)
+            self.runner = ModelRunner(self.loaded, config, tp=tp, workers=self.workers)
+        except BaseException:
+            self.close()
+            raise
         self.tokenizer = self.loaded.tokenizer
         self.model_name = config.served_model_name or self.loaded.name
-        self.runner = ModelRunner(self.loaded, config)
         self.max_model_len = min(config.max_model_len or self.loaded.spec.max_position_embeddings,
                                  self.loaded.spec.max_position_embeddings)
         block_manager = BlockManager(
@@ -112,6 +125,12 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.metrics = EngineMetrics(self.model_name) if metrics else None
         self.grammars = Grammars(self.tokenizer, self.loaded.spec.vocab_size, self.loaded.eos_token_ids)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (nothing else holds a resource beyond the process)."""
+        if self.workers is not None:
+            self.workers.stop()
+            self.workers = None
 
     # -- requests -------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams, *,

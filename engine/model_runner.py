@@ -10,7 +10,8 @@ decode-only steps replay CUDA graphs captured per batch-size bucket (engine/cuda
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -22,6 +23,10 @@ from engine.sampler import Sampler, SampleResult
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
+
+if TYPE_CHECKING:
+    from engine.distributed import TensorParallel
+    from engine.tp_workers import Workers
 
 log = logging.getLogger(__name__)
 
@@ -114,24 +119,49 @@ class HostToDevice:
         return out
 
 
+@dataclass
+class StepInputs:
+    """A step's flattened integer inputs on the host: what the device copies are made of, and what rank 0
+    broadcasts to tensor-parallel workers (engine/tp_workers.py)."""
+
+    longs: list[int]  # input ids, positions, KV slots: T each
+    ints: list[int]  # query_start_loc [B + 1], seq_lens [B], block tables [B, width] (zero-padded)
+    query_lens: list[int]
+    seq_lens: list[int]
+    width: int
+
+
 class ModelRunner:
-    def __init__(self, loaded, config: EngineConfig):
+    """With tensor parallelism (`tp`) every rank has one, over its shard and its KV heads; rank 0's also
+    has `workers` and tells them each step's inputs and which rows it computes logits of, so that their
+    collectives pair up with its own."""
+
+    def __init__(self, loaded, config: EngineConfig, *, tp: TensorParallel | None = None,
+                 workers: Workers | None = None):
         self.model = loaded.model
         self.spec = loaded.spec
         self.config = config
+        self.tp = tp if tp is not None and tp.size > 1 else None
+        self.workers = workers
         self.block_size = config.block_size
         self.device = next(self.model.parameters()).device
         self.dtype = self.spec.dtype
+        self.num_kv_heads = self.spec.num_kv_heads // (self.tp.size if self.tp else 1)  # this rank's
         log.info("Weights: %.1f MiB resident, computing in %s on %s", loaded.weight_bytes / 2**20,
                  str(self.dtype).removeprefix("torch."), self.device)
         self.to_device = HostToDevice(self.device)
         self.sampler = Sampler()
         self.activation_peak: int | None = None  # bytes, measured by the warm-up pass (CUDA)
         self.num_blocks = self._num_blocks()
+        if self.tp is not None:  # rank 0's scheduler hands out block ids every rank must hold
+            self.num_blocks = self.tp.min_int(self.num_blocks)
         use_graphs = config.use_cuda_graphs(self.device)
+        if use_graphs and self.tp is not None:
+            log.info("tensor parallel: CUDA graphs off, every step runs eager")
+            use_graphs = False
         # With graphs, one more block than the scheduler knows of: the scratch block padding rows write to.
         self.kv_caches = allocate_kv_cache(
-            self.spec.num_layers, self.num_blocks + use_graphs, self.block_size, self.spec.num_kv_heads,
+            self.spec.num_layers, self.num_blocks + use_graphs, self.block_size, self.num_kv_heads,
             self.spec.head_dim, self.dtype, self.device,
         )
         self.graphs: DecodeGraphs | None = None
@@ -153,7 +183,7 @@ class ModelRunner:
         cfg, spec = self.config, self.spec
         if cfg.num_kv_blocks is not None:
             return cfg.num_kv_blocks
-        per_block = kv_cache_bytes_per_block(spec.num_layers, self.block_size, spec.num_kv_heads, spec.head_dim,
+        per_block = kv_cache_bytes_per_block(spec.num_layers, self.block_size, self.num_kv_heads, spec.head_dim,
                                              self.dtype)
         memory = device_memory(self.device)
         if cfg.kv_cache_memory is not None:
@@ -203,7 +233,7 @@ class ModelRunner:
             chunks.append(min(tokens, max_len))
             tokens -= chunks[-1]
         memory.reset_peak()
-        caches = allocate_kv_cache(spec.num_layers, len(chunks) * per_seq_blocks, bs, spec.num_kv_heads,
+        caches = allocate_kv_cache(spec.num_layers, len(chunks) * per_seq_blocks, bs, self.num_kv_heads,
                                    spec.head_dim, self.dtype, self.device)
         base = memory.allocated()
         batch = ScheduledBatch()
@@ -226,6 +256,10 @@ class ModelRunner:
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Flatten the step's tokens (no padding) and describe where their K/V live."""
+        return self.to_tensors(self.flatten(batch))
+
+    def flatten(self, batch: ScheduledBatch) -> StepInputs:
+        """The step's integer inputs as host lists."""
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -255,11 +289,17 @@ class ModelRunner:
         query_start_loc = [0]
         for n in query_lens:
             query_start_loc.append(query_start_loc[-1] + n)
+        return StepInputs(input_ids + positions + slots,
+                          query_start_loc + seq_lens + [i for tb in tables for i in tb + [0] * (width - len(tb))],
+                          query_lens, seq_lens, width)
+
+    def to_tensors(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """(input_ids, positions, attention metadata) on the device, from the step's host lists."""
         # Two host-to-device copies per step: the int64 token-level values and the int32 sequence-level ones.
-        t, b = len(input_ids), len(seq_lens)
-        longs = self.to_device(input_ids + positions + slots, torch.long)
-        ints = self.to_device(query_start_loc + seq_lens + [i for tb in tables for i in tb + [0] * (width - len(tb))],
-                              torch.int32)
+        query_lens, seq_lens, width, bs = inputs.query_lens, inputs.seq_lens, inputs.width, self.block_size
+        t, b = len(inputs.longs) // 3, len(seq_lens)
+        longs = self.to_device(inputs.longs, torch.long)
+        ints = self.to_device(inputs.ints, torch.int32)
         attn = AttentionMetadata(
             slot_mapping=longs[2 * t:],
             query_start_loc=ints[: b + 1],
@@ -278,12 +318,6 @@ class ModelRunner:
         """One forward pass over the batch; samples for the sequences whose chunk ends their tokens.
         Also records prompt logprobs (`prompt_logprobs`); the third value maps the seq_id of a sequence
         whose prompt logprobs failed to the error (its request fails alone)."""
-        input_ids, positions, attn = self.prepare(batch)
-        if self.graphs is not None and self.graphs.bucket_for(attn) is not None:
-            hidden = self.graphs.run(input_ids, positions, attn)
-        else:
-            hidden = self.model(input_ids, positions, self.kv_caches, attn)
-        failures = self.prompt_logprobs(batch, hidden) if any(s.wants_prompt_logprobs for s in batch.seqs) else {}
         rows, sampling = [], []
         end = 0
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
@@ -291,11 +325,25 @@ class ModelRunner:
             if seq.num_computed_tokens + n == seq.num_tokens:
                 rows.append(end - 1)
                 sampling.append(seq)
+        inputs = self.flatten(batch)
+        if self.workers is not None:
+            self.workers.step(inputs, rows)
+        hidden = self.forward(*self.to_tensors(inputs))
+        logits = self.model.compute_logits(self.select_rows(hidden, rows)).float() if rows else None
+        failures = self.prompt_logprobs(batch, hidden) if any(s.wants_prompt_logprobs for s in batch.seqs) else {}
         if not sampling:
             return [], None, failures
-        last = hidden if len(rows) == hidden.shape[0] else hidden[torch.tensor(rows, device=hidden.device)]
-        logits = self.model.compute_logits(last).float()
         return sampling, self.sample(logits, sampling), failures
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
+        """The step's hidden states: a captured CUDA graph when one fits, else the eager model."""
+        if self.graphs is not None and self.graphs.bucket_for(attn) is not None:
+            return self.graphs.run(input_ids, positions, attn)
+        return self.model(input_ids, positions, self.kv_caches, attn)
+
+    @staticmethod
+    def select_rows(hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        return hidden if len(rows) == hidden.shape[0] else hidden[torch.tensor(rows, device=hidden.device)]
 
     def prompt_logprobs(self, batch: ScheduledBatch, hidden: torch.Tensor) -> dict[int, BaseException]:
         """Append, to each sequence that wants them, the logprobs of the prompt tokens its chunk predicts:
@@ -315,19 +363,23 @@ class ModelRunner:
                 continue
             try:
                 seq.prompt_logprobs.extend(self._token_logprobs(
-                    hidden[row + lo - start:row + hi - start], seq.token_ids[lo + 1:hi + 1], seq.params.prompt_logprobs))
+                    hidden[row + lo - start:row + hi - start], seq.token_ids[lo + 1:hi + 1], seq.params.prompt_logprobs,
+                    first_row=row + lo - start))
             except Exception as exc:  # noqa: BLE001 - this sequence's request fails alone
                 if is_fatal(exc):
                     raise
                 failures[seq.seq_id] = exc
         return failures
 
-    def _token_logprobs(self, hidden: torch.Tensor, targets: list[int], k: int,
-                        rows_per_pass: int = 256) -> list[tuple[float, int, list[tuple[int, float]]]]:
+    def _token_logprobs(self, hidden: torch.Tensor, targets: list[int], k: int, rows_per_pass: int = 256, *,
+                        first_row: int = 0) -> list[tuple[float, int, list[tuple[int, float]]]]:
         """(logprob, rank, top k alternatives) of each target token under its row's distribution, a few
-        hundred rows at a time so a long prompt never holds a [prompt, vocabulary] tensor."""
+        hundred rows at a time so a long prompt never holds a [prompt, vocabulary] tensor. `first_row`:
+        where `hidden` starts in the step's hidden states (tensor-parallel workers compute the same rows)."""
         out = []
         for i in range(0, len(targets), rows_per_pass):
+            if self.workers is not None:
+                self.workers.logits(first_row + i, first_row + min(i + rows_per_pass, len(targets)))
             logprobs = self.model.compute_logits(hidden[i:i + rows_per_pass]).float().log_softmax(-1)
             target = torch.tensor(targets[i:i + rows_per_pass], dtype=torch.long, device=logprobs.device)
             chosen = logprobs.gather(1, target.unsqueeze(1))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from engine.distributed import TensorParallel
 from engine.layers.linear import QuantSpec
 from engine.models.llama import LlamaConfig, LlamaForCausalLM
 from engine.support import DEMO_PACKAGES, demo_package_path
@@ -74,22 +75,24 @@ def load_model(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     quant: QuantSpec | None = None,
+    tp: TensorParallel | None = None,
 ) -> LoadedModel:
     """Load a HF directory (config.json + *.safetensors + tokenizer.json) or a .gguf file.
 
     `quant` (optional, an addition to the contract) is handed to every projection's factory
-    (engine/layers/linear.py) so quantized linears can be used.
+    (engine/layers/linear.py) so quantized linears can be used. With `tp`, this rank's shard
+    (engine/layers/parallel.py); the spec then describes the whole model.
     """
     path = Path(path)
     dtype = dtype or default_dtype(device)
     if path.is_dir():
         from engine.loader.hf import load_hf_directory
 
-        return load_hf_directory(path, dtype=dtype, device=device, quant=quant)
+        return load_hf_directory(path, dtype=dtype, device=device, quant=quant, tp=tp)
     if path.suffix == ".gguf" and path.is_file():
         from engine.loader.gguf import load_gguf_file
 
-        return load_gguf_file(path, dtype=dtype, device=device, quant=quant)
+        return load_gguf_file(path, dtype=dtype, device=device, quant=quant, tp=tp)
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file or directory")
     raise ModelLoadError(f"{path}: not a model (expected a Hugging Face directory or a .gguf file)")
@@ -103,11 +106,16 @@ def build_model(
     device: str | torch.device,
     quant: QuantSpec | None,
     source: str,
+    tp: TensorParallel | None = None,
 ) -> LlamaForCausalLM:
-    """Create the model and assign every (hf_name, tensor, file) it needs; ModelLoadError on any problem."""
+    """Create the model (this rank's shard with `tp`) and assign every (hf_name, tensor, file) it needs;
+    ModelLoadError on any problem."""
+    if tp is not None and tp.size > 1 and getattr(quant, "method", "gguf") != "gguf":
+        raise ModelLoadError(f"{source}: {quant.method} checkpoints cannot be split across ranks (only dense "
+                             "and GGUF weights shard); use --tensor-parallel-size 1")
     try:
         with torch.device(device):
-            model = LlamaForCausalLM(config, dtype=dtype, quant=quant)
+            model = LlamaForCausalLM(config, dtype=dtype, quant=quant, tp=tp)
     except ValueError as exc:
         raise ModelLoadError(f"{source}: {exc}") from None
     expected = model.expected_weights()

@@ -16,6 +16,7 @@ import torch
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
 
+from engine.distributed import TensorParallel
 from engine.layers.linear import QuantSpec
 from engine.loader import LoadedModel, ModelLoadError, build_model, model_spec, resident_bytes, unique_ids
 from engine.models.llama import ARCHITECTURES, LlamaConfig
@@ -278,7 +279,8 @@ _PRE_TOKENIZER_SPLITS = {
 
 
 def load_gguf_file(
-    path: Path, *, dtype: torch.dtype, device: str | torch.device, quant: QuantSpec | None
+    path: Path, *, dtype: torch.dtype, device: str | torch.device, quant: QuantSpec | None,
+    tp: TensorParallel | None = None,
 ) -> LoadedModel:
     try:
         reader = gguf.GGUFReader(str(path))
@@ -300,7 +302,8 @@ def load_gguf_file(
 
         keep = GGUF_TYPES
     model = build_model(
-        config, iter_tensors(reader, config, path, keep), dtype=dtype, device=device, quant=quant, source=str(path)
+        config, iter_tensors(reader, config, path, keep), dtype=dtype, device=device, quant=quant, source=str(path),
+        tp=tp,
     )
     eos = unique_ids(
         meta.get("tokenizer.ggml.eos_token_id"),

@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 from tokenizers import Tokenizer as BackendTokenizer
 
+from engine.distributed import TensorParallel
 from engine.layers.linear import QuantSpec
 from engine.layers.rotary import SUPPORTED_ROPE_TYPES
 from engine.loader import (
@@ -130,7 +131,8 @@ def quantization(quantization_config: dict, source: Path) -> QuantSpec:
 
 
 def load_hf_directory(
-    directory: Path, *, dtype: torch.dtype, device: str | torch.device, quant: QuantSpec | None
+    directory: Path, *, dtype: torch.dtype, device: str | torch.device, quant: QuantSpec | None,
+    tp: TensorParallel | None = None,
 ) -> LoadedModel:
     config_path = directory / "config.json"
     raw_config = read_json(config_path)
@@ -144,7 +146,7 @@ def load_hf_directory(
     # A missing tensor is reported against the weight file (or the directory when sharded).
     source = str(files[0]) if len(files) == 1 else f"{directory} (*.safetensors)"
     model = build_model(
-        config, iter_safetensors(files), dtype=dtype, device=device, quant=quant, source=source
+        config, iter_safetensors(files), dtype=dtype, device=device, quant=quant, source=source, tp=tp
     )
     generation = read_json(directory / "generation_config.json", required=False)
     eos = unique_ids(generation.get("eos_token_id"), raw_config.get("eos_token_id"), tokenizer.eos_token_id)

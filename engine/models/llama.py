@@ -14,10 +14,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from engine.distributed import TensorParallel
 from engine.layers.attention import AttentionMetadata, paged_attention
-from engine.layers.embedding import LMHead, VocabEmbedding
-from engine.layers.linear import QuantSpec, make_linear
+from engine.layers.linear import QuantSpec
 from engine.layers.norm import RMSNorm
+from engine.layers.parallel import column_parallel, lm_head, row_parallel, vocab_embedding
 from engine.layers.rotary import RotaryEmbedding, apply_rotary
 from engine.support import DECODER_ARCHITECTURES as ARCHITECTURES
 
@@ -44,24 +45,32 @@ class LlamaConfig:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: LlamaConfig, dtype: torch.dtype | None, quant: QuantSpec | None):
+    """With tensor parallelism, this rank's heads (and KV heads) only."""
+
+    def __init__(self, config: LlamaConfig, dtype: torch.dtype | None, quant: QuantSpec | None,
+                 tp: TensorParallel | None = None):
         super().__init__()
+        ranks = 1 if tp is None else tp.size
+        if tp is not None:
+            tp.shard(config.num_heads, "the number of attention heads")
+            tp.shard(config.num_kv_heads, "the number of KV heads")
         self.num_heads, self.num_kv_heads, self.head_dim = (
-            config.num_heads,
-            config.num_kv_heads,
+            config.num_heads // ranks,
+            config.num_kv_heads // ranks,
             config.head_dim,
         )
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
-        self.qkv_proj = make_linear(
+        self.qkv_proj = column_parallel(
             config.hidden_size,
-            [self.q_size, self.kv_size, self.kv_size],
+            [self.q_size * ranks, self.kv_size * ranks, self.kv_size * ranks],
             config.attention_bias,
+            tp=tp,
             quant=quant,
             dtype=dtype,
         )
-        self.o_proj = make_linear(self.q_size, config.hidden_size, False, quant=quant, dtype=dtype)
+        self.o_proj = row_parallel(self.q_size * ranks, config.hidden_size, tp=tp, quant=quant, dtype=dtype)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype) if config.qk_norm else None
 
@@ -88,17 +97,21 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: LlamaConfig, dtype: torch.dtype | None, quant: QuantSpec | None):
+    """With tensor parallelism, this rank's slice of the inner features."""
+
+    def __init__(self, config: LlamaConfig, dtype: torch.dtype | None, quant: QuantSpec | None,
+                 tp: TensorParallel | None = None):
         super().__init__()
         if config.hidden_act != "silu":
             raise ValueError(f"unsupported hidden_act {config.hidden_act!r}")
-        self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = make_linear(
-            config.hidden_size, [config.intermediate_size] * 2, False, quant=quant, dtype=dtype
+        ranks = 1 if tp is None else tp.size
+        if tp is not None:
+            tp.shard(config.intermediate_size, "intermediate_size")
+        self.intermediate_size = config.intermediate_size // ranks
+        self.gate_up_proj = column_parallel(
+            config.hidden_size, [config.intermediate_size] * 2, False, tp=tp, quant=quant, dtype=dtype
         )
-        self.down_proj = make_linear(
-            config.intermediate_size, config.hidden_size, False, quant=quant, dtype=dtype
-        )
+        self.down_proj = row_parallel(config.intermediate_size, config.hidden_size, tp=tp, quant=quant, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
@@ -106,12 +119,13 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: LlamaConfig, dtype: torch.dtype | None, quant: QuantSpec | None):
+    def __init__(self, config: LlamaConfig, dtype: torch.dtype | None, quant: QuantSpec | None,
+                 tp: TensorParallel | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.self_attn = Attention(config, dtype, quant)
+        self.self_attn = Attention(config, dtype, quant, tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.mlp = MLP(config, dtype, quant)
+        self.mlp = MLP(config, dtype, quant, tp)
 
     def forward(self, x, cos, sin, kv_cache, attn):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, attn)
@@ -132,18 +146,24 @@ _LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)\.(\w+)")
 
 
 class LlamaForCausalLM(nn.Module):
-    """forward(input_ids [T], positions [T], kv_caches, attn) -> hidden [T, hidden]; compute_logits -> fp32."""
+    """forward(input_ids [T], positions [T], kv_caches, attn) -> hidden [T, hidden]; compute_logits -> fp32.
 
-    def __init__(self, config: LlamaConfig, dtype: torch.dtype | None = None, quant: QuantSpec | None = None):
+    With `tp` (tensor parallelism over more than one rank) every rank builds its shard and every rank must
+    make the same forward and compute_logits calls (their collectives pair up); hidden states and logits
+    come out whole on every rank."""
+
+    def __init__(self, config: LlamaConfig, dtype: torch.dtype | None = None, quant: QuantSpec | None = None,
+                 tp: TensorParallel | None = None):
         super().__init__()
         if config.architecture not in ARCHITECTURES:
             raise ValueError(f"unsupported architecture {config.architecture!r}")
         self.config = config
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype)
+        tp = None if tp is None or tp.size == 1 else tp
+        self.embed_tokens = vocab_embedding(config.vocab_size, config.hidden_size, dtype, tp)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_parameters, config.max_position_embeddings)
-        self.layers = nn.ModuleList(DecoderLayer(config, dtype, quant) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, dtype, quant, tp) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.lm_head = LMHead(config.vocab_size, config.hidden_size, dtype)
+        self.lm_head = lm_head(config.vocab_size, config.hidden_size, dtype, tp)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -192,7 +212,10 @@ class LlamaForCausalLM(nn.Module):
             )
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 return  # tied: the embedding provides it (some checkpoints still store a copy)
-            _copy_param(module.weight, tensor)
+            if hasattr(module, "load_weight"):
+                module.load_weight(tensor)  # vocabulary-parallel: keeps its range
+            else:
+                _copy_param(module.weight, tensor)
             return
         match = _LAYER_NAME.fullmatch(name)
         if match is None or int(match.group(1)) >= self.config.num_layers:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import gguf
 import numpy as np
 import torch
 
@@ -37,6 +38,20 @@ class GGUFTensor:
     def permute_rows(self, order: np.ndarray) -> GGUFTensor:
         """Reorder output rows (llama.cpp's q/k rotary permutation is undone this way, on raw blocks)."""
         return GGUFTensor(self.raw[order], self.qtype, self.shape)
+
+    def rows(self, start: int, end: int) -> GGUFTensor:
+        """Output rows [start, end) (a column-parallel shard): rows are whole, so any split is exact."""
+        return GGUFTensor(self.raw[start:end], self.qtype, (end - start, self.shape[1]))
+
+    def columns(self, start: int, end: int) -> GGUFTensor:
+        """Input columns [start, end) (a row-parallel shard), cut between quantization blocks; ValueError
+        when a bound falls inside a block (the block's scale covers both sides)."""
+        block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[self.qtype]]
+        if start % block or end % block:
+            raise ValueError(f"a {self.qtype} tensor of {self.shape[1]} input features cannot be split at "
+                             f"{start}:{end}: its quantization blocks are {block} wide")
+        raw = np.ascontiguousarray(self.raw[:, start // block * nbytes:end // block * nbytes])
+        return GGUFTensor(raw, self.qtype, (self.shape[0], end - start))
 
 
 @dataclass(frozen=True)

@@ -137,14 +137,14 @@ def test_a_host_tensor_in_the_runner_step_is_caught(tiny, monkeypatch):
     a.block_table = [0, 1]
     with FakeDevice() as dev:
         runner = _runner_on_device(dev, tiny)
-        real = runner.prepare
+        real = runner.to_tensors
 
-        def leaky(batch):
-            input_ids, positions, attn = real(batch)
+        def leaky(inputs):
+            input_ids, positions, attn = real(inputs)
             attn.block_tables = host(attn.block_tables).clone()  # left on the host
             return input_ids, positions, attn
 
-        monkeypatch.setattr(runner, "prepare", leaky)
+        monkeypatch.setattr(runner, "to_tensors", leaky)
         a.num_computed_tokens = 4  # a decode step reads through the block table
         with pytest.raises(MixedDeviceError):
             runner.run(ScheduledBatch([a], [1]))

@@ -1,0 +1,138 @@
+"""Tensor parallelism on the CPU (two ranks over gloo) gives the logits and greedy tokens of one rank, shards
+quantized GGUF weights on their block boundaries, and refuses what it cannot split with the option named.
+
+The engine tests run rank 0 in this process and rank 1 as the worker process the engine spawns
+(engine/tp_workers.py); every logits tensor the engine samples from is recorded at both sizes and compared
+step by step. The server tests are in test_tensor_parallel_server.py.
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from engine.config import EngineConfig
+from engine.distributed import TensorParallel
+from engine.layers.parallel import RowParallelLinear
+from engine.llm_engine import LLMEngine
+from engine.loader import ModelLoadError, build_model
+from engine.models.llama import LlamaConfig
+from engine.quant import GGUFTensor, QuantConfig
+from engine.sampling_params import SamplingParams
+from tests.engine.checkpoints import tiny_checkpoint, write_tiny_gguf
+
+PROMPTS = [
+    "The quick brown fox jumps over the lazy dog. Paged attention reads keys",
+    "What is the capital of France?",
+    "Continuous batching lets requests join and leave the batch at every step",
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Each rank computes on one thread (the engine sets it from torch_threads); restored afterwards."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def run(model: str, tp: int, **config) -> tuple[dict[str, list[int]], list[torch.Tensor], dict]:
+    """Greedy generation of PROMPTS (one of them with prompt logprobs) with `tp` ranks: (tokens per request,
+    every logits tensor sampled from, in step order, prompt logprobs of request 0)."""
+    engine = LLMEngine(EngineConfig(model=model, num_kv_blocks=64, block_size=4, max_num_batched_tokens=24,
+                                    torch_threads=1, tensor_parallel_size=tp, **config), metrics=False)
+    try:
+        logits_seen: list[torch.Tensor] = []
+        sample = engine.runner.sample
+
+        def recording(logits, seqs):
+            logits_seen.append(logits.clone())
+            return sample(logits, seqs)
+
+        engine.runner.sample = recording
+        for i, prompt in enumerate(PROMPTS):  # chunked prefills (24-token budget), then mixed and decode steps
+            engine.add_request(str(i), prompt, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True,
+                                                              prompt_logprobs=2 if i == 0 else None))
+        tokens: dict[str, list[int]] = {str(i): [] for i in range(len(PROMPTS))}
+        prompt_logprobs = None
+        while engine.has_unfinished():
+            for out in engine.step():
+                assert out.error is None
+                tokens[out.request_id] += [t for d in out.outputs for t in d.token_ids]
+                prompt_logprobs = prompt_logprobs or out.prompt_logprobs
+        return tokens, logits_seen, prompt_logprobs
+    finally:
+        engine.close()
+
+
+def compare(one, two, tolerance: float) -> float:
+    """Assert TP=2 reproduced TP=1 (tokens equal, every step's logits within `tolerance`); the max diff."""
+    tokens1, logits1, prompt1 = one
+    tokens2, logits2, prompt2 = two
+    assert tokens2 == tokens1
+    assert len(logits2) == len(logits1)
+    diff = max((a - b).abs().max().item() for a, b in zip(logits1, logits2, strict=True))
+    assert diff < tolerance, diff
+    assert [p.token_id for p in prompt2[1:]] == [p.token_id for p in prompt1[1:]]
+    assert max(abs(p.logprob - q.logprob) for p, q in zip(prompt1[1:], prompt2[1:], strict=True)) < tolerance
+    print(f"TP=2 vs TP=1: {len(logits1)} sampling steps, logits max abs diff {diff:.2e}")
+    return diff
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])  # untied GQA; tied embeddings with q/k/v bias
+def test_two_ranks_give_the_logits_and_greedy_tokens_of_one(kind):
+    path = str(tiny_checkpoint(kind))
+    compare(run(path, 1), run(path, 2), tolerance=1e-4)
+
+
+def test_a_4bit_gguf_shards_on_its_blocks_and_matches_one_rank(tmp_path):
+    """Q4_0 kept quantized (bfloat16 on the CPU takes the int4 kernels): row-parallel projections are cut
+    between 32-wide blocks; the ranks' bfloat16 partial sums differ from one rank's only by rounding."""
+    path = str(write_tiny_gguf("llama", tmp_path / "tiny.Q4_0.gguf", qtype="Q4_0"))
+    one = run(path, 1, dtype=torch.bfloat16)
+    compare(one, run(path, 2, dtype=torch.bfloat16), tolerance=0.25)
+    assert max(t.abs().max().item() for t in one[1]) > 5  # logits far larger than the tolerance
+
+
+def _q4_0(rows: int, columns: int) -> GGUFTensor:
+    data = np.random.default_rng(0).standard_normal((rows, columns)).astype(np.float32)
+    return GGUFTensor(gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q4_0), "Q4_0", (rows, columns))
+
+
+def test_a_gguf_projection_cut_inside_a_quantization_block_is_refused_naming_the_option():
+    layer = RowParallelLinear(64, 16, tp=TensorParallel(1, 4), quant=QuantConfig("gguf"), dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"blocks are 32 wide.*--tensor-parallel-size"):
+        layer.load_shard(0, "weight", _q4_0(16, 64))  # 16 input features a rank: half a Q4_0 block
+
+
+def test_a_gguf_projection_cut_between_blocks_keeps_exactly_its_columns():
+    weight = _q4_0(16, 128)
+    whole = gguf.quants.dequantize(weight.raw, gguf.GGMLQuantizationType.Q4_0).reshape(16, 128)
+    part = weight.columns(64, 128)
+    np.testing.assert_array_equal(gguf.quants.dequantize(part.raw, gguf.GGMLQuantizationType.Q4_0).reshape(16, 64),
+                                  whole[:, 64:])
+
+
+def _config(**overrides) -> LlamaConfig:
+    fields = dict(architecture="llama", vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=1,
+                  num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=64, rms_norm_eps=1e-6)
+    return LlamaConfig(**{**fields, **overrides})
+
+
+@pytest.mark.parametrize(("overrides", "size", "message"), [
+    ({"num_heads": 9, "num_kv_heads": 3, "head_dim": 8, "hidden_size": 72}, 2,
+     r"number of attention heads \(9\) is not divisible by --tensor-parallel-size 2"),
+    ({}, 4, r"number of KV heads \(2\) is not divisible by --tensor-parallel-size 4"),
+])
+def test_a_model_that_does_not_split_evenly_is_refused_naming_the_option(overrides, size, message):
+    with pytest.raises(ModelLoadError, match=message):
+        build_model(_config(**overrides), [], dtype=torch.float32, device="cpu", quant=None, source="m",
+                    tp=TensorParallel(0, size))
+
+
+def test_other_quantized_formats_are_refused_naming_the_option():
+    with pytest.raises(ModelLoadError, match=r"awq checkpoints cannot be split.*--tensor-parallel-size 1"):
+        build_model(_config(), [], dtype=torch.float32, device="cpu", quant=QuantConfig("awq", 32), source="m",
+                    tp=TensorParallel(0, 2))
