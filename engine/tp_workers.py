@@ -82,6 +82,9 @@ class Workers:
     def start(cls, config: EngineConfig) -> Workers:
         """Spawn the workers (each loads its own shard) and join the group with them as rank 0."""
         size = config.tensor_parallel_size
+        if dist.is_initialized():
+            raise RuntimeError("this process already belongs to a torch.distributed group: one tensor-parallel "
+                               "engine per process (close the other first)")
         if torch.device(config.device).type == "cuda" and torch.cuda.device_count() < size:
             raise ValueError(f"--tensor-parallel-size {size} needs {size} GPUs, found {torch.cuda.device_count()}")
         store, port = open_store(size)
@@ -120,10 +123,12 @@ class Workers:
             dist.destroy_process_group()
 
     def _watch(self) -> None:
-        multiprocessing.connection.wait([p.sentinel for p in self.processes])
+        by_sentinel = {p.sentinel: p for p in self.processes}
+        ready = multiprocessing.connection.wait(list(by_sentinel))
         if self._stopping:
             return
-        dead = next(p for p in self.processes if p.exitcode is not None)
+        dead = by_sentinel[ready[0]]
+        dead.join(timeout=5)  # its sentinel closes a moment before it can be reaped for its exit code
         self.error = WorkerDiedError(f"tensor-parallel worker {dead.name} (pid {dead.pid}) exited with code "
                                      f"{dead.exitcode}")
         log.critical("%s", self.error)

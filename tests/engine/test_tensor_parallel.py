@@ -8,11 +8,15 @@ step by step. The server tests are in test_tensor_parallel_server.py.
 
 from __future__ import annotations
 
+import asyncio
+import threading
+
 import gguf
 import numpy as np
 import pytest
 import torch
 
+from engine.async_engine import AsyncEngine, EngineDeadError
 from engine.config import EngineConfig
 from engine.distributed import TensorParallel
 from engine.layers.parallel import RowParallelLinear
@@ -38,14 +42,17 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def run(model: str, tp: int, **config) -> tuple[dict[str, list[int]], list[torch.Tensor], dict]:
-    """Greedy generation of PROMPTS (one of them with prompt logprobs) with `tp` ranks: (tokens per request,
-    every logits tensor sampled from, in step order, prompt logprobs of request 0)."""
-    engine = LLMEngine(EngineConfig(model=model, num_kv_blocks=64, block_size=4, max_num_batched_tokens=24,
-                                    torch_threads=1, tensor_parallel_size=tp, **config), metrics=False)
+def make_engine(model: str, tp: int, **config) -> LLMEngine:
+    return LLMEngine(EngineConfig(model=model, num_kv_blocks=64, block_size=4, max_num_batched_tokens=24,
+                                  torch_threads=1, tensor_parallel_size=tp, **config), metrics=False)
+
+
+def run(engine: LLMEngine) -> tuple[dict[str, list[int]], list[torch.Tensor], list]:
+    """Greedy generation of PROMPTS (one of them with prompt logprobs), then close the engine: (tokens per
+    request, every logits tensor sampled from, in step order, prompt logprobs of request 0)."""
+    sample = engine.runner.sample
     try:
         logits_seen: list[torch.Tensor] = []
-        sample = engine.runner.sample
 
         def recording(logits, seqs):
             logits_seen.append(logits.clone())
@@ -84,15 +91,17 @@ def compare(one, two, tolerance: float) -> float:
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])  # untied GQA; tied embeddings with q/k/v bias
 def test_two_ranks_give_the_logits_and_greedy_tokens_of_one(kind):
     path = str(tiny_checkpoint(kind))
-    compare(run(path, 1), run(path, 2), tolerance=1e-4)
+    compare(run(make_engine(path, 1)), run(make_engine(path, 2)), tolerance=1e-4)
 
 
 def test_a_4bit_gguf_shards_on_its_blocks_and_matches_one_rank(tmp_path):
     """Q4_0 kept quantized (bfloat16 on the CPU takes the int4 kernels): row-parallel projections are cut
     between 32-wide blocks; the ranks' bfloat16 partial sums differ from one rank's only by rounding."""
     path = str(write_tiny_gguf("llama", tmp_path / "tiny.Q4_0.gguf", qtype="Q4_0"))
-    one = run(path, 1, dtype=torch.bfloat16)
-    compare(one, run(path, 2, dtype=torch.bfloat16), tolerance=0.25)
+    two = make_engine(path, 2, dtype=torch.bfloat16)
+    assert two.runner.model.layers[0].self_attn.o_proj.inner.kernel_names == ["aten_int4_cpu"]
+    one = run(make_engine(path, 1, dtype=torch.bfloat16))
+    compare(one, run(two), tolerance=0.25)
     assert max(t.abs().max().item() for t in one[1]) > 5  # logits far larger than the tolerance
 
 
@@ -136,3 +145,25 @@ def test_other_quantized_formats_are_refused_naming_the_option():
     with pytest.raises(ModelLoadError, match=r"awq checkpoints cannot be split.*--tensor-parallel-size 1"):
         build_model(_config(), [], dtype=torch.float32, device="cpu", quant=QuantConfig("awq", 32), source="m",
                     tp=TensorParallel(0, 2))
+
+
+def test_a_worker_dying_while_the_engine_is_idle_fails_the_engine():
+    """No step is in flight, so no collective notices: the watchdog must (requests then answer 503 and
+    on_fatal exits the server). The worker is killed with SIGKILL, the one way to make it die on demand."""
+    engine = make_engine(str(tiny_checkpoint("llama")), 2)
+    fatal = threading.Event()
+    server_engine = AsyncEngine(engine, on_fatal=lambda exc: fatal.set())
+    server_engine.start()
+    try:
+        assert server_engine.healthy
+        engine.workers.processes[0].kill()
+        assert fatal.wait(timeout=10)
+        assert not server_engine.healthy and "exited with code -9" in str(server_engine.error)
+
+        async def submit():
+            server_engine.generate("late", [1, 2, 3], SamplingParams(max_tokens=2))
+
+        with pytest.raises(EngineDeadError):
+            asyncio.run(submit())
+    finally:
+        server_engine.shutdown()  # closes the engine
