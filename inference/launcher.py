@@ -150,7 +150,13 @@ class Launcher:
     def reconcile(self) -> None:
         replicas = list(Replica.objects.select_related("model", "deployment"))
         for replica in replicas:
-            self._reconcile(replica)
+            try:
+                self._reconcile(replica)
+            except DatabaseError:
+                raise
+            except Exception as exc:  # one replica's problem (a refused URL, a full disk) never stops the others
+                logger.exception("launcher: %s", replica)
+                self._failed(replica, f"{type(exc).__name__}: {exc}")
         for replica_id in set(self.processes) - {r.pk for r in replicas}:  # deleted rows
             self.say(f"Replica {replica_id} was deleted: stopping its engine.")
             process = self.processes.pop(replica_id)

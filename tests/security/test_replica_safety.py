@@ -137,3 +137,14 @@ def test_the_launcher_checks_the_path_again_when_it_starts_an_engine(models_dir)
     replica.refresh_from_db()
     assert replica.status == ReplicaStatus.FAILED and replica.pid is None and not launcher.processes
     assert "outside MODELS_DIR" in replica.last_error
+
+
+def test_the_launcher_registers_engines_only_where_deployments_may_point(models_dir, settings):
+    """LAUNCHER_HOST outside DEPLOYMENT_ALLOWED_UPSTREAMS: the replica fails with the reason, nothing starts."""
+    settings.DEPLOYMENT_ALLOWED_UPSTREAMS = ["10.0.0.0/8"]
+    replica = Replica.objects.create(model=AIModel.objects.create(name="ok", source="ok.gguf"))
+    launcher = Launcher(io.StringIO())
+    launcher.reconcile()
+    replica.refresh_from_db()
+    assert replica.status == ReplicaStatus.FAILED and not launcher.processes and replica.deployment is None
+    assert "not in DEPLOYMENT_ALLOWED_UPSTREAMS" in replica.last_error
