@@ -8,6 +8,7 @@ from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
 from django.http import Http404, HttpResponse
 from django.shortcuts import render
+from django.utils import timezone
 from django.views.decorators.csrf import ensure_csrf_cookie
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
@@ -163,3 +164,36 @@ def operator_overview(request):
     return render(request, "inference/operator.html", {
         "days": overview.platform_days(), "replicas": overview.replicas(), "refusals": overview.refusals(),
     })
+
+
+BATCH_PAGE_SIZE = 25
+
+
+@org_member_required
+def batches_page(request):
+    """The organization's batches (status, request counts, links to their files) and its files."""
+    from .batch_models import Batch, StoredFile
+
+    batches = (Batch.objects.for_org(request.organization).select_related("input_file", "output_file", "error_file"))
+    files = StoredFile.objects.for_org(request.organization)
+    return render(request, "inference/batches.html", {
+        "batches": Paginator(batches, BATCH_PAGE_SIZE).get_page(request.GET.get("page")),
+        "files": Paginator(files, BATCH_PAGE_SIZE).get_page(request.GET.get("files_page")),
+        "now": timezone.now(),
+    })
+
+
+@org_member_required
+def batch_file_download(request, file_id: str):
+    """A file of the organization (input, output or errors), for the browser: 404 for anyone else's."""
+    from . import files
+    from .errors import GatewayError
+
+    try:
+        stored = files.get(request.organization, file_id)
+        data = files.read(stored)
+    except GatewayError:
+        raise Http404("No such file.") from None
+    response = HttpResponse(data, content_type="application/jsonl")
+    response["Content-Disposition"] = f'attachment; filename="{stored.filename}"'
+    return response

@@ -4,6 +4,7 @@ The environment defaults are set before the project settings are read, so a bare
 """
 
 import os
+import tempfile
 
 os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
 os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -13,6 +14,8 @@ os.environ.setdefault("ALLOWED_HOSTS", "testserver,localhost,127.0.0.1")
 os.environ.setdefault("SECURE_SSL_REDIRECT", "0")
 os.environ.setdefault("EMAIL_BACKEND", "django.core.mail.backends.locmem.EmailBackend")
 os.environ.setdefault("CELERY_TASK_ALWAYS_EAGER", "1")
+# The Batch API's files of this run (processes it starts inherit the directory).
+os.environ.setdefault("BATCH_FILES_DIR", tempfile.mkdtemp(prefix="maas-test-batch-files-"))
 
 from maas.settings import *  # noqa: E402,F403
 

@@ -10,14 +10,19 @@ import contextlib
 import os
 import re
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from django.core.files.base import ContentFile
+from django.utils import timezone
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from playwright.sync_api import expect
 
 from accounts import codes
 from accounts.models import Membership, User
+from inference import files as batch_files
+from inference.batch_models import Batch
 from inference.catalog import check_deployments
 from inference.models import AIModel, Deployment, UsageRecord, UsageSource, UsageStatus
 from tests.inference.conftest import add_model, engine_server  # noqa: F401  (fixture)
@@ -207,6 +212,23 @@ def walk(console, engine_url, page):
     page.get_by_role("button", name="Filter").click()
     expect(page.locator("tr[data-request-id]")).to_have_count(1)
     shoot(page, "requests")
+
+    # Batches: the organization's batches with their counts and files, downloadable from the console.
+    answer = b'{"id": "batch_req_1", "custom_id": "a", "response": {"status_code": 200}, "error": null}\n'
+    source = batch_files.save(org, None, ContentFile(b'{"custom_id": "a"}\n'), "requests.jsonl", "batch")
+    batch = Batch.objects.create(organization=org, endpoint="/v1/chat/completions", input_file=source,
+                                 input_file_name=source.file_id, output_file=batch_files.save_output(org, "out.jsonl", answer, None),
+                                 status="completed", total=1, completed=1, model_name="smollm2",
+                                 expires_at=timezone.now() + timedelta(days=1))
+    page.get_by_role("link", name="Batches").click()
+    row = page.locator(f'tr[data-batch-id="{batch.batch_id}"]')
+    expect(row.locator(".counts")).to_have_text("1 / 0 / 1")
+    expect(row.locator("[data-status]")).to_have_text("Completed")
+    with page.expect_download() as download:
+        row.get_by_role("link", name="Output").click()
+    assert Path(download.value.path()).read_bytes() == answer
+    expect(page.locator(f'tr[data-file-id="{source.file_id}"]')).to_contain_text("requests.jsonl")
+    shoot(page, "batches")
 
     page.get_by_role("link", name="Usage").click()
     records = list(UsageRecord.objects.for_org(org))

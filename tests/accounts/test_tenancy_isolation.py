@@ -149,3 +149,102 @@ def test_audit_page_shows_only_the_current_orgs_events(client_a, org_a, org_b, o
     assert "project-of-a" in body and org_a.slug in body
     for leak in ("secret-project-of-b", "pending-in-b@example.com", "also-in-b@example.com", "123456789", owner_b.email, org_b.slug):
         assert leak not in body, leak
+
+
+# -- the /v1 API: every URL with an object id -------------------------------------------------------
+def api_urls_with_ids() -> set[str]:
+    """Names of the URL patterns outside the console namespace (the /v1 API, the inference pages) that
+    carry an object id (a parameter named `*_id`)."""
+    found: set[str] = set()
+    for entry in get_resolver().url_patterns:
+        if isinstance(entry, URLResolver) and entry.namespace is None:
+            for pattern in entry.url_patterns:
+                if isinstance(pattern, URLPattern) and pattern.name and any(
+                        p.endswith("_id") for p in pattern.pattern.converters):
+                    found.add(pattern.name)
+    return found
+
+
+def _listed_model(org):
+    from inference.models import AIModel, Deployment
+
+    model = AIModel.objects.create(name=f"private-{secrets.token_hex(4)}", visibility="listed")
+    model.organizations.add(org)
+    Deployment.objects.create(model=model, base_url="http://127.0.0.1:9")
+    return model, model.name
+
+
+def _stored_response(org):
+    from inference.models import StoredResponse
+
+    response_id = f"resp_{secrets.token_hex(8)}"
+    row = StoredResponse.objects.create(organization=org, response_id=response_id, model_name="m", body={"id": response_id},
+                                        input_items=[], history=[], expires_at=timezone.now() + timezone.timedelta(days=1))
+    return row, response_id
+
+
+def _file(org):
+    from django.core.files.base import ContentFile
+
+    from inference import files
+
+    stored = files.save(org, None, ContentFile(b'{"b": "secret of b"}\n'), "b.jsonl", "batch")
+    return stored, stored.file_id
+
+
+def _batch(org):
+    from inference.batch_models import Batch
+
+    stored, file_id = _file(org)
+    batch = Batch.objects.create(organization=org, endpoint="/v1/chat/completions", input_file=stored,
+                                 input_file_name=file_id, status="in_progress", expires_at=timezone.now() + timezone.timedelta(days=1))
+    return batch, batch.batch_id
+
+
+API_CASES: dict[str, list[tuple[str, Callable]]] = {
+    "v1-model": [("get", _listed_model)],
+    "v1-response": [("get", _stored_response), ("delete", _stored_response)],
+    "v1-response-input-items": [("get", _stored_response)],
+    "v1-file": [("get", _file), ("delete", _file)],
+    "v1-file-content": [("get", _file)],
+    "v1-batch": [("get", _batch)],
+    "v1-batch-cancel": [("post", _batch)],
+    "batch-file-download": [("get", _file)],  # the console's: a member's session, not a key
+}
+SESSION_URLS = {"batch-file-download"}
+
+
+def test_every_api_url_with_an_id_has_an_isolation_case():
+    assert api_urls_with_ids() == set(API_CASES), "add the new /v1 URL to API_CASES in this file"
+
+
+@pytest.mark.django_db(transaction=True)  # the API reads on its own database threads
+@pytest.mark.parametrize("name,method,make_object", [(n, m, f) for n, cases in API_CASES.items() for m, f in cases],
+                         ids=lambda v: v if isinstance(v, str) else "")
+def test_a_key_of_org_a_gets_404_for_org_b_ids(client, settings, name, method, make_object):
+    from inference.catalog import catalog
+
+    settings.GATEWAY_ASYNC_DB = False  # the test client's event loops are short-lived: the threaded path
+    settings.GATEWAY_CATALOG_CACHE_SECONDS = 0
+    catalog.invalidate()
+    owner_a, owner_b = make_user("api-a@example.com"), make_user("api-b@example.com")
+    org_a, org_b = tenancy.create_organization(owner_a, "API A"), tenancy.create_organization(owner_b, "API B")
+    Entitlement.objects.create(organization=org_a, token_quota=1000)
+    _, raw_key = APIKey.objects.create_key(org_a, "a's key")
+    headers = {"HTTP_AUTHORIZATION": f"Bearer {raw_key}"}
+    if name in SESSION_URLS:
+        client.force_login(owner_a)
+        headers = {}
+    obj, object_id = make_object(org_b)
+    before = model_to_dict(obj)
+    response = getattr(client, method)(reverse(name, args=[object_id]), **headers)
+    assert response.status_code == 404, (name, method, response.status_code)
+    assert "secret of b" not in response.content.decode()
+    if name not in SESSION_URLS:
+        assert "error" in response.json()
+    obj.refresh_from_db()
+    assert model_to_dict(obj) == before  # nothing of B's changed
+    # The same request for an object of A does not 404: the 404 comes from the scoping, not the route.
+    _, own_id = make_object(org_a)
+    own = getattr(client, method)(reverse(name, args=[own_id]), **headers)
+    assert own.status_code != 404, (name, method, own.status_code, own.content)

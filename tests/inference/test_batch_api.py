@@ -28,7 +28,7 @@ from tests.openapi_spec import validate_error, validate_response
 from tests.processes import ROOT, stop
 
 from . import conftest
-from .conftest import REDIS_URL, add_model, make_tenant, start_gateway
+from .conftest import EMBEDDING_MODEL, REDIS_URL, add_model, make_tenant, start_gateway
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -219,6 +219,33 @@ def test_a_batch_runs_to_completed_billed_per_line_at_the_batch_discount(gateway
     entitlement = Entitlement.objects.get(pk=tenant.entitlement.pk)
     assert entitlement.tokens_used == sum(r.total_tokens for r in records) and entitlement.tokens_reserved == 0
     assert done.usage.total_tokens == entitlement.tokens_used
+
+
+def test_responses_and_embeddings_batches(gateway_url, smollm2, embedding_server):
+    add_model(EMBEDDING_MODEL, embedding_server, context_length=256, kind="embeddings", price_input_per_million=1)
+    tenant = make_tenant("batch-endpoints")
+    client = client_for(gateway_url, tenant)
+    responses = [{"custom_id": f"r-{i}", "method": "POST", "url": "/v1/responses",
+                  "body": {"model": "smollm2", "input": f"Say {word}.", "max_output_tokens": 3, "temperature": 0}}
+                 for i, word in enumerate(["yes", "no"])]
+    embeddings = [{"custom_id": f"e-{i}", "method": "POST", "url": "/v1/embeddings",
+                   "body": {"model": EMBEDDING_MODEL, "input": text}} for i, text in enumerate(["a cat", "a dog"])]
+    ids = {}
+    for endpoint, lines in (("/v1/responses", responses), ("/v1/embeddings", embeddings)):
+        upload = client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
+        ids[endpoint] = client.batches.create(input_file_id=upload.id, endpoint=endpoint, completion_window="24h").id
+    for endpoint, batch_id in ids.items():
+        done = wait_for_status(client, batch_id, {"completed", "failed"})
+        assert (done.status, done.request_counts.completed) == ("completed", 2), (endpoint, done)
+        for line in output_lines(client, done.output_file_id):
+            validate_response(endpoint, "post", 200, line["response"]["body"])
+            if endpoint == "/v1/responses":  # stored (store defaults to true): retrievable like any response
+                body = line["response"]["body"]
+                assert client.responses.retrieve(body["id"]).output_text == body["output"][0]["content"][0]["text"]
+            else:
+                assert len(line["response"]["body"]["data"][0]["embedding"]) == 384
+    endpoints = sorted(UsageRecord.objects.filter(organization=tenant.organization).values_list("endpoint", flat=True))
+    assert endpoints == ["embeddings", "embeddings", "responses", "responses"]
 
 
 def test_invalid_input_files_fail_with_their_errors(gateway_url, smollm2):
