@@ -89,7 +89,8 @@ class Workers:
             raise ValueError(f"--tensor-parallel-size {size} needs {size} GPUs, found {torch.cuda.device_count()}")
         store, port = open_store(size)
         context = multiprocessing.get_context("spawn")
-        processes = [context.Process(target=worker_main, args=(rank, port, config), name=f"tp-worker-{rank}",
+        level = logging.getLevelName(logging.getLogger().getEffectiveLevel())  # workers log as rank 0 does
+        processes = [context.Process(target=worker_main, args=(rank, port, config, level), name=f"tp-worker-{rank}",
                                      daemon=True) for rank in range(1, size)]
         for process in processes:
             process.start()
@@ -158,10 +159,12 @@ def _kill(processes: list[multiprocessing.Process]) -> None:
             process.join()
 
 
-def worker_main(rank: int, port: int, config: EngineConfig) -> None:
+def worker_main(rank: int, port: int, config: EngineConfig, log_level: str = "INFO") -> None:
     """A worker process: join, load this rank's shard, size the same KV pool, then mirror rank 0's steps
     until it is stopped. Any error is logged and exits 1 (rank 0's watchdog fails the engine)."""
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s tp-worker-{rank} %(levelname)s %(message)s")
+    from engine import telemetry
+
+    telemetry.configure_logging(log_level)  # LOG_FORMAT=json as rank 0
     _exit_with_parent()
     try:
         if config.torch_threads:
