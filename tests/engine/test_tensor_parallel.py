@@ -88,7 +88,8 @@ def compare(one, two, tolerance: float) -> float:
     return diff
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])  # untied GQA; tied embeddings with q/k/v bias
+# untied GQA; tied embeddings with q/k/v bias; per-head q/k norms with head_dim != hidden / heads
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
 def test_two_ranks_give_the_logits_and_greedy_tokens_of_one(kind):
     path = str(tiny_checkpoint(kind))
     compare(run(make_engine(path, 1)), run(make_engine(path, 2)), tolerance=1e-4)
