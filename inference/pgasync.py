@@ -1,6 +1,6 @@
 """The hot path's statements on asyncio psycopg (PostgreSQL only), so admission and settlement run on
-the event loop itself instead of being handed to a worker thread and back. Same SQL as the
-synchronous path in quotas.py; a pool of its own per process (GATEWAY_ASYNC_DB_POOL_SIZE)."""
+the event loop itself instead of being handed to a worker thread and back: `quotas.run_async` drives the
+money path's steps here. A pool of its own per process (GATEWAY_ASYNC_DB_POOL_SIZE)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from django.conf import settings
 from django.db import connection
 from psycopg.conninfo import make_conninfo
 from psycopg.pq import Conninfo
+from psycopg.types.string import TextLoader
 from psycopg_pool import AsyncConnectionPool
 
 _pools: dict[asyncio.AbstractEventLoop, AsyncConnectionPool] = {}
@@ -45,6 +46,11 @@ def conninfo() -> str:
     )
 
 
+async def _as_django(conn) -> None:
+    """jsonb as text, as on Django's own connections, so the ORM's field converters read these rows too."""
+    conn.adapters.register_loader("jsonb", TextLoader)
+
+
 async def pool() -> AsyncConnectionPool:
     loop = asyncio.get_running_loop()
     current = _pools.get(loop)
@@ -52,7 +58,7 @@ async def pool() -> AsyncConnectionPool:
         current = AsyncConnectionPool(
             conninfo(), min_size=1, max_size=settings.GATEWAY_ASYNC_DB_POOL_SIZE, open=False,
             timeout=settings.GATEWAY_ASYNC_DB_TIMEOUT,
-            kwargs={"autocommit": True},
+            kwargs={"autocommit": True}, configure=_as_django,
         )
         _pools.clear()
         _pools[loop] = current

@@ -13,17 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import hmac
-import json
 import logging
 import time
+from collections.abc import Generator
 from dataclasses import dataclass
 from datetime import timedelta
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import DEFAULT_DB_ALIAS, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -32,6 +33,7 @@ from maas import telemetry
 
 from . import pgasync, prompt_count
 from .catalog import CatalogEntry, Upstream, catalog
+from .dbthreads import in_worker_thread
 from .errors import (
     GatewayError,
     insufficient_quota,
@@ -106,49 +108,58 @@ class Hold:
     tokens: int
 
 
-KEY_FIELDS = ("id", "organization_id", "public_id", "secret_hash", "name", "created_by_id", "expires_at",
-              "revoked_at", "last_used_at", "allowed_models", "requests_per_minute", "tokens_per_minute")
-ORG_FIELDS = ("id", "name", "slug", "cache_salt", "requests_per_minute", "tokens_per_minute",
-              "max_concurrent_requests", "is_active")
-ENTITLEMENT_FIELDS = ("id", "organization_id", "token_quota", "tokens_used", "tokens_reserved", "model_names",
-                      "starts_at", "ends_at", "revoked_at", "created_at")
-
-# The key, its organization and the organization's active entitlements (the rule of
-# EntitlementQuerySet.active, which test_quotas checks this against) in one round trip.
-ADMIT_SQL = (
-    "SELECT " + ", ".join([f"k.{f}" for f in KEY_FIELDS] + [f"o.{f}" for f in ORG_FIELDS] + [f"e.{f}" for f in ENTITLEMENT_FIELDS])
-    + f" FROM {API_KEYS} k JOIN {Organization._meta.db_table} o ON o.id = k.organization_id"
-    + f" LEFT JOIN {ENTITLEMENTS} e ON e.organization_id = o.id AND e.revoked_at IS NULL AND e.starts_at <= %s"
-    + " AND (e.ends_at IS NULL OR e.ends_at > %s)"
-    + " WHERE k.public_id = %s"
-)
+def _converters(model) -> list[tuple]:
+    """Per concrete field of `model`: its attname and the converters Django's compiler applies to a raw
+    column value (the backend's, e.g. SQLite's aware datetimes, then the field's, e.g. JSON decoding)."""
+    out = []
+    for field in model._meta.concrete_fields:
+        col = field.get_col(model._meta.db_table)
+        out.append((field.attname, connection.ops.get_db_converters(col) + col.get_db_converters(connection), col))
+    return out
 
 
-def _json(value):
-    return json.loads(value) if isinstance(value, str) else value
+@functools.cache
+def _columns(model) -> tuple[list[str], list[list], list]:
+    names, converters, cols = zip(*_converters(model), strict=True)
+    return list(names), list(converters), list(cols)
 
 
-def load_caller_rows(public_id: str, now) -> tuple[APIKey, list[Entitlement]] | None:
-    with connection.cursor() as cursor:
-        cursor.execute(ADMIT_SQL, [now, now, public_id])
-        return caller_from_rows(cursor.fetchall())
+def instance_from(model, values) -> object:
+    """A model instance from its columns as a raw cursor returned them, as the ORM would build it."""
+    names, converters, cols = _columns(model)
+    converted = []
+    for value, convert, col in zip(values, converters, cols, strict=True):
+        for converter in convert:
+            value = converter(value, col, connection)
+        converted.append(value)
+    return model.from_db(DEFAULT_DB_ALIAS, names, converted)
+
+
+def select_list(alias: str, model) -> str:
+    return ", ".join(f"{alias}.{connection.ops.quote_name(f.column)}" for f in model._meta.concrete_fields)
+
+
+@functools.cache
+def admit_sql() -> str:
+    """The key, its organization and the organization's active entitlements (the rule of
+    EntitlementQuerySet.active, which test_quotas checks this against) in one round trip; every
+    concrete column of the three, in model order."""
+    return (
+        f"SELECT {select_list('k', APIKey)}, {select_list('o', Organization)}, {select_list('e', Entitlement)}"
+        f" FROM {API_KEYS} k JOIN {Organization._meta.db_table} o ON o.id = k.organization_id"
+        f" LEFT JOIN {ENTITLEMENTS} e ON e.organization_id = o.id AND e.revoked_at IS NULL AND e.starts_at <= %s"
+        " AND (e.ends_at IS NULL OR e.ends_at > %s)"
+        " WHERE k.public_id = %s"
+    )
 
 
 def caller_from_rows(rows: list[tuple]) -> tuple[APIKey, list[Entitlement]] | None:
     if not rows:
         return None
-    nk, no = len(KEY_FIELDS), len(ORG_FIELDS)
-    key_values = dict(zip(KEY_FIELDS, rows[0][:nk], strict=True))
-    key_values["allowed_models"] = _json(key_values["allowed_models"]) or []
-    organization = Organization(**dict(zip(ORG_FIELDS, rows[0][nk:nk + no], strict=True)))
-    key = APIKey(**key_values)
-    key.organization = organization
-    entitlements = []
-    for row in rows:
-        values = dict(zip(ENTITLEMENT_FIELDS, row[nk + no:], strict=True))
-        if values["id"] is not None:
-            values["model_names"] = _json(values["model_names"]) or []
-            entitlements.append(Entitlement(**values))
+    nk, no = len(APIKey._meta.concrete_fields), len(Organization._meta.concrete_fields)
+    key = instance_from(APIKey, rows[0][:nk])
+    key.organization = instance_from(Organization, rows[0][nk:nk + no])
+    entitlements = [instance_from(Entitlement, row[nk + no:]) for row in rows if row[nk + no] is not None]
     return key, entitlements
 
 
@@ -156,22 +167,25 @@ def redact(raw_key: str) -> str:
     return f"{raw_key[:7]}…{raw_key[-4:]}" if len(raw_key) > 12 else "…"
 
 
+def _admit_steps(raw_key: str):
+    public_id = APIKey.parse_public_id(raw_key)
+    now = timezone.now()
+    rows = (yield [(admit_sql(), [now, now, public_id])]) if public_id else []
+    return caller_from_rows(rows), now
+
+
 def admit(raw_key: str) -> Caller:
     """Who is calling: 401 for a bad key, 403 authorization_required without an active entitlement.
 
     One query (key, organization and active entitlements) plus, every few seconds, the catalog refresh.
     """
-    public_id = APIKey.parse_public_id(raw_key)
-    now = timezone.now()
-    found = load_caller_rows(public_id, now) if public_id else None
+    found, now = run(_admit_steps(raw_key))
     return check_caller(raw_key, found, now, catalog.entries())
 
 
 async def admit_async(raw_key: str) -> Caller:
-    """`admit` on the event loop (PostgreSQL)."""
-    public_id = APIKey.parse_public_id(raw_key)
-    now = timezone.now()
-    found = caller_from_rows(await pgasync.fetchall(ADMIT_SQL, [now, now, public_id])) if public_id else None
+    """`admit` on the event loop."""
+    found, now = await run_async(_admit_steps(raw_key))
     entries = catalog.cached_entries()
     if entries is None:
         entries = await sync_to_async(refresh_catalog, thread_sensitive=False)()
@@ -272,43 +286,124 @@ async def admit_credential_async(credential: str | SessionCredential) -> Caller:
     return await admit_async(credential)
 
 
+# The money path, once: each operation (admission query, hold, settlement, extension) is a generator of
+# steps, a list of statements run in one transaction (the rows of the last are sent back) or a Wait; `run`
+# drives it on Django's connection (SQLite for `make run`, PostgreSQL for tests and tasks), `run_async` on
+# the event loop's asyncio pool on PostgreSQL (one statement per step), else `run` in a database thread.
+# Only the text of a hold and a settlement differs by vendor: one statement on PostgreSQL (one round trip),
+# a short transaction on SQLite (no DML in a WITH).
+
+Statement = tuple[str, list]
+
+
+@dataclass(frozen=True)
+class Wait:
+    """A step that pauses (the quota's room is held by requests in flight)."""
+
+    seconds: float
+
+
+def run(steps: Generator):
+    """Drive `steps` on Django's connection of this thread; returns what the generator returns."""
+    result = None
+    while True:
+        try:
+            step = steps.send(result)
+        except StopIteration as stop:
+            return stop.value
+        if isinstance(step, Wait):
+            time.sleep(step.seconds)
+            result = None
+        else:
+            result = execute(step)
+
+
+def execute(statements: list[Statement]) -> list[tuple]:
+    with transaction.atomic() if len(statements) > 1 else contextlib.nullcontext(), connection.cursor() as cursor:
+        for sql, params in statements:
+            execute_fast(cursor, sql, params)
+        return cursor.fetchall() if cursor.description else []
+
+
+def execute_fast(cursor, sql: str, params: list) -> None:
+    """With GATEWAY_ASYNC_COMMIT, on PostgreSQL, commit without waiting for the WAL flush
+    (`synchronous_commit = off` for this statement's transaction only; the asyncio pool's sessions have it
+    set). A PostgreSQL crash can then lose the last fraction of a second of holds and settlements, each
+    whole: never a partial one, never usage above a quota; a lost settlement is usage not charged."""
+    if settings.GATEWAY_ASYNC_COMMIT and pgasync.vendor() == "postgresql":
+        cursor.execute("SET LOCAL synchronous_commit TO OFF; " + sql, params)
+        cursor.nextset()
+    else:
+        cursor.execute(sql, params)
+
+
+async def run_async(steps: Generator):
+    """`run` on the event loop: on PostgreSQL through the asyncio pool (no thread hop), waits on this
+    loop's settlements (`room_freed`); elsewhere the whole generator in one database thread."""
+    if not pgasync.available():
+        return await in_worker_thread(run)(steps)
+    result = None
+    while True:
+        try:
+            step = steps.send(result)
+        except StopIteration as stop:
+            return stop.value
+        if isinstance(step, Wait):
+            await room_freed().wait(step.seconds)
+            result = None
+        else:
+            [(sql, params)] = step
+            result = await pgasync.fetchall(sql, params)
+
+
 QUOTA_RETRY_SECONDS = 1.0  # longest pause between tries while the quota's room is held (no settlement woke it)
 QUOTA_RETRY_AFTER_MS = 1000  # suggested to a client whose wait ran out
 
 
-def reserve(entitlements: list[Entitlement], tokens: int, request_id: str) -> Hold:
-    """Hold `tokens` on the first covering entitlement where they fit; when none has room now, a 429:
-    insufficient_quota (no retry) when the tokens do not fit even with nothing in flight, else the
-    retryable quota_in_flight. This path runs in one of the gateway's few database threads, so it does not
-    wait for holds to settle (`reserve_async`, PostgreSQL's path, does)."""
-    hold = try_reserve(entitlements, tokens, request_id)
-    if hold is None:
-        with connection.cursor() as cursor:
-            cursor.execute(*room_query(entitlements))
-            _next_pause(entitlements, cursor.fetchall(), tokens, deadline=0.0, pause=0.0)
-    return hold
+def reserve(entitlements: list[Entitlement], tokens: int, request_id: str, wait: float = 0.0) -> Hold:
+    """Hold `tokens` on the first covering entitlement where they fit. When none has room now, a 429:
+    insufficient_quota (no retry) when the tokens do not fit even with nothing in flight; else, after
+    waiting up to `wait` seconds for holds to settle, the retryable quota_in_flight."""
+    return run(_reserve_steps(entitlements, tokens, request_id, wait))
 
 
 async def reserve_async(entitlements: list[Entitlement], tokens: int, request_id: str) -> Hold:
-    """`reserve` on the event loop (PostgreSQL). When the quota's room is held by requests in flight, it
-    waits for room for up to GATEWAY_QUOTA_WAIT_SECONDS before the retryable 429, so that a burst over a
-    quota is served as holds settle rather than refused: a settlement in this process wakes the waiters
-    one at a time (`room_freed`), settlements elsewhere are seen by a retry every QUOTA_RETRY_SECONDS."""
-    deadline = time.monotonic() + settings.GATEWAY_QUOTA_WAIT_SECONDS
+    """`reserve` on the event loop. On PostgreSQL it waits for room for up to GATEWAY_QUOTA_WAIT_SECONDS
+    before the retryable 429, so that a burst over a quota is served as holds settle rather than refused:
+    a settlement in this process wakes the waiters one at a time (`room_freed`), settlements elsewhere
+    are seen by a retry every QUOTA_RETRY_SECONDS. In a database thread (SQLite) it does not wait: those
+    few threads also run the settlements that would free the room."""
+    wait = settings.GATEWAY_QUOTA_WAIT_SECONDS if pgasync.available() else 0.0
+    hold = await run_async(_reserve_steps(entitlements, tokens, request_id, wait))
+    if pgasync.available():
+        room_freed().notify()  # there may be room for the next waiter too
+    return hold
+
+
+def _reserve_steps(entitlements: list[Entitlement], tokens: int, request_id: str, wait: float):
+    deadline = time.monotonic() + wait
     while True:
         now = timezone.now()
         expires_at = now + timedelta(seconds=settings.GATEWAY_RESERVATION_TTL_SECONDS)
-        used = []
         for entitlement in _may_fit(entitlements, tokens):
-            reservation_id, tokens_used = await pgasync.fetchone(
-                *hold_statement(entitlement, tokens, request_id, now, expires_at))
+            [(reservation_id, tokens_used)] = yield hold_statements(entitlement, tokens, request_id, now, expires_at)
             if reservation_id is not None:
-                room_freed().notify()  # there may be room for the next waiter too
                 return Hold(reservation_id, entitlement.pk, tokens)
-            if tokens_used is not None:
-                used.append((entitlement.pk, tokens_used))
-        pause = _next_pause(entitlements, used, tokens, deadline, QUOTA_RETRY_SECONDS)
-        await room_freed().wait(pause)
+            if tokens_used is None:  # revoked meanwhile: never fits
+                entitlement.token_quota = entitlement.tokens_used = 0
+            else:  # what it has used now: tells a quota used up from one held by requests in flight
+                entitlement.tokens_used = tokens_used
+        if not _may_fit(entitlements, tokens):
+            raise insufficient_quota()
+        pause = min(QUOTA_RETRY_SECONDS, deadline - time.monotonic())
+        if pause <= 0:
+            raise quota_in_flight(QUOTA_RETRY_AFTER_MS)
+        yield Wait(pause)
+
+
+def _may_fit(entitlements: list[Entitlement], tokens: int) -> list[Entitlement]:
+    """The entitlements worth a round trip: those the tokens fit with nothing in flight (as last read)."""
+    return [e for e in entitlements if e.token_quota is None or e.token_quota - e.tokens_used >= tokens]
 
 
 class RoomFreed:
@@ -348,91 +443,31 @@ def room_freed() -> RoomFreed:
     return room
 
 
-def _may_fit(entitlements: list[Entitlement], tokens: int) -> list[Entitlement]:
-    """The entitlements worth a round trip: those the tokens fit with nothing in flight (as last read)."""
-    return [e for e in entitlements if e.token_quota is None or e.token_quota - e.tokens_used >= tokens]
+FITS = "revoked_at IS NULL AND (token_quota IS NULL OR tokens_used + tokens_reserved + %s <= token_quota)"
 
 
-def room_query(entitlements: list[Entitlement]) -> tuple[str, list]:
-    """What each entitlement has used now (revoked ones are left out)."""
-    placeholders = ", ".join(["%s"] * len(entitlements))
-    return (f"SELECT id, tokens_used FROM {ENTITLEMENTS} WHERE id IN ({placeholders}) AND revoked_at IS NULL",
-            [e.pk for e in entitlements])
-
-
-def _next_pause(entitlements: list[Entitlement], rows: list[tuple], tokens: int, deadline: float, pause: float) -> float:
-    """After a failed try, with `rows` what each entitlement has used now: insufficient_quota when the
-    tokens fit none of them even once the holds in flight settle; quota_in_flight when a pause of `pause`
-    would pass the deadline; else `pause`."""
-    used = dict(rows)
-    for entitlement in entitlements:
-        if entitlement.pk in used:
-            entitlement.tokens_used = used[entitlement.pk]
-        else:
-            entitlement.token_quota, entitlement.tokens_used = 0, 0  # revoked meanwhile: never fits
-    if not _may_fit(entitlements, tokens):
-        raise insufficient_quota()
-    if time.monotonic() + pause > deadline:
-        raise quota_in_flight(QUOTA_RETRY_AFTER_MS)
-    return pause
-
-
-def try_reserve(entitlements: list[Entitlement], tokens: int, request_id: str) -> Hold | None:
-    """One try: the hold on the first entitlement with room now, or None. On PostgreSQL the conditional
-    UPDATE and the Reservation row are one statement (one round trip); elsewhere two in a transaction."""
-    now = timezone.now()
-    expires_at = now + timedelta(seconds=settings.GATEWAY_RESERVATION_TTL_SECONDS)
-    fits = "revoked_at IS NULL AND (token_quota IS NULL OR tokens_used + tokens_reserved + %s <= token_quota)"
-    for entitlement in _may_fit(entitlements, tokens):
-        if connection.vendor == "postgresql":
-            with connection.cursor() as cursor:
-                execute_fast(cursor, *hold_statement(entitlement, tokens, request_id, now, expires_at))
-                row = cursor.fetchone()
-            row = row if row[0] is not None else None
-        else:
-            with transaction.atomic(), connection.cursor() as cursor:
-                cursor.execute(
-                    f"UPDATE {ENTITLEMENTS} SET tokens_reserved = tokens_reserved + %s WHERE id = %s AND {fits}",
-                    [tokens, entitlement.pk, tokens],
-                )
-                row = None
-                if cursor.rowcount == 1:
-                    cursor.execute(
-                        f"INSERT INTO {RESERVATIONS} (organization_id, entitlement_id, tokens, request_id, created_at,"
-                        " expires_at) VALUES (%s, %s, %s, %s, %s, %s) RETURNING id",
-                        [entitlement.organization_id, entitlement.pk, tokens, request_id, now, expires_at],
-                    )
-                    row = cursor.fetchone()
-        if row is not None:
-            return Hold(row[0], entitlement.pk, tokens)
-    return None
-
-
-def hold_statement(entitlement: Entitlement, tokens: int, request_id: str, now, expires_at) -> tuple[str, list]:
-    """PostgreSQL: the conditional UPDATE and the Reservation row in one statement. It answers one row:
-    the reservation id (NULL when the tokens did not fit) and what the entitlement has used (NULL when it
-    is revoked), which tells a quota used up from one held by requests in flight without a second query."""
-    return (
-        f"WITH held AS (UPDATE {ENTITLEMENTS} SET tokens_reserved = tokens_reserved + %s"
-        f" WHERE id = %s AND revoked_at IS NULL AND (token_quota IS NULL OR tokens_used + tokens_reserved + %s <= token_quota)"
-        " RETURNING id, organization_id),"
-        f" inserted AS (INSERT INTO {RESERVATIONS} (organization_id, entitlement_id, tokens, request_id, created_at,"
-        " expires_at) SELECT organization_id, id, %s, %s, %s, %s FROM held RETURNING id)"
-        f" SELECT (SELECT id FROM inserted), (SELECT tokens_used FROM {ENTITLEMENTS} WHERE id = %s AND revoked_at IS NULL)",
-        [tokens, entitlement.pk, tokens, tokens, request_id, now, expires_at, entitlement.pk],
-    )
-
-
-def execute_fast(cursor, sql: str, params: list) -> None:
-    """One PostgreSQL statement in one round trip; with GATEWAY_ASYNC_COMMIT, without waiting for the
-    WAL flush (`synchronous_commit = off` for this transaction only). A PostgreSQL crash can then lose
-    the last fraction of a second of holds and settlements, each whole: never a partial one, never
-    usage above a quota; a lost settlement is usage not charged."""
-    if settings.GATEWAY_ASYNC_COMMIT:
-        cursor.execute("SET LOCAL synchronous_commit TO OFF; " + sql, params)
-        cursor.nextset()
-    else:
-        cursor.execute(sql, params)
+def hold_statements(entitlement: Entitlement, tokens: int, request_id: str, now, expires_at) -> list[Statement]:
+    """The conditional UPDATE and the Reservation row. They answer one row: the reservation id (NULL when
+    the tokens did not fit) and what the entitlement has used (NULL when it is revoked), which tells a quota
+    used up from one held by requests in flight without a second query."""
+    columns = "organization_id, entitlement_id, tokens, request_id, created_at, expires_at"
+    if pgasync.vendor() == "postgresql":
+        return [(
+            f"WITH held AS (UPDATE {ENTITLEMENTS} SET tokens_reserved = tokens_reserved + %s WHERE id = %s AND {FITS}"
+            " RETURNING id, organization_id),"
+            f" inserted AS (INSERT INTO {RESERVATIONS} ({columns}) SELECT organization_id, id, %s, %s, %s, %s FROM held"
+            " RETURNING id)"
+            f" SELECT (SELECT id FROM inserted), (SELECT tokens_used FROM {ENTITLEMENTS} WHERE id = %s AND revoked_at IS NULL)",
+            [tokens, entitlement.pk, tokens, tokens, request_id, now, expires_at, entitlement.pk],
+        )]
+    return [  # changes(): the rows the previous statement changed (SQLite)
+        (f"UPDATE {ENTITLEMENTS} SET tokens_reserved = tokens_reserved + %s WHERE id = %s AND {FITS}",
+         [tokens, entitlement.pk, tokens]),
+        (f"INSERT INTO {RESERVATIONS} ({columns}) SELECT organization_id, id, %s, %s, %s, %s FROM {ENTITLEMENTS}"
+         " WHERE id = %s AND changes() = 1", [tokens, request_id, now, expires_at, entitlement.pk]),
+        (f"SELECT CASE WHEN changes() = 1 THEN last_insert_rowid() END, (SELECT tokens_used FROM {ENTITLEMENTS}"
+         " WHERE id = %s AND revoked_at IS NULL)", [entitlement.pk]),
+    ]
 
 
 def charge_for(hold: Hold, used: int) -> int:
@@ -443,7 +478,7 @@ def charge_for(hold: Hold, used: int) -> int:
     return max(0, min(used, hold.tokens))
 
 
-def insert_statement(record: UsageRecord) -> tuple[str, list]:
+def insert_statement(record: UsageRecord) -> Statement:
     """The usage record's INSERT, as Django would write it (defaults and auto_now_add applied)."""
     fields, sql = usage_insert()
     return sql, [f.get_db_prep_save(f.pre_save(record, add=True), connection) for f in fields]
@@ -458,86 +493,80 @@ def usage_insert() -> tuple[list, str]:
     return fields, f"INSERT INTO {USAGE} ({columns}) VALUES ({placeholders})"
 
 
-# What a settlement adds to tokens_used: the charge, cut to what the quota still allows when an operator
-# lowered the quota below used + reserved meanwhile (the usage record keeps the full count), so the
-# statement never violates entitlement_usage_within_quota and never loses the usage record.
+# What a settlement adds to tokens_used while its hold is live: the charge, cut to what the quota still
+# allows when an operator lowered the quota below used + reserved meanwhile (the usage record keeps the
+# full count), so the statement never violates entitlement_usage_within_quota and never loses the record.
 CHARGE_SQL = ("CASE WHEN {e}token_quota IS NULL OR {e}token_quota - {e}tokens_used >= %s THEN %s"
               " WHEN {e}token_quota > {e}tokens_used THEN {e}token_quota - {e}tokens_used ELSE 0 END")
+# ... and once the expiry sweep released its hold: only what fits beside the holds in flight.
+LATE_CHARGE_SQL = ("CASE WHEN {e}token_quota IS NULL OR {e}token_quota - {e}tokens_used - {e}tokens_reserved >= %s THEN %s"
+                   " WHEN {e}token_quota - {e}tokens_used - {e}tokens_reserved > 0"
+                   " THEN {e}token_quota - {e}tokens_used - {e}tokens_reserved ELSE 0 END")
 
 
-def settle(hold: Hold | None, used: int, record: UsageRecord | None, touch_key: APIKey | None = None) -> None:
+def settle(hold: Hold, used: int, record: UsageRecord | None, touch_key: APIKey | None = None) -> None:
     """Charge `used` tokens, release the rest of the hold, write the usage record and mark the key used,
-    atomically: on PostgreSQL one statement (one round trip), elsewhere one transaction."""
+    atomically. A hold the sweep already released is charged what still fits."""
+    run(_settle_steps(hold, used, record, touch_key))
+
+
+async def settle_async(hold: Hold, used: int, record: UsageRecord | None, touch_key: APIKey | None = None) -> None:
+    """`settle` on the event loop; wakes one request waiting for quota room in this process."""
+    await run_async(_settle_steps(hold, used, record, touch_key))
+    if pgasync.available():
+        room_freed().notify()
+
+
+def _settle_steps(hold: Hold, used: int, record: UsageRecord | None, touch_key: APIKey | None):
     now = timezone.now()
     touch = touch_key is not None and (touch_key.last_used_at is None or now - touch_key.last_used_at > timedelta(minutes=1))
-    charge = charge_for(hold, used) if hold is not None else 0
-    if connection.vendor == "postgresql" and hold is not None and record is not None:
-        with connection.cursor() as cursor:
-            execute_fast(cursor, *settle_statement(hold, charge, record, touch_key, touch, now))
-            released, _ = cursor.fetchone()
-        if not released and charge:
-            charge_expired_hold(hold, charge)
-        return
-    with transaction.atomic(), connection.cursor() as cursor:
-        if hold is not None:
-            cursor.execute(f"DELETE FROM {RESERVATIONS} WHERE id = %s", [hold.reservation_id])
-            if cursor.rowcount:
-                cursor.execute(
-                    f"UPDATE {ENTITLEMENTS} SET tokens_reserved = tokens_reserved - %s,"
-                    f" tokens_used = tokens_used + {CHARGE_SQL.format(e='')} WHERE id = %s",
-                    [hold.tokens, charge, charge, hold.entitlement_id],
-                )
-            elif charge:
-                charge_expired_hold(hold, charge)
-        if record is not None:
-            record.save(force_insert=True)
-        if touch:
-            cursor.execute(f"UPDATE {API_KEYS} SET last_used_at = %s WHERE id = %s", [now, touch_key.pk])
+    yield settle_statements(hold, charge_for(hold, used), record, touch_key.pk if touch else None, now)
 
 
-def settle_statement(hold: Hold, charge: int, record: UsageRecord, touch_key, touch: bool, now) -> tuple[str, list]:
-    """PostgreSQL: release the hold, charge, mark the key used and insert the usage record in one statement."""
-    insert_sql, insert_params = insert_statement(record)
-    return (
-        f"WITH released AS (DELETE FROM {RESERVATIONS} WHERE id = %s RETURNING tokens),"
-        f" charged AS (UPDATE {ENTITLEMENTS} e SET tokens_reserved = e.tokens_reserved - released.tokens,"
-        f" tokens_used = e.tokens_used + {CHARGE_SQL.format(e='e.')} FROM released WHERE e.id = %s RETURNING e.id),"
-        f" touched AS (UPDATE {API_KEYS} SET last_used_at = %s WHERE id = %s AND %s RETURNING id),"
-        f" recorded AS ({insert_sql} RETURNING id)"
-        " SELECT (SELECT count(*) FROM released), (SELECT count(*) FROM recorded)",
-        [hold.reservation_id, charge, charge, hold.entitlement_id, now, touch_key.pk if touch_key else None, touch,
-         *insert_params],
-    )
+def settle_statements(hold: Hold, charge: int, record: UsageRecord | None, touch_key_id: int | None, now) -> list[Statement]:
+    """Release the hold, charge (at the late rule when the hold is gone), insert the usage record and mark
+    the key used."""
+    record_sql, record_params = insert_statement(record) if record is not None else ("", [])
+    if pgasync.vendor() == "postgresql":
+        in_hold, late = CHARGE_SQL.format(e="e."), LATE_CHARGE_SQL.format(e="e.")
+        return [(
+            f"WITH released AS (DELETE FROM {RESERVATIONS} WHERE id = %s RETURNING tokens),"
+            f" charged AS (UPDATE {ENTITLEMENTS} e SET"
+            " tokens_reserved = e.tokens_reserved - coalesce((SELECT tokens FROM released), 0),"
+            f" tokens_used = e.tokens_used + CASE WHEN EXISTS (SELECT 1 FROM released) THEN {in_hold} ELSE {late} END"
+            " WHERE e.id = %s RETURNING e.id),"
+            f" touched AS (UPDATE {API_KEYS} SET last_used_at = %s WHERE id = %s RETURNING id)"
+            + (f", recorded AS ({record_sql} RETURNING id)" if record is not None else "")
+            + " SELECT (SELECT count(*) FROM charged)",
+            [hold.reservation_id, charge, charge, charge, charge, hold.entitlement_id, now, touch_key_id, *record_params],
+        )]
+    held = f"EXISTS (SELECT 1 FROM {RESERVATIONS} WHERE id = %s)"
+    statements = [
+        (f"UPDATE {ENTITLEMENTS} SET tokens_reserved = tokens_reserved - CASE WHEN {held} THEN %s ELSE 0 END,"
+         f" tokens_used = tokens_used + CASE WHEN {held} THEN {CHARGE_SQL.format(e='')}"
+         f" ELSE {LATE_CHARGE_SQL.format(e='')} END WHERE id = %s",
+         [hold.reservation_id, hold.tokens, hold.reservation_id, charge, charge, charge, charge, hold.entitlement_id]),
+        (f"DELETE FROM {RESERVATIONS} WHERE id = %s", [hold.reservation_id]),
+        (f"UPDATE {API_KEYS} SET last_used_at = %s WHERE id = %s", [now, touch_key_id]),
+    ]
+    if record is not None:
+        statements.append((record_sql, record_params))
+    return statements
 
 
-async def settle_async(hold: Hold, used: int, record: UsageRecord, touch_key: APIKey | None) -> None:
-    """`settle` on the event loop (PostgreSQL); the rare expired-hold case goes to a worker thread."""
-    now = timezone.now()
-    touch = touch_key is not None and (touch_key.last_used_at is None or now - touch_key.last_used_at > timedelta(minutes=1))
-    charge = charge_for(hold, used)
-    released, _ = await pgasync.fetchone(*settle_statement(hold, charge, record, touch_key, touch, now))
-    room_freed().notify()
-    if not released and charge:
-        await sync_to_async(charge_expired_hold_and_close, thread_sensitive=False)(hold, charge)
+def extend_hold(hold: Hold) -> None:
+    """Push a live request's hold expiry a full TTL ahead, so the sweep never releases the hold of a
+    request still running (it releases those of crashed requests, which stop extending theirs)."""
+    run(_extend_steps(hold))
 
 
-def charge_expired_hold_and_close(hold: Hold, charge: int) -> None:
-    try:
-        charge_expired_hold(hold, charge)
-    finally:
-        connection.close()
+async def extend_hold_async(hold: Hold) -> None:
+    await run_async(_extend_steps(hold))
 
 
-def charge_expired_hold(hold: Hold, charge: int) -> None:
-    """The hold already expired and was released: charge only what still fits the quota."""
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"UPDATE {ENTITLEMENTS} SET tokens_used = tokens_used + CASE"
-            " WHEN token_quota IS NULL OR token_quota - tokens_used - tokens_reserved >= %s THEN %s"
-            " WHEN token_quota - tokens_used - tokens_reserved > 0 THEN token_quota - tokens_used - tokens_reserved"
-            " ELSE 0 END WHERE id = %s",
-            [charge, charge, hold.entitlement_id],
-        )
+def _extend_steps(hold: Hold):
+    expires_at = timezone.now() + timedelta(seconds=settings.GATEWAY_RESERVATION_TTL_SECONDS)
+    yield [(f"UPDATE {RESERVATIONS} SET expires_at = %s WHERE id = %s", [expires_at, hold.reservation_id])]
 
 
 @dataclass
@@ -554,8 +583,8 @@ class Admission:
 def _route(
     caller: Caller, inference: InferenceRequest | None, invalid: GatewayError | None, labels: dict | None,
 ) -> tuple[CatalogEntry, list[Entitlement], Upstream]:
-    """The steps between authentication and the limits, shared by both admission paths: the body's
-    validation error (400), model (404), replica (503)."""
+    """The steps between authentication and the limits: the body's validation error (400), model (404),
+    replica (503)."""
     if labels is not None:
         labels["organization"] = caller.organization.slug
     if invalid is not None or inference is None:
@@ -580,39 +609,14 @@ def hold_size(inference: InferenceRequest, entry: CatalogEntry, builder) -> int:
                                  settings.GATEWAY_DEFAULT_MAX_TOKENS)
 
 
-def admit_request(
-    credential: str | SessionCredential, inference: InferenceRequest | None, invalid: GatewayError | None, request_id: str, limiter: RateLimiter,
-    labels: dict | None = None,
-) -> Admission:
-    """Everything before forwarding, in one worker-thread hop: key (401), entitlement (403), then the
-    body's validation error if any (400), model (404), replica (503), rate limits (429
-    rate_limit_exceeded) and the token hold (429 insufficient_quota). `labels` receives the organization
-    and model for the gateway's metrics as soon as they are known, refusals included."""
-    with telemetry.span("gateway.auth"):
-        caller = admit_credential(credential)
-    entry, entitlements, upstream = _route(caller, inference, invalid, labels)
-    tokens = hold_size(inference, entry, prompt_count.builder_for(upstream))
-    decision = limiter.acquire(caller.api_key, caller.organization, tokens, request_id)
-    if not decision.allowed:
-        raise rate_limit_error(decision)
-    try:
-        with telemetry.span("gateway.quota_reservation", {"maas.reserved_tokens": tokens}):
-            hold = reserve(entitlements, tokens, request_id)
-    except GatewayError as exc:
-        limiter.release(decision)
-        exc.headers = {**decision.headers, **exc.headers}
-        raise
-    except BaseException:
-        limiter.release(decision)
-        raise
-    return Admission(caller, entry, upstream, decision, hold)
-
-
 async def admit_request_async(
     credential: str | SessionCredential, inference: InferenceRequest | None, invalid: GatewayError | None, request_id: str, limiter: RateLimiter,
     labels: dict | None = None,
 ) -> Admission:
-    """`admit_request` on the event loop (PostgreSQL): same steps, same order."""
+    """Everything before forwarding: key (401), entitlement (403), then the body's validation error if
+    any (400), model (404), replica (503), rate limits (429 rate_limit_exceeded) and the token hold (429
+    insufficient_quota or quota_in_flight). `labels` receives the organization and model for the
+    gateway's metrics as soon as they are known, refusals included."""
     with telemetry.span("gateway.auth"):
         caller = await admit_credential_async(credential)
     entry, entitlements, upstream = _route(caller, inference, invalid, labels)
@@ -634,22 +638,6 @@ async def admit_request_async(
         await limiter.release_async(decision)
         raise
     return Admission(caller, entry, upstream, decision, hold)
-
-
-def extend_statement(hold: Hold) -> tuple[str, list]:
-    expires_at = timezone.now() + timedelta(seconds=settings.GATEWAY_RESERVATION_TTL_SECONDS)
-    return f"UPDATE {RESERVATIONS} SET expires_at = %s WHERE id = %s", [expires_at, hold.reservation_id]
-
-
-def extend_hold(hold: Hold) -> None:
-    """Push a live request's hold expiry a full TTL ahead, so the sweep never releases the hold of a
-    request still running (it releases those of crashed requests, which stop extending theirs)."""
-    with connection.cursor() as cursor:
-        cursor.execute(*extend_statement(hold))
-
-
-async def extend_hold_async(hold: Hold) -> None:
-    await pgasync.fetchall(*extend_statement(hold))
 
 
 def expire_reservations(now=None) -> int:

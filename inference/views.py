@@ -1,9 +1,9 @@
 """The OpenAI-compatible /v1/ API: async views on the request's path, every error in OpenAI form.
 
-Path of a completion request: bearer key and body validation (no I/O) → one worker-thread hop for the
-admission (key and organization, active entitlements: two queries; model 404; replica 503; rate limits:
-one Redis script call; quota hold: one conditional UPDATE) → forward → one hop to settle and record
-usage (one transaction).
+Path of a completion request: bearer key and body validation (no I/O) → admission (key, organization and
+active entitlements: one query; model 404; replica 503; rate limits: one Redis script call; quota hold:
+one statement) → forward → settle and record usage (one statement). The statements are quotas.py's money
+path, on the event loop's asyncio pool on PostgreSQL, in a database thread on SQLite.
 """
 
 from __future__ import annotations
@@ -14,14 +14,12 @@ import json
 import logging
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import psycopg
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
-from django.db import DatabaseError, connections
+from django.db import DatabaseError
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.middleware.csrf import CsrfViewMiddleware
 from django.views.decorators.csrf import csrf_exempt
@@ -30,34 +28,18 @@ from engine import schema
 from maas import telemetry
 from maas.logging import bind_request_id
 
-from . import metrics, pgasync, prompt_count, proxy, quotas, responses
+from . import metrics, prompt_count, proxy, quotas, responses
 from .catalog import CatalogEntry, Upstream, catalog
+from .dbthreads import in_worker_thread
 from .errors import GatewayError, error_response, invalid_api_key, service_unavailable
 from .models import UsageRecord, UsageStatus
-from .ratelimit import Decision, get_limiter
+from .ratelimit import get_limiter
 from .response_stream import ResponseStream
 from .validation import InferenceRequest, parse_chat, parse_completion, parse_embedding
 
 logger = logging.getLogger(__name__)
 
 _background: set[asyncio.Task] = set()
-
-
-# A few long-lived threads for the blocking database and Redis calls: not a new thread per request (as
-# thread-sensitive calls get under ASGI), and not so many that they fight over the GIL.
-_db_threads = ThreadPoolExecutor(max_workers=settings.GATEWAY_DB_THREADS, thread_name_prefix="gateway-db")
-
-
-def in_worker_thread(function):
-    """Run `function` on the gateway's database threads, handing its connection back to the pool after."""
-
-    def run(*args):
-        try:
-            return function(*args)
-        finally:
-            connections.close_all()
-
-    return sync_to_async(run, thread_sensitive=False, executor=_db_threads)
 
 
 def new_request_id() -> str:
@@ -129,10 +111,7 @@ def checked_key(request: HttpRequest) -> str:
 
 
 async def caller_for(request: HttpRequest) -> quotas.Caller:
-    raw_key = checked_key(request)
-    if pgasync.available():
-        return await quotas.admit_async(raw_key)
-    return await in_worker_thread(quotas.admit)(raw_key)
+    return await quotas.admit_async(checked_key(request))
 
 
 def model_object(entry: CatalogEntry) -> dict:
@@ -274,8 +253,7 @@ async def complete(request: HttpRequest, parser, credential: quotas.SessionCrede
     except GatewayError as exc:  # reported after authentication, as OpenAI does
         inference, invalid = None, exc
     request.metric_labels = {}
-    admit = quotas.admit_request_async if pgasync.available() else in_worker_thread(quotas.admit_request)
-    admission = await admit(
+    admission = await quotas.admit_request_async(
         credential, inference, invalid, request.request_id, get_limiter(), request.metric_labels
     )
     request.ratelimit_headers = admission.decision.headers
@@ -310,7 +288,7 @@ class Forward:
         self.meter = proxy.Meter()
         self.settled = False
         self.reached_engine = False  # an engine accepted it (200): it did work, which is billed
-        self.heartbeat: asyncio.Future | None = None  # keeps the hold from expiring while the answer runs
+        self.heartbeat: asyncio.TimerHandle | None = None  # keeps the hold from expiring while the answer runs
 
     def payload(self) -> bytes:
         body = dict(self.inference.body)
@@ -337,7 +315,7 @@ class Forward:
             await self.finish()
             raise
         self.reached_engine = response.status_code == 200
-        self.heartbeat = asyncio.ensure_future(self.keep_hold())
+        self.keep_hold()
         if not self.inference.stream:
             try:
                 return await self.read_whole(response)
@@ -432,21 +410,25 @@ class Forward:
         task.add_done_callback(_background.discard)
         await asyncio.shield(task)
 
-    async def keep_hold(self) -> None:
-        """Every third of the reservation TTL, extend the hold and the concurrency slot: a long answer keeps
-        both until settlement."""
+    def keep_hold(self) -> None:
+        """Every third of the reservation TTL until settlement, extend the hold and the concurrency slot:
+        a long answer keeps both. A timer, not a task: most requests settle long before it fires."""
         period = settings.GATEWAY_RESERVATION_TTL_SECONDS / 3
-        while True:
-            await asyncio.sleep(period)
-            try:
-                if pgasync.available():
-                    await quotas.extend_hold_async(self.hold)
-                    await get_limiter().extend_async(self.decision)
-                else:
-                    await in_worker_thread(quotas.extend_hold)(self.hold)
-                    await in_worker_thread(get_limiter().extend)(self.decision)
-            except Exception:  # noqa: BLE001 - tried again next period; the sweep is minutes away
-                logger.warning("could not extend the hold of %s", self.request_id, exc_info=True)
+        self.heartbeat = asyncio.get_running_loop().call_later(period, self._extend_in_background)
+
+    def _extend_in_background(self) -> None:
+        task = asyncio.ensure_future(self._extend())
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+        if not self.settled:
+            self.keep_hold()
+
+    async def _extend(self) -> None:
+        try:
+            await quotas.extend_hold_async(self.hold)
+            await get_limiter().extend_async(self.decision)
+        except Exception:  # noqa: BLE001 - tried again next period; the sweep is minutes away
+            logger.warning("could not extend the hold of %s", self.request_id, exc_info=True)
 
     async def finish(self) -> None:
         """Settle the hold and write the one usage record (idempotent)."""
@@ -492,15 +474,10 @@ class Forward:
                     "maas.usage.status": meter.status,
                 },
             ):
-                if pgasync.available():
-                    try:
-                        await quotas.settle_async(self.hold, prompt + meter.completion_tokens, record, key)
-                    finally:
-                        await get_limiter().release_async(self.decision, prompt + meter.completion_tokens)
-                else:
-                    await in_worker_thread(settle_and_release)(
-                        self.hold, prompt + meter.completion_tokens, record, key, self.decision
-                    )
+                try:
+                    await quotas.settle_async(self.hold, prompt + meter.completion_tokens, record, key)
+                finally:
+                    await get_limiter().release_async(self.decision, prompt + meter.completion_tokens)
             metrics.observe_usage(model.name, organization.slug, self.upstream.id, meter)
         except Exception:
             logger.exception("could not settle %s; its reservation expires on its own", self.request_id)
@@ -515,12 +492,3 @@ class Forward:
             prompt_count.count_cut(builder, self.inference, tool_format, self.meter)
         elif self.meter.completion_tokens:
             await proxy.count_cut_stream(self.upstream, self.inference.body, self.meter, self.request_id)
-
-
-def settle_and_release(hold, used, record, key, decision: Decision) -> None:
-    """Settle in the database, give back the concurrency slot and refund the unused tokens per minute."""
-    try:
-        quotas.settle(hold, used, record, key)
-    finally:
-        get_limiter().release(decision, used)
-

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -33,6 +34,19 @@ def manage(env: dict[str, str], *args: str) -> str:
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return done.stdout
+
+
+def assert_ledger_balances(path: Path, requests: int) -> None:
+    """The money path on SQLite: every request has its usage record (those answered with tokens), each
+    entitlement's tokens_used is the sum of its records and nothing is left reserved."""
+    with sqlite3.connect(path) as db:
+        records = db.execute("SELECT count(*), sum(status != 'ok' OR prompt_tokens > 0) FROM inference_usagerecord").fetchone()
+        assert records == (requests, requests)
+        ledger = db.execute(
+            "SELECT e.tokens_used, e.tokens_reserved, (SELECT coalesce(sum(u.prompt_tokens + u.completion_tokens), 0)"
+            " FROM inference_usagerecord u WHERE u.entitlement_id = e.id) FROM accounts_entitlement e").fetchall()
+        assert ledger and all(used == total and reserved == 0 for used, reserved, total in ledger), ledger
+        assert db.execute("SELECT count(*) FROM inference_reservation").fetchone() == (0,)
 
 
 def test_runplatform_serves_chat_on_embedded_defaults_and_restarts_a_failed_engine(tmp_path):
@@ -94,6 +108,7 @@ def test_runplatform_serves_chat_on_embedded_defaults_and_restarts_a_failed_engi
         again = client.chat.completions.create(model="smollm2-135m-instruct", temperature=0, max_tokens=4,
                                                messages=[{"role": "user", "content": "Hi"}])
         assert again.choices[0].message.content and again.usage.completion_tokens > 0
+        assert_ledger_balances(tmp_path / "db.sqlite3", requests=4)
 
         # SIGTERM (what `make run`'s Ctrl-C or a supervisor sends): a clean exit that takes the engine along.
         process.terminate()

@@ -272,28 +272,6 @@ def test_bounded_grants_ending_soonest_pay_first_unlimited_last(org):
     assert quotas.reserve(covering, 600, "req_2").entitlement_id == later.pk  # 400 left on the first
 
 
-@pytest.fixture
-def served_model(org):
-    model = AIModel.objects.create(name=f"served-{org.pk}")
-    Deployment.objects.create(model=model, base_url="http://127.0.0.1:9")
-    catalog.invalidate()
-    return model
-
-
-def test_a_refused_hold_gives_back_the_concurrency_slot(org, served_model):
-    org.max_concurrent_requests = 1
-    org.save()
-    grant(org, 1000)
-    _, raw = APIKey.objects.create_key(org, "k")
-    limiter = RateLimiter("", "refuse", 0.5)
-    body = {"model": served_model.name, "messages": MESSAGES, "max_tokens": 2000}
-    with pytest.raises(GatewayError) as err:
-        quotas.admit_request(raw, parse_chat(body), None, "req_refused", limiter)
-    assert err.value.code == "insufficient_quota"
-    admitted = quotas.admit_request(raw, parse_chat({**body, "max_tokens": 1}), None, "req_fits", limiter)
-    assert admitted.decision.allowed and admitted.hold.tokens <= 1000
-
-
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.usefixtures("async_pool_closed")
 async def test_a_refused_hold_on_the_event_loop_gives_back_the_concurrency_slot():
