@@ -88,11 +88,25 @@ def insufficient_quota() -> GatewayError:
     )
 
 
+def insufficient_budget(budget, cost) -> GatewayError:
+    """The request's worst-case cost does not fit what is left of a budget even with nothing in flight."""
+    whose = "API key's" if budget.api_key_id is not None else "organization's"
+    left = max(budget.limit - budget.spent, 0)
+    return GatewayError(
+        429,
+        f"You exceeded your budget: this request may cost up to ${cost:.6f}, and the {whose} budget has "
+        f"${left:.6f} of ${budget.limit:.2f} left. Lower max_tokens, or ask an owner to raise the budget.",
+        "insufficient_quota",
+        "insufficient_quota",
+        headers=NO_RETRY,
+    )
+
+
 def quota_in_flight(retry_after_ms: int) -> GatewayError:
     """The quota is not used up: its room is held by requests in flight. Retryable, unlike insufficient_quota."""
     return GatewayError(
         429,
-        "Your quota's remaining tokens are held by requests still in flight; retry when they finish.",
+        "Your quota's remaining tokens (or budget) are held by requests still in flight; retry when they finish.",
         "tokens",
         "quota_in_flight",
         headers={"retry-after": str(max(1, -(-retry_after_ms // 1000))), "retry-after-ms": str(retry_after_ms),

@@ -274,12 +274,62 @@ class Deployment(models.Model):
             raise ValidationError({"base_url": refusal})
 
 
+# The gateway moves spent and reserved on every request: not audit events; a limit edit is one.
+@audited(quiet=("spent", "reserved"))
+class Budget(TenantOwned):
+    """A spending limit in the catalog's currency: the organization's (no key) or one API key's. The
+    gateway holds a request's worst-case cost on it and settles the actual cost, like an entitlement's
+    tokens: `spent` and `reserved` move only by conditional UPDATEs (inference/quotas.py)."""
+
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="budgets")
+    api_key = models.OneToOneField(APIKey, null=True, blank=True, on_delete=models.CASCADE, related_name="budget",
+                                   help_text="Empty: the whole organization's budget.")
+    limit = models.DecimalField(max_digits=16, decimal_places=8, help_text="The most this may spend, in USD.")
+    spent = models.DecimalField(max_digits=20, decimal_places=8, default=Decimal(0))
+    reserved = models.DecimalField(max_digits=20, decimal_places=8, default=Decimal(0))
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["organization"], condition=models.Q(api_key__isnull=True),
+                                    name="one_budget_per_organization"),
+            models.CheckConstraint(condition=models.Q(spent__lte=models.F("limit")), name="budget_spent_within_limit"),
+            models.CheckConstraint(condition=models.Q(limit__gte=0), name="budget_limit_not_negative"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.api_key or self.organization} budget {self.limit}"
+
+    @property
+    def remaining(self) -> Decimal:
+        return max(Decimal(0), self.limit - self.spent - self.reserved)
+
+    def used_percent(self) -> float:
+        return float(100 * self.spent / self.limit) if self.limit else 100.0
+
+
+class BudgetNotice(TenantOwned):
+    """One row per (budget, threshold, limit) already announced: each warning email goes out once per limit."""
+
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="+")
+    budget = models.ForeignKey(Budget, on_delete=models.CASCADE, related_name="notices")
+    threshold = models.CharField(max_length=64, help_text="e.g. budget-80@100.00 (percent of which limit)")
+    sent_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["budget", "threshold"], name="one_notice_per_budget_threshold")]
+
+
 class Reservation(TenantOwned):
-    """Tokens held against an entitlement while a request runs; deleted when settled, swept when expired."""
+    """Tokens (and a worst-case cost, on budgets) held against an entitlement while a request runs; deleted
+    when settled, swept when expired."""
 
     organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="+")
     entitlement = models.ForeignKey(Entitlement, on_delete=models.CASCADE, related_name="reservations")
     tokens = models.BigIntegerField()
+    cost = models.DecimalField(max_digits=16, decimal_places=8, default=Decimal(0))
+    key_budget = models.ForeignKey(Budget, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    org_budget = models.ForeignKey(Budget, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     request_id = models.CharField(max_length=64)
     created_at = models.DateTimeField(auto_now_add=True)
     expires_at = models.DateTimeField(db_index=True)

@@ -18,9 +18,10 @@ import functools
 import hmac
 import logging
 import time
-from collections.abc import Generator
-from dataclasses import dataclass
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
 from datetime import timedelta
+from decimal import Decimal
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -36,6 +37,7 @@ from .catalog import CatalogEntry, Upstream, catalog
 from .dbthreads import in_worker_thread
 from .errors import (
     GatewayError,
+    insufficient_budget,
     insufficient_quota,
     invalid_api_key,
     model_not_found,
@@ -43,7 +45,7 @@ from .errors import (
     quota_in_flight,
     service_unavailable,
 )
-from .models import Reservation, UsageRecord, UsageSource
+from .models import AIModel, Budget, Reservation, UsageRecord, UsageSource
 from .ratelimit import Decision, RateLimiter, rate_limit_error
 from .validation import InferenceRequest
 
@@ -51,6 +53,7 @@ ENTITLEMENTS = Entitlement._meta.db_table
 RESERVATIONS = Reservation._meta.db_table
 API_KEYS = APIKey._meta.db_table
 USAGE = UsageRecord._meta.db_table
+BUDGETS = Budget._meta.db_table
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +69,7 @@ class Caller:
     organization: Organization | None = None  # the key's organization when None
     user_id: int | None = None  # the key's creator when None
     source: str = UsageSource.API
+    budgets: list[Budget] = field(default_factory=list)  # the key's budget, then the organization's, if set
 
     def __post_init__(self) -> None:
         if self.organization is None:
@@ -106,15 +110,17 @@ class Hold:
     reservation_id: int
     entitlement_id: int
     tokens: int
+    cost: Decimal = Decimal(0)  # the worst-case cost held on `budget_ids`
+    budget_ids: tuple[int, ...] = ()
 
 
 def _converters(model) -> list[tuple]:
     """Per concrete field of `model`: its attname and the converters Django's compiler applies to a raw
     column value (the backend's, e.g. SQLite's aware datetimes, then the field's, e.g. JSON decoding)."""
     out = []
-    for field in model._meta.concrete_fields:
-        col = field.get_col(model._meta.db_table)
-        out.append((field.attname, connection.ops.get_db_converters(col) + col.get_db_converters(connection), col))
+    for f in model._meta.concrete_fields:
+        col = f.get_col(model._meta.db_table)
+        out.append((f.attname, connection.ops.get_db_converters(col) + col.get_db_converters(connection), col))
     return out
 
 
@@ -145,22 +151,29 @@ def admit_sql() -> str:
     EntitlementQuerySet.active, which test_quotas checks this against) in one round trip; every
     concrete column of the three, in model order."""
     return (
-        f"SELECT {select_list('k', APIKey)}, {select_list('o', Organization)}, {select_list('e', Entitlement)}"
+        f"SELECT {select_list('k', APIKey)}, {select_list('o', Organization)}, {select_list('kb', Budget)},"
+        f" {select_list('ob', Budget)}, {select_list('e', Entitlement)}"
         f" FROM {API_KEYS} k JOIN {Organization._meta.db_table} o ON o.id = k.organization_id"
+        f" LEFT JOIN {BUDGETS} kb ON kb.api_key_id = k.id"
+        f" LEFT JOIN {BUDGETS} ob ON ob.organization_id = o.id AND ob.api_key_id IS NULL"
         f" LEFT JOIN {ENTITLEMENTS} e ON e.organization_id = o.id AND e.revoked_at IS NULL AND e.starts_at <= %s"
         " AND (e.ends_at IS NULL OR e.ends_at > %s)"
         " WHERE k.public_id = %s"
     )
 
 
-def caller_from_rows(rows: list[tuple]) -> tuple[APIKey, list[Entitlement]] | None:
+def caller_from_rows(rows: list[tuple]) -> tuple[APIKey, list[Entitlement], list[Budget]] | None:
     if not rows:
         return None
-    nk, no = len(APIKey._meta.concrete_fields), len(Organization._meta.concrete_fields)
-    key = instance_from(APIKey, rows[0][:nk])
-    key.organization = instance_from(Organization, rows[0][nk:nk + no])
-    entitlements = [instance_from(Entitlement, row[nk + no:]) for row in rows if row[nk + no] is not None]
-    return key, entitlements
+    row = rows[0]
+    nk, no, nb = (len(m._meta.concrete_fields) for m in (APIKey, Organization, Budget))
+    key = instance_from(APIKey, row[:nk])
+    key.organization = instance_from(Organization, row[nk:nk + no])
+    start = nk + no
+    budgets = [instance_from(Budget, row[at:at + nb]) for at in (start, start + nb) if row[at] is not None]
+    start += 2 * nb
+    entitlements = [instance_from(Entitlement, r[start:]) for r in rows if r[start] is not None]
+    return key, entitlements, budgets
 
 
 def redact(raw_key: str) -> str:
@@ -202,12 +215,12 @@ def refresh_catalog() -> dict:
 def check_caller(raw_key: str, found, now, entries) -> Caller:
     if found is None or not hmac.compare_digest(found[0].secret_hash, keyed_hash(raw_key)):
         raise invalid_api_key(f"Incorrect API key provided: {redact(raw_key)}.")
-    key, entitlements = found
+    key, entitlements, budgets = found
     if not key.is_usable(now):
         raise invalid_api_key(f"The API key {key.redacted} is {key.status if key.organization.is_active else 'disabled'}.")
     if not entitlements:
         raise no_entitlement()
-    return Caller(key, entitlements, entries)
+    return Caller(key, entitlements, entries, budgets=budgets)
 
 
 @dataclass(frozen=True)
@@ -223,8 +236,9 @@ def organization_caller(organization: Organization, user_id: int | None, now=Non
                         entries: dict[str, CatalogEntry] | None = None) -> Caller:
     """A caller for a whole organization, without a key (the console's view of the catalog)."""
     entitlements = list(Entitlement.objects.for_org(organization).active(now))
+    budgets = list(Budget.objects.for_org(organization).filter(api_key__isnull=True))
     return Caller(None, entitlements, catalog.entries() if entries is None else entries, organization, user_id,
-                  UsageSource.PLAYGROUND)
+                  UsageSource.PLAYGROUND, budgets)
 
 
 def admit_session(credential: SessionCredential) -> Caller:
@@ -360,40 +374,58 @@ QUOTA_RETRY_SECONDS = 1.0  # longest pause between tries while the quota's room 
 QUOTA_RETRY_AFTER_MS = 1000  # suggested to a client whose wait ran out
 
 
-def reserve(entitlements: list[Entitlement], tokens: int, request_id: str, wait: float = 0.0) -> Hold:
-    """Hold `tokens` on the first covering entitlement where they fit. When none has room now, a 429:
-    insufficient_quota (no retry) when the tokens do not fit even with nothing in flight; else, after
+def reserve(entitlements: list[Entitlement], tokens: int, request_id: str, wait: float = 0.0,
+            cost: Decimal = Decimal(0), budgets: Sequence[Budget] = ()) -> Hold:
+    """Hold `tokens` on the first covering entitlement where they fit, and `cost` on each of `budgets`
+    (the key's, then the organization's), all or nothing. When there is no room now, a 429:
+    insufficient_quota (no retry) when the hold does not fit even with nothing in flight; else, after
     waiting up to `wait` seconds for holds to settle, the retryable quota_in_flight."""
-    return run(_reserve_steps(entitlements, tokens, request_id, wait))
+    return run(_reserve_steps(entitlements, tokens, request_id, wait, cost, budgets))
 
 
-async def reserve_async(entitlements: list[Entitlement], tokens: int, request_id: str) -> Hold:
+async def reserve_async(entitlements: list[Entitlement], tokens: int, request_id: str,
+                        cost: Decimal = Decimal(0), budgets: Sequence[Budget] = ()) -> Hold:
     """`reserve` on the event loop. On PostgreSQL it waits for room for up to GATEWAY_QUOTA_WAIT_SECONDS
     before the retryable 429, so that a burst over a quota is served as holds settle rather than refused:
     a settlement in this process wakes the waiters one at a time (`room_freed`), settlements elsewhere
     are seen by a retry every QUOTA_RETRY_SECONDS. In a database thread (SQLite) it does not wait: those
     few threads also run the settlements that would free the room."""
     wait = settings.GATEWAY_QUOTA_WAIT_SECONDS if pgasync.available() else 0.0
-    hold = await run_async(_reserve_steps(entitlements, tokens, request_id, wait))
+    hold = await run_async(_reserve_steps(entitlements, tokens, request_id, wait, cost, budgets))
     if pgasync.available():
         room_freed().notify()  # there may be room for the next waiter too
     return hold
 
 
-def _reserve_steps(entitlements: list[Entitlement], tokens: int, request_id: str, wait: float):
+def _reserve_steps(entitlements: list[Entitlement], tokens: int, request_id: str, wait: float, cost: Decimal,
+                   budgets: Sequence[Budget]):
     deadline = time.monotonic() + wait
+    budget_ids = tuple(b.pk for b in budgets)
     while True:
         now = timezone.now()
         expires_at = now + timedelta(seconds=settings.GATEWAY_RESERVATION_TTL_SECONDS)
+        budgets_held = len(budgets)
         for entitlement in _may_fit(entitlements, tokens):
-            [(reservation_id, tokens_used)] = yield hold_statements(entitlement, tokens, request_id, now, expires_at)
+            [(reservation_id, tokens_used, budgets_held)] = yield hold_statements(
+                entitlement, tokens, request_id, now, expires_at, cost, budgets)
             if reservation_id is not None:
-                return Hold(reservation_id, entitlement.pk, tokens)
+                return Hold(reservation_id, entitlement.pk, tokens, cost, budget_ids)
+            if budgets_held:  # PostgreSQL: the budgets before the one (or the entitlement) that had no room
+                yield [release_budgets_statement(budget_ids[:budgets_held], cost)]
             if tokens_used is None:  # revoked meanwhile: never fits
                 entitlement.token_quota = entitlement.tokens_used = 0
             else:  # what it has used now: tells a quota used up from one held by requests in flight
                 entitlement.tokens_used = tokens_used
-        if not _may_fit(entitlements, tokens):
+            if budgets_held < len(budgets):
+                break  # a budget had no room: another entitlement would not help
+        if budgets and budgets_held < len(budgets):
+            spent = dict((yield [(f'SELECT id, spent FROM {BUDGETS} WHERE id IN ({", ".join(["%s"] * len(budgets))})',
+                                  list(budget_ids))]))
+            for budget in budgets:
+                budget.spent = spent.get(budget.pk, budget.limit)
+                if budget.limit - budget.spent < cost:
+                    raise insufficient_budget(budget, cost)
+        elif not _may_fit(entitlements, tokens):
             raise insufficient_quota()
         pause = min(QUOTA_RETRY_SECONDS, deadline - time.monotonic())
         if pause <= 0:
@@ -444,30 +476,62 @@ def room_freed() -> RoomFreed:
 
 
 FITS = "revoked_at IS NULL AND (token_quota IS NULL OR tokens_used + tokens_reserved + %s <= token_quota)"
+BUDGET_FITS = 'spent + reserved + %s <= "limit"'
 
 
-def hold_statements(entitlement: Entitlement, tokens: int, request_id: str, now, expires_at) -> list[Statement]:
-    """The conditional UPDATE and the Reservation row. They answer one row: the reservation id (NULL when
-    the tokens did not fit) and what the entitlement has used (NULL when it is revoked), which tells a quota
-    used up from one held by requests in flight without a second query."""
-    columns = "organization_id, entitlement_id, tokens, request_id, created_at, expires_at"
+def hold_statements(entitlement: Entitlement, tokens: int, request_id: str, now, expires_at,
+                    cost: Decimal = Decimal(0), budgets: Sequence[Budget] = ()) -> list[Statement]:
+    """The conditional UPDATEs (each budget's, then the entitlement's) and the Reservation row. They answer
+    one row: the reservation id (NULL when the hold did not fit), what the entitlement has used (NULL when
+    it is revoked; tells a quota used up from one held by requests in flight without a second query), and
+    how many budgets were held: on PostgreSQL each row is re-checked under its lock, so a budget can be
+    held while a later one had no room (the caller releases it), on SQLite nothing was held then."""
+    columns = "organization_id, entitlement_id, tokens, request_id, created_at, expires_at, cost, key_budget_id, org_budget_id"
+    budget_ids = [b.pk for b in budgets]
+    key_budget = next((b.pk for b in budgets if b.api_key_id is not None), None)
+    org_budget = next((b.pk for b in budgets if b.api_key_id is None), None)
+    values = [tokens, request_id, now, expires_at, cost, key_budget, org_budget]
     if pgasync.vendor() == "postgresql":
+        ctes, params, previous = [], [], "TRUE"
+        for i, budget_id in enumerate(budget_ids):
+            ctes.append(f"b{i} AS (UPDATE {BUDGETS} SET reserved = reserved + %s WHERE id = %s AND {BUDGET_FITS}"
+                        f" AND {previous} RETURNING id)")
+            params += [cost, budget_id, cost]
+            previous = f"EXISTS (SELECT 1 FROM b{i})"
+        held = " + ".join(f"(SELECT count(*) FROM b{i})" for i in range(len(budget_ids))) or "0"
         return [(
-            f"WITH held AS (UPDATE {ENTITLEMENTS} SET tokens_reserved = tokens_reserved + %s WHERE id = %s AND {FITS}"
-            " RETURNING id, organization_id),"
-            f" inserted AS (INSERT INTO {RESERVATIONS} ({columns}) SELECT organization_id, id, %s, %s, %s, %s FROM held"
-            " RETURNING id)"
-            f" SELECT (SELECT id FROM inserted), (SELECT tokens_used FROM {ENTITLEMENTS} WHERE id = %s AND revoked_at IS NULL)",
-            [tokens, entitlement.pk, tokens, tokens, request_id, now, expires_at, entitlement.pk],
+            "WITH " + "".join(c + ", " for c in ctes)
+            + f"held AS (UPDATE {ENTITLEMENTS} SET tokens_reserved = tokens_reserved + %s WHERE id = %s AND {FITS}"
+            f" AND {previous} RETURNING id, organization_id),"
+            f" inserted AS (INSERT INTO {RESERVATIONS} ({columns}) SELECT organization_id, id, %s, %s, %s, %s, %s, %s, %s"
+            " FROM held RETURNING id)"
+            f" SELECT (SELECT id FROM inserted), (SELECT tokens_used FROM {ENTITLEMENTS} WHERE id = %s AND revoked_at IS NULL),"
+            f" {held}",
+            [*params, tokens, entitlement.pk, tokens, *values, entitlement.pk],
         )]
-    return [  # changes(): the rows the previous statement changed (SQLite)
-        (f"UPDATE {ENTITLEMENTS} SET tokens_reserved = tokens_reserved + %s WHERE id = %s AND {FITS}",
-         [tokens, entitlement.pk, tokens]),
-        (f"INSERT INTO {RESERVATIONS} ({columns}) SELECT organization_id, id, %s, %s, %s, %s FROM {ENTITLEMENTS}"
-         " WHERE id = %s AND changes() = 1", [tokens, request_id, now, expires_at, entitlement.pk]),
+    # SQLite (one writer at a time): the first UPDATE checks every row, the next ones follow it (changes():
+    # the rows the previous statement changed).
+    rows = [(BUDGETS, "reserved", cost, budget_id, BUDGET_FITS) for budget_id in budget_ids]
+    rows.append((ENTITLEMENTS, "tokens_reserved", tokens, entitlement.pk, FITS))
+    all_fit = " AND ".join(f"EXISTS (SELECT 1 FROM {table} WHERE id = %s AND {fits})" for table, _, _, _, fits in rows)
+    all_fit_params = [p for _, _, amount, row_id, _ in rows for p in (row_id, amount)]
+    statements = []
+    for i, (table, column, amount, row_id, _) in enumerate(rows):
+        condition, extra = (all_fit, all_fit_params) if i == 0 else ("changes() = 1", [])
+        statements.append((f"UPDATE {table} SET {column} = {column} + %s WHERE id = %s AND {condition}",
+                           [amount, row_id, *extra]))
+    return [
+        *statements,
+        (f"INSERT INTO {RESERVATIONS} ({columns}) SELECT organization_id, id, %s, %s, %s, %s, %s, %s, %s FROM {ENTITLEMENTS}"
+         " WHERE id = %s AND changes() = 1", [*values, entitlement.pk]),
         (f"SELECT CASE WHEN changes() = 1 THEN last_insert_rowid() END, (SELECT tokens_used FROM {ENTITLEMENTS}"
-         " WHERE id = %s AND revoked_at IS NULL)", [entitlement.pk]),
+         " WHERE id = %s AND revoked_at IS NULL), 0", [entitlement.pk]),
     ]
+
+
+def release_budgets_statement(budget_ids: tuple[int, ...], cost: Decimal) -> Statement:
+    return (f'UPDATE {BUDGETS} SET reserved = reserved - %s WHERE id IN ({", ".join(["%s"] * len(budget_ids))})',
+            [cost, *budget_ids])
 
 
 def charge_for(hold: Hold, used: int) -> int:
@@ -493,15 +557,14 @@ def usage_insert() -> tuple[list, str]:
     return fields, f"INSERT INTO {USAGE} ({columns}) VALUES ({placeholders})"
 
 
-# What a settlement adds to tokens_used while its hold is live: the charge, cut to what the quota still
-# allows when an operator lowered the quota below used + reserved meanwhile (the usage record keeps the
-# full count), so the statement never violates entitlement_usage_within_quota and never loses the record.
-CHARGE_SQL = ("CASE WHEN {e}token_quota IS NULL OR {e}token_quota - {e}tokens_used >= %s THEN %s"
-              " WHEN {e}token_quota > {e}tokens_used THEN {e}token_quota - {e}tokens_used ELSE 0 END")
-# ... and once the expiry sweep released its hold: only what fits beside the holds in flight.
-LATE_CHARGE_SQL = ("CASE WHEN {e}token_quota IS NULL OR {e}token_quota - {e}tokens_used - {e}tokens_reserved >= %s THEN %s"
-                   " WHEN {e}token_quota - {e}tokens_used - {e}tokens_reserved > 0"
-                   " THEN {e}token_quota - {e}tokens_used - {e}tokens_reserved ELSE 0 END")
+def charge_sql(limit: str, used: str, others: str = "") -> str:
+    """What a settlement adds to `used`: the charge, cut to what `limit` still allows. While the hold is
+    live (`others` empty) that only bites when an operator lowered the quota or budget below used +
+    reserved meanwhile (the usage record keeps the full count), so the statement never violates the
+    table's check constraint and never loses the record; once the expiry sweep released the hold
+    (`others`: the holds in flight) it charges only what fits beside them."""
+    room = f"{limit} - {used}" + (f" - {others}" if others else "")
+    return f"CASE WHEN {limit} IS NULL OR {room} >= %s THEN %s WHEN {room} > 0 THEN {room} ELSE 0 END"
 
 
 def settle(hold: Hold, used: int, record: UsageRecord | None, touch_key: APIKey | None = None) -> None:
@@ -520,31 +583,53 @@ async def settle_async(hold: Hold, used: int, record: UsageRecord | None, touch_
 def _settle_steps(hold: Hold, used: int, record: UsageRecord | None, touch_key: APIKey | None):
     now = timezone.now()
     touch = touch_key is not None and (touch_key.last_used_at is None or now - touch_key.last_used_at > timedelta(minutes=1))
-    yield settle_statements(hold, charge_for(hold, used), record, touch_key.pk if touch else None, now)
+    cost = min(record.cost, hold.cost) if record is not None else Decimal(0)
+    yield settle_statements(hold, charge_for(hold, used), cost, record, touch_key.pk if touch else None, now)
 
 
-def settle_statements(hold: Hold, charge: int, record: UsageRecord | None, touch_key_id: int | None, now) -> list[Statement]:
-    """Release the hold, charge (at the late rule when the hold is gone), insert the usage record and mark
-    the key used."""
+def settle_statements(hold: Hold, charge: int, cost: Decimal, record: UsageRecord | None, touch_key_id: int | None,
+                      now) -> list[Statement]:
+    """Release the hold, charge the tokens and the cost on the budgets (at the late rule when the hold is
+    gone), insert the usage record and mark the key used. Rows are locked in the order a hold takes them
+    (budgets, then the entitlement), so a hold and a settlement never deadlock."""
     record_sql, record_params = insert_statement(record) if record is not None else ("", [])
+    in_list = ", ".join(["%s"] * len(hold.budget_ids))
     if pgasync.vendor() == "postgresql":
-        in_hold, late = CHARGE_SQL.format(e="e."), LATE_CHARGE_SQL.format(e="e.")
+        live = "EXISTS (SELECT 1 FROM released)"
+        budgeted, params, after = "", [], ""
+        if hold.budget_ids:
+            in_hold, late = charge_sql('b."limit"', "b.spent"), charge_sql('b."limit"', "b.spent", "b.reserved")
+            budgeted = (
+                f" budgeted AS (UPDATE {BUDGETS} b SET reserved = b.reserved - CASE WHEN {live} THEN %s ELSE 0 END,"
+                f" spent = b.spent + CASE WHEN {live} THEN {in_hold} ELSE {late} END WHERE b.id IN ({in_list})"
+                " RETURNING b.id),")
+            params = [hold.cost, cost, cost, cost, cost, *hold.budget_ids]
+            after = " AND (SELECT count(*) FROM budgeted) >= 0"
         return [(
-            f"WITH released AS (DELETE FROM {RESERVATIONS} WHERE id = %s RETURNING tokens),"
+            f"WITH released AS (DELETE FROM {RESERVATIONS} WHERE id = %s RETURNING tokens),{budgeted}"
             f" charged AS (UPDATE {ENTITLEMENTS} e SET"
             " tokens_reserved = e.tokens_reserved - coalesce((SELECT tokens FROM released), 0),"
-            f" tokens_used = e.tokens_used + CASE WHEN EXISTS (SELECT 1 FROM released) THEN {in_hold} ELSE {late} END"
-            " WHERE e.id = %s RETURNING e.id),"
+            f" tokens_used = e.tokens_used + CASE WHEN {live} THEN {charge_sql('e.token_quota', 'e.tokens_used')}"
+            f" ELSE {charge_sql('e.token_quota', 'e.tokens_used', 'e.tokens_reserved')} END"
+            f" WHERE e.id = %s{after} RETURNING e.id),"
             f" touched AS (UPDATE {API_KEYS} SET last_used_at = %s WHERE id = %s RETURNING id)"
             + (f", recorded AS ({record_sql} RETURNING id)" if record is not None else "")
             + " SELECT (SELECT count(*) FROM charged)",
-            [hold.reservation_id, charge, charge, charge, charge, hold.entitlement_id, now, touch_key_id, *record_params],
+            [hold.reservation_id, *params, charge, charge, charge, charge, hold.entitlement_id, now, touch_key_id,
+             *record_params],
         )]
-    held = f"EXISTS (SELECT 1 FROM {RESERVATIONS} WHERE id = %s)"
-    statements = [
-        (f"UPDATE {ENTITLEMENTS} SET tokens_reserved = tokens_reserved - CASE WHEN {held} THEN %s ELSE 0 END,"
-         f" tokens_used = tokens_used + CASE WHEN {held} THEN {CHARGE_SQL.format(e='')}"
-         f" ELSE {LATE_CHARGE_SQL.format(e='')} END WHERE id = %s",
+    live = f"EXISTS (SELECT 1 FROM {RESERVATIONS} WHERE id = %s)"
+    statements = []
+    if hold.budget_ids:
+        in_hold, late = charge_sql('"limit"', "spent"), charge_sql('"limit"', "spent", "reserved")
+        statements.append((
+            f"UPDATE {BUDGETS} SET reserved = reserved - CASE WHEN {live} THEN %s ELSE 0 END,"
+            f" spent = spent + CASE WHEN {live} THEN {in_hold} ELSE {late} END WHERE id IN ({in_list})",
+            [hold.reservation_id, hold.cost, hold.reservation_id, cost, cost, cost, cost, *hold.budget_ids]))
+    statements += [
+        (f"UPDATE {ENTITLEMENTS} SET tokens_reserved = tokens_reserved - CASE WHEN {live} THEN %s ELSE 0 END,"
+         f" tokens_used = tokens_used + CASE WHEN {live} THEN {charge_sql('token_quota', 'tokens_used')}"
+         f" ELSE {charge_sql('token_quota', 'tokens_used', 'tokens_reserved')} END WHERE id = %s",
          [hold.reservation_id, hold.tokens, hold.reservation_id, charge, charge, charge, charge, hold.entitlement_id]),
         (f"DELETE FROM {RESERVATIONS} WHERE id = %s", [hold.reservation_id]),
         (f"UPDATE {API_KEYS} SET last_used_at = %s WHERE id = %s", [now, touch_key_id]),
@@ -609,6 +694,16 @@ def hold_size(inference: InferenceRequest, entry: CatalogEntry, builder) -> int:
                                  settings.GATEWAY_DEFAULT_MAX_TOKENS)
 
 
+def worst_cost(model: AIModel, inference: InferenceRequest, tokens: int) -> Decimal:
+    """The most a request holding `tokens` can cost: its completion bound (n × max_tokens) at the output
+    price and the rest at the input price, or every token at the input price when that is dearer."""
+    bound = inference.max_completion_tokens or inference.default_max_tokens
+    completion = tokens if bound is None else min(tokens, inference.n * bound)
+    if model.price_input_per_million >= model.price_output_per_million:
+        completion = 0
+    return model.cost(tokens - completion, 0, completion)
+
+
 async def admit_request_async(
     credential: str | SessionCredential, inference: InferenceRequest | None, invalid: GatewayError | None, request_id: str, limiter: RateLimiter,
     labels: dict | None = None,
@@ -629,7 +724,8 @@ async def admit_request_async(
         raise rate_limit_error(decision)
     try:
         with telemetry.span("gateway.quota_reservation", {"maas.reserved_tokens": tokens}):
-            hold = await reserve_async(entitlements, tokens, request_id)
+            cost = worst_cost(entry.model, inference, tokens) if caller.budgets else Decimal(0)
+            hold = await reserve_async(entitlements, tokens, request_id, cost, caller.budgets)
     except GatewayError as exc:
         await limiter.release_async(decision)
         exc.headers = {**decision.headers, **exc.headers}
@@ -641,7 +737,8 @@ async def admit_request_async(
 
 
 def expire_reservations(now=None) -> int:
-    """Release holds whose request never settled (crashed worker); returns how many were released."""
+    """Release holds (tokens and budget) whose request never settled (crashed worker); returns how many
+    were released."""
     now = now or timezone.now()
     released = 0
     for reservation_id in Reservation.objects.filter(expires_at__lte=now).values_list("pk", flat=True):
@@ -649,6 +746,9 @@ def expire_reservations(now=None) -> int:
             reservation = Reservation.objects.select_for_update().filter(pk=reservation_id).first()
             if reservation is None:
                 continue  # settled meanwhile
+            budget_ids = [b for b in (reservation.key_budget_id, reservation.org_budget_id) if b is not None]
+            if budget_ids:  # budgets before the entitlement: the order holds and settlements lock them in
+                Budget.objects.filter(pk__in=budget_ids).update(reserved=F("reserved") - reservation.cost)
             Entitlement.objects.filter(pk=reservation.entitlement_id).update(
                 tokens_reserved=F("tokens_reserved") - reservation.tokens
             )
