@@ -7,7 +7,7 @@ from django.utils.http import urlencode
 
 from . import replicas, sources
 from .catalog import catalog
-from .models import AIModel, Deployment, ModelFallback, Replica, Reservation, UsageRecord
+from .models import AIModel, Budget, Deployment, ModelFallback, Replica, Reservation, UsageRecord
 
 OPERATE_REPLICAS = "inference.operate_replica"
 
@@ -301,3 +301,58 @@ class ReservationAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False  # deleting one would leave its tokens reserved; the sweeper releases expired holds
+
+
+class BudgetForm(forms.ModelForm):
+    """A budget's limit, validated like an entitlement's quota: never below what is spent and held now."""
+
+    class Meta:
+        model = Budget
+        fields = ["organization", "api_key", "limit"]
+
+    def clean_limit(self):
+        limit = self.cleaned_data.get("limit")
+        if limit is None:
+            return limit
+        if limit < 0:
+            raise forms.ValidationError("The limit must be zero or more (delete the budget for no limit).")
+        if self.instance.pk:
+            # The counters as they are now (the gateway moves them while the form is open).
+            spent, reserved = Budget.objects.filter(pk=self.instance.pk).values_list("spent", "reserved").get()
+            if limit < spent + reserved:
+                raise forms.ValidationError(
+                    f"${spent:.6f} is spent and ${reserved:.6f} held by requests in flight; the limit cannot be "
+                    f"lower than ${spent + reserved:.6f}.")
+        return limit
+
+    def clean(self):
+        data = super().clean()
+        key, organization = data.get("api_key"), data.get("organization")
+        if key is not None and organization is not None and key.organization_id != organization.pk:
+            self.add_error("api_key", "This key belongs to another organization.")
+        return data
+
+
+@admin.register(Budget)
+class BudgetAdmin(admin.ModelAdmin):
+    """Spending limits in USD: the organization's (no key) or one key's. The gateway holds each request's
+    worst-case cost on them and settles the actual cost; alerts go out at BUDGET_ALERT_THRESHOLDS."""
+
+    form = BudgetForm
+    list_display = ["organization", "api_key", "limit", "spent", "reserved", "created_at"]
+    search_fields = ["organization__slug", "organization__name", "api_key__name"]
+    list_select_related = ["organization", "api_key"]
+    raw_id_fields = ["organization", "api_key"]
+    readonly_fields = ["spent", "reserved", "created_at"]
+
+    def get_readonly_fields(self, request, obj=None):
+        # Whose budget it is never changes (its spending belongs to it).
+        return self.readonly_fields + (["organization", "api_key"] if obj is not None else [])
+
+    def save_model(self, request, obj, form, change):
+        """An edit writes only the limit: the counters the gateway moves meanwhile are never written back
+        from the form's stale copy."""
+        if change:
+            obj.save(update_fields=["limit"])
+        else:
+            obj.save()

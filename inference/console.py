@@ -21,7 +21,7 @@ from accounts.tenancy import org_member_required
 
 from . import overview, quotas, requestlog, snippets
 from .charts import usage_charts
-from .models import ModelKind
+from .models import Budget, ModelKind
 from .usage import Period, ReportError, report
 from .views import model_object
 
@@ -64,6 +64,7 @@ def usage_page(request):
         "by_model": by_model["data"],
         "by_key": by_key["data"],
         "charts": usage_charts(organization, period),
+        "budgets": Budget.objects.for_org(organization).select_related("api_key").order_by("api_key_id", "pk"),
         "csv_groups": [("day", "per day"), ("model", "per model"), ("key", "per key")],
         "start_value": request.GET.get("start") or period.start.date().isoformat(),
         "end_value": request.GET.get("end") or period.end.date().isoformat(),

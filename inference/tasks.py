@@ -15,7 +15,7 @@ from django.utils import timezone
 
 from accounts.models import Entitlement, Membership, Role
 
-from .models import DailyUsage, EntitlementNotice, UsageRecord, UsageStatus
+from .models import Budget, BudgetNotice, DailyUsage, EntitlementNotice, UsageRecord, UsageStatus
 
 logger = logging.getLogger(__name__)
 
@@ -126,9 +126,60 @@ def _notice_text(entitlement: Entitlement, thresholds: list[str]) -> tuple[str, 
     return subject, "\n".join(lines)
 
 
+def due_budget_thresholds(budget: Budget) -> list[str]:
+    """Crossed thresholds, named with the limit they are of: raising the limit re-arms them."""
+    used = budget.used_percent()
+    return [f"budget-{p}@{budget.limit:.2f}" for p in settings.BUDGET_ALERT_THRESHOLDS if used >= p]
+
+
+def _budget_notice_text(budget: Budget, thresholds: list[str]) -> tuple[str, str]:
+    org = budget.organization
+    whose = f"API key {budget.api_key.name} ({budget.api_key.redacted})" if budget.api_key else "the organization"
+    percent = max(int(t.split("-")[1].split("@")[0]) for t in thresholds)
+    state = "spent" if percent >= 100 else f"over {percent}% spent"
+    lines = [f"Budget of {whose} in organization {org.name} ({org.slug}):",
+             f"- ${budget.spent:.2f} of ${budget.limit:.2f} spent ({state}).",
+             "Requests that could cost more than what is left are refused; an owner can raise the budget."]
+    return f"[MaaS] Budget {'exhausted' if percent >= 100 else 'running low'}", "\n".join(lines)
+
+
+def notify_budget_thresholds() -> int:
+    """`notify_entitlement_thresholds` for budgets: once per crossed threshold and limit."""
+    sent = 0
+    for budget in Budget.objects.select_related("organization", "api_key").filter(spent__gt=0):
+        due = due_budget_thresholds(budget)
+        known = set(budget.notices.values_list("threshold", flat=True))
+        new = [t for t in due if t not in known]
+        if not new:
+            continue
+        claimed = []
+        with transaction.atomic():
+            for threshold in new:
+                try:
+                    with transaction.atomic():
+                        BudgetNotice.objects.create(organization=budget.organization, budget=budget, threshold=threshold)
+                    claimed.append(threshold)
+                except IntegrityError:  # a concurrent run claimed it
+                    pass
+            recipients = _recipients(budget.organization)
+            if claimed and recipients:
+                subject, body = _budget_notice_text(budget, claimed)
+                transaction.on_commit(
+                    lambda s=subject, b=body, r=recipients: send_mail(s, b, settings.DEFAULT_FROM_EMAIL, r)
+                )
+                sent += 1
+    return sent
+
+
+def _recipients(organization) -> list[str]:
+    return list(Membership.objects.filter(organization=organization, role__in=[Role.OWNER, Role.ADMIN])
+                .values_list("user__email", flat=True))
+
+
 @shared_task(**RETRY)
 def notify_entitlement_thresholds() -> int:
-    """Email the owners/admins once per crossed threshold; returns the number of emails queued."""
+    """Email the owners/admins once per crossed threshold (entitlements' quotas and ends, budgets);
+    returns the number of emails queued."""
     now = timezone.now()
     sent = 0
     entitlements = Entitlement.objects.active(now).select_related("organization").filter(
@@ -142,10 +193,7 @@ def notify_entitlement_thresholds() -> int:
         new = [t for t in due if t not in known]
         if not new:
             continue
-        recipients = list(
-            Membership.objects.filter(organization=entitlement.organization, role__in=[Role.OWNER, Role.ADMIN])
-            .values_list("user__email", flat=True)
-        )
+        recipients = _recipients(entitlement.organization)
         claimed = []
         with transaction.atomic():
             for threshold in new:
@@ -164,7 +212,7 @@ def notify_entitlement_thresholds() -> int:
                     lambda s=subject, b=body, r=recipients: send_mail(s, b, settings.DEFAULT_FROM_EMAIL, r)
                 )
                 sent += 1
-    return sent
+    return sent + notify_budget_thresholds()
 
 
 @shared_task(**RETRY)

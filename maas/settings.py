@@ -381,6 +381,9 @@ GATEWAY_DEFAULT_MAX_TOKENS = env_int("GATEWAY_DEFAULT_MAX_TOKENS", 4096)
 # When the quota's room is held by requests in flight (not used up), wait this long for it to free before
 # answering a retryable 429.
 GATEWAY_QUOTA_WAIT_SECONDS = env_float("GATEWAY_QUOTA_WAIT_SECONDS", 5.0)
+# Percent of a budget (organization or key) spent at which the organization's owners and admins are told,
+# once per threshold and limit (inference.tasks.notify_entitlement_thresholds).
+BUDGET_ALERT_THRESHOLDS = [int(p) for p in env_list("BUDGET_ALERT_THRESHOLDS", "50,80,100")]
 GATEWAY_RATELIMIT_USE_REDIS = env_bool("GATEWAY_RATELIMIT_USE_REDIS", default=bool(REDIS_URL))
 GATEWAY_RATELIMIT_ON_REDIS_ERROR = os.environ.get("GATEWAY_RATELIMIT_ON_REDIS_ERROR", "refuse")  # or "local"
 # Organizations without their own limits get these (0: no limit, and no x-ratelimit-* headers).

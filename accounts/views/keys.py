@@ -28,7 +28,7 @@ GRACE_CHOICES = [(0, "none: the old key stops now"), (3600, "1 hour"), (86400, "
 
 
 def _org_keys(request):
-    return APIKey.objects.for_org(request.organization).select_related("created_by", "rotated_from")
+    return APIKey.objects.for_org(request.organization).select_related("created_by", "rotated_from", "budget")
 
 
 def _keys_page(request, form, created=None, raw_key=None, status_code=200, rolled=None):

@@ -161,3 +161,50 @@ def test_concurrent_holds_never_exceed_the_budget():
         quotas.settle(hold, 10, record(org, f"req_done_{i}", Decimal("0.20")))
     (budget,) = fresh(budget)
     assert (budget.spent, budget.reserved) == (Decimal("0.80"), 0)
+
+
+# Through the gateway process (uvicorn, the asyncio money path) in front of the stub upstream.
+
+MESSAGES = [{"role": "user", "content": "Say hello"}]
+
+
+@pytest.fixture
+def priced_model(stub_upstream):
+    from .conftest import add_model
+
+    return add_model("budget-model", stub_upstream, price_input_per_million=1, price_output_per_million=2)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.slow
+def test_the_gateway_refuses_a_request_its_budget_cannot_cover_and_settles_the_actual_cost(gateway, priced_model):
+    import httpx
+    import openai
+
+    from tests.openapi_spec import validate_error
+
+    from .conftest import make_tenant
+
+    tenant = make_tenant()
+    key_budget = Budget.objects.create(organization=tenant.organization, api_key=tenant.api_key,
+                                       limit=Decimal("0.0003"))
+    org_budget = Budget.objects.create(organization=tenant.organization, limit=Decimal("1.00"))
+    body = {"model": "budget-model", "messages": MESSAGES, "max_tokens": 100}
+    # no published tokenizer: held ~(bytes + 256) prompt tokens at $1/M + 100 completion at $2/M > $0.0003
+    refused = httpx.post(f"{gateway}/v1/chat/completions", json=body, timeout=30,
+                         headers={"authorization": f"Bearer {tenant.raw_key}"})
+    assert refused.status_code == 429 and refused.headers["x-should-retry"] == "false"
+    validate_error(refused.json())
+    error = refused.json()["error"]
+    assert error["code"] == "insufficient_quota" and "API key's budget" in error["message"]
+    assert not UsageRecord.objects.filter(organization=tenant.organization).exists()
+
+    key_budget.limit = Decimal("0.01")
+    key_budget.save(update_fields=["limit"])
+    client = openai.OpenAI(base_url=f"{gateway}/v1", api_key=tenant.raw_key, max_retries=0, timeout=30)
+    answer = client.chat.completions.create(**body)
+    row = UsageRecord.objects.get(organization=tenant.organization)
+    assert row.cost == Decimal(answer.usage.prompt_tokens * 1 + answer.usage.completion_tokens * 2) / 10**6 > 0
+    key_budget, org_budget = fresh(key_budget, org_budget)
+    assert (key_budget.spent, org_budget.spent) == (row.cost, row.cost)
+    assert (key_budget.reserved, org_budget.reserved) == (0, 0) and not Reservation.objects.exists()
