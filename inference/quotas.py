@@ -26,7 +26,7 @@ from decimal import Decimal
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, connection, transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 
 from accounts.models import APIKey, Entitlement, Membership, Organization, keyed_hash
@@ -285,7 +285,13 @@ def admit_key(credential: KeyCredential) -> Caller:
     entitlements = list(Entitlement.objects.for_org(key.organization).active(now))
     if not entitlements:
         raise no_entitlement()
-    return Caller(key, entitlements, catalog.entries(), source=credential.source)
+    return Caller(key, entitlements, catalog.entries(), source=credential.source, budgets=budgets_of(key))
+
+
+def budgets_of(key: APIKey) -> list[Budget]:
+    """The key's budget, then its organization's (the order holds take them in)."""
+    budgets = Budget.objects.filter(Q(api_key=key) | Q(organization_id=key.organization_id, api_key__isnull=True))
+    return sorted(budgets, key=lambda b: b.api_key_id is None)
 
 
 def admit_credential(credential: str | SessionCredential | KeyCredential) -> Caller:
@@ -702,6 +708,31 @@ def worst_cost(model: AIModel, inference: InferenceRequest, tokens: int) -> Deci
     if model.price_input_per_million >= model.price_output_per_million:
         completion = 0
     return model.cost(tokens - completion, 0, completion)
+
+
+def admit_request(
+    credential: str | SessionCredential | KeyCredential, inference: InferenceRequest | None,
+    invalid: GatewayError | None, request_id: str, limiter: RateLimiter, labels: dict | None = None,
+) -> Admission:
+    """`admit_request_async` in a thread of its own (the batch runner, a Celery worker): the same steps,
+    with the blocking limiter and `reserve` (which does not wait for room: the runner retries the line)."""
+    caller = admit_credential(credential)
+    entry, entitlements, upstream = _route(caller, inference, invalid, labels)
+    tokens = hold_size(inference, entry, prompt_count.builder_for(upstream))
+    decision = limiter.acquire(caller.api_key, caller.organization, tokens, request_id)
+    if not decision.allowed:
+        raise rate_limit_error(decision)
+    try:
+        cost = worst_cost(entry.model, inference, tokens) if caller.budgets else Decimal(0)
+        hold = reserve(entitlements, tokens, request_id, cost=cost, budgets=caller.budgets)
+    except GatewayError as exc:
+        limiter.release(decision)
+        exc.headers = {**decision.headers, **exc.headers}
+        raise
+    except BaseException:
+        limiter.release(decision)
+        raise
+    return Admission(caller, entry, upstream, decision, hold)
 
 
 async def admit_request_async(
