@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from decimal import Decimal
 
+import psycopg
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, connection, transaction
@@ -373,7 +374,20 @@ async def run_async(steps: Generator):
             result = None
         else:
             [(sql, params)] = step
-            result = await pgasync.fetchall(sql, params)
+            result = await _fetch_retrying(sql, params)
+
+
+async def _fetch_retrying(sql: str, params: list) -> list[tuple]:
+    """One statement; once more on a fresh connection when the pooled one was lost (PostgreSQL restarted,
+    the backend terminated): each statement is all or nothing, so a retry never applies a step twice
+    unless the first committed and only its answer was lost, which for a settlement the usage record's
+    unique request id refuses (charged once) and for a hold leaves a reservation the sweep releases."""
+    try:
+        return await pgasync.fetchall(sql, params)
+    except psycopg.OperationalError as exc:
+        logger.warning("database connection lost (%s): retrying once on a fresh one", exc)
+        await (await pgasync.pool()).check()  # drop the pool's other dead connections first
+        return await pgasync.fetchall(sql, params)
 
 
 QUOTA_RETRY_SECONDS = 1.0  # longest pause between tries while the quota's room is held (no settlement woke it)
