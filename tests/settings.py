@@ -23,3 +23,8 @@ from maas.settings import *  # noqa: E402,F403
 # tests/accounts/test_console.py runs collectstatic with it).
 STORAGES = {**STORAGES, "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}}  # noqa: F405
 WHITENOISE_USE_FINDERS = True
+
+# Hash test users' passwords fast (tests/hashers.py); the production hashers stay listed for verifying.
+from django.conf import global_settings  # noqa: E402
+
+PASSWORD_HASHERS = ["tests.hashers.FastPBKDF2PasswordHasher", *global_settings.PASSWORD_HASHERS]
