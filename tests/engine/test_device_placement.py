@@ -37,12 +37,15 @@ SAMPLING_ROWS = {
     "repetition": dict(temperature=0, repetition_penalty=1.3),
     "logit_bias": dict(temperature=0, logit_bias={7: 3.0}),
     "logprobs": dict(temperature=0, logprobs=True, top_logprobs=3),
+    "min_tokens": dict(temperature=0, min_tokens=5),  # its stop ids masked (seq below gives it some)
 }
 
 
 def seq(prompt=(1, 2, 3), output=(4, 4, 9), **params):
     s = Sequence("r", list(prompt), SamplingParams(**params), max_tokens=100)
     s.token_ids += list(output)
+    if s.params.min_tokens:
+        s.min_tokens_stop_ids = (0, 7)  # what LLMEngine.add_request sets: EOS and the stop_token_ids
     return s
 
 

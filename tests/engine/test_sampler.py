@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from engine.sampler import Sampler, _race, apply_logit_bias, apply_penalties, choice_seed, filter_logits
+from engine.sampler import (
+    Sampler,
+    _race,
+    apply_logit_bias,
+    apply_penalties,
+    choice_seed,
+    filter_logits,
+    mask_early_stops,
+)
 from engine.sampling_params import SamplingParamError, SamplingParams
 from engine.sequence import Sequence
 
@@ -322,6 +330,7 @@ def test_choice_seeds_are_stable_across_releases():
     assert choice_seed(-7, 3) == 2645659177270255018
     assert all(0 <= choice_seed(s, i) < 2**63 for s in range(200) for i in range(3))
     assert max(choice_seed(s, 0) for s in range(200)) >= 2**62  # the 63rd bit is used
+    assert any(choice_seed(s, 0) % 2 for s in range(200))  # and the lowest
 
 
 def test_repetition_penalty_on_a_small_positive_logit_and_an_id_past_the_vocabulary():
@@ -377,3 +386,30 @@ def test_low_temperature_sharpens_and_high_temperature_flattens():
     assert cold.count(1) == 2000  # e^(1/0.05) : 1
     hot = Sampler()(logits, [seq(temperature=2.0) for _ in range(2000)]).token_ids
     assert 0.55 < hot.count(1) / 2000 < 0.70  # sigmoid(0.5) = 0.62; at temperature 1 it would be 0.73
+
+
+def test_presence_and_frequency_penalties_without_generated_tokens_change_nothing():
+    logits = torch.randn(1, VOCAB)
+    before = logits.clone()
+    apply_penalties(logits, [0], [seq(prompt=(4, 5), presence_penalty=1.5, frequency_penalty=0.5)])
+    assert torch.equal(logits, before)  # the prompt is not penalised, and nothing was generated yet
+
+
+def test_penalties_and_the_min_tokens_mask_work_in_the_logits_dtype():
+    """The logits' dtype throughout: float64 logits are penalised in float64 (0.1 has no exact float32)."""
+    logits = torch.zeros(2, VOCAB, dtype=torch.float64)
+    apply_penalties(logits, [0], [seq(output=(5, 5, 6), presence_penalty=0.1, frequency_penalty=0.1)])
+    assert logits[0, 5].item() == -(0.1 * 2 + 0.1) and logits[0, 6].item() == -(0.1 + 0.1)
+    early = seq(min_tokens=2)
+    early.min_tokens_stop_ids = (3,)
+    mask_early_stops(logits, [1], [early])
+    assert logits[1, 3].item() == float("-inf") and logits.dtype == torch.float64
+
+
+@pytest.mark.parametrize("apply", [apply_penalties, apply_logit_bias, mask_early_stops])
+def test_rows_and_sequences_that_do_not_line_up_are_a_loud_error(apply):
+    """A caller bug (one more row than sequences) must fail, not penalise or mask the wrong rows."""
+    s = seq(output=(5,), presence_penalty=1.0, logit_bias={5: 1.0}, min_tokens=3)
+    s.min_tokens_stop_ids = (0,)
+    with pytest.raises(ValueError, match="zip"):
+        apply(torch.zeros(2, VOCAB), [0, 1], [s])

@@ -1,5 +1,7 @@
 """Scheduler: token budget, chunked prefill, decodes keep flowing, preemption of the newest, abort, limits."""
 
+import pytest
+
 from engine.block_manager import BlockManager
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
@@ -182,6 +184,39 @@ def test_prefix_hits_of_a_lookup_whose_admission_failed_are_rolled_back():
     assert list(plan) == [first.seq_id] and sched.waiting[0] is big  # 6 more blocks do not fit in 1
     assert (bm.prefix_queries, bm.prefix_hits) == (13, 0)
     assert bm.find_cached_blocks(big) == first.block_table[:3]  # the lookup it made did hit 12 tokens
+
+def test_two_preemptions_in_one_step_are_both_counted_and_requeued_oldest_first():
+    sched = make_scheduler(num_blocks=3, budget=64)
+    a, b, c = (make_seq(4, name, ignore_eos=True) for name in "abc")
+    for s in (a, b, c):
+        sched.add(s)
+    run_step(sched)  # three full blocks: the pool is used up, each sequence now holds 5 tokens
+    batch, plan = run_step(sched)  # a's decode needs a block: c goes, then b (no block left for it either)
+    assert list(plan) == [a.seq_id] and sched.num_preemptions == 2
+    assert list(sched.waiting) == [b, c] and (b.status, c.status) == (SequenceStatus.WAITING,) * 2
+
+
+def test_finishing_a_finished_sequence_again_changes_nothing():
+    """An abort that arrives just after the sequence finished (the client left at its last token)."""
+    sched = make_scheduler()
+    seq = make_seq(3)
+    sched.add(seq)
+    run_step(sched)
+    sched.finish(seq, "stop")
+    sched.finish(seq, "abort")
+    assert seq.status is SequenceStatus.FINISHED and seq.finish_reason == "stop"
+    assert sched.block_manager.num_free_blocks == sched.block_manager.num_blocks
+
+
+def test_a_batch_whose_token_counts_do_not_line_up_is_a_loud_error():
+    sched = make_scheduler()
+    seq = make_seq(3)
+    sched.add(seq)
+    batch = sched.schedule()
+    batch.num_new_tokens.append(1)  # a bug elsewhere: one count too many
+    with pytest.raises(ValueError, match="zip"):
+        sched.update(batch, {seq.seq_id: 7})
+
 
 def test_identical_prompts_in_one_step_give_the_same_greedy_tokens_as_alone():
     import torch
