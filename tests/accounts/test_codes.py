@@ -42,22 +42,52 @@ def test_issue_stores_only_hash_and_visible_prefix():
 
 
 @pytest.mark.parametrize(
-    "count, options, field",
+    "count, options, field, says",
     [
-        (0, {}, "count"),
-        (codes.MAX_CODES_PER_BATCH + 1, {}, "count"),
-        (1, {"token_quota": 0}, "token_quota"),
-        (1, {"validity_days": 0}, "validity_days"),
-        (1, {"max_redemptions": 0}, "max_redemptions"),
-        (1, {"expires_at": timezone.now() - dt.timedelta(seconds=1)}, "expires_at"),
-        (1, {"model_names": "good, bad name!"}, "model_names"),
+        (0, {}, "count", "between 1 and 10000"),
+        (codes.MAX_CODES_PER_BATCH + 1, {}, "count", "between 1 and 10000"),
+        ("3", {}, "count", "between 1 and 10000"),
+        (1, {"token_quota": 0}, "token_quota", "positive number (leave it empty for unlimited)"),
+        (1, {"validity_days": 0}, "validity_days", "at least one day (leave it empty for no end)"),
+        (1, {"max_redemptions": 0}, "max_redemptions", "redeemable at least once"),
+        (1, {"expires_at": timezone.now() - dt.timedelta(seconds=1)}, "expires_at", "must be in the future"),
+        (1, {"model_names": "good, bad name!"}, "model_names", "bad name!"),
     ],
 )
-def test_issue_rejects_bad_options_and_creates_nothing(count, options, field):
+def test_issue_rejects_bad_options_and_creates_nothing(count, options, field, says):
     with pytest.raises(ValidationError) as info:
         codes.issue_codes(count, **options)
-    assert field in info.value.message_dict
+    assert list(info.value.message_dict) == [field] and says in info.value.message_dict[field][0]
     assert AuthorizationCode.objects.count() == 0
+
+
+def test_issue_accepts_the_smallest_terms_and_a_full_batch(monkeypatch):
+    smallest = codes.issue_codes(1, token_quota=1, validity_days=1, expires_at=timezone.now() + dt.timedelta(seconds=30),
+                                 model_names=["m1"], note="pilot")[0].code
+    row = AuthorizationCode.objects.get(pk=smallest.pk)
+    assert (row.token_quota, row.validity_days, row.max_redemptions, row.model_names, row.note) == (1, 1, 1, ["m1"], "pilot")
+    assert row.expires_at == smallest.expires_at
+    monkeypatch.setattr(codes, "MAX_CODES_PER_BATCH", 5)  # the boundary, without issuing 10,000 codes
+    assert len(codes.issue_codes(5)) == 5 and AuthorizationCode.objects.count() == 6
+    with pytest.raises(ValidationError, match="between 1 and 5"):
+        codes.issue_codes(6)
+
+
+def test_issued_by_is_recorded(alice):
+    code = codes.issue_codes(1, created_by=alice[0])[0].code
+    assert AuthorizationCode.objects.get(pk=code.pk).created_by == alice[0]
+
+
+def test_parse_code_refuses_what_is_not_a_string():
+    assert codes.parse_code(None) is None and codes.parse_code(12345) is None
+    raw = codes.generate_raw_code()
+    assert codes.parse_code(f" {raw.upper()} ") == (raw[:12], raw)
+
+
+def test_model_names_from_a_list_a_string_or_nothing():
+    assert codes.clean_model_names(None) == [] and codes.clean_model_names("") == []
+    assert codes.clean_model_names(["m2", "m1", "m2"]) == ["m2", "m1"]
+    assert codes.clean_model_names("m2,m1") == ["m2", "m1"]
 
 
 # --- redeeming: success and every outcome -------------------------------------------------------
@@ -158,6 +188,23 @@ def test_no_organization_is_refused():
         codes.redeem(None, "mac-00000000-" + "a" * 26)
 
 
+@pytest.mark.parametrize(("seconds", "retry_after", "says"), [
+    (0, 1, "Try again in 1 minute."), (1, 1, "Try again in 1 minute."), (60, 60, "Try again in 1 minute."),
+    (61, 61, "Try again in 2 minutes."), (900, 900, "Try again in 15 minutes."),
+])
+def test_rate_limited_says_when_to_retry_in_whole_minutes(seconds, retry_after, says):
+    refused = codes.RedemptionRateLimited(retry_after=seconds)
+    assert refused.retry_after == retry_after
+    assert str(refused) == refused.message == f"Too many failed redemption attempts. {says}"
+    assert (refused.code, refused.http_status) == ("rate_limited", 429)
+
+
+def test_an_outcome_keeps_its_message_unless_given_one():
+    assert str(codes.UnknownCode()) == codes.UnknownCode.message
+    custom = codes.CodeExpired("This code ended yesterday.")
+    assert str(custom) == custom.message == "This code ended yesterday." and custom.code == "code_expired"
+
+
 def test_each_outcome_is_a_distinct_class_with_a_distinct_message():
     classes = [codes.UnknownCode, codes.CodeExpired, codes.CodeRevoked, codes.CodeUsedUp, codes.AlreadyRedeemed]
     assert len({cls.message for cls in classes}) == len(classes)
@@ -175,6 +222,17 @@ def test_revoke_entitlement_takes_it_out_of_active(alice):
     assert codes.revoke_entitlement(entitlement) is False
     assert entitlement.revoked_at is not None
     assert not Entitlement.objects.for_org(alice[1]).active().exists()
+
+
+def test_revoking_a_code_again_keeps_the_first_revocation(alice):
+    codes.redeem(alice[1], issue_one(), alice[0])
+    code = AuthorizationCode.objects.get()
+    codes.revoke_code(code)
+    first = code.revoked_at
+    assert codes.revoke_code(code) == 0 and code.revoked_at == first
+    assert AuthorizationCode.objects.get().revoked_at == first
+    assert codes.revoke_code(code, with_entitlements=True) == 1  # its grant was still active
+    assert codes.revoke_code(code, with_entitlements=True) == 0
 
 
 def test_revoke_code_keeps_or_revokes_its_entitlements(alice, bob):
@@ -221,6 +279,33 @@ def test_failures_are_limited_per_user_before_the_code_is_checked(alice):
     # Another user of the same organization is not affected.
     other, _ = make_member("carol@example.com", org.slug)
     assert codes.redeem(org, good, other, ip="10.0.0.3").pk
+
+
+@override_settings(REDEEM_FAILURES_PER_USER=2, REDEEM_FAILURES_PER_IP=2, REDEEM_FAILURE_WINDOW_SECONDS=900)
+def test_retry_after_is_what_is_left_of_the_window(alice):
+    user, org = alice
+    for _ in range(2):
+        with pytest.raises(codes.UnknownCode):
+            codes.redeem(org, "garbage", user, ip="10.0.0.4")
+    cache.touch(f"redeem-fail:user:{user.pk}", 100)  # the window started 800 s ago
+    with pytest.raises(codes.RedemptionRateLimited) as info:
+        codes.redeem(org, "garbage", user, ip="10.0.0.5")
+    assert 95 <= info.value.retry_after <= 100 and "Try again in 2 minutes." in info.value.message
+
+
+def test_without_a_user_or_an_address_nothing_is_counted(db):
+    user, org = make_member("anon@example.com", "anon-org")
+    with override_settings(REDEEM_FAILURES_PER_USER=1, REDEEM_FAILURES_PER_IP=1):
+        for _ in range(3):  # a management command: no user, no address
+            with pytest.raises(codes.UnknownCode):
+                codes.redeem(org, "garbage")
+        assert codes.redeem(org, issue_one()).pk
+    assert codes.FailureLimiter(user.__class__(email="unsaved@example.com"), "").keys == []
+
+
+def test_client_ip_is_the_peer_address(rf):
+    assert codes.client_ip(rf.get("/", REMOTE_ADDR="203.0.113.9")) == "203.0.113.9"
+    assert codes.client_ip(rf.get("/", REMOTE_ADDR="")) is None
 
 
 @override_settings(REDEEM_FAILURES_PER_USER=100, REDEEM_FAILURES_PER_IP=4)
