@@ -184,3 +184,103 @@ def test_a_hold_over_a_tokens_per_minute_limit_is_too_large(limiter):
     error = refused.value
     assert (error.status, error.type, error.code) == (429, "tokens", "rate_limit_exceeded")
     assert "Limit 100, Requested 150" in error.message and error.headers["x-should-retry"] == "false"
+
+
+async def test_on_the_event_loop_a_hold_is_charged_extended_refunded_and_released(limiter, settings):
+    """The asyncio paths (the gateway's): the same buckets, concurrency slot and refund as the sync ones."""
+    import asyncio
+
+    key, org = owner(tpm=1000), owner(concurrent=1)
+    settings.GATEWAY_RESERVATION_TTL_SECONDS = 1
+    first = await limiter.acquire_async(key, org, 800)
+    assert first.allowed and first.headers["x-ratelimit-remaining-tokens"] == "200"
+    refused = await limiter.acquire_async(key, org, 100)
+    assert not refused.allowed and refused.denied_kind == "concurrency"
+    settings.GATEWAY_RESERVATION_TTL_SECONDS = 600
+    await limiter.extend_async(first)  # the slot now outlives its first second
+    await asyncio.sleep(1.1)
+    assert (await limiter.acquire_async(key, org, 100)).denied_kind == "concurrency"
+    await limiter.release_async(first, used_tokens=100)  # the slot back, and the 700 unused tokens
+    second = await limiter.acquire_async(key, org, 800)
+    # 200 left + 700 refunded - 800, plus what refilled meanwhile (1000 a minute: under 20 a second)
+    assert second.allowed and 100 <= int(second.headers["x-ratelimit-remaining-tokens"]) < 160
+    await limiter.release_async(second)  # it used nothing: all 800 back
+    await limiter.release_async(second)  # once per decision
+    assert (await limiter.acquire_async(key, org, 900)).allowed
+    settings.GATEWAY_DEFAULT_ORG_REQUESTS_PER_MINUTE = settings.GATEWAY_DEFAULT_ORG_TOKENS_PER_MINUTE = 0
+    unlimited = await limiter.acquire_async(None, owner(), 10**9)  # no limit applies: nothing to ask Redis
+    assert unlimited.allowed and unlimited.headers == {} and unlimited.concurrency_key is None
+
+
+@pytest.mark.parametrize("policy", ["refuse", "local"])
+async def test_on_the_event_loop_an_unreachable_redis_follows_the_policy(policy):
+    limiter = RateLimiter(f"redis://127.0.0.1:{free_port()}/0", policy, 0.2)
+    key, org = owner(rpm=1), owner(concurrent=3)
+    if policy == "refuse":
+        with pytest.raises(GatewayError) as err:
+            await limiter.acquire_async(key, org, 1)
+        assert err.value.status == 503
+        return
+    first = await limiter.acquire_async(key, org, 1)
+    assert first.allowed and first.local and not (await limiter.acquire_async(key, org, 1)).allowed
+    await limiter.extend_async(first)
+    await limiter.release_async(first)  # locally: no Redis to reach
+
+
+def test_a_release_redis_cannot_take_is_logged_not_raised(redis_clean, caplog):
+    """Redis goes away between acquire and release (the release script is re-pointed at a closed port):
+    the request's answer must not fail for it; the slot expires on its own."""
+    limiter = RateLimiter(REDIS_URL, "refuse", 0.5)
+    decision = limiter.acquire(owner(tpm=100), owner(concurrent=2), 50)
+    limiter.release_script = RateLimiter(f"redis://127.0.0.1:{free_port()}/0", "refuse", 0.2).redis.register_script("return 1")
+    limiter.release(decision, used_tokens=10)
+    assert "could not release" in caplog.text and decision.concurrency_key is None
+
+
+def test_key_and_organization_limits_are_separate_buckets(limiter):
+    org = owner(rpm=3)
+    one, two = owner(rpm=1), owner(rpm=1)
+    assert limiter.acquire(one, org, 1).allowed
+    assert limiter.acquire(one, org, 1).denied_kind == "requests"  # the key's bucket, not the org's
+    assert limiter.acquire(two, org, 1).allowed
+    assert limiter.acquire(None, org, 1).allowed  # the playground: the organization's limit only
+    last = limiter.acquire(owner(), org, 1)
+    assert not last.allowed and last.headers["x-ratelimit-limit-requests"] == "3"
+
+
+def test_an_organizations_tokens_limit_too_small_for_the_hold_names_the_organization(limiter):
+    with pytest.raises(GatewayError) as refused:
+        limiter.acquire(owner(tpm=1000), owner(tpm=100), 150)
+    assert "for this organization on tokens per min (TPM): Limit 100, Requested 150" in refused.value.message
+    with pytest.raises(GatewayError) as refused:
+        limiter.acquire(owner(tpm=100), owner(tpm=1000), 150)
+    assert "for this key on tokens per min" in refused.value.message
+
+
+@pytest.mark.parametrize(("kind", "wait_ms", "retry_after", "retry_after_ms", "says"), [
+    ("concurrency", 1000, "1", "1000", "Too many concurrent requests for your organization. Retry when one finishes."),
+    ("tokens", 1500, "2", "1500", "Rate limit reached for tokens per minute. Please try again in 1.5s."),
+    ("requests", 0, "1", "1", "Rate limit reached for requests per minute. Please try again in 0s."),
+])
+def test_a_refusal_says_why_and_when_to_retry(kind, wait_ms, retry_after, retry_after_ms, says):
+    from inference.ratelimit import Decision
+
+    error = rate_limit_error(Decision(False, wait_ms, kind, {"x-ratelimit-limit-requests": "5"}))
+    assert (error.status, error.type, error.code, error.message) == (429, kind, "rate_limit_exceeded", says)
+    assert error.headers == {"x-ratelimit-limit-requests": "5", "retry-after": retry_after, "retry-after-ms": retry_after_ms}
+
+
+def test_the_gateways_limiter_is_one_per_process_until_reset(settings):
+    from inference.ratelimit import get_limiter, reset_limiter
+
+    reset_limiter()
+    settings.GATEWAY_RATELIMIT_USE_REDIS = False
+    local = get_limiter()
+    assert local is get_limiter() and local.redis is None
+    reset_limiter()
+    settings.GATEWAY_RATELIMIT_USE_REDIS, settings.REDIS_URL = True, REDIS_URL
+    settings.GATEWAY_RATELIMIT_ON_REDIS_ERROR, settings.GATEWAY_REDIS_TIMEOUT = "local", 0.3
+    shared = get_limiter()
+    assert shared is not local and shared.redis is not None
+    assert (shared.redis_url, shared.on_redis_error, shared.timeout) == (REDIS_URL, "local", 0.3)
+    reset_limiter()
