@@ -101,3 +101,111 @@ def test_usage_page_reports_bad_dates(client, setup):
     login(client, user, org)
     response = client.get("/usage/", {"start": "nope"})
     assert response.status_code == 200 and "must be an ISO date" in response.content.decode()
+
+
+# --- the report's service (inference/usage.py), without the view -------------------------------------
+
+UTC = dt.UTC
+
+
+def test_a_period_of_dates_covers_whole_utc_days_and_defaults_to_the_last_30_days():
+    from django.utils import timezone
+
+    from inference.usage import Period
+
+    days = Period.parse("2026-11-20", "2026-11-21")
+    assert (days.start, days.end) == (dt.datetime(2026, 11, 20, tzinfo=UTC), dt.datetime(2026, 11, 22, tzinfo=UTC))
+    before = timezone.now()
+    default = Period.parse(None, None)
+    assert before <= default.end <= timezone.now() and default.end - default.start == dt.timedelta(days=30)
+    since = Period.parse("2026-11-20T10:30:00", "2026-11-21T08:00:00+02:00")  # naive is UTC; offsets kept
+    assert since.start == dt.datetime(2026, 11, 20, 10, 30, tzinfo=UTC)
+    assert since.end == dt.datetime(2026, 11, 21, 6, tzinfo=UTC)
+    until = Period.parse(None, "2026-11-21")
+    assert until.start == dt.datetime(2026, 10, 23, tzinfo=UTC)  # 30 days before the end
+    longest = Period.parse("2025-11-21", "2026-11-21")  # 366 days, the end day included
+    assert longest.end - longest.start == dt.timedelta(days=366)
+
+
+@pytest.mark.parametrize(("start", "end", "param", "says"), [
+    ("2026-11-21", "2026-11-20", "start", "'start' must be before 'end'."),
+    ("2026-11-21T00:00:00", "2026-11-21T00:00:00", "start", "'start' must be before 'end'."),
+    ("2025-11-20", "2026-11-21", "start", "A report covers at most 366 days."),
+    ("2026-13-01", None, "start", "'start' must be an ISO date (YYYY-MM-DD) or datetime, got '2026-13-01'."),
+    (None, "soon", "end", "'end' must be an ISO date (YYYY-MM-DD) or datetime, got 'soon'."),
+])
+def test_a_bad_period_names_its_parameter(start, end, param, says):
+    from inference.usage import Period, ReportError
+
+    with pytest.raises(ReportError) as refused:
+        Period.parse(start, end)
+    assert (refused.value.param, str(refused.value)) == (param, says)
+
+
+def test_the_report_sums_cached_tokens_failures_and_cost_and_names_its_period(setup):
+    from inference.usage import Period, ReportError, report
+
+    user, org, key_a, key_b = setup
+    record(org, None, "smollm2", 7, 3, dt.datetime(2026, 11, 21, 9, tzinfo=UTC), status=UsageStatus.CLIENT_DISCONNECTED)
+    UsageRecord.objects.filter(organization=org, prompt_tokens=20).update(cached_tokens=16)
+    period = Period.parse("2026-11-20", "2026-11-21")
+    out = report(org, period, "model")
+    assert {k: out[k] for k in ("object", "organization", "start", "end", "group_by")} == {
+        "object": "usage_report", "organization": org.slug, "start": "2026-11-20T00:00:00+00:00",
+        "end": "2026-11-22T00:00:00+00:00", "group_by": "model"}
+    smollm2 = out["data"][1]
+    assert smollm2 == {"model": "smollm2", "requests": 3, "failed_requests": 1, "prompt_tokens": 37, "cached_tokens": 16,
+                       "completion_tokens": 13, "total_tokens": 50, "cost": "0.05000000"}
+    assert out["totals"] == {"requests": 4, "failed_requests": 2, "prompt_tokens": 137, "cached_tokens": 16,
+                             "completion_tokens": 13, "total_tokens": 150, "cost": "0.15000000"}
+    by_key = report(org, period, "key")["data"]
+    assert [(r["api_key"]["id"], r["api_key"]["name"], r["api_key"]["source"], r["requests"]) for r in by_key] == [
+        (f"sk-{key_a.public_id}", "alpha", "api", 2), (f"sk-{key_b.public_id}", "beta", "api", 1),
+        (None, "(deleted key)", "api", 1)]  # no key and not the playground: its key is gone
+    with pytest.raises(ReportError) as refused:
+        report(org, period, "week")
+    assert (refused.value.param, str(refused.value)) == ("group_by", "'group_by' must be one of model, key, day.")
+
+
+def test_an_empty_report_has_zero_totals():
+    from accounts.tenancy import create_organization
+    from inference.usage import Period, report
+
+    org = create_organization(User.objects.create_user("empty@example.com", "pw-123456789"), "Empty Org")
+    out = report(org, Period.parse("2026-11-20", "2026-11-21"), "day")
+    assert out["data"] == [] and out["totals"] == {
+        "requests": 0, "failed_requests": 0, "prompt_tokens": 0, "cached_tokens": 0, "completion_tokens": 0,
+        "total_tokens": 0, "cost": "0"}
+
+
+def test_the_day_series_has_every_day_of_the_period_zero_where_nothing_was_used():
+    from inference.usage import Period, day_series
+
+    period = Period(dt.datetime(2026, 11, 19, 12, tzinfo=UTC), dt.datetime(2026, 11, 22, tzinfo=UTC))  # end exclusive
+    series = day_series(period, [{"day": "2026-11-20", "total_tokens": 15, "requests": 1}])
+    assert series == [
+        {"day": dt.date(2026, 11, 19), "total_tokens": 0, "requests": 0},
+        {"day": dt.date(2026, 11, 20), "total_tokens": 15, "requests": 1},
+        {"day": dt.date(2026, 11, 21), "total_tokens": 0, "requests": 0},
+    ]
+
+
+def test_only_whole_days_of_the_period_rolled_up_after_they_ended_count_as_rolled_up(setup):
+    from inference.models import DailyUsage
+    from inference.tasks import rollup_day
+    from inference.usage import ROLLUP_SETTLE, Period, rolled_up_days
+
+    user, org, *_ = setup
+    for day in (dt.date(2026, 11, 20), dt.date(2026, 11, 21)):
+        rollup_day(day)
+    built = DailyUsage.objects.filter(organization=org)
+    settled = dt.datetime(2026, 11, 22, tzinfo=UTC) + ROLLUP_SETTLE
+    built.filter(day=dt.date(2026, 11, 21)).update(updated_at=settled)  # just final
+    built.filter(day=dt.date(2026, 11, 20)).update(updated_at=dt.datetime(2026, 11, 21, tzinfo=UTC) + ROLLUP_SETTLE)
+    whole = Period(dt.datetime(2026, 11, 20, tzinfo=UTC), dt.datetime(2026, 11, 22, tzinfo=UTC))
+    assert sorted(rolled_up_days(org, whole)) == [dt.date(2026, 11, 20), dt.date(2026, 11, 21)]
+    # a period starting within the 20th, or ending within the 21st, leaves that day to the raw records
+    assert rolled_up_days(org, Period(whole.start + dt.timedelta(seconds=1), whole.end)) == [dt.date(2026, 11, 21)]
+    assert rolled_up_days(org, Period(whole.start, whole.end - dt.timedelta(seconds=1))) == [dt.date(2026, 11, 20)]
+    built.filter(day=dt.date(2026, 11, 21)).update(updated_at=settled - dt.timedelta(seconds=1))  # built too early
+    assert rolled_up_days(org, whole) == [dt.date(2026, 11, 20)]
