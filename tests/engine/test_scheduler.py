@@ -85,11 +85,14 @@ def test_preempts_newest_when_blocks_run_out_and_recomputes_it_later():
     assert new.block_table == [] and new.num_computed_tokens == 0
     assert sched.num_preemptions == 1
     assert old.status is SequenceStatus.RUNNING
-    tokens_before = list(new.token_ids)
+    tokens_before, first_scheduled = list(new.token_ids), new.first_scheduled_time
+    assert new.num_cached_tokens == 0 and first_scheduled is not None
     sched.finish(old, "stop")
     batch, plan = run_step(sched)
     assert plan[new.seq_id] < len(tokens_before)  # recomputed, mostly from the prefix cache
     assert new.token_ids[: len(tokens_before)] == tokens_before
+    # The recompute's cache hits are not the prompt's: cached_tokens and the queue wait stay the first admission's.
+    assert new.num_cached_tokens == 0 and new.first_scheduled_time == first_scheduled
 
 
 def test_abort_frees_blocks_at_once():
@@ -184,6 +187,69 @@ def test_prefix_hits_of_a_lookup_whose_admission_failed_are_rolled_back():
     assert list(plan) == [first.seq_id] and sched.waiting[0] is big  # 6 more blocks do not fit in 1
     assert (bm.prefix_queries, bm.prefix_hits) == (13, 0)
     assert bm.find_cached_blocks(big) == first.block_table[:3]  # the lookup it made did hit 12 tokens
+
+def test_several_admissions_share_one_budget_and_a_spent_budget_admits_nobody():
+    sched = make_scheduler(budget=8)
+    a, b, c = (make_seq(3, name) for name in "abc")
+    for s in (a, b, c):
+        sched.add(s)
+    batch, plan = run_step(sched)
+    assert [plan[s.seq_id] for s in (a, b, c)] == [3, 3, 2] and batch.num_tokens == 8
+    two = make_scheduler(budget=2)
+    x, y, z = (make_seq(1, name) for name in "xyz")
+    for s in (x, y, z):
+        two.add(s)
+    assert two.has_unfinished()  # waiting only
+    batch, plan = run_step(two)
+    assert list(plan) == [x.seq_id, y.seq_id] and batch  # the last token of the budget admits y
+    assert z.status is SequenceStatus.WAITING and list(two.waiting) == [z]  # not admitted with 0 tokens
+
+
+def test_the_last_token_of_the_budget_goes_to_the_last_running_sequence():
+    sched = make_scheduler(budget=3)
+    seqs = [make_seq(1, name) for name in "abc"]
+    for s in seqs:
+        sched.add(s)
+    run_step(sched)
+    assert not sched.waiting and sched.has_unfinished()  # running only
+    batch, plan = run_step(sched)
+    assert [plan.get(s.seq_id) for s in seqs] == [1, 1, 1]
+
+
+def test_a_prompt_that_fits_only_with_its_cached_prefix_is_admitted():
+    sched = make_scheduler(num_blocks=5, budget=64)
+    first = make_seq(13, "first")  # 4 blocks, 3 of them full and cached
+    sched.add(first)
+    run_step(sched)
+    second = make_seq(13, "second")  # 3 cached blocks + 1 new: fits the 1 free block
+    sched.add(second)
+    batch, plan = run_step(sched)
+    assert plan[second.seq_id] == 1 and second.num_cached_tokens == 12
+
+
+def test_a_prompt_that_wants_prompt_logprobs_is_computed_in_full_despite_the_cache():
+    sched = make_scheduler()
+    first = make_seq(13, "first")
+    sched.add(first)
+    run_step(sched)
+    scored = make_seq(13, "scored", prompt_logprobs=1)
+    sched.add(scored)
+    batch, plan = run_step(sched)
+    assert plan[scored.seq_id] == 13 and scored.num_cached_tokens == 0
+
+
+def test_update_skips_an_aborted_sequence_and_a_failed_sample_but_not_the_rest_of_the_batch():
+    sched = make_scheduler()
+    a, b, c, d = (make_seq(2, name) for name in "abcd")
+    for s in (a, b, c, d):
+        sched.add(s)
+    batch = sched.schedule()
+    sched.finish(b, "abort")  # the client left while the step ran
+    grown = sched.update(batch, {a.seq_id: 5, b.seq_id: 5, d.seq_id: 6})  # c's sample failed
+    assert grown == [a, d]
+    assert (a.token_ids[-1], d.token_ids[-1], c.num_tokens) == (5, 6, 2)
+    assert [s.num_computed_tokens for s in (a, c, d)] == [2, 2, 2]
+
 
 def test_two_preemptions_in_one_step_are_both_counted_and_requeued_oldest_first():
     sched = make_scheduler(num_blocks=3, budget=64)
