@@ -235,6 +235,21 @@ def test_revoking_a_code_again_keeps_the_first_revocation(alice):
     assert codes.revoke_code(code, with_entitlements=True) == 0
 
 
+def test_revoking_one_code_or_entitlement_leaves_the_others(alice, bob):
+    first, second = issue_one(max_redemptions=2), issue_one(max_redemptions=2)
+    a_first, b_second = codes.redeem(alice[1], first, alice[0]), codes.redeem(bob[1], second, bob[0])
+    code = AuthorizationCode.objects.get(prefix=first[:12])
+    assert codes.revoke_code(code, with_entitlements=True) == 1
+    a_first.refresh_from_db()
+    b_second.refresh_from_db()
+    assert a_first.revoked_at is not None and b_second.revoked_at is None
+    assert AuthorizationCode.objects.get(prefix=second[:12]).revoked_at is None
+    b_first = codes.redeem(alice[1], second, alice[0])  # the other code is still redeemable
+    assert codes.revoke_entitlement(b_first) is True
+    b_second.refresh_from_db()
+    assert b_second.revoked_at is None and list(Entitlement.objects.active()) == [b_second]
+
+
 def test_revoke_code_keeps_or_revokes_its_entitlements(alice, bob):
     raw = issue_one(max_redemptions=2)
     codes.redeem(alice[1], raw, alice[0])
@@ -291,6 +306,25 @@ def test_retry_after_is_what_is_left_of_the_window(alice):
     with pytest.raises(codes.RedemptionRateLimited) as info:
         codes.redeem(org, "garbage", user, ip="10.0.0.5")
     assert 95 <= info.value.retry_after <= 100 and "Try again in 2 minutes." in info.value.message
+
+
+@override_settings(REDEEM_FAILURES_PER_USER=1, REDEEM_FAILURES_PER_IP=100, REDEEM_FAILURE_WINDOW_SECONDS=900)
+def test_retry_after_is_the_whole_window_when_the_cache_cannot_say(alice):
+    """Redis without an expiry on the counter (PERSIST), and a cache that is not Redis: the whole window."""
+    user, org = alice
+    with pytest.raises(codes.UnknownCode):
+        codes.redeem(org, "garbage", user)
+    key = f"redeem-fail:user:{user.pk}"
+    cache._cache.get_client(key).persist(cache.make_and_validate_key(key))
+    with pytest.raises(codes.RedemptionRateLimited) as info:
+        codes.redeem(org, "garbage", user)
+    assert info.value.retry_after == 900
+    with override_settings(CACHES={"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}):
+        with pytest.raises(codes.UnknownCode):
+            codes.redeem(org, "garbage", user)
+        with pytest.raises(codes.RedemptionRateLimited) as info:
+            codes.redeem(org, "garbage", user)
+        assert info.value.retry_after == 900
 
 
 def test_without_a_user_or_an_address_nothing_is_counted(db):
