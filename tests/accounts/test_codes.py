@@ -44,31 +44,36 @@ def test_issue_stores_only_hash_and_visible_prefix():
 @pytest.mark.parametrize(
     "count, options, field, says",
     [
-        (0, {}, "count", "between 1 and 10000"),
-        (codes.MAX_CODES_PER_BATCH + 1, {}, "count", "between 1 and 10000"),
-        ("3", {}, "count", "between 1 and 10000"),
-        (1, {"token_quota": 0}, "token_quota", "positive number (leave it empty for unlimited)"),
-        (1, {"validity_days": 0}, "validity_days", "at least one day (leave it empty for no end)"),
-        (1, {"max_redemptions": 0}, "max_redemptions", "redeemable at least once"),
-        (1, {"expires_at": timezone.now() - dt.timedelta(seconds=1)}, "expires_at", "must be in the future"),
+        (0, {}, "count", "The number of codes must be between 1 and 10000."),
+        (codes.MAX_CODES_PER_BATCH + 1, {}, "count", "The number of codes must be between 1 and 10000."),
+        ("3", {}, "count", "The number of codes must be between 1 and 10000."),
+        (1, {"token_quota": 0}, "token_quota",
+         "The token quota must be a positive number (leave it empty for unlimited)."),
+        (1, {"validity_days": 0}, "validity_days", "The validity must be at least one day (leave it empty for no end)."),
+        (1, {"max_redemptions": 0}, "max_redemptions", "A code must be redeemable at least once."),
+        (1, {"expires_at": timezone.now() - dt.timedelta(seconds=1)}, "expires_at", "The expiry date must be in the future."),
         (1, {"model_names": "good, bad name!"}, "model_names", "bad name!"),
     ],
 )
 def test_issue_rejects_bad_options_and_creates_nothing(count, options, field, says):
     with pytest.raises(ValidationError) as info:
         codes.issue_codes(count, **options)
-    assert list(info.value.message_dict) == [field] and says in info.value.message_dict[field][0]
+    message = info.value.message_dict[field][0]
+    assert list(info.value.message_dict) == [field] and (message == says if field != "model_names" else says in message)
     assert AuthorizationCode.objects.count() == 0
 
 
 def test_issue_accepts_the_smallest_terms_and_a_full_batch(monkeypatch):
-    smallest = codes.issue_codes(1, token_quota=1, validity_days=1, expires_at=timezone.now() + dt.timedelta(seconds=30),
-                                 model_names=["m1"], note="pilot")[0].code
+    expires = timezone.now() + dt.timedelta(seconds=30)
+    smallest = codes.issue_codes(1, token_quota=1, validity_days=1, expires_at=expires, model_names=["m1"],
+                                 note="pilot")[0].code
     row = AuthorizationCode.objects.get(pk=smallest.pk)
     assert (row.token_quota, row.validity_days, row.max_redemptions, row.model_names, row.note) == (1, 1, 1, ["m1"], "pilot")
-    assert row.expires_at == smallest.expires_at
+    assert row.expires_at == expires
+    plain = AuthorizationCode.objects.get(pk=codes.issue_codes(1)[0].code.pk)
+    assert (plain.note, plain.expires_at, plain.created_by) == ("", None, None)  # no note, no expiry, nobody
     monkeypatch.setattr(codes, "MAX_CODES_PER_BATCH", 5)  # the boundary, without issuing 10,000 codes
-    assert len(codes.issue_codes(5)) == 5 and AuthorizationCode.objects.count() == 6
+    assert len(codes.issue_codes(5)) == 5 and AuthorizationCode.objects.count() == 7
     with pytest.raises(ValidationError, match="between 1 and 5"):
         codes.issue_codes(6)
 
