@@ -67,14 +67,21 @@ def _terminate_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def running(pid: int) -> bool:
+    """Whether `pid` exists and has not exited (a zombie has)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def serves_port(pid: int, port: int) -> bool:
     """Whether `pid` is alive and is `python -m engine serve ... --port PORT` (not a reused pid)."""
     try:
         args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
+    except OSError:
         return False
-    if state == "Z":
+    if not running(pid):
         return False
     pairs = list(zip(args, args[1:], strict=False))
     return (b"engine", b"serve") in pairs and (b"--port", str(port).encode()) in pairs
@@ -94,20 +101,24 @@ class EngineProcess:
     def alive(self) -> bool:
         if self.popen is not None:
             return self.popen.poll() is None
-        return serves_port(self.pid, self.port)
+        # Its identity was checked when it was adopted; an exiting process loses its command line before
+        # it is gone, so liveness is the pid's state.
+        return running(self.pid)
 
     def exit_status(self) -> str:
         return f"status {self.popen.returncode}" if self.popen is not None else "an unknown status (adopted)"
 
     def terminate(self, timeout: float = 10.0) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while self.alive() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if self.alive():
+        """SIGTERM, SIGKILL after `timeout`; returns once the process is gone (an adopted one, not our child,
+        is waited for by polling: SIGKILL is delivered asynchronously)."""
+        for signum, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
+                os.kill(self.pid, signum)
+            deadline = time.monotonic() + wait
+            while self.alive() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if not self.alive():
+                break
         if self.popen is not None:
             self.popen.wait()
 

@@ -99,6 +99,8 @@ class Command(BaseCommand):
         Deployment.objects.filter(model=model, replica=None, base_url=url).delete()  # registered by hand before
         replica = model.replicas.order_by("pk").first() or Replica(model=model)
         replica.desired, replica.port, replica.dtype, replica.device = ReplicaState.RUNNING, port, dtype, self.device()
+        # A previous run's engines died with it: what its launcher last wrote is no longer true.
+        replica.status, replica.pid = ReplicaStatus.PENDING, None
         replica.save()
         return replica
 
