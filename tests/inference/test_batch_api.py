@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import httpx
 import openai
 import pytest
 import redis
+from django.utils import timezone
 
 from accounts.models import Entitlement
 from inference.batch_models import Batch, BatchLine
@@ -294,6 +296,14 @@ def test_create_refusals_name_the_field(gateway_url, smollm2):
         validate_error(response.json())
         assert response.json()["error"]["param"] == param
     assert not Batch.objects.filter(organization=tenant.organization).exists()
+    # BATCH_MAX_ACTIVE_PER_ORGANIZATION (2 here): a third active batch is refused, and not retried by the SDK.
+    for _ in range(2):
+        Batch.objects.create(organization=tenant.organization, endpoint="/v1/chat/completions", status="cancelling",
+                             input_file_name=upload.id, expires_at=timezone.now() + timedelta(days=1))
+    response = httpx.post(f"{gateway_url}/v1/batches", json=base, headers=headers, timeout=30)
+    assert response.status_code == 429 and response.json()["error"]["code"] == "batch_limit_exceeded"
+    assert response.headers["x-should-retry"] == "false"
+    validate_error(response.json())
 
 
 def test_quota_refusals_land_in_the_error_file_and_the_quota_is_never_overspent(gateway_url, smollm2):
@@ -344,6 +354,24 @@ def test_cancel_stops_the_batch_and_lists_paginate(gateway_url, smollm2):
     validate_response("/v1/batches", "get", 200, page.model_dump(exclude_unset=True))
     assert [b.id for b in client.batches.list(limit=1, after=second.id).data] == [batch.id]
     wait_for_status(client, second.id, {"cancelled"})
+
+
+def test_a_batch_past_its_window_expires_with_the_unrun_lines_in_the_error_file(gateway_url, smollm2):
+    tenant = make_tenant("batch-expire")
+    client = client_for(gateway_url, tenant)
+    lines = [chat_line(f"x-{i}", max_tokens=16) for i in range(30)]
+    upload = client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
+    wait_for_status(client, batch.id, {"in_progress"})
+    Batch.objects.filter(batch_id=batch.id).update(expires_at=timezone.now())  # its 24 hours are over
+    done = wait_for_status(client, batch.id, {"expired"})
+    assert done.expired_at and done.request_counts.completed < 30
+    validate_response("/v1/batches/{batch_id}", "get", 200, done.model_dump(exclude_unset=True))
+    unrun = [line for line in output_lines(client, done.error_file_id) if line["error"]]
+    assert unrun and {line["error"]["code"] for line in unrun} == {"batch_expired"}
+    assert len(unrun) + done.request_counts.completed == 30
+    assert len(output_lines(client, done.output_file_id)) == done.request_counts.completed
+    assert UsageRecord.objects.filter(organization=tenant.organization).count() == done.request_counts.completed
 
 
 def test_200_lines_survive_a_worker_killed_midway_each_answered_and_billed_once(batch_env, smollm2):
