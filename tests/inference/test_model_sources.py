@@ -86,3 +86,19 @@ def test_the_admin_lists_sources_and_pre_fills_the_catalog_entry(models_dir):
     assert {name: form[name].value() for name in ("name", "kind", "context_length", "source")} == {
         "name": "minilm", "kind": "embeddings", "context_length": "512", "source": "minilm"}
     assert sources.get("gguf/Tiny-Chat.Q8_0.gguf").suggested_name == "tiny-chat"  # without the quantization
+
+
+def test_listing_sources_imports_neither_torch_nor_the_weights(models_dir):
+    """The web image's processes never import torch: the listing reads metadata only."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.processes import ROOT
+
+    code = ("import sys, django; django.setup(); from inference import sources; found, _ = sources.list_sources(); "
+            "print(len(found), 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings", "MODELS_DIR": str(models_dir)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(len(sources.list_sources()[0])), "False"]
