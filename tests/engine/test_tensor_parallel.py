@@ -95,6 +95,16 @@ def test_two_ranks_give_the_logits_and_greedy_tokens_of_one(kind):
     compare(run(make_engine(path, 1)), run(make_engine(path, 2)), tolerance=1e-4)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_two_gpus_over_nccl_give_the_logits_and_greedy_tokens_of_one():
+    """The NCCL path (no run yet: the device machines lent so far have one GPU). float32, so one rank's
+    matmuls and the two ranks' partial sums differ by rounding only."""
+    path = str(tiny_checkpoint("llama"))
+    compare(run(make_engine(path, 1, device="cuda", dtype=torch.float32)),
+            run(make_engine(path, 2, device="cuda", dtype=torch.float32)), tolerance=1e-3)
+
+
 def test_a_4bit_gguf_shards_on_its_blocks_and_matches_one_rank(tmp_path):
     """Q4_0 kept quantized (bfloat16 on the CPU takes the int4 kernels): row-parallel projections are cut
     between 32-wide blocks; the ranks' bfloat16 partial sums differ from one rank's only by rounding."""
