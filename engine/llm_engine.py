@@ -97,6 +97,9 @@ class LLMEngine:
         self.workers = None  # tensor parallelism: ranks 1..N-1 (engine/tp_workers.py)
         tp = None
         if config.tensor_parallel_size > 1:
+            if loaded is not None:
+                raise ValueError("a model loaded whole cannot be split: with tensor_parallel_size > 1 every rank "
+                                 "loads its own shard")
             from engine.distributed import rank_device
             from engine.tp_workers import Workers
 
