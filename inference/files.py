@@ -103,11 +103,13 @@ def listing(organization: Organization, purpose: str | None, limit: int, order: 
     files = StoredFile.objects.for_org(organization).filter(Q(expires_at__isnull=True) | Q(expires_at__gt=timezone.now()))
     if purpose:
         files = files.filter(purpose=purpose)
-    return page(files, "file_id", limit, order, after, file_object, not_found)
+    return page(files, "file_id", limit, order, after, file_object, not_found, empty_id="")
 
 
-def page(queryset, id_field: str, limit: int, order: str, after: str | None, render, missing) -> dict:
-    """One page of a cursor-paginated list (`after` an id of the previous page): OpenAI's list shape."""
+def page(queryset, id_field: str, limit: int, order: str, after: str | None, render, missing,
+         empty_id: str | None = None) -> dict:
+    """One page of a cursor-paginated list (`after` an id of the previous page): OpenAI's list shape. An
+    empty page has no first and last id: left out, or `empty_id` where the spec requires the fields."""
     descending = order == "desc"
     queryset = queryset.order_by(*(["-created_at", "-id"] if descending else ["created_at", "id"]))
     if after:
@@ -121,8 +123,10 @@ def page(queryset, id_field: str, limit: int, order: str, after: str | None, ren
             queryset = queryset.filter(created_at__gte=created_at).exclude(created_at=created_at, id__lte=pk)
     rows = list(queryset[: limit + 1])
     data = [render(row) for row in rows[:limit]]
-    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None, "has_more": len(rows) > limit}
+    body = {"object": "list", "data": data, "has_more": len(rows) > limit}
+    if data or empty_id is not None:
+        body["first_id"], body["last_id"] = (data[0]["id"], data[-1]["id"]) if data else (empty_id, empty_id)
+    return body
 
 
 def purge_expired(now=None) -> int:

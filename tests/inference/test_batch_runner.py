@@ -70,3 +70,12 @@ def test_expired_output_files_are_purged_and_uploads_kept(django_capture_on_comm
         assert files.purge_expired() == 1
     assert list(StoredFile.objects.filter(organization=tenant.organization)) == [kept]
     assert not storage.exists(name) and kept.content.storage.exists(kept.content.name)
+
+
+def test_empty_lists_are_on_the_spec():
+    from inference import batches
+    from tests.openapi_spec import validate_response
+
+    organization = make_tenant("runner-empty").organization
+    validate_response("/v1/files", "get", 200, files.listing(organization, None, 20, "desc", None))
+    validate_response("/v1/batches", "get", 200, batches.listing(organization, 20, None))
