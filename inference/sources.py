@@ -8,7 +8,6 @@ the launcher serve a file elsewhere. The metadata comes from `engine.support.des
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 from dataclasses import dataclass
@@ -82,20 +81,24 @@ def resolve(source_id: str) -> Path:
 
 def get(source_id: str) -> Source:
     path = resolve(source_id)
-    return Source(source_id, path, _describe(path, *_version(path)))
+    key = _version(path)
+    if key not in _described:  # a GGUF's metadata parse reads its whole vocabulary: seconds for a large one
+        if len(_described) > 256:
+            _described.clear()
+        _described[key] = describe(path)
+    return Source(source_id, path, _described[key])
 
 
-def _version(path: Path) -> tuple[int, int, int]:
-    """Changes when the model does: the file's (or config.json's) size and modification time, and for a
-    directory its own modification time (a file added or removed)."""
+_described: dict[tuple[int, ...], ModelInfo] = {}
+
+
+def _version(path: Path) -> tuple[int, ...]:
+    """Changes when the model does, the same for two names of one file (a hard link): the file's (or
+    config.json's) device, inode, size and modification time, and a directory's own (a file added or removed)."""
     stat = (path / "config.json" if path.is_dir() else path).stat()
-    return stat.st_size, stat.st_mtime_ns, path.stat().st_mtime_ns if path.is_dir() else 0
-
-
-@functools.lru_cache(maxsize=256)
-def _describe(path: Path, size: int, mtime_ns: int, directory_mtime_ns: int) -> ModelInfo:
-    """describe() parses a GGUF's whole metadata (its vocabulary too: seconds for a large one): once per version."""
-    return describe(path)
+    directory = path.stat() if path.is_dir() else None
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns,
+            directory.st_ino if directory else 0, directory.st_mtime_ns if directory else 0)
 
 
 def list_sources() -> tuple[list[Source], list[tuple[str, str]]]:

@@ -27,7 +27,10 @@ def models_dir_with_smollm2(root: Path) -> Path:
 
     directory = root / "models"
     directory.mkdir()
-    shutil.copyfile(demo_model_path(), directory / GGUF_NAME)
+    try:  # a hard link is a file inside MODELS_DIR (a symlink out of it would be refused)
+        os.link(demo_model_path(), directory / GGUF_NAME)
+    except OSError:  # another filesystem
+        shutil.copyfile(demo_model_path(), directory / GGUF_NAME)
     return directory
 
 
