@@ -197,6 +197,18 @@ class OpenAIServer:
         self.llm.metrics.observe_gauges(self.llm)
         return Response(self.llm.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    async def load(self, request: Request) -> Response:
+        """What a router needs, cheaper than /metrics: queue depth, KV-cache use and the prefix cache's
+        token counts since start (the gateways poll it each second: inference/routing.py)."""
+        sched = self.llm.scheduler
+        body = {"waiting": len(sched.waiting), "running": len(getattr(sched, "running", ()))}
+        bm = getattr(sched, "block_manager", None)
+        if bm is not None:
+            queries, hits = bm.prefix_queries, bm.prefix_hits
+            body.update(kv_cache_usage=round(bm.usage, 4), prefix_cache_queries=queries, prefix_cache_hits=hits,
+                        prefix_cache_hit_rate=round(hits / queries, 4) if queries else 0.0)
+        return JSONResponse(body)
+
     async def published_tokenizer(self, request: Request) -> Response:
         """The tokenizer, chat template and default tool format (our extension): the gateway counts prompts
         with them exactly as this server builds them. Cached by the caller per replica."""
@@ -645,6 +657,7 @@ def build_app(engine: AsyncEngine, *, api_key: str | None = None, keepalive_inte
             Route("/v1/tokenizer", server.published_tokenizer, methods=["GET"]),
             Route("/health", server.health, methods=["GET"]),
             Route("/metrics", server.metrics, methods=["GET"]),
+            Route("/load", server.load, methods=["GET"]),
         ],
         exception_handlers={APIError: on_api_error, HTTPException: on_http_error, Exception: on_server_error},
         lifespan=lifespan,

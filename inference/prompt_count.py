@@ -32,8 +32,8 @@ _lock = threading.Lock()
 
 def cached(upstream: Upstream) -> PromptBuilder | None | bool:
     """The replica's builder; None while it has none (retry later); False when never fetched or due again."""
-    if not settings.GATEWAY_EXACT_PROMPT_COUNT:
-        return None
+    if not settings.GATEWAY_EXACT_PROMPT_COUNT or not upstream.supports_tokenizer:
+        return None  # a server that publishes no tokenizer is never asked for one
     found = _builders.get((upstream.id, upstream.base_url))
     if isinstance(found, PromptBuilder):
         return found
@@ -67,6 +67,23 @@ def fetch(upstream: Upstream) -> PromptBuilder | None:
 def builder_for(upstream: Upstream) -> PromptBuilder | None:
     found = cached(upstream)
     return fetch(upstream) if found is False else found
+
+
+def model_builder(upstreams: tuple[Upstream, ...], answering: Upstream) -> PromptBuilder | None | bool:
+    """The answering replica's builder, else one a sibling replica of the same model published (an
+    external server that publishes none is metered with our engine's tokenizer of that model); False
+    when one could be fetched (`fetch` the first of `tokenizer_sources`)."""
+    due = False
+    for upstream in tokenizer_sources(upstreams, answering):
+        found = cached(upstream)
+        if found:
+            return found
+        due = due or found is False
+    return False if due else None
+
+
+def tokenizer_sources(upstreams: tuple[Upstream, ...], answering: Upstream) -> list[Upstream]:
+    return [u for u in (answering, *upstreams) if u.supports_tokenizer and (u is answering or u.id != answering.id)]
 
 
 def count(builder: PromptBuilder | None, inference: InferenceRequest, tool_format: str | None) -> int | None:

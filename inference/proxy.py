@@ -236,6 +236,20 @@ def tokens_in_chunk(chunk: dict, streamed_text: dict[int, list[str]]) -> int:
     return count
 
 
+def take_answer_text(body: dict, meter: Meter) -> None:
+    """A whole answer without usage: each choice's text kept for counting, at least one token per choice
+    with text (as a stream chunk counts)."""
+    for choice in body.get("choices") or ():
+        message = choice.get("message") or {}
+        text = choice.get("text") if "text" in choice else message.get("content")
+        for call in message.get("tool_calls") or ():
+            function = call.get("function") or {}
+            text = (text or "") + (function.get("name") or "") + (function.get("arguments") or "")
+        if text:
+            meter.streamed_text.setdefault(choice.get("index", 0), []).append(text)
+            meter.completion_tokens += 1
+
+
 def sse_error(error: GatewayError) -> bytes:
     return f"data: {json.dumps(error_body(error.message, error.type, error.code, error.param))}\n\n".encode()
 

@@ -33,7 +33,7 @@ from django.utils import timezone
 from accounts.models import APIKey, Entitlement, Membership, Organization, keyed_hash
 from maas import telemetry
 
-from . import pgasync, prompt_count
+from . import pgasync, prompt_count, routing
 from .catalog import CatalogEntry, Upstream, catalog
 from .dbthreads import in_worker_thread
 from .errors import (
@@ -700,7 +700,7 @@ def _route(
     refusal = entry.model.endpoint_refusal(inference.endpoint)
     if refusal:
         raise GatewayError(400, refusal, "invalid_request_error", "model_not_supported", "model")
-    upstream = catalog.pick(entry)
+    upstream = routing.first_available(caller, entry, inference.endpoint)  # the model or a fallback
     if upstream is None:
         raise service_unavailable(f"The model `{inference.model}` is temporarily unavailable: no healthy replica. Please retry.")
     return entry, entitlements, upstream

@@ -17,6 +17,7 @@ import uuid
 
 import httpx
 import psycopg
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.db import DatabaseError
@@ -28,7 +29,7 @@ from engine import schema
 from maas import telemetry
 from maas.logging import bind_request_id
 
-from . import metrics, prompt_count, proxy, quotas, responses
+from . import metrics, prompt_count, proxy, quotas, responses, routing
 from .catalog import CatalogEntry, Upstream, catalog
 from .dbthreads import in_worker_thread
 from .errors import GatewayError, error_response, invalid_api_key, service_unavailable
@@ -280,11 +281,14 @@ class Forward:
     def __init__(self, request_id: str, inference: InferenceRequest, admission: quotas.Admission):
         self.request_id = request_id
         self.inference = inference
-        self.entry = admission.entry
+        self.entry = admission.entry  # the model that answers: the requested one, or a fallback (send)
+        self.first_entry = admission.entry
         self.caller = admission.caller
         self.hold = admission.hold
         self.decision = admission.decision
-        self.upstream: Upstream = admission.upstream
+        self.upstream: Upstream = admission.upstream  # until the router chooses (send)
+        self.affinity = routing.affinity_key(inference, self.caller.organization.cache_salt)
+        self.replica_held = False  # this request counts in the chosen replica's load (routing.py)
         self.meter = proxy.Meter()
         self.settled = False
         self.reached_engine = False  # an engine accepted it (200): it did work, which is billed
@@ -293,9 +297,10 @@ class Forward:
     def payload(self) -> bytes:
         body = dict(self.inference.body)
         body["model"] = self.upstream.served_model_name
-        if self.inference.endpoint != "embeddings":  # nothing is cached across embedding requests
-            body["cache_salt"] = self.caller.organization.cache_salt
-        if self.inference.endpoint == "chat/completions":
+        # Our engine's extensions go only to a server that takes them (an external one may refuse them).
+        if self.inference.endpoint != "embeddings" and self.upstream.supports_cache_salt:
+            body["cache_salt"] = self.caller.organization.cache_salt  # nothing is cached across embeddings
+        if self.inference.endpoint == "chat/completions" and self.upstream.is_engine:
             body["tool_format"] = self.entry.model.tool_format  # the catalog decides how tools are prompted
         if self.inference.default_max_tokens is not None:
             body["max_tokens"] = self.inference.default_max_tokens  # what the hold allows (no max_tokens given)
@@ -328,7 +333,7 @@ class Forward:
                 self.meter.http_status = error.status
             finally:
                 await response.aclose()
-                catalog.finished(self.upstream)
+                await self.release_replica()
                 await self.finish()
             raise error
         streaming = StreamingHttpResponse(self.stream(response), content_type="text/event-stream")
@@ -337,27 +342,75 @@ class Forward:
         return streaming
 
     async def send(self) -> httpx.Response:
-        """POST to a healthy replica; a replica that refuses the connection is benched and the next tried."""
-        tried = set()
-        while True:
-            tried.add(self.upstream.id)
-            payload = self.payload()
-            catalog.started(self.upstream)
-            try:
-                with telemetry.span("gateway.upstream_request", {"maas.deployment.id": self.upstream.id}):
-                    return await proxy.send(self.upstream, self.inference.endpoint, payload, self.request_id)
-            except httpx.HTTPError as exc:
-                catalog.finished(self.upstream)
-                status, error = proxy.upstream_failure(exc)
-                nxt = None
-                if status == UsageStatus.UPSTREAM_UNAVAILABLE:
-                    logger.warning("upstream %s unreachable: %s", self.upstream.base_url, exc)
-                    catalog.bench(self.upstream)
-                    nxt = catalog.pick(self.entry)
-                if nxt is None or nxt.id in tried:
-                    self.meter.status, self.meter.http_status = status, error.status
-                    raise error from exc
-                self.upstream = nxt
+        """The first answer with response headers from a replica of the model, else of its fallbacks.
+
+        An attempt fails over before any byte of an answer: connect error, timeout before the headers
+        (GATEWAY_FIRST_BYTE_TIMEOUT), a 5xx or a 429 from the upstream. A 4xx is the request's own and is
+        relayed; once headers arrived nothing is retried (the caller relays the body). Each attempt is a
+        span; the usage record names the deployment and model that answered (`self.upstream`, `self.entry`).
+        """
+        router = routing.get_router()
+        last_failure: tuple[int, bytes] | tuple[str, GatewayError] | None = None
+        for attempt_entry in routing.candidate_entries(self.caller, self.first_entry, self.inference.endpoint):
+            tried: set[int] = set()
+            while (upstream := await router.choose(attempt_entry, self.affinity, self.request_id,
+                                                   frozenset(tried))) is not None:
+                tried.add(upstream.id)
+                self.entry, self.upstream, self.replica_held = attempt_entry, upstream, True
+                catalog.started(upstream)
+                with telemetry.span("gateway.upstream_request", {
+                    "maas.deployment.id": upstream.id, "gen_ai.request.model": attempt_entry.model.name,
+                    "maas.attempt": len(tried), "maas.fallback": attempt_entry is not self.first_entry,
+                }):
+                    try:
+                        response = await self.attempt()
+                    except httpx.HTTPError as exc:
+                        await self.release_replica()
+                        status, error = proxy.upstream_failure(exc)
+                        telemetry.annotate({"error.type": type(exc).__name__})
+                        logger.warning("upstream %s failed before answering %s: %s", upstream.base_url,
+                                       self.request_id, exc)
+                        if status == UsageStatus.UPSTREAM_UNAVAILABLE:
+                            catalog.bench(upstream)
+                        last_failure = (status, error)
+                        continue
+                    telemetry.annotate({"http.response.status_code": response.status_code})
+                    if response.status_code < 500 and response.status_code != 429:
+                        telemetry.annotate({"maas.deployment.id": upstream.id,
+                                            "gen_ai.response.model": attempt_entry.model.name})
+                        return response
+                    last_failure = (response.status_code, await response.aread())
+                    await response.aclose()
+                    await self.release_replica()
+        if last_failure is not None and isinstance(last_failure[0], int):  # the last attempt's 5xx or 429
+            error = proxy.upstream_error_response(*last_failure)
+            self.meter.status = UsageStatus.REJECTED_UPSTREAM if error.status < 500 else UsageStatus.UPSTREAM_ERROR
+            self.meter.http_status = error.status
+            raise error
+        if last_failure is not None:  # the last attempt's transport failure
+            self.meter.status, error = last_failure
+            self.meter.http_status = error.status
+            raise error
+        self.meter.status, self.meter.http_status = UsageStatus.UPSTREAM_UNAVAILABLE, 503
+        raise service_unavailable(f"The model `{self.entry.model.name}` is temporarily unavailable: no healthy "
+                                  "replica. Please retry.")
+
+    async def attempt(self) -> httpx.Response:
+        """One POST to `self.upstream`; no response headers within GATEWAY_FIRST_BYTE_TIMEOUT is a timeout."""
+        sending = proxy.send(self.upstream, self.inference.endpoint, self.payload(), self.request_id)
+        if not settings.GATEWAY_FIRST_BYTE_TIMEOUT:
+            return await sending
+        try:
+            return await asyncio.wait_for(sending, settings.GATEWAY_FIRST_BYTE_TIMEOUT)
+        except TimeoutError:
+            raise httpx.ReadTimeout("no response headers within GATEWAY_FIRST_BYTE_TIMEOUT") from None
+
+    async def release_replica(self) -> None:
+        """This request no longer counts in its replica's load (once)."""
+        if self.replica_held:
+            self.replica_held = False
+            catalog.finished(self.upstream)
+            await routing.get_router().release(self.upstream, self.request_id)
 
     async def read_whole(self, response: httpx.Response) -> HttpResponse:
         try:
@@ -385,20 +438,22 @@ class Forward:
                     self.meter.status, self.meter.http_status = UsageStatus.UPSTREAM_ERROR, error.status
                     raise error
                 self.meter.take_usage(body.get("usage"))
+                if not self.meter.usage_reported:  # a server that reports no usage: counted in finish()
+                    proxy.take_answer_text(body, self.meter)
             except (ValueError, AttributeError, TypeError):
                 self.meter.status, self.meter.http_status = UsageStatus.UPSTREAM_ERROR, 502
                 raise GatewayError(502, "The model server sent an invalid response.", "server_error", "upstream_error") from None
             self.meter.mark_first_token()
             return HttpResponse(content, content_type="application/json")
         finally:
-            catalog.finished(self.upstream)
+            await self.release_replica()
 
     async def stream(self, response: httpx.Response):
         try:
             async for part in proxy.relay_stream(response, self.meter, self.inference.include_usage, self.upstream):
                 yield part
         finally:
-            catalog.finished(self.upstream)
+            await self.release_replica()
             await self.finish_shielded()
         if self.meter.done:
             yield b"data: [DONE]\n\n"  # only once the usage is recorded
@@ -427,6 +482,7 @@ class Forward:
         try:
             await quotas.extend_hold_async(self.hold)
             await get_limiter().extend_async(self.decision)
+            await routing.get_router().extend(self.upstream, self.request_id)
         except Exception:  # noqa: BLE001 - tried again next period; the sweep is minutes away
             logger.warning("could not extend the hold of %s", self.request_id, exc_info=True)
 
@@ -437,6 +493,7 @@ class Forward:
         self.settled = True
         if self.heartbeat is not None:
             self.heartbeat.cancel()
+        await self.release_replica()
         meter = self.meter
         try:
             if not meter.usage_reported and self.reached_engine:
@@ -484,11 +541,18 @@ class Forward:
 
 
     async def count_unreported(self) -> None:
-        """Work the engine did without reporting its usage (client gone, stream cut, engine dead): counted
-        with the replica's tokenizer here when the gateway has it, else by asking the replica."""
-        builder = prompt_count.cached(self.upstream) or None
+        """Work the upstream did without reporting its usage (client gone, stream cut, engine dead, a server
+        that reports none): counted with the model's tokenizer here when the gateway has it (the replica's,
+        or a sibling engine's: prompt_count.model_builder), else by a replica's /tokenize."""
+        builder = prompt_count.model_builder(self.entry.upstreams, self.upstream)
+        if builder is False:
+            source = prompt_count.tokenizer_sources(self.entry.upstreams, self.upstream)[0]
+            builder = await sync_to_async(prompt_count.fetch, thread_sensitive=False)(source)
         tool_format = self.entry.model.tool_format if self.inference.endpoint == "chat/completions" else None
         if builder is not None:
             prompt_count.count_cut(builder, self.inference, tool_format, self.meter)
-        elif self.meter.completion_tokens:
-            await proxy.count_cut_stream(self.upstream, self.inference.body, self.meter, self.request_id)
+            return
+        counter = next((u for u in (self.upstream, *self.entry.upstreams) if u.supports_tokenize), None)
+        if counter is not None and (self.meter.completion_tokens or not self.upstream.supports_tokenize):
+            await proxy.count_cut_stream(counter, self.inference.body, self.meter, self.request_id)
+

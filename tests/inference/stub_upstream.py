@@ -4,7 +4,10 @@ tests and the overhead benchmark: `python tests/inference/stub_upstream.py --por
 The behaviour of each request is picked by its `user` field, `"stub:MODE"` (the gateway passes `user`
 through; it refuses unknown fields): "ok" (default), "stall" (never answers in time), "stall_midway" (stream: a few
 chunks, then silence), "close_midway" (stream: a few chunks, then the connection drops), "error500",
-"slow_stream" (one chunk per 50 ms, for disconnect tests). GET /_requests returns what it received.
+"slow_stream" (one chunk per 50 ms, for disconnect tests), "error429" (the upstream's own rate limit), "nousage"
+(answers without `usage`, as some servers do). A model name `mode:MODE` picks the mode instead, so one stub
+process serves as several deployments that fail differently (the failover tests). GET /_requests returns what
+it received.
 """
 
 from __future__ import annotations
@@ -41,10 +44,13 @@ def usage(body: dict, completion: int) -> dict:
 
 def completion_length(body: dict) -> int:
     limit = body.get("max_completion_tokens") or body.get("max_tokens") or 8
-    return min(int(limit), 8) if stub_mode(body) in ("ok", "stall_midway", "close_midway") else int(limit)
+    return min(int(limit), 8) if stub_mode(body) in ("ok", "stall_midway", "close_midway", "nousage") else int(limit)
 
 
 def stub_mode(body: dict) -> str:
+    model = str(body.get("model") or "")
+    if model.startswith("mode:"):
+        return model.removeprefix("mode:")
     user = body.get("user") or ""
     return user.removeprefix("stub:") if user.startswith("stub:") else "ok"
 
@@ -90,6 +96,9 @@ async def generate(request: Request) -> Response:
         await asyncio.sleep(60)
     if mode == "error500":
         return JSONResponse({"error": {"message": "boom", "type": "server_error", "param": None, "code": None}}, 500)
+    if mode == "error429":
+        return JSONResponse({"error": {"message": "slow down", "type": "requests", "param": None,
+                                       "code": "rate_limit_exceeded"}}, 429)
     if not body.get("stream"):
         text = "".join(WORDS[i % len(WORDS)] for i in range(n))
         if chat:
@@ -97,10 +106,11 @@ async def generate(request: Request) -> Response:
         else:
             choice = {"index": 0, "text": text, "finish_reason": "length"}
         event["yielded"], event["finished"] = n, True
-        return JSONResponse({
-            "id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": model, "choices": [choice], "usage": usage(body, n),
-        })
+        answer = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                  "model": model, "choices": [choice], "usage": usage(body, n)}
+        if mode == "nousage":
+            del answer["usage"]
+        return JSONResponse(answer)
 
     async def events():
         try:
@@ -116,7 +126,7 @@ async def generate(request: Request) -> Response:
                 event["yielded"] += 1
                 yield chunk(rid, chat, model, WORDS[i % len(WORDS)])
             yield chunk(rid, chat, model, None, "length")
-            if (body.get("stream_options") or {}).get("include_usage"):
+            if (body.get("stream_options") or {}).get("include_usage") and mode != "nousage":
                 data = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                         "created": int(time.time()), "model": model, "choices": [], "usage": usage(body, n)}
                 yield f"data: {json.dumps(data)}\n\n".encode()
