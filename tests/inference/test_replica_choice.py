@@ -1,12 +1,19 @@
-"""Replica choice (catalog.pick): fewest requests in flight per unit of weight, higher weight on ties;
-disabled deployments never loaded, unhealthy and benched ones skipped."""
+"""Replica choice. Per process (catalog.pick, the fallback without Redis): fewest requests in flight per unit of
+weight, higher weight on ties; disabled deployments never loaded, unhealthy and benched ones skipped. Shared by
+every gateway process (inference/routing.py, on the real Redis): prefix affinity with bounded loads, the
+engines' reported queues, round robin, draining replicas avoided, a dead gateway's slots expiring."""
 
 from __future__ import annotations
 
+import asyncio
+import math
+
 import pytest
 
+from inference import routing
 from inference.catalog import Catalog
 from inference.models import AIModel, Deployment
+from inference.validation import parse_chat
 
 pytestmark = pytest.mark.django_db
 
@@ -47,3 +54,80 @@ def test_benched_and_unhealthy_replicas_are_skipped(replicas):
     assert catalog.pick(entry).id == light
     catalog.bench(next(u for u in entry.upstreams if u.id == light))
     assert catalog.pick(entry) is None  # the only one left is unhealthy
+
+
+# -- the shared router (inference/routing.py), on the test run's Redis --------------------------------
+
+@pytest.fixture
+def router_entry(replicas, settings):
+    """Two enabled, healthy replicas of weight 1 (the heavy one made light), one draining; fresh Redis keys."""
+    import redis
+
+    heavy, light, disabled, sick = replicas
+    Deployment.objects.filter(pk=heavy).update(weight=1)
+    Deployment.objects.filter(pk=sick).update(healthy=True, draining=True)
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    for key in client.scan_iter(match=f"{routing.PREFIX}*"):
+        client.delete(key)
+    yield Catalog().entries()["replicas"], client
+    client.close()
+
+
+async def chosen(router, entry, key, slot, **kwargs):
+    upstream = await router.choose(entry, key, slot, **kwargs)
+    await asyncio.gather(*routing._polls)  # the load poll it may have started (nothing to poll here)
+    return upstream
+
+
+async def test_affinity_keeps_a_prefix_on_one_replica_and_tenants_apart(router_entry, settings):
+    entry, _ = router_entry
+    router = routing.Router(settings.REDIS_URL, 1.0)
+    inference = parse_chat({"model": "replicas", "messages": [{"role": "system", "content": "You are terse. " * 20},
+                                                               {"role": "user", "content": "Hi"}]})
+    key = routing.affinity_key(inference, "salt-of-acme")
+    assert key != routing.affinity_key(inference, "salt-of-globex")  # same prompt, other tenant: another key
+    first = [(await chosen(router, entry, key, f"r{i}")).id for i in range(1)]
+    for i in range(5):  # one at a time (each finishes): always the replica that holds the prefix
+        upstream = await chosen(router, entry, key, f"s{i}")
+        assert upstream.id == first[0]
+        await router.release(upstream, f"s{i}")
+    owners = {(await chosen(router, entry, f"key-{i}", f"k{i}")).id for i in range(40)}
+    assert len(owners) == 2  # keys spread over both replicas, the draining one never
+    assert not any(u.draining and u.id in owners for u in entry.upstreams)
+
+
+async def test_bounded_loads_spill_a_hot_prefix_and_keep_every_replica_within_the_factor(router_entry, settings):
+    entry, client = router_entry
+    settings.GATEWAY_AFFINITY_LOAD_FACTOR = 1.25
+    router = routing.Router(settings.REDIS_URL, 1.0)
+    picks = [(await chosen(router, entry, "one-hot-prefix", f"h{i}")).id for i in range(20)]
+    loads = sorted(picks.count(u) for u in set(picks))
+    assert len(loads) == 2 and loads[1] <= math.ceil(1.25 * 20 / 2)  # capped at c times the mean
+    assert loads[1] > loads[0]  # the prefix's owner still takes the most
+    members = sum(client.zcard(routing.inflight_key(u)) for u in set(picks))
+    assert members == 20  # every request holds its slot until released
+
+
+async def test_gateway_processes_see_each_others_requests_and_the_engines_reported_queue(router_entry, settings):
+    entry, client = router_entry
+    settings.GATEWAY_ROUTING = "least_loaded"
+    one, two = routing.Router(settings.REDIS_URL, 1.0), routing.Router(settings.REDIS_URL, 1.0)  # two processes
+    a = await chosen(one, entry, None, "p1")
+    b = await chosen(two, entry, None, "p2")
+    assert a.id != b.id  # the second process saw the first one's request
+    await one.release(a, "p1")
+    client.set(routing.load_key(a.id), 7)  # the engine reports a queue of its own (other clients)
+    assert (await chosen(two, entry, None, "p3")).id == b.id
+
+
+async def test_round_robin_alternates_and_slots_of_a_lost_gateway_age_out(router_entry, settings):
+    entry, client = router_entry
+    settings.GATEWAY_ROUTING = "round_robin"
+    settings.GATEWAY_RESERVATION_TTL_SECONDS = 1
+    router = routing.Router(settings.REDIS_URL, 1.0)
+    picks = [(await chosen(router, entry, "k", f"rr{i}")).id for i in range(4)]
+    assert picks[0] != picks[1] and picks[:2] == picks[2:]
+    await asyncio.sleep(1.1)  # nobody released them (a gateway that died): they expire
+    settings.GATEWAY_ROUTING = "least_loaded"
+    await chosen(router, entry, None, "after")
+    assert sum(client.zcard(routing.inflight_key(u)) for u in set(picks)) == 1
