@@ -35,8 +35,8 @@ sys.path.insert(0, str(ROOT))
 from tests.processes import free_port, start_engine, stop, wait_until_up  # noqa: E402
 
 DB_NAME = "bench_routing"
-WORDS = ("ledger invoice tenant quota shipment warehouse forecast refund policy audit contract supplier "
-         "region latency cluster replica gateway token budget schedule").split()
+WORDS = ["ledger", "invoice", "tenant", "quota", "shipment", "warehouse", "forecast", "refund", "policy", "audit",
+         "contract", "supplier", "region", "latency", "cluster", "replica", "gateway", "token", "budget", "schedule"]
 
 
 def system_prompt(tenant: int) -> str:
@@ -162,8 +162,8 @@ def run_strategy(args, keys: list[str], routing: str, replicas: int) -> dict:
             stop(gateway_process)
         for process, _ in engines:
             stop(process)
-    queries = [a["prefix_cache_queries"] - b["prefix_cache_queries"] for a, b in zip(after, before)]
-    hits = [a["prefix_cache_hits"] - b["prefix_cache_hits"] for a, b in zip(after, before)]
+    queries = [a["prefix_cache_queries"] - b["prefix_cache_queries"] for a, b in zip(after, before, strict=True)]
+    hits = [a["prefix_cache_hits"] - b["prefix_cache_hits"] for a, b in zip(after, before, strict=True)]
     counts = [per_replica.get(u, 0) for u in urls]
     mean = statistics.mean(counts)
     return {"routing": routing, "replicas": replicas, "hit_rate": sum(hits) / max(sum(queries), 1),
