@@ -4,11 +4,14 @@
   scored by expiry, so a crashed gateway's requests age out), or what the engine itself reports at
   GET /load (running + waiting; one gateway process polls each GATEWAY_LOAD_POLL_SECONDS), whichever
   is higher.
-- "affinity": requests sharing a prompt prefix go to the same replica, which holds that prefix in its
-  cache: consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam, 2018) on rendezvous
-  order (highest random weight, weighted): the first replica in the key's order whose load stays
-  within GATEWAY_AFFINITY_LOAD_FACTOR times the weighted mean. The key is the tenant's cache_salt and
-  the first GATEWAY_AFFINITY_PREFIX_CHARS of the prompt, so two tenants never share a key.
+- "affinity": requests sharing a prompt prefix go to a replica that holds that prefix in its cache:
+  consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam, 2018) on rendezvous order
+  (highest random weight, weighted): the first replica in the key's order whose load stays within
+  GATEWAY_AFFINITY_LOAD_FACTOR times the weighted mean. Cache-aware refinement: the replicas the key
+  was sent to in the last GATEWAY_AFFINITY_HOLDER_SECONDS already hold its prefix, so the least loaded
+  of those within the bound comes first; a key spills to a new replica (its next in order) only when
+  every holder is full. The key is the tenant's cache_salt and the first GATEWAY_AFFINITY_PREFIX_CHARS
+  of the prompt, so two tenants never share a key.
 - "least_loaded": fewest per unit of weight; "round_robin": a shared counter per model.
 
 The choice and the slot it takes are one Redis script call (atomic across gateways). When Redis cannot
@@ -37,11 +40,12 @@ logger = logging.getLogger(__name__)
 PREFIX = "maas:{route}:"  # one hash slot: the script touches several keys
 
 # KEYS: in-flight sets of the n candidates (in preference order), their engine-reported loads, the
-# round-robin counter. ARGV: n, mode, load factor, slot, ttl ms, then the n weights.
+# round-robin counter, the key's holders (deployment id -> last use). ARGV: n, mode, load factor, slot,
+# ttl ms, holder ttl ms, then the n weights, then the n deployment ids.
 # Returns the chosen candidate's 1-based index and every candidate's load before the choice.
 LUA_CHOOSE = """
 local n = tonumber(ARGV[1])
-local mode, factor, slot, ttl = ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
+local mode, factor, slot, ttl, held_ttl = ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local loads, total, wsum = {}, 0, 0
@@ -51,26 +55,42 @@ for i = 1, n do
   local reported = tonumber(redis.call('GET', KEYS[n + i]) or '0') or 0
   loads[i] = math.max(mine, reported)
   total = total + loads[i]
-  wsum = wsum + tonumber(ARGV[5 + i])
+  wsum = wsum + tonumber(ARGV[6 + i])
 end
 local chosen = nil
 if mode == 'round_robin' then
   chosen = (redis.call('INCR', KEYS[2 * n + 1]) - 1) % n + 1
 elseif mode == 'affinity' then
-  for i = 1, n do
-    local cap = math.ceil(factor * (total + 1) * tonumber(ARGV[5 + i]) / wsum)
-    if loads[i] + 1 <= cap then chosen = i; break end
+  local holders = KEYS[2 * n + 2]
+  redis.call('ZREMRANGEBYSCORE', holders, '-inf', now - held_ttl)
+  local best = nil
+  for i = 1, n do  -- a replica that holds the prefix: the least loaded within the bound
+    local w = tonumber(ARGV[6 + i])
+    local cap = math.ceil(factor * (total + 1) * w / wsum)
+    if loads[i] + 1 <= cap and redis.call('ZSCORE', holders, ARGV[6 + n + i]) then
+      if best == nil or loads[i] / w < best then best = loads[i] / w; chosen = i end
+    end
+  end
+  if chosen == nil then  -- else the first in the key's order within the bound (it will hold it)
+    for i = 1, n do
+      local cap = math.ceil(factor * (total + 1) * tonumber(ARGV[6 + i]) / wsum)
+      if loads[i] + 1 <= cap then chosen = i; break end
+    end
   end
 end
 if chosen == nil then
   local best = nil
   for i = 1, n do
-    local per = loads[i] / tonumber(ARGV[5 + i])
+    local per = loads[i] / tonumber(ARGV[6 + i])
     if best == nil or per < best then best = per; chosen = i end
   end
 end
 redis.call('ZADD', KEYS[chosen], now + ttl, slot)
 redis.call('PEXPIRE', KEYS[chosen], ttl)
+if mode == 'affinity' then
+  redis.call('ZADD', KEYS[2 * n + 2], now, ARGV[6 + n + chosen])
+  redis.call('PEXPIRE', KEYS[2 * n + 2], held_ttl)
+end
 return {chosen, unpack(loads)}
 """
 
@@ -188,9 +208,10 @@ class Router:
         try:
             _, choose, _ = self._scripts()
             keys = ([inflight_key(u.id) for u in candidates] + [load_key(u.id) for u in candidates]
-                    + [f"{PREFIX}rr:{entry.model.pk}"])
+                    + [f"{PREFIX}rr:{entry.model.pk}", f"{PREFIX}holders:{key}"])
             args = [len(candidates), mode, settings.GATEWAY_AFFINITY_LOAD_FACTOR, slot, self.slot_ttl_ms(),
-                    *(max(u.weight, 1) for u in candidates)]
+                    int(settings.GATEWAY_AFFINITY_HOLDER_SECONDS * 1000),
+                    *(max(u.weight, 1) for u in candidates), *(u.id for u in candidates)]
             answer = await choose(keys=keys, args=args)
         except Exception as exc:  # noqa: BLE001 - redis.ConnectionError, TimeoutError, ...
             logger.warning("routing: Redis unreachable, choosing in this process: %s", exc)

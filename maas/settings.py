@@ -401,6 +401,8 @@ GATEWAY_AFFINITY_LOAD_FACTOR = env_float("GATEWAY_AFFINITY_LOAD_FACTOR", 1.25)
 # The prefix that keys affinity: this many characters of the rendered messages (a system prompt, a
 # conversation's first turns), with the tenant's cache_salt.
 GATEWAY_AFFINITY_PREFIX_CHARS = env_int("GATEWAY_AFFINITY_PREFIX_CHARS", 1024)
+# A replica a prefix was sent to this recently is taken to hold it in its cache (routing.py prefers it).
+GATEWAY_AFFINITY_HOLDER_SECONDS = env_float("GATEWAY_AFFINITY_HOLDER_SECONDS", 600.0)
 # How often one gateway process (whichever takes the Redis lock) polls the engines' GET /load.
 GATEWAY_LOAD_POLL_SECONDS = env_float("GATEWAY_LOAD_POLL_SECONDS", 1.0)
 # An attempt that has no response headers after this long fails over (fallback models, next replica).

@@ -103,7 +103,9 @@ async def test_bounded_loads_spill_a_hot_prefix_and_keep_every_replica_within_th
     picks = [(await chosen(router, entry, "one-hot-prefix", f"h{i}")).id for i in range(20)]
     loads = sorted(picks.count(u) for u in set(picks))
     assert len(loads) == 2 and loads[1] <= math.ceil(1.25 * 20 / 2)  # capped at c times the mean
-    assert loads[1] > loads[0]  # the prefix's owner still takes the most
+    assert picks[:2] == [picks[0]] * 2 and picks[2] != picks[0]  # the owner until full, then the next one
+    holders = {int(m) for m in client.zrange(f"{routing.PREFIX}holders:one-hot-prefix", 0, -1)}
+    assert holders == set(picks)  # both now hold the prefix: its requests go to the less loaded of the two
     members = sum(client.zcard(routing.inflight_key(u)) for u in set(picks))
     assert members == 20  # every request holds its slot until released
 
