@@ -91,6 +91,20 @@ def test_web_worker_beat_run_the_real_processes(compose):
         assert services[name]["depends_on"]["postgres"]["condition"] == "service_healthy"
 
 
+def test_a_batch_worker_serves_the_batch_queue_with_the_files_the_web_stores(compose):
+    from django.conf import settings
+
+    services = compose["services"]
+    command = " ".join(services["batch-worker"]["command"])
+    assert "celery -A maas worker" in command and f"-Q {settings.BATCH_QUEUE}" in command
+    assert f"-Q {settings.BATCH_QUEUE}" not in " ".join(services["worker"]["command"])
+    directory = services["web"]["environment"]["BATCH_FILES_DIR"]
+    for name in ("web", "worker", "batch-worker"):  # uploads, purges and the runner: one storage
+        assert services[name]["environment"]["BATCH_FILES_DIR"] == directory
+        assert f"batchfiles:{directory}" in services[name]["volumes"], name
+    assert "batchfiles" in compose["volumes"]
+
+
 def test_engine_reserves_a_gpu_and_mounts_models(compose):
     for name, service in compose["services"].items():
         if not name.startswith("engine-"):
