@@ -30,7 +30,7 @@ def path():
 @pytest.fixture(scope="module")
 def server(path):
     process, url = start_engine(path, "--served-model-name", MODEL, "--kv-cache-memory", "64MiB",
-                                "--threads", "2", "--log-level", "warning")
+                                "--dtype", "float32", "--threads", "2", "--log-level", "warning")
     yield url
     stop(process, timeout=20)
 

@@ -27,7 +27,7 @@ def test_quantized_checkpoint_is_served(tmp_path, fmt):
     quantized, _ = quantize_checkpoint("llama", fmt, tmp_path)
     prompt = "The quick brown fox jumps over"
     expected = LLM(str(quantized)).generate(prompt, SamplingParams(max_tokens=6, temperature=0.0))[0]
-    proc, client = serve(quantized)
+    proc, client = serve(quantized, "--dtype", "float32")  # LLM's (the library's) exact default
     try:
         served = client.completions.create(model="m", prompt=prompt, max_tokens=6, temperature=0)
     finally:

@@ -31,7 +31,7 @@ MESSAGES = [{"role": "user", "content": "Tell me a story about a dragon and a kn
 @pytest.fixture(scope="module")
 def server():
     process, url = start_engine(tiny_checkpoint("llama"), "--served-model-name", "m", "--tensor-parallel-size", "2",
-                                "--threads", "1", "--kv-cache-memory", "16MiB", "--max-model-len", "512",
+                                "--dtype", "float32", "--threads", "1", "--kv-cache-memory", "16MiB", "--max-model-len", "512",
                                 "--fatal-exit-delay", "1", "--log-level", "warning")
     yield process, url
     if process.poll() is None:
