@@ -332,6 +332,54 @@ def test_retry_after_is_the_whole_window_when_the_cache_cannot_say(alice):
         assert info.value.retry_after == 900
 
 
+class _WindowEndsAfterAdd:
+    """The cache, except that the first counter `add` starts expires at once: the window ending between
+    `add` and `incr` (a race a real Redis cannot be made to lose on demand; the fault is injected here)."""
+
+    def __init__(self, real):
+        self.real, self.expired = real, False
+
+    def add(self, key, *args, **kwargs):
+        added = self.real.add(key, *args, **kwargs)
+        if not self.expired:
+            self.expired = self.real.delete(key)
+        return added
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def _ttl(key: str) -> int:
+    return cache._cache.get_client(key).ttl(cache.make_and_validate_key(key))
+
+
+@override_settings(REDEEM_FAILURES_PER_USER=5, REDEEM_FAILURE_WINDOW_SECONDS=900)
+def test_a_window_ending_between_start_and_count_starts_a_new_one(alice, monkeypatch):
+    user, org = alice
+    faulty = _WindowEndsAfterAdd(cache)
+    monkeypatch.setattr(codes, "cache", faulty)
+    with pytest.raises(codes.UnknownCode):
+        codes.redeem(org, "garbage", user)
+    key = f"redeem-fail:user:{user.pk}"
+    assert faulty.expired and cache.get(key) == 1 and 890 <= _ttl(key) <= 900  # counted, in a fresh window
+
+
+def test_a_slot_given_back_after_its_window_ended_is_not_an_error_and_given_back_once(alice):
+    user, _ = alice
+    key = f"redeem-fail:user:{user.pk}"
+    limiter = codes.FailureLimiter(user, None)
+    limiter.acquire()
+    assert cache.get(key) == 1
+    cache.delete(key)  # the window ended while the redemption ran
+    limiter.release()
+    assert cache.get(key) is None  # no counter made up, no error
+    again = codes.FailureLimiter(user, None)
+    again.acquire()
+    again.release()
+    again.release()  # a second release gives nothing back
+    assert cache.get(key) == 0
+
+
 def test_without_a_user_or_an_address_nothing_is_counted(db):
     user, org = make_member("anon@example.com", "anon-org")
     with override_settings(REDEEM_FAILURES_PER_USER=1, REDEEM_FAILURES_PER_IP=1):
