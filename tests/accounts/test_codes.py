@@ -113,6 +113,15 @@ def test_redeem_grants_entitlement_with_the_codes_terms(alice):
     assert list(Entitlement.objects.for_org(org).active()) == [entitlement]
 
 
+def test_redeeming_one_code_counts_only_that_code_and_a_grant_without_code_does_not_block(alice):
+    user, org = alice
+    Entitlement.objects.create(organization=org, token_quota=10)  # granted by an operator, not by a code
+    first, second = issue_one(max_redemptions=5), issue_one(max_redemptions=5)
+    assert codes.redeem(org, first, user).code.prefix == first[:12]
+    counts = dict(AuthorizationCode.objects.values_list("prefix", "redemption_count"))
+    assert counts == {first[:12]: 1, second[:12]: 0}
+
+
 def test_unlimited_code_grants_unlimited_open_ended_entitlement(alice):
     entitlement = codes.redeem(alice[1], issue_one(), alice[0])
     assert entitlement.token_quota is None and entitlement.tokens_remaining is None
