@@ -110,20 +110,44 @@ def test_redis_buckets_are_atomic_across_threads(redis_clean):
     assert len(allowed) == 160 and sum(allowed) == 25
 
 
-def test_unreachable_redis_refuses_with_503():
+def test_unreachable_redis_refuses_with_503(caplog):
     limiter = RateLimiter(f"redis://127.0.0.1:{free_port()}/0", "refuse", 0.2)
     with pytest.raises(GatewayError) as err:
         limiter.acquire(owner(rpm=5), owner(), 1)
     assert err.value.status == 503 and err.value.type == "server_error"
+    assert err.value.message == "The rate limiter is temporarily unavailable; retry shortly."
+    assert "rate limiter: Redis unreachable, refusing: " in caplog.text
 
 
-def test_unreachable_redis_falls_back_to_local_buckets():
+def test_unreachable_redis_falls_back_to_local_buckets(caplog):
     limiter = RateLimiter(f"redis://127.0.0.1:{free_port()}/0", "local", 0.2)
     key, org = owner(rpm=2), owner(concurrent=5)
     decisions = [limiter.acquire(key, org, 1) for _ in range(3)]
     assert [d.allowed for d in decisions] == [True, True, False]
     assert all(d.local for d in decisions)
+    assert "rate limiter: Redis unreachable, using per-process limits: " in caplog.text
     limiter.release(decisions[0])
+
+
+def test_when_several_buckets_refuse_the_longest_wait_is_reported(limiter):
+    key = owner(rpm=1, tpm=100)
+    assert limiter.acquire(key, owner(), 100).allowed
+    refused = limiter.acquire(key, owner(), 50)  # requests: 60 s for the next one; tokens: 30 s for 50
+    assert refused.denied_kind == "requests" and 59_000 < refused.retry_after_ms <= 60_000
+
+
+def test_a_refund_never_lifts_a_local_bucket_above_its_capacity(monkeypatch):
+    import inference.ratelimit as rl
+
+    clock = [1000.0]
+    monkeypatch.setattr(rl.time, "monotonic", lambda: clock[0])
+    limiter = RateLimiter("", "refuse", 0.5)
+    key, org = owner(tpm=1000), owner()
+    hold = limiter.acquire(key, org, 800)
+    clock[0] += 60  # a minute later the bucket is full again
+    assert limiter.acquire(key, org, 0).headers["x-ratelimit-remaining-tokens"] == "1000"
+    limiter.release(hold)  # 800 unused: the bucket stays at its 1000
+    assert limiter.acquire(key, org, 1000).allowed and not limiter.acquire(key, org, 1).allowed
 
 
 def test_policy_must_be_known():
