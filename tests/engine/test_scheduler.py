@@ -227,6 +227,25 @@ def test_a_prompt_that_fits_only_with_its_cached_prefix_is_admitted():
     assert plan[second.seq_id] == 1 and second.num_cached_tokens == 12
 
 
+def test_cached_blocks_back_in_the_free_pool_count_against_it_at_admission():
+    """A finished sequence's cached blocks sit in the free pool: taking them back consumes free blocks."""
+    sched = make_scheduler(num_blocks=5, budget=64)
+    first = make_seq(13, "first")
+    sched.add(first)
+    run_step(sched)
+    sched.finish(first, "stop")  # its 3 full blocks stay cached, evictable
+    other = Sequence("other", list(range(100, 108)), SamplingParams(), max_tokens=10)
+    sched.add(other)
+    run_step(sched)  # 2 blocks for it: 3 free, all of them first's cached blocks
+    second = make_seq(13, "second")
+    sched.add(second)
+    batch, plan = run_step(sched)  # other's decode takes a block; second would need its cached ones plus one
+    assert list(plan) == [other.seq_id] and second.status is SequenceStatus.WAITING
+    sched.finish(other, "stop")
+    batch, plan = run_step(sched)
+    assert second.status is SequenceStatus.RUNNING and plan[second.seq_id] < 13  # now, from the cache
+
+
 def test_a_prompt_that_wants_prompt_logprobs_is_computed_in_full_despite_the_cache():
     sched = make_scheduler()
     first = make_seq(13, "first")
