@@ -116,7 +116,8 @@ def test_unreachable_redis_refuses_with_503(caplog):
         limiter.acquire(owner(rpm=5), owner(), 1)
     assert err.value.status == 503 and err.value.type == "server_error"
     assert err.value.message == "The rate limiter is temporarily unavailable; retry shortly."
-    assert "rate limiter: Redis unreachable, refusing: " in caplog.text
+    warned = caplog.records[-1].getMessage()  # the warning names the policy and Redis's own error
+    assert warned.startswith("rate limiter: Redis unreachable, refusing: Error ") and "refused" in warned
 
 
 def test_unreachable_redis_falls_back_to_local_buckets(caplog):
@@ -125,7 +126,8 @@ def test_unreachable_redis_falls_back_to_local_buckets(caplog):
     decisions = [limiter.acquire(key, org, 1) for _ in range(3)]
     assert [d.allowed for d in decisions] == [True, True, False]
     assert all(d.local for d in decisions)
-    assert "rate limiter: Redis unreachable, using per-process limits: " in caplog.text
+    warned = caplog.records[-1].getMessage()
+    assert warned.startswith("rate limiter: Redis unreachable, using per-process limits: Error ") and "refused" in warned
     limiter.release(decisions[0])
 
 
@@ -285,6 +287,7 @@ def test_an_organizations_tokens_limit_too_small_for_the_hold_names_the_organiza
     ("concurrency", 1000, "1", "1000", "Too many concurrent requests for your organization. Retry when one finishes."),
     ("tokens", 1500, "2", "1500", "Rate limit reached for tokens per minute. Please try again in 1.5s."),
     ("requests", 0, "1", "1", "Rate limit reached for requests per minute. Please try again in 0s."),
+    ("requests", 2001, "3", "2001", "Rate limit reached for requests per minute. Please try again in 2.001s."),
 ])
 def test_a_refusal_says_why_and_when_to_retry(kind, wait_ms, retry_after, retry_after_ms, says):
     from inference.ratelimit import Decision
@@ -308,3 +311,18 @@ def test_the_gateways_limiter_is_one_per_process_until_reset(settings):
     assert shared is not local and shared.redis is not None
     assert (shared.redis_url, shared.on_redis_error, shared.timeout) == (REDIS_URL, "local", 0.3)
     reset_limiter()
+
+
+async def test_each_event_loop_gets_its_own_redis_client_and_keeps_it(redis_clean):
+    """redis.asyncio clients belong to the loop that made them: one per loop, reused within it."""
+    import asyncio
+
+    limiter = RateLimiter(REDIS_URL, "refuse", 0.5)
+
+    async def scripts():
+        return limiter._async_scripts()
+
+    mine = await scripts()
+    assert await scripts() is mine
+    other = await asyncio.to_thread(asyncio.run, scripts())  # another thread's loop
+    assert other is not mine and await scripts() is not mine  # back here: this loop's own again
