@@ -89,6 +89,13 @@ def mask_early_stops(logits: torch.Tensor, rows: list[int], seqs: list[Sequence]
                           torch.tensor(float("-inf"), dtype=logits.dtype, device=device))
 
 
+# Top-k / top-p rows first take this many best tokens (one partial selection, not a sort of the vocabulary).
+# Exact: a top-k row within it keeps only those; a top-p row whose candidates hold at least top_p of the
+# probability has its whole nucleus among them (every later token has >= top_p of the mass above it). Only
+# the other rows (a flat distribution) sort the whole vocabulary.
+TOP_CANDIDATES = 256
+
+
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> None:
     """Mask (to -inf) tokens outside top-k, the top-p nucleus, or below min_p x the top probability.
     top_k 0 = off; top_p 1 = off; min_p 0 = off. Operates in place on temperature-scaled logits. The most
@@ -97,23 +104,48 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
         probs = logits.softmax(-1)
         threshold = probs.max(-1, keepdim=True).values * min_p.unsqueeze(1)
         logits.masked_fill_(probs < threshold, float("-inf"))
-    use_k = bool((top_k > 0).any())
-    use_p = bool((top_p < 1).any())
-    if not (use_k or use_p):
+    filtered = (top_k > 0) | (top_p < 1)
+    if not bool(filtered.any()):
         return
-    sorted_logits, order = logits.sort(-1, descending=True)
     vocab = logits.shape[1]
-    if use_k:
-        k = torch.where(top_k > 0, top_k, vocab).clamp(max=vocab)
-        kth = sorted_logits.gather(1, (k - 1).unsqueeze(1))
-        sorted_logits.masked_fill_(sorted_logits < kth, float("-inf"))
-    if use_p:
-        probs = sorted_logits.softmax(-1)
+    width = min(vocab, max(TOP_CANDIDATES, int(top_k.max())))
+    values, ids = logits.topk(width, dim=-1)  # descending, like a sort's first `width` columns
+    full_mass = logits.logsumexp(-1)
+    fits = filtered
+    if width < vocab:
+        held = (values - full_mass.unsqueeze(1)).exp().sum(-1)
+        fits = filtered & ((top_k > 0) | (held >= top_p))
+    rows = fits.nonzero().squeeze(1)
+    if rows.numel():
+        kept = values[rows]
+        _keep_nucleus(kept, top_k[rows], top_p[rows], full_mass[rows])
+        logits[rows] = torch.full_like(logits[rows], float("-inf")).scatter_(1, ids[rows], kept)
+    rest = (filtered & ~fits).nonzero().squeeze(1)
+    if rest.numel():
+        ordered, order = logits[rest].sort(-1, descending=True)
+        _keep_nucleus(ordered, top_k[rest], top_p[rest], None)
+        logits[rest] = ordered.scatter(1, order, ordered)
+
+
+def _keep_nucleus(ordered: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                  mass: torch.Tensor | None) -> None:
+    """Mask, in place, the columns of descending `ordered` logits outside top-k and then the top-p nucleus.
+    `ordered` is a row's best tokens with `mass` its logsumexp over the whole vocabulary (the nucleus of a
+    row without top-k is measured against all of its probability), or whole sorted rows with `mass` None."""
+    width = ordered.shape[1]
+    use_k = top_k > 0
+    if bool(use_k.any()):
+        k = torch.where(use_k, top_k, width).clamp(max=width)
+        kth = ordered.gather(1, (k - 1).unsqueeze(1))
+        ordered.masked_fill_(ordered < kth, float("-inf"))
+        if mass is not None:  # after top-k the nucleus is of the renormalised k best, all in `ordered`
+            mass = torch.where(use_k, ordered.logsumexp(-1), mass)
+    if bool((top_p < 1).any()):
+        probs = ordered.softmax(-1) if mass is None else (ordered - mass.unsqueeze(1)).exp()
         before = probs.cumsum(-1) - probs  # mass strictly above each token
         outside = before >= top_p.unsqueeze(1)
         outside[:, 0] = False  # top_p 0 keeps the most likely token, not nothing
-        sorted_logits.masked_fill_(outside, float("-inf"))
-    logits.scatter_(1, order, sorted_logits)
+        ordered.masked_fill_(outside, float("-inf"))
 
 
 class Sampler:
