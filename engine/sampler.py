@@ -1,7 +1,9 @@
 """Batched next-token sampling.
 
-Rows without penalties, logit bias, filters or logprobs take a plain argmax. A seeded request draws from
-its own torch.Generator, so the same seed gives the same tokens whatever else is in the batch; each choice
+Rows without penalties, logit bias, filters or logprobs take a plain argmax. top-k / top-p look at the
+best TOP_CANDIDATES tokens, not a sort of the vocabulary, where that is exact. An unseeded row draws one
+uniform (inverse CDF); a seeded request draws a vocabulary of exponentials from its own torch.Generator
+(the pinned stream), so the same seed gives the same tokens whatever else is in the batch; each choice
 of an n > 1 request gets its own stream, seeded by a hash of (seed, index). Logprobs are those of the
 model's raw distribution (before temperature, penalties, logit bias and filters), as OpenAI reports them.
 Every tensor built here lives on the logits' device.
@@ -203,16 +205,35 @@ class Sampler:
             torch.tensor([p.min_p for p in params], dtype=logits.dtype, device=device),
         )
         probs = logits.softmax(-1)
-        # Exponential race (argmax of p / E, E ~ Exp(1)) samples from probs; seeded rows draw E from
-        # their own generator.
-        noise = torch.empty_like(probs).exponential_()
-        for row, seq in enumerate(seqs):
-            if seq.params.seed is not None:
+        tokens = torch.empty(len(seqs), dtype=torch.long, device=device)
+        seeded = [i for i, s in enumerate(seqs) if s.params.seed is not None]
+        free = [i for i, s in enumerate(seqs) if s.params.seed is None]
+        if free:  # one uniform per row (a vocabulary of exponentials costs ~20x more)
+            rows = torch.tensor(free, dtype=torch.long, device=device)
+            tokens[rows] = _inverse_cdf(probs[rows], torch.rand(len(free), dtype=probs.dtype, device=device))
+        if seeded:
+            # Exponential race (argmax of p / E, E ~ Exp(1)), E from the request's own generator: the
+            # stream a seed gives is pinned across releases, whatever else is in the batch.
+            rows = torch.tensor(seeded, dtype=torch.long, device=device)
+            noise = torch.empty((len(seeded), vocab), dtype=probs.dtype, device=device)
+            for j, i in enumerate(seeded):
+                seq = seqs[i]
                 if seq.generator is None:
                     seq.generator = torch.Generator(device=probs.device).manual_seed(
                         choice_seed(seq.params.seed, seq.index))
-                noise[row].exponential_(generator=seq.generator)
-        return _race(probs, noise)
+                noise[j].exponential_(generator=seq.generator)
+            tokens[rows] = _race(probs[rows], noise)
+        return tokens
+
+
+def _inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Per row, the first token whose cumulative probability exceeds `uniform` x the row's total. The
+    draw is clamped below the total (float rounding of u x total could reach it), so some token always
+    exceeds it, and the first one that does has a non-zero probability: a masked token is never chosen."""
+    cdf = probs.cumsum(-1)
+    total = cdf[:, -1:]
+    draw = torch.minimum(uniform.unsqueeze(1) * total, total.nextafter(torch.zeros_like(total)))
+    return torch.searchsorted(cdf, draw, right=True).squeeze(1)
 
 
 def _race(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,9 @@ that fall back to the sort."""
 import pytest
 import torch
 
-from engine.sampler import TOP_CANDIDATES, filter_logits
+from engine.sampler import TOP_CANDIDATES, Sampler, _inverse_cdf, filter_logits
+from engine.sampling_params import SamplingParams
+from engine.sequence import Sequence
 
 torch.set_num_threads(2)
 VOCAB = 49152  # SmolLM2's
@@ -45,3 +47,18 @@ def test_candidates_keep_what_the_full_sort_keeps(peaked):
     assert kept[2] == VOCAB and kept[5] == 1 and kept[6] == 1  # off; top_k 1; top_p 0
     if not peaked:
         assert kept[0] > TOP_CANDIDATES  # the nucleus reaches past the candidates: the sort served it
+
+
+def test_inverse_cdf_never_draws_a_masked_token_even_at_the_extremes():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0], [0.0, 0.0, 1.0, 0.0, 0.0]])
+    for u in (0.0, 0.25, 0.5, 0.75, 1.0 - 2**-24, 1.0):  # 1.0: what u x total may round up to
+        drawn = _inverse_cdf(probs, torch.full((2,), u))
+        assert probs[torch.arange(2), drawn].gt(0).all(), u
+
+
+def test_unseeded_rows_follow_the_filtered_distribution():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05])).repeat(4000, 1)
+    seqs = [Sequence("r", [1], SamplingParams(temperature=1.0, top_p=0.8), max_tokens=10) for _ in range(4000)]
+    counts = torch.bincount(torch.tensor(Sampler()(logits, seqs).token_ids), minlength=4)
+    assert counts[2:].sum() == 0  # outside the nucleus
+    assert abs(counts[0] / 4000 - 0.5 / 0.8) < 0.03 and abs(counts[1] / 4000 - 0.3 / 0.8) < 0.03
