@@ -1,7 +1,7 @@
 """Batched next-token sampling.
 
 Rows without penalties, logit bias, filters or logprobs take a plain argmax. top-k / top-p look at the
-best TOP_CANDIDATES tokens, not a sort of the vocabulary, where that is exact. An unseeded row draws one
+best CANDIDATE_WIDTHS tokens, not a sort of the vocabulary, where that is exact. An unseeded row draws one
 uniform (inverse CDF); a seeded request draws a vocabulary of exponentials from its own torch.Generator
 (the pinned stream), so the same seed gives the same tokens whatever else is in the batch; each choice
 of an n > 1 request gets its own stream, seeded by a hash of (seed, index). Logprobs are those of the
@@ -91,11 +91,11 @@ def mask_early_stops(logits: torch.Tensor, rows: list[int], seqs: list[Sequence]
                           torch.tensor(float("-inf"), dtype=logits.dtype, device=device))
 
 
-# Top-k / top-p rows first take this many best tokens (one partial selection, not a sort of the vocabulary).
-# Exact: a top-k row within it keeps only those; a top-p row whose candidates hold at least top_p of the
-# probability has its whole nucleus among them (every later token has >= top_p of the mass above it). Only
-# the other rows (a flat distribution) sort the whole vocabulary.
-TOP_CANDIDATES = 256
+# Top-k / top-p rows first take their best 64 tokens, then 1024 (one partial selection each, not a sort of
+# the vocabulary). Exact: a top-k row within the width keeps only those; a top-p row whose candidates hold
+# at least top_p of the probability has its whole nucleus among them (every later token has >= top_p of the
+# mass above it). Only the rows that fit neither (a flat distribution) sort the whole vocabulary.
+CANDIDATE_WIDTHS = (64, 1024)
 
 
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> None:
@@ -106,27 +106,27 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
         probs = logits.softmax(-1)
         threshold = probs.max(-1, keepdim=True).values * min_p.unsqueeze(1)
         logits.masked_fill_(probs < threshold, float("-inf"))
-    filtered = (top_k > 0) | (top_p < 1)
-    if not bool(filtered.any()):
-        return
+    pending = ((top_k > 0) | (top_p < 1)).nonzero().squeeze(1)
     vocab = logits.shape[1]
-    width = min(vocab, max(TOP_CANDIDATES, int(top_k.max())))
-    values, ids = logits.topk(width, dim=-1)  # descending, like a sort's first `width` columns
-    full_mass = logits.logsumexp(-1)
-    fits = filtered
-    if width < vocab:
-        held = (values - full_mass.unsqueeze(1)).exp().sum(-1)
-        fits = filtered & ((top_k > 0) | (held >= top_p))
-    rows = fits.nonzero().squeeze(1)
-    if rows.numel():
-        kept = values[rows]
-        _keep_nucleus(kept, top_k[rows], top_p[rows], full_mass[rows])
-        logits[rows] = torch.full_like(logits[rows], float("-inf")).scatter_(1, ids[rows], kept)
-    rest = (filtered & ~fits).nonzero().squeeze(1)
-    if rest.numel():
-        ordered, order = logits[rest].sort(-1, descending=True)
-        _keep_nucleus(ordered, top_k[rest], top_p[rest], None)
-        logits[rest] = ordered.scatter(1, order, ordered)
+    for width in CANDIDATE_WIDTHS:
+        if not pending.numel():
+            return
+        k, p, rows = top_k[pending], top_p[pending], logits[pending]
+        width = max(width, int(k.max()))
+        if width >= vocab:
+            break
+        values, ids = rows.topk(width, dim=-1)  # descending, like a sort's first `width` columns
+        mass = rows.logsumexp(-1)
+        fits = (k > 0) | ((values - mass.unsqueeze(1)).exp().sum(-1) >= p)
+        if bool(fits.any()):
+            kept = values[fits]  # a copy (boolean index): masked in place, then scattered back
+            _keep_nucleus(kept, k[fits], p[fits], mass[fits])
+            logits[pending[fits]] = torch.full_like(rows[fits], float("-inf")).scatter_(1, ids[fits], kept)
+        pending = pending[~fits]
+    if pending.numel():
+        ordered, order = logits[pending].sort(-1, descending=True)
+        _keep_nucleus(ordered, top_k[pending], top_p[pending], None)
+        logits[pending] = ordered.scatter(1, order, ordered)
 
 
 def _keep_nucleus(ordered: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,

@@ -1,11 +1,11 @@
-"""top-k / top-p over a real-sized vocabulary: the candidate pre-filter (engine.sampler.TOP_CANDIDATES)
+"""top-k / top-p over a real-sized vocabulary: the candidate pre-filter (engine.sampler.CANDIDATE_WIDTHS)
 keeps exactly the tokens that sorting the whole vocabulary keeps, on the rows it serves and on the rows
 that fall back to the sort."""
 
 import pytest
 import torch
 
-from engine.sampler import TOP_CANDIDATES, Sampler, _inverse_cdf, filter_logits
+from engine.sampler import CANDIDATE_WIDTHS, Sampler, _inverse_cdf, filter_logits
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 
@@ -36,7 +36,7 @@ def rows(peaked: bool, count: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("peaked", [True, False], ids=["peaked: candidates hold the nucleus", "flat: full sort"])
 def test_candidates_keep_what_the_full_sort_keeps(peaked):
-    top_k = torch.tensor([0, 0, 0, 40, TOP_CANDIDATES + 300, 1, 0, 5])
+    top_k = torch.tensor([0, 0, 0, 40, CANDIDATE_WIDTHS[0] + 30, 1, 0, 5])
     top_p = torch.tensor([0.9, 0.5, 1.0, 0.9, 0.95, 0.9, 0.0, 1.0])
     logits = rows(peaked, len(top_k))
     expected = by_full_sort(logits.clone(), top_k, top_p)
@@ -45,8 +45,10 @@ def test_candidates_keep_what_the_full_sort_keeps(peaked):
     assert torch.equal(logits[torch.isfinite(logits)], expected[torch.isfinite(expected)])
     kept = torch.isfinite(logits).sum(-1)
     assert kept[2] == VOCAB and kept[5] == 1 and kept[6] == 1  # off; top_k 1; top_p 0
-    if not peaked:
-        assert kept[0] > TOP_CANDIDATES  # the nucleus reaches past the candidates: the sort served it
+    if peaked:  # the first width holds row 1's nucleus, the second row 0's
+        assert kept[1] <= CANDIDATE_WIDTHS[0] < kept[0] <= CANDIDATE_WIDTHS[1]
+    else:
+        assert kept[0] > CANDIDATE_WIDTHS[-1]  # the nucleus reaches past the candidates: the sort served it
 
 
 def test_inverse_cdf_never_draws_a_masked_token_even_at_the_extremes():
