@@ -100,12 +100,15 @@ def long_prompt(url: str, tokens: int) -> tuple[list[dict], int]:
     """A chat prompt of about `tokens` tokens (counted by our server's /tokenize), unique to this run."""
     words = " ".join(f"{TOPICS[i % len(TOPICS)].split()[-1]}-{i}" for i in range(tokens))
     text = f"Run {time.time_ns()}. Summarise these notes: {words}"
-    for _ in range(6):
+    for _ in range(8):
         messages = [{"role": "user", "content": text}]
         count = httpx.post(f"{url}/tokenize", json={"messages": messages}, timeout=60).json()["count"]
         if abs(count - tokens) <= tokens // 50:
             break
-        text = text[: int(len(text) * tokens / count)]
+        if count < tokens:
+            text += " " + words[: int(len(words) * (tokens - count) / tokens * 1.1)]
+        else:
+            text = text[: int(len(text) * tokens / count)]
     return messages, count
 
 
