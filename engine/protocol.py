@@ -44,11 +44,13 @@ class ParsedRequest:
     tool_names: set[str] | None = None  # chat: the functions whose calls are read from the answer (None: no tools)
     tool_format: str | None = None  # chat: "auto" or "hermes" (None: the server's --tool-format)
     prompt_logprobs: int | None = None  # vLLM's prompt_logprobs field: alternatives shown per prompt token
+    continuous_usage: bool = False  # vLLM's continuous_usage_stats: the usage so far on every chunk
 
 
 def _parsed(request: schema._GenerationRequest, defaults: dict | None, **fields) -> ParsedRequest:
     return ParsedRequest(model=request.model, params=request.sampling_params(defaults), stream=bool(request.stream),
-                         include_usage=request.include_usage, cache_salt=request.cache_salt, user=request.user,
+                         include_usage=request.include_usage,
+                         continuous_usage=request.continuous_usage, cache_salt=request.cache_salt, user=request.user,
                          prompt_logprobs=request.prompt_logprobs, **fields)
 
 

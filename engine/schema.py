@@ -234,6 +234,9 @@ class StructuredOutputs(_Strict):
 class StreamOptions(_Strict):
     include_usage: bool | None = None
     include_obfuscation: bool | None = None  # we add no obfuscation field either way
+    # vLLM's: every chunk with choices carries the usage so far (the gateway asks for it, so that a cut
+    # stream is billed what the engine reported: its cached tokens too)
+    continuous_usage_stats: bool | None = None
 
 
 _LaxTokenId = Annotated[TokenId, Strict(False)]  # JSON object keys are strings: "50256"
@@ -283,6 +286,11 @@ class _GenerationRequest(_Strict):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        """The usage so far on every chunk (vLLM's continuous_usage_stats, with include_usage)."""
+        return self.include_usage and bool(self.stream_options.continuous_usage_stats)
 
     @property
     def max_completion(self) -> int | None:

@@ -441,10 +441,13 @@ class OpenAIServer:
         choices_total = len(ids) * n
         echoes = [self._echo_text(parsed, k // n, ids) for k in range(choices_total)]
         offsets = {k: len(echo) for k, echo in enumerate(echoes)}
+        outs: list = [None] * len(ids)
 
         def chunk(choices: list[dict]) -> str:
             payload = {"id": request_id, "object": obj, "created": created, "model": self.model_name,
                        "choices": choices, "system_fingerprint": self.system_fingerprint, **usage_field}
+            if parsed.continuous_usage and None not in outs:
+                payload["usage"] = self._usage(outs)
             return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
         if chat:
@@ -455,7 +458,6 @@ class OpenAIServer:
         if parsed.echo and not echo_pending:
             yield chunk([{"index": k, "text": echoes[k], "logprobs": None, "finish_reason": None}
                          for k in range(choices_total)])
-        outs: list = [None] * len(ids)
         texts = dict.fromkeys(range(choices_total), "") if telemetry.capture_content() else None
         finish_reasons: dict[int, str | None] = dict.fromkeys(range(choices_total))
         parsers = ({k: tools.ToolCallParser(parsed.tool_names) for k in range(choices_total)}

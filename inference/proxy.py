@@ -97,6 +97,13 @@ class Meter:
         self.cached_tokens = int(details.get("cached_tokens") or 0)
         self.usage_reported = True
 
+    def take_progress(self, usage: dict) -> None:
+        """The usage so far, from a chunk with choices (continuous_usage_stats): what a stream cut after it
+        is billed at least, its cached tokens included."""
+        self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        self.completion_tokens = max(self.completion_tokens, int(usage.get("completion_tokens") or 0))
+        self.cached_tokens = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+
     def mark_first_token(self) -> None:
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
@@ -255,9 +262,13 @@ def sse_error(error: GatewayError) -> bytes:
 
 
 async def relay_stream(
-    response: httpx.Response, meter: Meter, client_wants_usage: bool, upstream: Upstream
+    response: httpx.Response, meter: Meter, client_wants_usage: bool, upstream: Upstream,
+    client_wants_progress: bool = False,
 ) -> AsyncIterator[bytes]:
-    """Yield the engine's SSE events as they arrive, metering them; closes the upstream on exit."""
+    """Yield the engine's SSE events as they arrive, metering them; closes the upstream on exit.
+
+    The usage so far that the gateway asked of the engine on every chunk is metered and taken out again
+    unless the client asked for it too (a chat chunk then says `usage: null`, as OpenAI's do)."""
     done = False
     try:
         async for line in response.aiter_lines():
@@ -284,9 +295,16 @@ async def relay_stream(
                 meter.mark_first_token()
                 if not meter.usage_reported:
                     meter.completion_tokens += generated
-            if chunk.get("usage"):
+            if chunk.get("usage") and chunk.get("choices"):
+                meter.take_progress(chunk["usage"])
+                if not client_wants_progress:
+                    del chunk["usage"]
+                    if client_wants_usage and chunk.get("object") == "chat.completion.chunk":
+                        chunk["usage"] = None
+                    data = json.dumps(chunk, ensure_ascii=False)
+            elif chunk.get("usage"):
                 meter.take_usage(chunk["usage"])
-                if not chunk.get("choices") and not client_wants_usage:
+                if not client_wants_usage:
                     continue  # the usage chunk the gateway asked for on its own behalf
             yield f"data: {data}\n\n".encode()
         if not done:

@@ -305,7 +305,10 @@ class Forward:
         if self.inference.default_max_tokens is not None:
             body["max_tokens"] = self.inference.default_max_tokens  # what the hold allows (no max_tokens given)
         if self.inference.stream:
-            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+            options = {**(body.get("stream_options") or {}), "include_usage": True}
+            if self.upstream.is_engine:  # the usage so far on every chunk: a cut stream is billed exactly
+                options["continuous_usage_stats"] = True
+            body["stream_options"] = options
         return json.dumps(body).encode()
 
     async def run(self) -> HttpResponse:
@@ -450,7 +453,8 @@ class Forward:
 
     async def stream(self, response: httpx.Response):
         try:
-            async for part in proxy.relay_stream(response, self.meter, self.inference.include_usage, self.upstream):
+            async for part in proxy.relay_stream(response, self.meter, self.inference.include_usage, self.upstream,
+                                                  client_wants_progress=self.inference.request.continuous_usage):
                 yield part
         finally:
             await self.release_replica()

@@ -4,6 +4,7 @@ with PostgreSQL and Redis. Keys come from redeemed authorization codes."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 from decimal import Decimal
@@ -235,6 +236,51 @@ def test_cached_tokens_are_recorded_and_billed_at_the_cached_price(gateway, engi
         expected = (Decimal(row.prompt_tokens - cached) * 3 + Decimal(cached) * 1
                     + Decimal(row.completion_tokens) * 5) / Decimal(1_000_000)
         assert row.cost == expected.quantize(Decimal("0.00000001"))
+
+
+def test_a_cut_stream_records_its_cached_tokens_at_the_cached_price(gateway, engine_server):
+    """A stream the client cuts after a few chunks, on a prompt the prefix cache holds: the record keeps the
+    cached tokens the engine reported with its chunks (the gateway asks for the usage so far on every chunk
+    and takes it out again: the client, who did not ask for it, sees none) and prices them as cached."""
+    add_model("smollm2", engine_server, price_input_per_million=3, price_cached_input_per_million=1,
+              price_output_per_million=5)
+    tenant = make_tenant("cut-cached")
+    client = sync_client(gateway, tenant)
+    client.chat.completions.create(model="smollm2", messages=LONG_MESSAGES, max_tokens=1, temperature=0)
+    body = {"model": "smollm2", "messages": LONG_MESSAGES, "max_tokens": 400, "stream": True, "ignore_eos": True,
+            "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{gateway}/v1/chat/completions", json=body,
+                      headers={"authorization": f"Bearer {tenant.raw_key}"}, timeout=60) as response:
+        assert response.status_code == 200
+        received = []
+        for line in response.iter_lines():
+            if line.startswith("data:"):
+                received.append(json.loads(line[5:]))
+            if len(received) == 6:  # the role chunk and five generated ones
+                break
+    assert all("usage" in chunk and chunk["usage"] is None for chunk in received)  # include_usage's nulls only
+    deadline = time.monotonic() + 20
+    while UsageRecord.objects.filter(organization=tenant.organization).count() < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    row = UsageRecord.objects.filter(organization=tenant.organization).order_by("created_at").last()
+    assert row.status == UsageStatus.CLIENT_DISCONNECTED and row.stream
+    assert row.cached_tokens >= 64 and row.cached_tokens % 16 == 0 and row.cached_tokens < row.prompt_tokens
+    assert row.completion_tokens >= 5
+    expected = (Decimal(row.prompt_tokens - row.cached_tokens) * 3 + Decimal(row.cached_tokens) * 1
+                + Decimal(row.completion_tokens) * 5) / Decimal(1_000_000)
+    assert row.cost == expected.quantize(Decimal("0.00000001"))
+
+
+def test_a_client_asking_for_the_usage_so_far_gets_it_on_every_chunk(gateway, smollm2):
+    """vLLM's continuous_usage_stats passes through: each chunk with choices carries the usage so far."""
+    tenant = make_tenant("progress")
+    chunks = list(sync_client(gateway, tenant).chat.completions.create(
+        model="smollm2", messages=MESSAGES, max_tokens=6, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"stream_options": {
+            "include_usage": True, "continuous_usage_stats": True}}))
+    progress = [c.usage.completion_tokens for c in chunks[1:-1] if c.choices]
+    assert progress and progress == sorted(progress) and progress[-1] <= chunks[-1].usage.completion_tokens
+    assert chunks[-1].usage.completion_tokens == 6
 
 
 @pytest.mark.parametrize("stream", [False, True])
