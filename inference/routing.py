@@ -4,14 +4,15 @@
   scored by expiry, so a crashed gateway's requests age out), or what the engine itself reports at
   GET /load (running + waiting; one gateway process polls each GATEWAY_LOAD_POLL_SECONDS), whichever
   is higher.
-- "affinity": requests sharing a prompt prefix go to a replica that holds that prefix in its cache:
+- "affinity": requests sharing a prompt prefix go to the replica that holds that prefix in its cache:
   consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam, 2018) on rendezvous order
-  (highest random weight, weighted): the first replica in the key's order whose load stays within
-  GATEWAY_AFFINITY_LOAD_FACTOR times the weighted mean. Cache-aware refinement: the replicas the key
-  was sent to in the last GATEWAY_AFFINITY_HOLDER_SECONDS already hold its prefix, so the least loaded
-  of those within the bound comes first; a key spills to a new replica (its next in order) only when
-  every holder is full. The key is the tenant's cache_salt and the first GATEWAY_AFFINITY_PREFIX_CHARS
-  of the prompt, so two tenants never share a key.
+  (highest random weight, weighted), applied as the paper does to keys: a new key gets a home, the first
+  replica in its order holding fewer than GATEWAY_AFFINITY_KEY_FACTOR times the mean number of keys
+  (those used in the last GATEWAY_AFFINITY_HOLDER_SECONDS), so tenants' prefixes spread evenly and each
+  stays on one replica (a home is kept, so a tight factor costs no cache hits); and to requests: a home whose requests in flight exceed the factor times the mean
+  lends this one to the first replica in the key's order under it (which then caches the prefix too).
+  The key is the tenant's cache_salt and the first GATEWAY_AFFINITY_PREFIX_CHARS of the prompt, so two
+  tenants never share a key.
 - "least_loaded": fewest per unit of weight; "round_robin": a shared counter per model.
 
 The choice and the slot it takes are one Redis script call (atomic across gateways). When Redis cannot
@@ -40,8 +41,9 @@ logger = logging.getLogger(__name__)
 PREFIX = "maas:{route}:"  # one hash slot: the script touches several keys
 
 # KEYS: in-flight sets of the n candidates (in preference order), their engine-reported loads, the
-# round-robin counter, the key's holders (deployment id -> last use). ARGV: n, mode, load factor, slot,
-# ttl ms, holder ttl ms, then the n weights, then the n deployment ids.
+# round-robin counter, the key's home (a deployment id), then the candidates' key sets (key -> last use).
+# ARGV: n, mode, load factor, slot, ttl ms, home ttl ms, the n weights, the n deployment ids, the key, the
+# key factor.
 # Returns the chosen candidate's 1-based index and every candidate's load before the choice.
 LUA_CHOOSE = """
 local n = tonumber(ARGV[1])
@@ -61,21 +63,35 @@ local chosen = nil
 if mode == 'round_robin' then
   chosen = (redis.call('INCR', KEYS[2 * n + 1]) - 1) % n + 1
 elseif mode == 'affinity' then
-  local holders = KEYS[2 * n + 2]
-  redis.call('ZREMRANGEBYSCORE', holders, '-inf', now - held_ttl)
-  local best = nil
-  for i = 1, n do  -- a replica that holds the prefix: the least loaded within the bound
-    local w = tonumber(ARGV[6 + i])
-    local cap = math.ceil(factor * (total + 1) * w / wsum)
-    if loads[i] + 1 <= cap and redis.call('ZSCORE', holders, ARGV[6 + n + i]) then
-      if best == nil or loads[i] / w < best then best = loads[i] / w; chosen = i end
+  local function fits(i, load, sum, f)
+    return load + 1 <= math.ceil((f or factor) * (sum + 1) * tonumber(ARGV[6 + i]) / wsum)
+  end
+  local home = redis.call('GET', KEYS[2 * n + 2])
+  local at = nil
+  for i = 1, n do if ARGV[6 + n + i] == home then at = i end end
+  if at ~= nil and fits(at, loads[at], total) then
+    chosen = at
+  elseif at == nil then  -- a new key (or its home is gone): the first replica with room for one more key
+    local keys, ktotal = {}, 0
+    for i = 1, n do
+      redis.call('ZREMRANGEBYSCORE', KEYS[2 * n + 2 + i], '-inf', now - held_ttl)
+      keys[i] = redis.call('ZCARD', KEYS[2 * n + 2 + i])
+      ktotal = ktotal + keys[i]
+    end
+    for i = 1, n do
+      if fits(i, keys[i], ktotal, tonumber(ARGV[8 + 2 * n])) and fits(i, loads[i], total) then
+        chosen = i; at = i; break
+      end
+    end
+  else  -- its home is full: lent to the first replica in the key's order with room
+    for i = 1, n do
+      if fits(i, loads[i], total) then chosen = i; break end
     end
   end
-  if chosen == nil then  -- else the first in the key's order within the bound (it will hold it)
-    for i = 1, n do
-      local cap = math.ceil(factor * (total + 1) * tonumber(ARGV[6 + i]) / wsum)
-      if loads[i] + 1 <= cap then chosen = i; break end
-    end
+  if at ~= nil then
+    redis.call('SET', KEYS[2 * n + 2], ARGV[6 + n + at], 'PX', held_ttl)
+    redis.call('ZADD', KEYS[2 * n + 2 + at], now, ARGV[7 + 2 * n])
+    redis.call('PEXPIRE', KEYS[2 * n + 2 + at], held_ttl)
   end
 end
 if chosen == nil then
@@ -87,10 +103,6 @@ if chosen == nil then
 end
 redis.call('ZADD', KEYS[chosen], now + ttl, slot)
 redis.call('PEXPIRE', KEYS[chosen], ttl)
-if mode == 'affinity' then
-  redis.call('ZADD', KEYS[2 * n + 2], now, ARGV[6 + n + chosen])
-  redis.call('PEXPIRE', KEYS[2 * n + 2], held_ttl)
-end
 return {chosen, unpack(loads)}
 """
 
@@ -208,10 +220,12 @@ class Router:
         try:
             _, choose, _ = self._scripts()
             keys = ([inflight_key(u.id) for u in candidates] + [load_key(u.id) for u in candidates]
-                    + [f"{PREFIX}rr:{entry.model.pk}", f"{PREFIX}holders:{key}"])
+                    + [f"{PREFIX}rr:{entry.model.pk}", f"{PREFIX}home:{key}"]
+                    + [f"{PREFIX}keys:{u.id}" for u in candidates])
             args = [len(candidates), mode, settings.GATEWAY_AFFINITY_LOAD_FACTOR, slot, self.slot_ttl_ms(),
                     int(settings.GATEWAY_AFFINITY_HOLDER_SECONDS * 1000),
-                    *(max(u.weight, 1) for u in candidates), *(u.id for u in candidates)]
+                    *(max(u.weight, 1) for u in candidates), *(u.id for u in candidates), key or "",
+                    settings.GATEWAY_AFFINITY_KEY_FACTOR]
             answer = await choose(keys=keys, args=args)
         except Exception as exc:  # noqa: BLE001 - redis.ConnectionError, TimeoutError, ...
             logger.warning("routing: Redis unreachable, choosing in this process: %s", exc)

@@ -396,13 +396,16 @@ GATEWAY_HEALTH_CHECK_TIMEOUT = env_float("GATEWAY_HEALTH_CHECK_TIMEOUT", 2.0)
 # Replica choice, shared by every gateway process through Redis (inference/routing.py): "affinity"
 # (bounded-load consistent hashing on the prompt's prefix), "least_loaded" or "round_robin".
 GATEWAY_ROUTING = os.environ.get("GATEWAY_ROUTING", "affinity")
-# Bounded loads: a replica takes a request while its load is below this factor times the mean (c > 1).
+# Bounded loads: a key's home takes a request while its requests in flight stay within this factor times
+# the mean (c > 1); above it the request is lent to the key's next replica.
 GATEWAY_AFFINITY_LOAD_FACTOR = env_float("GATEWAY_AFFINITY_LOAD_FACTOR", 1.25)
 # The prefix that keys affinity: this many characters of the rendered messages (a system prompt, a
 # conversation's first turns), with the tenant's cache_salt.
 GATEWAY_AFFINITY_PREFIX_CHARS = env_int("GATEWAY_AFFINITY_PREFIX_CHARS", 1024)
-# A replica a prefix was sent to this recently is taken to hold it in its cache (routing.py prefers it).
+# A prefix key keeps its home replica this long after its last request (then it is a new key again).
 GATEWAY_AFFINITY_HOLDER_SECONDS = env_float("GATEWAY_AFFINITY_HOLDER_SECONDS", 600.0)
+# A new key's home: the first replica in its order with fewer than this factor times the mean keys.
+GATEWAY_AFFINITY_KEY_FACTOR = env_float("GATEWAY_AFFINITY_KEY_FACTOR", 1.0)
 # How often one gateway process (whichever takes the Redis lock) polls the engines' GET /load.
 GATEWAY_LOAD_POLL_SECONDS = env_float("GATEWAY_LOAD_POLL_SECONDS", 1.0)
 # An attempt that has no response headers after this long fails over (fallback models, next replica).
