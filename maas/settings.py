@@ -398,7 +398,7 @@ GATEWAY_HEALTH_CHECK_TIMEOUT = env_float("GATEWAY_HEALTH_CHECK_TIMEOUT", 2.0)
 GATEWAY_ROUTING = os.environ.get("GATEWAY_ROUTING", "affinity")
 # Bounded loads: a key's home takes a request while its requests in flight stay within this factor times
 # the mean (c > 1); above it the request is lent to the key's next replica.
-GATEWAY_AFFINITY_LOAD_FACTOR = env_float("GATEWAY_AFFINITY_LOAD_FACTOR", 1.25)
+GATEWAY_AFFINITY_LOAD_FACTOR = env_float("GATEWAY_AFFINITY_LOAD_FACTOR", 1.5)
 # The prefix that keys affinity: this many characters of the rendered messages (a system prompt, a
 # conversation's first turns), with the tenant's cache_salt.
 GATEWAY_AFFINITY_PREFIX_CHARS = env_int("GATEWAY_AFFINITY_PREFIX_CHARS", 1024)
