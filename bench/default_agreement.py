@@ -1,9 +1,8 @@
-"""Greedy agreement between `engine serve`'s fast default and the exact mode on the same model.
+"""Greedy agreement between the fast CPU mode (`--dtype bfloat16`) and the exact mode on the same model.
 
     .venv/bin/python bench/default_agreement.py [--model PATH] [--max-tokens 32] [--threads 2]
 
-The fast default is `engine.loader.serving_dtype` (bfloat16 where the hardware has it: a GGUF's 4-bit
-projections stay packed); the exact mode is float32 (dequantized dense weights, transformers' logits). Both
+The fast mode is bfloat16 (a GGUF's 4-bit projections stay packed for ATen's int4 GEMM); the exact mode is float32 (dequantized dense weights, transformers' logits). Both
 run the same chat prompts greedily in-process (the offline `LLM`, the same engine the server wraps) and the
 script reports, per prompt, how many leading tokens agree: the share of prompts whose answers are identical
 and the mean share of agreeing leading tokens. Greedy decoding amplifies the first differing argmax, so the
@@ -20,7 +19,7 @@ import time
 import torch
 
 from engine import LLM, SamplingParams
-from engine.loader import demo_model_path, serving_dtype
+from engine.loader import demo_model_path
 
 PROMPTS = [
     "What is the capital of France?",
@@ -72,9 +71,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    fast = serving_dtype("cpu")
-    if fast == torch.float32:
-        print("this CPU has no native bfloat16: the fast default is the exact mode (agreement 100% by construction)")
+    fast = torch.bfloat16
     started = time.perf_counter()
     exact = greedy_tokens(args.model, torch.float32, args.max_tokens)
     quick = greedy_tokens(args.model, fast, args.max_tokens)

@@ -62,23 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "over gloo): heads, MLP and vocabulary are sharded; dense and GGUF weights only")
     serve.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
     serve.add_argument("--dtype", choices=sorted(_DTYPES),
-                       help="default for a decoder: bfloat16 on CUDA and on CPUs with native bfloat16 (a GGUF's "
-                            "4-bit weights stay packed), else float32; float32 is the exact mode (transformers' "
-                            "logits); encoders default to float32")
+                       help="default: float32 on CPU (the exact mode), bfloat16 on CUDA; on CPU, bfloat16 keeps a "
+                            "GGUF's 4-bit weights packed (faster), but its greedy answers vary with prefix-cache "
+                            "hits and batch neighbours")
     serve.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     serve.add_argument("--threads", type=int, help="torch CPU threads")
     serve.add_argument("--log-level", default="info")
     return parser
-
-
-def serve_dtype(args: argparse.Namespace, *, encoder: bool) -> torch.dtype | None:
-    """--dtype, else the hardware's fast choice for a decoder (engine.loader.serving_dtype); an encoder
-    keeps the loader's default (float32 on CPU)."""
-    from engine.loader import serving_dtype
-
-    if args.dtype:
-        return _DTYPES[args.dtype]
-    return None if encoder else serving_dtype(args.device)
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -95,7 +85,7 @@ def serve(args: argparse.Namespace) -> None:
     log_config = telemetry.configure_logging(args.log_level)  # LOG_FORMAT=json: JSON lines with trace ids
     encoder = is_encoder_directory(args.model)
     config = EngineConfig(
-        model=args.model, served_model_name=args.served_model_name, dtype=serve_dtype(args, encoder=encoder),
+        model=args.model, served_model_name=args.served_model_name, dtype=_DTYPES.get(args.dtype),
         device=args.device, block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
         gpu_memory_fraction=args.gpu_memory_fraction, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,

@@ -495,7 +495,7 @@ class ReplicaStatus(models.TextChoices):
 
 
 class EngineDtype(models.TextChoices):
-    AUTO = "", "Engine default (bfloat16 where the hardware has it, else float32)"
+    AUTO = "", "Engine default (float32 on CPU, bfloat16 on CUDA)"
     BFLOAT16 = "bfloat16", "bfloat16"
     FLOAT16 = "float16", "float16"
     FLOAT32 = "float32", "float32"

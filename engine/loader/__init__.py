@@ -65,19 +65,10 @@ def demo_model_path() -> Path:
 
 
 def default_dtype(device: str | torch.device) -> torch.dtype:
-    """The library's default (`load_model`, `EngineConfig`, `LLM`): float32 on CPU (the exact mode the
-    transformers-equality tests use), bfloat16 on CUDA."""
+    """The default of `load_model`, `EngineConfig`, `LLM` and `engine serve`: float32 on CPU (the exact
+    mode: transformers' logits, greedy answers independent of the batch and the prefix cache), bfloat16 on
+    CUDA. bfloat16 on CPU is faster (4-bit GGUF weights stay packed) but not yet invariant: bench/RESULTS.md."""
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-
-
-def serving_dtype(device: str | torch.device) -> torch.dtype:
-    """`python -m engine serve`'s default for a decoder: the fast choice for the hardware. bfloat16 on CUDA,
-    and on a CPU with native bfloat16 (AVX512-BF16 / AMX, oneDNN's own check), where it also keeps a GGUF's
-    4-bit projections packed for ATen's int4 GEMM instead of dequantizing them to dense float32 (faster, and
-    the file's bytes in memory: bench/RESULTS.md); float32 on other CPUs. `--dtype float32` is the exact mode."""
-    if torch.device(device).type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
 
 
 def load_model(
