@@ -122,10 +122,14 @@ def test_unreachable_redis_refuses_with_503(caplog):
 
 def test_unreachable_redis_falls_back_to_local_buckets(caplog):
     limiter = RateLimiter(f"redis://127.0.0.1:{free_port()}/0", "local", 0.2)
-    key, org = owner(rpm=2), owner(concurrent=5)
-    decisions = [limiter.acquire(key, org, 1) for _ in range(3)]
-    assert [d.allowed for d in decisions] == [True, True, False]
+    key, org = owner(rpm=3), owner(concurrent=1)
+    decisions = [limiter.acquire(key, org, 1) for _ in range(2)]
+    assert [d.allowed for d in decisions] == [True, False] and decisions[1].denied_kind == "concurrency"
     assert all(d.local for d in decisions)
+    limiter.extend(decisions[0])  # locally too: there is no Redis to reach
+    limiter.release(decisions[0])  # the local slot comes back
+    again = limiter.acquire(key, org, 1)
+    assert again.allowed and again.local and not limiter.acquire(key, org, 1).allowed  # its slot taken again
     warned = caplog.records[-1].getMessage()
     assert warned.startswith("rate limiter: Redis unreachable, using per-process limits: Error ") and "refused" in warned
     limiter.release(decisions[0])
@@ -200,8 +204,9 @@ def test_the_unused_tokens_of_a_hold_are_refunded_on_release(limiter):
     key, org = owner(tpm=1000), owner()
     first = limiter.acquire(key, org, 800)
     assert first.allowed and not limiter.acquire(key, org, 800).allowed
-    limiter.release(first, used_tokens=100)  # 700 unused come back
+    limiter.release(first, used_tokens=100)  # 700 unused come back, not the 100 used
     assert limiter.acquire(key, org, 800).allowed
+    assert not limiter.acquire(key, org, 150).allowed  # about 100 left (and what refilled meanwhile)
 
 
 def test_a_hold_over_a_tokens_per_minute_limit_is_too_large(limiter):
@@ -249,8 +254,12 @@ async def test_on_the_event_loop_an_unreachable_redis_follows_the_policy(policy)
         return
     first = await limiter.acquire_async(key, org, 1)
     assert first.allowed and first.local and not (await limiter.acquire_async(key, org, 1)).allowed
-    await limiter.extend_async(first)
-    await limiter.release_async(first)  # locally: no Redis to reach
+    key, org = owner(rpm=5), owner(concurrent=1)
+    held = await limiter.acquire_async(key, org, 1)
+    assert (await limiter.acquire_async(key, org, 1)).denied_kind == "concurrency"
+    await limiter.extend_async(held)
+    await limiter.release_async(held)  # locally: no Redis to reach
+    assert (await limiter.acquire_async(key, org, 1)).allowed
 
 
 def test_a_release_redis_cannot_take_is_logged_not_raised(redis_clean, caplog):
@@ -258,9 +267,12 @@ def test_a_release_redis_cannot_take_is_logged_not_raised(redis_clean, caplog):
     the request's answer must not fail for it; the slot expires on its own."""
     limiter = RateLimiter(REDIS_URL, "refuse", 0.5)
     decision = limiter.acquire(owner(tpm=100), owner(concurrent=2), 50)
+    keys = [k for k, _ in decision.token_buckets] + [decision.concurrency_key]
     limiter.release_script = RateLimiter(f"redis://127.0.0.1:{free_port()}/0", "refuse", 0.2).redis.register_script("return 1")
     limiter.release(decision, used_tokens=10)
-    assert "could not release" in caplog.text and decision.concurrency_key is None
+    warned = caplog.records[-1].getMessage()
+    assert warned.startswith(f"rate limiter: could not release {keys} in Redis: Error ") and "refused" in warned
+    assert decision.concurrency_key is None  # released once, even so
 
 
 def test_key_and_organization_limits_are_separate_buckets(limiter):
@@ -326,3 +338,41 @@ async def test_each_event_loop_gets_its_own_redis_client_and_keeps_it(redis_clea
     assert await scripts() is mine
     other = await asyncio.to_thread(asyncio.run, scripts())  # another thread's loop
     assert other is not mine and await scripts() is not mine  # back here: this loop's own again
+
+
+def test_a_local_slot_lives_a_ttl_past_its_last_extension(monkeypatch):
+    import inference.ratelimit as rl
+
+    clock = [1000.0]
+    monkeypatch.setattr(rl.time, "monotonic", lambda: clock[0])
+    local = LocalLimiter()
+    assert local.acquire([], "slots", 1, "live", 1000)[0] == 1
+    clock[0] += 0.5
+    local.extend("slots", "live", 1000)  # now it expires at 1.5 s
+    local.extend("unknown", "live", 1000)  # a key this process never saw (reset meanwhile): nothing to do
+    clock[0] += 0.9
+    assert local.acquire([], "slots", 1, "next", 1000)[0] == 0
+    clock[0] += 0.2
+    assert local.acquire([], "slots", 1, "next", 1000)[0] == 1
+
+
+@pytest.mark.parametrize("on_the_loop", [False, True])
+async def test_a_redis_that_never_answers_counts_as_unreachable_after_the_timeout(on_the_loop):
+    """A socket that accepts connections and never replies (a hung Redis): the timeout applies the policy."""
+    import socket
+    import time
+
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(8)  # never accepted, never answered
+    try:
+        limiter = RateLimiter(f"redis://127.0.0.1:{hung.getsockname()[1]}/0", "refuse", 0.3)
+        started = time.monotonic()
+        with pytest.raises(GatewayError) as err:
+            if on_the_loop:
+                await limiter.acquire_async(owner(rpm=5), owner(), 1)
+            else:
+                limiter.acquire(owner(rpm=5), owner(), 1)
+        assert err.value.status == 503 and time.monotonic() - started < 10
+    finally:
+        hung.close()
