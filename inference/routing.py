@@ -189,6 +189,7 @@ class Router:
         self.timeout = timeout
         self._loop_state = None  # (event loop, client, choose script, slot script)
         self._polled_at = float("-inf")
+        self._slots: set[tuple[int, str]] = set()  # (deployment, request) slots this process took in Redis
 
     def _scripts(self):
         import redis.asyncio as aioredis
@@ -216,6 +217,8 @@ class Router:
             candidates.sort(key=lambda u: (-u.weight, u.id))
         if not self.redis_url:
             return catalog.pick(entry, exclude)
+        if len(candidates) == 1 and not exclude:
+            return candidates[0]  # nothing to choose: no Redis round trip (and no slot to release)
         self.maybe_poll()
         try:
             _, choose, _ = self._scripts()
@@ -230,21 +233,24 @@ class Router:
         except Exception as exc:  # noqa: BLE001 - redis.ConnectionError, TimeoutError, ...
             logger.warning("routing: Redis unreachable, choosing in this process: %s", exc)
             return catalog.pick(entry, exclude)
-        return candidates[int(answer[0]) - 1]
+        chosen = candidates[int(answer[0]) - 1]
+        self._slots.add((chosen.id, slot))
+        return chosen
 
     @staticmethod
     def slot_ttl_ms() -> int:
         return settings.GATEWAY_RESERVATION_TTL_SECONDS * 1000
 
     async def release(self, upstream: Upstream, slot: str) -> None:
-        await self._slot(upstream, slot, 0)
+        if (upstream.id, slot) in self._slots:
+            self._slots.discard((upstream.id, slot))
+            await self._slot(upstream, slot, 0)
 
     async def extend(self, upstream: Upstream, slot: str) -> None:
-        await self._slot(upstream, slot, self.slot_ttl_ms())
+        if (upstream.id, slot) in self._slots:
+            await self._slot(upstream, slot, self.slot_ttl_ms())
 
     async def _slot(self, upstream: Upstream, slot: str, ttl_ms: int) -> None:
-        if not self.redis_url:
-            return
         try:
             await self._scripts()[2](keys=[inflight_key(upstream.id)], args=[slot, ttl_ms])
         except Exception as exc:  # noqa: BLE001 - the slot ages out on its own

@@ -133,3 +133,25 @@ async def test_round_robin_alternates_and_slots_of_a_lost_gateway_age_out(router
     settings.GATEWAY_ROUTING = "least_loaded"
     await chosen(router, entry, None, "after")
     assert sum(client.zcard(routing.inflight_key(u)) for u in set(picks)) == 1
+
+
+async def test_a_single_replica_is_chosen_without_redis_and_a_slot_is_released_once(router_entry, settings):
+    """One available replica leaves nothing to choose: no slot in Redis (no round trip to take or release
+    it); with two, the slot is taken, and released by the process that took it, once."""
+    entry, client = router_entry
+    settings.GATEWAY_ROUTING = "least_loaded"
+    router = routing.Router(settings.REDIS_URL, 1.0)
+    both = await chosen(router, entry, None, "two")
+    assert client.zcard(routing.inflight_key(both.id)) == 1
+    await routing.Router(settings.REDIS_URL, 1.0).release(both, "two")  # another process never took it
+    assert client.zcard(routing.inflight_key(both.id)) == 1
+    await router.release(both, "two")
+    assert client.zcard(routing.inflight_key(both.id)) == 0
+    routing.catalog.bench(both)  # this process cannot reach it for a while: one replica left
+    try:
+        alone = await chosen(router, entry, None, "one")
+    finally:
+        routing.catalog.benched_until.pop(both.id, None)
+    assert alone.id != both.id and client.zcard(routing.inflight_key(alone.id)) == 0
+    await router.release(alone, "one")
+    assert not any(client.zcard(routing.inflight_key(u.id)) for u in entry.upstreams)
