@@ -251,11 +251,6 @@ class FailureLimiter:
         return self.window
 
 
-def client_ip(request) -> str | None:
-    """The peer address Django sees (put the platform behind a proxy that sets REMOTE_ADDR)."""
-    return request.META.get("REMOTE_ADDR") or None
-
-
 # --- redeeming ----------------------------------------------------------------------------------
 
 

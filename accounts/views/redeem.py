@@ -15,6 +15,7 @@ from rest_framework.views import APIView
 
 from .. import codes, tenancy
 from ..api_errors import APIError, ErrorSerializer
+from ..audit import client_ip
 from ..forms_codes import RedeemCodeForm
 from ..models import Entitlement
 
@@ -69,7 +70,7 @@ def redeem_page(request):
     if request.method == "POST" and form.is_valid():
         try:
             entitlement = codes.redeem(
-                request.organization, form.cleaned_data["code"], request.user, ip=codes.client_ip(request)
+                request.organization, form.cleaned_data["code"], request.user, ip=client_ip(request)
             )
         except codes.RedemptionError as exc:
             form.add_error("code", exc.message)
@@ -99,7 +100,7 @@ class RedeemAPIView(APIView):
             raise APIError(str(serializer.errors["code"][0]), "invalid", status.HTTP_400_BAD_REQUEST, param="code")
         try:
             entitlement = codes.redeem(
-                request.organization, serializer.validated_data["code"], request.user, ip=codes.client_ip(request)
+                request.organization, serializer.validated_data["code"], request.user, ip=client_ip(request)
             )
         except codes.RedemptionRateLimited as exc:
             raise APIError(exc.message, exc.code, exc.http_status, "code", {"Retry-After": str(exc.retry_after)}) from exc
