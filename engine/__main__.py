@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tensor-parallel-size", type=int, default=1,
                        help="split the model across this many ranks on this host (cuda:0..N-1, or CPU processes "
                             "over gloo): heads, MLP and vocabulary are sharded; dense and GGUF weights only")
+    serve.add_argument("--quantization", choices=("auto", "dense"), default="auto",
+                       help="auto: a quantized checkpoint's weights stay packed where our kernels take them "
+                            "(GGUF on CUDA or in bfloat16, AWQ, GPTQ, FP8); dense: GGUF weights dequantized to "
+                            "--dtype at load (more memory, dense matmuls)")
     serve.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
     serve.add_argument("--dtype", choices=sorted(_DTYPES),
                        help="default: float32 on CPU (the exact mode), bfloat16 on CUDA; on CPU, bfloat16 keeps a "
@@ -92,6 +96,7 @@ def serve(args: argparse.Namespace) -> None:
         max_waiting_requests=args.max_waiting_requests, enable_prefix_caching=not args.no_prefix_caching,
         torch_threads=args.threads, max_tokens_per_request=args.max_tokens_per_request,
         enforce_eager=True if args.enforce_eager else None, tensor_parallel_size=args.tensor_parallel_size,
+        quantization=args.quantization,
     )
     telemetry.configure_tracing()  # from OTEL_* variables; nothing without them
     if encoder:

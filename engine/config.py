@@ -36,6 +36,17 @@ class EngineConfig:
     max_graph_batch_size: int = 512  # decode batches above this (or above max_num_seqs) run eager
     # Ranks one model is split across (engine/tp_workers.py); rank r computes on cuda:r, or on the CPU.
     tensor_parallel_size: int = 1
+    # "auto": a quantized checkpoint's weights stay packed where the kernels take them (engine/quant);
+    # "dense": every weight dequantized to the compute dtype at load (more memory, plain dense matmuls).
+    quantization: str = "auto"
+
+    def weights_quant(self):
+        """The QuantSpec `load_model` gets: None lets the checkpoint decide; DEQUANTIZED forces dense."""
+        if self.quantization == "dense":
+            from engine.quant import DEQUANTIZED
+
+            return DEQUANTIZED
+        return None
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -46,6 +57,8 @@ class EngineConfig:
             raise ValueError("max_graph_batch_size must be positive")
         if self.tensor_parallel_size < 1:
             raise ValueError("tensor_parallel_size must be positive")
+        if self.quantization not in ("auto", "dense"):
+            raise ValueError("quantization must be 'auto' or 'dense'")
         if not 0 < self.gpu_memory_fraction <= 1:
             raise ValueError("gpu_memory_fraction must be in (0, 1]")
 

@@ -107,7 +107,8 @@ class LLMEngine:
             tp = self.workers.tp
         try:
             device = config.device if tp is None else rank_device(config.device, 0)
-            self.loaded = loaded or load_model(config.model, dtype=config.dtype, device=device, tp=tp)
+            self.loaded = loaded or load_model(config.model, dtype=config.dtype, device=device,
+                                                 quant=config.weights_quant(), tp=tp)
             self.runner = ModelRunner(self.loaded, config, tp=tp, workers=self.workers)
         except BaseException:
             self.close()

@@ -175,7 +175,8 @@ def worker_main(rank: int, port: int, config: EngineConfig, log_level: str = "IN
         store.set(f"worker{rank}", "up")
         device = rank_device(config.device, rank)
         tp = join(rank, config.tensor_parallel_size, store, device)
-        runner = ModelRunner(load_model(config.model, dtype=config.dtype, device=device, tp=tp), config, tp=tp)
+        runner = ModelRunner(load_model(config.model, dtype=config.dtype, device=device, quant=config.weights_quant(),
+                                       tp=tp), config, tp=tp)
         mirror_steps(runner, StepChannel(tp))
     except BaseException:
         log.exception("tensor-parallel worker %d failed", rank)

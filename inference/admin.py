@@ -198,7 +198,7 @@ class DeploymentAdmin(admin.ModelAdmin):
 class ReplicaForm(forms.ModelForm):
     class Meta:
         model = Replica
-        fields = ["model", "dtype", "device", "kv_cache_memory", "max_num_seqs", "max_model_len"]
+        fields = ["model", "dtype", "quantization", "device", "kv_cache_memory", "max_num_seqs", "max_model_len"]
 
     def clean_model(self):
         model = self.cleaned_data["model"]
@@ -218,7 +218,7 @@ class ReplicaAdmin(OperateReplicasMixin, admin.ModelAdmin):
                     "endpoint", "last_seen_at"]
     list_filter = ["desired", "status", "model"]
     list_select_related = ["model", "deployment"]
-    fields = ["model", "dtype", "device", "kv_cache_memory", "max_num_seqs", "max_model_len", "desired",
+    fields = ["model", "dtype", "quantization", "device", "kv_cache_memory", "max_num_seqs", "max_model_len", "desired",
               "generation", "status", "endpoint", "pid", "restarts", "started_at", "last_seen_at", "last_error",
               "log"]
     readonly_fields = ["desired", "generation", "status", "endpoint", "pid", "restarts", "started_at",

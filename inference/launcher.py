@@ -53,6 +53,8 @@ def engine_args(replica: Replica, model_path: Path | str, *, host: str, port: in
             "--device", replica.device]
     if replica.dtype:
         args += ["--dtype", replica.dtype]
+    if replica.quantization != "auto":
+        args += ["--quantization", replica.quantization]
     if replica.kv_cache_memory:
         args += ["--kv-cache-memory", replica.kv_cache_memory]
     if replica.max_model_len:

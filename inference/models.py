@@ -494,6 +494,11 @@ class ReplicaStatus(models.TextChoices):
     FAILED = "failed", "Failed (cannot start: see the last error)"
 
 
+class EngineQuantization(models.TextChoices):
+    AUTO = "auto", "The checkpoint's (quantized weights stay packed where the engine's kernels take them)"
+    DENSE = "dense", "Dense (GGUF weights dequantized to the dtype at load: more memory)"
+
+
 class EngineDtype(models.TextChoices):
     AUTO = "", "Engine default (float32 on CPU, bfloat16 on CUDA)"
     BFLOAT16 = "bfloat16", "bfloat16"
@@ -519,6 +524,8 @@ class Replica(models.Model):
     generation = models.PositiveIntegerField(default=1, help_text="Bumped by *restart*: the launcher restarts "
                                              "a process started for an older generation.")
     dtype = models.CharField(max_length=16, choices=EngineDtype.choices, blank=True, default=EngineDtype.AUTO)
+    quantization = models.CharField(max_length=8, choices=EngineQuantization.choices,
+                                    default=EngineQuantization.AUTO)
     device = models.CharField(max_length=32, default="cpu", help_text="cpu, cuda or cuda:N.")
     kv_cache_memory = models.CharField(max_length=32, blank=True,
                                        help_text="KV-cache pool, e.g. 2GiB (default: the engine's).")

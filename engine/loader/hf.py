@@ -140,8 +140,14 @@ def load_hf_directory(
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{directory}: no *.safetensors weight files")
-    if quant is None and raw_config.get("quantization_config"):
-        quant = quantization(raw_config["quantization_config"], config_path)
+    if raw_config.get("quantization_config"):
+        from engine.quant import DEQUANTIZED
+
+        if quant is DEQUANTIZED:
+            raise ModelLoadError(f"{config_path}: --quantization dense: this checkpoint's quantized weights "
+                                 "(quantization_config) load only packed; use --quantization auto")
+        if quant is None:
+            quant = quantization(raw_config["quantization_config"], config_path)
     tokenizer = load_tokenizer(directory)
     # A missing tensor is reported against the weight file (or the directory when sharded).
     source = str(files[0]) if len(files) == 1 else f"{directory} (*.safetensors)"

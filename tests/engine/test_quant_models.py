@@ -243,3 +243,28 @@ def test_smollm2_4bit_resident_weight_bytes_are_the_packed_size():
             )
         )
         assert loaded.weight_bytes == dense + held
+
+
+def test_quantization_dense_dequantizes_a_gguf_that_would_stay_packed(tmp_path):
+    """The engine option (--quantization, EngineConfig.quantization): bfloat16 keeps a Q4_0 GGUF 4-bit by
+    default; "dense" loads the same file as plain dense projections with the same answers (bfloat16 noise),
+    in more memory. A quantized HF checkpoint cannot be loaded dense: a load error naming the option."""
+    from engine.config import EngineConfig
+    from engine.loader import ModelLoadError
+
+    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        pytest.skip("this torch has no CPU int4 GEMM")
+    path = write_tiny_gguf("llama", tmp_path / "tiny.Q4_0.gguf", qtype="Q4_0")
+    auto, dense = (EngineConfig(model=str(path), quantization=q) for q in ("auto", "dense"))
+    packed = load_model(path, dtype=torch.bfloat16, quant=auto.weights_quant())
+    plain = load_model(path, dtype=torch.bfloat16, quant=dense.weights_quant())
+    assert len(quant_linears(packed.model)) == 4 * packed.spec.num_layers and not quant_linears(plain.model)
+    assert plain.weight_bytes > packed.weight_bytes
+    prompt = plain.tokenizer.encode("The quick brown fox")
+    ours = [PagedDriver(m.model, m.spec, block_size=16).greedy(prompt, 4)[1] for m in (packed, plain)]
+    torch.testing.assert_close(torch.cat(ours[0]), torch.cat(ours[1]), atol=0.25, rtol=0)
+    quantized, _ = quantize_checkpoint("llama", "awq", tmp_path)
+    with pytest.raises(ModelLoadError, match="--quantization dense"):
+        load_model(quantized, quant=dense.weights_quant())
+    with pytest.raises(ValueError, match="quantization"):
+        EngineConfig(model=str(path), quantization="int3")

