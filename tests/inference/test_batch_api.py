@@ -107,10 +107,16 @@ def jsonl(lines: list[dict]) -> bytes:
 
 
 def chat_line(custom_id: str, content: str = "Say hi.", max_tokens: int = 3, model: str = "smollm2",
-              url: str = "/v1/chat/completions") -> dict:
+              url: str = "/v1/chat/completions", **extra) -> dict:
     return {"custom_id": custom_id, "method": "POST", "url": url,
             "body": {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
-                     "temperature": 0}}
+                     "temperature": 0, **extra}}
+
+
+def slow_lines(prefix: str, count: int = 30) -> list[dict]:
+    """Lines that each generate 48 tokens: a batch of them is still running when the test acts on it, on
+    a quiet machine too (short lines finished before the cancel or the expiry could land)."""
+    return [chat_line(f"{prefix}-{i}", max_tokens=48, ignore_eos=True) for i in range(count)]
 
 
 def wait_for_status(client: openai.OpenAI, batch_id: str, statuses: set[str], timeout: float = WAIT):
@@ -325,7 +331,7 @@ def test_quota_refusals_land_in_the_error_file_and_the_quota_is_never_overspent(
 def test_cancel_stops_the_batch_and_lists_paginate(gateway_url, smollm2):
     tenant = make_tenant("batch-cancel")
     client = client_for(gateway_url, tenant)
-    lines = [chat_line(f"c-{i}", max_tokens=16) for i in range(30)]
+    lines = slow_lines("c")
     upload = client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
     batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
     wait_for_status(client, batch.id, {"in_progress"})
@@ -355,7 +361,7 @@ def test_cancel_stops_the_batch_and_lists_paginate(gateway_url, smollm2):
 def test_a_batch_past_its_window_expires_with_the_unrun_lines_in_the_error_file(gateway_url, smollm2):
     tenant = make_tenant("batch-expire")
     client = client_for(gateway_url, tenant)
-    lines = [chat_line(f"x-{i}", max_tokens=16) for i in range(30)]
+    lines = slow_lines("x")
     upload = client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
     batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
     wait_for_status(client, batch.id, {"in_progress"})
