@@ -87,7 +87,7 @@ class Catalog:
         if time.monotonic() - self._loaded_at > settings.GATEWAY_CATALOG_CACHE_SECONDS:
             with self._lock:
                 if time.monotonic() - self._loaded_at > settings.GATEWAY_CATALOG_CACHE_SECONDS:
-                    self._entries = self._load()
+                    self._entries = self.load_entries()
                     self._loaded_at = time.monotonic()
         return self._entries
 
@@ -101,7 +101,8 @@ class Catalog:
         self._loaded_at = float("-inf")
 
     @staticmethod
-    def _load() -> dict[str, CatalogEntry]:
+    def load_entries() -> dict[str, CatalogEntry]:
+        """The catalog from the database now (what `entries` caches)."""
         entries = {}
         models = AIModel.objects.filter(enabled=True).prefetch_related(
             "organizations", "deployments", "fallback_links__fallback")

@@ -13,7 +13,7 @@ from django.utils import timezone
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from .catalog import catalog
+from .catalog import Catalog
 from .models import Deployment, UsageRecord, UsageStatus
 
 DAYS = 14
@@ -48,8 +48,9 @@ def platform_days(days: int = DAYS, now=None) -> list[dict]:
 
 
 def replicas() -> list[dict]:
-    """Every deployment with its model, health check result and the model's status."""
-    statuses = {name: entry.status for name, entry in catalog.entries().items()}
+    """Every deployment with its model, health check result and the model's status, read now (not the
+    gateway's catalog snapshot, which may be seconds old: an operator checks the page after a change)."""
+    statuses = {name: entry.status for name, entry in Catalog.load_entries().items()}
     return [{"deployment": d, "model_status": statuses.get(d.model.name, "disabled")}
             for d in Deployment.objects.select_related("model").order_by("model__name", "pk")]
 

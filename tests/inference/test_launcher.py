@@ -67,10 +67,10 @@ def test_a_model_added_from_a_source_is_served_restarted_after_kill_9_and_stoppe
 
             # The engine options are the replica's fields (the *Start a replica* action takes the defaults).
             add_page = client.get("/admin/inference/replica/add/")
-            assert {"dtype", "device", "kv_cache_memory", "max_num_seqs", "max_model_len"} <= set(
+            assert {"dtype", "quantization", "device", "kv_cache_memory", "max_num_seqs", "max_model_len"} <= set(
                 add_page.context["adminform"].form.fields)
             response = client.post("/admin/inference/replica/add/", {
-                "model": model.pk, "dtype": "bfloat16", "device": "cpu", "kv_cache_memory": "64MiB",
+                "model": model.pk, "dtype": "bfloat16", "quantization": "dense", "device": "cpu", "kv_cache_memory": "64MiB",
                 "max_num_seqs": 4, "max_model_len": 1024}, REMOTE_ADDR="198.51.100.4")
             assert response.status_code == 302, response.context["adminform"].form.errors
         replica = Replica.objects.get(model=model)
@@ -81,7 +81,7 @@ def test_a_model_added_from_a_source_is_served_restarted_after_kill_9_and_stoppe
 
         wait_for(replica, lambda r: r.status == ReplicaStatus.RUNNING, 150, launcher)
         first_pid = replica.pid
-        assert "--max-num-seqs 4 --device cpu --dtype bfloat16 --kv-cache-memory 64MiB" in replica.log_tail
+        assert "--max-num-seqs 4 --device cpu --dtype bfloat16 --quantization dense --kv-cache-memory 64MiB" in replica.log_tail
         print(f"first start: {time.monotonic() - started:.1f} s")
         tenant = make_tenant("launched")
         client_ai = openai.OpenAI(base_url=f"{gateway}/v1", api_key=tenant.raw_key, max_retries=0)
