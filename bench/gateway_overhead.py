@@ -131,6 +131,28 @@ def process_tree(pid: int) -> list[int]:
     return [pid, *map(int, children)]
 
 
+def server_counters(redis_url: str) -> dict[str, float]:
+    """Redis commands by name and PostgreSQL transactions of the benchmark database, so far: round trips
+    per request do not depend on the machine's load, unlike the timings."""
+    import psycopg
+    import redis
+
+    stats = redis.Redis.from_url(redis_url).info("commandstats")
+    counts = {name.removeprefix("cmdstat_"): float(v["calls"]) for name, v in stats.items()}
+    with psycopg.connect(f"postgres://postgres@127.0.0.1:5432/{DB_NAME}") as conn:
+        conn.execute("SELECT pg_stat_force_next_flush()")
+        row = conn.execute("SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = %s",
+                           (DB_NAME,)).fetchone()
+    counts["postgresql transactions"] = float(row[0])
+    return counts
+
+
+def per_request(before: dict[str, float], after: dict[str, float], n: int) -> str:
+    ignored = {"info"}  # the counters' own reads
+    deltas = {k: (after[k] - before.get(k, 0)) / n for k in after if k not in ignored}
+    return ", ".join(f"{k} {v:.2f}" for k, v in sorted(deltas.items()) if v >= 0.01)
+
+
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
@@ -202,16 +224,19 @@ def main() -> None:
             await latencies(gateway, "/v1/chat/completions", auth, 200)  # warm every worker's pools
             await latencies(upstream, "/v1/chat/completions", {}, 200)
             direct = await latencies(upstream, "/v1/chat/completions", {}, args.requests)
+            counters = server_counters(args.redis_url)
             through = await latencies(gateway, "/v1/chat/completions", auth, args.requests)
+            await asyncio.sleep(1.0)  # the settlements' last statements, and PostgreSQL's statistics
+            round_trips = per_request(counters, server_counters(args.redis_url), args.requests)
             direct_rps, e1 = await throughput(upstream, "/v1/chat/completions", {}, args.concurrency, args.seconds)
             pids = process_tree(gateway_process.pid)
             cpu_before, started = cpu_seconds(pids), time.perf_counter()
             gateway_rps, e2 = await throughput(gateway, "/v1/chat/completions", auth, args.concurrency, args.seconds)
             served = gateway_rps * (time.perf_counter() - started)
             cpu_ms = (cpu_seconds(pids) - cpu_before) / served * 1000
-            return direct, through, direct_rps, gateway_rps, e1 + e2, cpu_ms
+            return direct, through, direct_rps, gateway_rps, e1 + e2, cpu_ms, round_trips
 
-        direct, through, direct_rps, gateway_rps, errors, cpu_ms = asyncio.run(run())
+        direct, through, direct_rps, gateway_rps, errors, cpu_ms, round_trips = asyncio.run(run())
     finally:
         if gateway_process is not None:
             stop(gateway_process)
@@ -229,6 +254,7 @@ def main() -> None:
           f"gateway {gateway_rps:.0f} req/s, non-200 answers: {errors}")
     print(f"gateway CPU per request (all workers, user+system): {cpu_ms:.2f} ms, "
           f"i.e. at most {1000 / cpu_ms:.0f} req/s per free core")
+    print(f"per request, sequential phase (Redis commands, a script's own calls counted beside its EVALSHA; PostgreSQL transactions, approximate): {round_trips}")
     print(f"load average during the run: {os.getloadavg()[0]:.1f} (other processes share the cores)")
 
 
