@@ -117,9 +117,11 @@ class AtenInt4:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] -> bfloat16 [M, N]."""
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.to(torch.bfloat16).contiguous(), self.packed, self.group_size, self.scale_zero
-        )
+        if x.dtype != torch.bfloat16:
+            x = x.to(torch.bfloat16)
+        if not x.is_contiguous():
+            x = x.contiguous()
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scale_zero)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"packed": self.packed, "scale_zero": self.scale_zero}

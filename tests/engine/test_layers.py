@@ -73,6 +73,22 @@ def test_rmsnorm_matches_transformers():
     torch.testing.assert_close(ours(x), ref(x))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,hidden", [(1, 576), (37, 576), (3, 4096)])
+def test_rmsnorm_cpu_equals_transformers_bit_for_bit(dtype, rows, hidden):
+    """The CPU path is ATen's fused rms_norm; it must give transformers' values exactly (the float32 exact
+    mode's token equality and the prefix-cache determinism tests rely on it)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(rows)
+    x = (torch.randn(rows, hidden) * 3).to(dtype)
+    ours, ref = RMSNorm(hidden, 1e-5, dtype), LlamaRMSNorm(hidden, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5)
+        ours.weight.copy_(ref.weight)
+        assert torch.equal(ours(x), ref(x))
+
+
 def test_fused_linear_shards_and_shape_errors():
     linear = make_linear(8, [4, 2, 2], bias=True)
     parts = [torch.randn(4, 8), torch.randn(2, 8), torch.randn(2, 8)]

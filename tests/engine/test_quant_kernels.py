@@ -181,3 +181,14 @@ def test_quant_linear_rejects_bad_shapes_and_names():
         linear.load_shard(0, "scales", tensors["scales"])
     with pytest.raises(RuntimeError, match="before all of its weights"):
         linear(torch.randn(1, 64))
+
+
+def test_quant_linear_decode_fast_path_equals_the_general_path():
+    """A 2-D input through one fused kernel skips the reshape / concatenation; the values must not move."""
+    torch.manual_seed(9)
+    for dtype in (torch.float32, torch.bfloat16):
+        linear, _ = _awq_linear([48, 32], 64, dtype)
+        x = torch.randn(1, 64).to(dtype)
+        fast, general = linear(x), linear(x[None])[0]
+        assert fast.dtype == dtype and fast.shape == (1, 80)
+        assert torch.equal(fast, general)
