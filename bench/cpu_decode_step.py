@@ -54,18 +54,19 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=200)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core)")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype) if args.dtype else None
     t0 = time.perf_counter()
     llm = LLM(args.model or gguf_path(), dtype=dtype, quantization=args.quantization,
-              enable_prefix_caching=False, kv_cache_memory=64 << 20)
+              enable_prefix_caching=False, kv_cache_memory=64 << 20, torch_threads=args.threads)
     load_s = time.perf_counter() - t0
     prompt = [(i * 7919) % 40000 + 100 for i in range(args.context)]
     decode_run(llm, prompt, 8)  # warm-up (first-call costs, compiles)
     rates = [decode_run(llm, prompt, args.tokens) for _ in range(args.repeats)]
     print(f"dtype={args.dtype or 'default'} quantization={args.quantization} context={args.context} "
-          f"load={load_s:.1f}s weights={llm.engine.loaded.weight_bytes / 2**20:.1f}MiB "
+          f"threads={torch.get_num_threads()} load={load_s:.1f}s weights={llm.engine.loaded.weight_bytes / 2**20:.1f}MiB "
           f"decode tok/s median={statistics.median(rates):.1f} runs={[round(r, 1) for r in rates]}")
     if not args.profile:
         return
