@@ -29,7 +29,8 @@ from django.db.models import OuterRef, Subquery
 from pghistory.middleware import HistoryMiddleware
 
 # Event models of rows that belong to one organization (their snapshot has `organization`).
-TENANT_EVENT_MODELS = ("accounts.MembershipEvent", "accounts.InvitationEvent", "accounts.EntitlementEvent", "accounts.APIKeyEvent")
+TENANT_EVENT_MODELS = ("accounts.MembershipEvent", "accounts.InvitationEvent", "accounts.EntitlementEvent", "accounts.APIKeyEvent",
+                       "inference.BudgetEvent")
 # Server processes (their changes are a request's or the gateway's, never "the command's") and the test runner.
 UNTRACKED_COMMANDS = frozenset({"runserver", "runplatform", "test", "testserver"})
 
@@ -183,7 +184,7 @@ def entries(events, event_model, limit: int | None = None) -> list[AuditEntry]:
 
 def organization_events(organization, limit: int = 200) -> list[AuditEntry]:
     """The latest changes to `organization` and to the rows it owns (members, invitations, entitlements,
-    API keys), newest first. Every query starts from the organization."""
+    API keys, budgets), newest first. Every query starts from the organization."""
     found: list[AuditEntry] = []
     org_events = apps.get_model("accounts.OrganizationEvent")
     found += entries(org_events.objects.filter(pgh_obj_id=organization.pk), org_events, limit)

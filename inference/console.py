@@ -4,12 +4,14 @@ the models page and the playground."""
 from __future__ import annotations
 
 from django.conf import settings
+from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
 from django.http import Http404, HttpResponse
-from django.shortcuts import render
+from django.shortcuts import redirect, render
 from django.utils import timezone
 from django.views.decorators.csrf import ensure_csrf_cookie
+from django.views.decorators.http import require_POST
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework.response import Response
@@ -17,10 +19,11 @@ from rest_framework.views import APIView
 
 from accounts.api_errors import APIError, ErrorSerializer
 from accounts.models import APIKey
-from accounts.tenancy import org_member_required
+from accounts.tenancy import get_for_org_or_404, org_member_required, require_manager
 
-from . import overview, quotas, requestlog, snippets
+from . import budgets, overview, quotas, requestlog, snippets
 from .charts import usage_charts
+from .forms import BudgetLimitForm
 from .models import Budget, ModelKind
 from .usage import Period, ReportError, report
 from .views import model_object
@@ -198,3 +201,65 @@ def batch_file_download(request, file_id: str):
     response = HttpResponse(data, content_type="application/jsonl")
     response["Content-Disposition"] = f'attachment; filename="{stored.filename}"'
     return response
+
+
+def _budgets_page(request, org_form=None, key_forms=None, status=200):
+    organization = request.organization
+    by_key = {b.api_key_id: b for b in Budget.objects.for_org(organization)}
+    key_forms = key_forms or {}
+    keys = [
+        {"key": key, "budget": by_key.get(key.pk),
+         "form": key_forms.get(key.pk) or BudgetLimitForm(prefix=f"key-{key.pk}", initial=_initial(by_key.get(key.pk)))}
+        for key in APIKey.objects.for_org(organization).filter(revoked_at__isnull=True).order_by("name", "pk")
+    ]
+    return render(request, "inference/budgets.html", {
+        "org_budget": by_key.get(None),
+        "org_form": org_form or BudgetLimitForm(prefix="org", initial=_initial(by_key.get(None))),
+        "keys": keys,
+    }, status=status)
+
+
+def _initial(budget: Budget | None) -> dict:
+    return {"limit": f"{budget.limit:.2f}"} if budget is not None else {}
+
+
+def _save_budget(request, prefix: str, api_key: APIKey | None, whose: str):
+    """POST of one budget form: remove, or set the limit. Returns the bound form on an error, else None."""
+    if request.POST.get("action") == "remove":
+        if budgets.remove_budget(request.membership, api_key):
+            messages.success(request, f"Removed the budget of {whose}: it has no spending limit now.")
+        return None
+    form = BudgetLimitForm(request.POST, prefix=prefix)
+    if form.is_valid():
+        try:
+            budgets.set_budget(request.membership, form.cleaned_data["limit"], api_key)
+        except budgets.BudgetError as exc:
+            form.add_error("limit", str(exc))
+        else:
+            messages.success(request, f"The budget of {whose} is now ${form.cleaned_data['limit']:.2f}.")
+            return None
+    return form
+
+
+@org_member_required
+def budgets_page(request):
+    """`/budgets/`: owners and admins set the organization's budget (POST here) and each key's."""
+    require_manager(request.membership)
+    if request.method == "POST":
+        form = _save_budget(request, "org", None, "the organization")
+        if form is not None:
+            return _budgets_page(request, org_form=form, status=400)
+        return redirect("budgets")
+    return _budgets_page(request)
+
+
+@org_member_required
+@require_POST
+def key_budget(request, pk: int):
+    """`POST /budgets/keys/<pk>/`: set or remove one key's budget (another organization's key is a 404)."""
+    require_manager(request.membership)
+    key = get_for_org_or_404(APIKey, request.organization, pk=pk)
+    form = _save_budget(request, f"key-{key.pk}", key, f"the key “{key.name}”")
+    if form is not None:
+        return _budgets_page(request, key_forms={key.pk: form}, status=400)
+    return redirect("budgets")
