@@ -442,7 +442,8 @@ def _reserve_steps(entitlements: list[Entitlement], tokens: int, request_id: str
             spent = dict((yield [(f'SELECT id, spent FROM {BUDGETS} WHERE id IN ({", ".join(["%s"] * len(budgets))})',
                                   list(budget_ids))]))
             for budget in budgets:
-                budget.spent = spent.get(budget.pk, budget.limit)
+                # A Decimal on PostgreSQL, a float from SQLite's raw cursor (Decimal - float would raise).
+                budget.spent = Decimal(str(spent[budget.pk])).quantize(BUDGET_PLACES) if budget.pk in spent else budget.limit
                 if budget.limit - budget.spent < cost:
                     raise insufficient_budget(budget, cost)
         elif not _may_fit(entitlements, tokens):
@@ -497,6 +498,7 @@ def room_freed() -> RoomFreed:
 
 FITS = "revoked_at IS NULL AND (token_quota IS NULL OR tokens_used + tokens_reserved + %s <= token_quota)"
 BUDGET_FITS = 'spent + reserved + %s <= "limit"'
+BUDGET_PLACES = Decimal("1e-8")  # the budget columns' decimal places
 
 
 def hold_statements(entitlement: Entitlement, tokens: int, request_id: str, now, expires_at,
@@ -582,9 +584,11 @@ def charge_sql(limit: str, used: str, others: str = "") -> str:
     live (`others` empty) that only bites when an operator lowered the quota or budget below used +
     reserved meanwhile (the usage record keeps the full count), so the statement never violates the
     table's check constraint and never loses the record; once the expiry sweep released the hold
-    (`others`: the holds in flight) it charges only what fits beside them."""
+    (`others`: the holds in flight) it charges only what fits beside them. The charge is subtracted, not
+    compared: SQLite binds a Decimal as text, and a number compared with text is always the smaller (an
+    arithmetic operand is converted), which charged a budget all its room on `make run`."""
     room = f"{limit} - {used}" + (f" - {others}" if others else "")
-    return f"CASE WHEN {limit} IS NULL OR {room} >= %s THEN %s WHEN {room} > 0 THEN {room} ELSE 0 END"
+    return f"CASE WHEN {limit} IS NULL OR {room} - %s >= 0 THEN %s WHEN {room} > 0 THEN {room} ELSE 0 END"
 
 
 def settle(hold: Hold, used: int, record: UsageRecord | None, touch_key: APIKey | None = None) -> None:
