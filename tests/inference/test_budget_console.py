@@ -101,6 +101,7 @@ def test_budget_alerts_go_out_once_per_threshold_and_again_after_a_raise(setting
 
 def test_an_owner_sets_changes_and_removes_the_organization_budget_and_each_change_is_audited(client, owner, org):
     login(client, owner, org)
+    assert 'href="/budgets/">Set or change budgets</a>' in client.get("/usage/").content.decode()
     assert client.post("/budgets/", {"org-limit": "25"}).status_code == 302
     budget = Budget.objects.get(organization=org, api_key=None)
     assert budget.limit == Decimal("25")
