@@ -255,10 +255,10 @@ def budgets_page(request):
 
 @org_member_required
 @require_POST
-def key_budget(request, pk: int):
-    """`POST /budgets/keys/<pk>/`: set or remove one key's budget (another organization's key is a 404)."""
+def key_budget(request, key_id: int):
+    """`POST /budgets/keys/<key_id>/`: set or remove one key's budget (another organization's key is a 404)."""
     require_manager(request.membership)
-    key = get_for_org_or_404(APIKey, request.organization, pk=pk)
+    key = get_for_org_or_404(APIKey, request.organization, pk=key_id)
     form = _save_budget(request, f"key-{key.pk}", key, f"the key “{key.name}”")
     if form is not None:
         return _budgets_page(request, key_forms={key.pk: form}, status=400)

@@ -201,6 +201,11 @@ def _batch(org):
     return batch, batch.batch_id
 
 
+def _key_and_id(org):
+    key = _key(org)
+    return key, key.pk
+
+
 API_CASES: dict[str, list[tuple[str, Callable]]] = {
     "v1-model": [("get", _listed_model)],
     "v1-response": [("get", _stored_response), ("delete", _stored_response)],
@@ -210,8 +215,9 @@ API_CASES: dict[str, list[tuple[str, Callable]]] = {
     "v1-batch": [("get", _batch)],
     "v1-batch-cancel": [("post", _batch)],
     "batch-file-download": [("get", _file)],  # the console's: a member's session, not a key
+    "key-budget": [("post", _key_and_id)],  # the console's budgets page (an owner's session)
 }
-SESSION_URLS = {"batch-file-download"}
+SESSION_URLS = {"batch-file-download", "key-budget"}
 
 
 def test_every_api_url_with_an_id_has_an_isolation_case():
