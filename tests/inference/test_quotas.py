@@ -292,3 +292,13 @@ async def test_a_refused_hold_on_the_event_loop_gives_back_the_concurrency_slot(
     admitted = await quotas.admit_request_async(raw, parse_chat({**body, "max_tokens": 1}), None, "req_fits_async",
                                                 limiter)
     assert admitted.decision.allowed
+
+
+def test_a_refused_key_is_named_by_its_first_seven_and_last_four_characters_only(db):
+    assert quotas.redact("abcdefghijkl") == "…"  # 12 characters: too short to show any part
+    assert quotas.redact("abcdefghijklm") == "abcdefg…jklm"
+    assert quotas.redact("abcdefghijklmn") == "abcdefg…klmn"
+    bad = "sk-" + "0" * 16 + "-" + "x" * 36 + "WXYZ"
+    with pytest.raises(GatewayError) as err:
+        quotas.admit(bad)
+    assert err.value.message == "Incorrect API key provided: sk-0000…WXYZ."
