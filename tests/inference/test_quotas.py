@@ -302,3 +302,51 @@ def test_a_refused_key_is_named_by_its_first_seven_and_last_four_characters_only
     with pytest.raises(GatewayError) as err:
         quotas.admit(bad)
     assert err.value.message == "Incorrect API key provided: sk-0000…WXYZ."
+
+
+def test_work_submitted_by_a_key_is_admitted_again_as_that_key(org):
+    key, _ = APIKey.objects.create_key(org, "batch")
+    credential = quotas.KeyCredential(key.pk)
+    with pytest.raises(GatewayError) as err:
+        quotas.admit_credential(credential)
+    assert (err.value.status, err.value.code) == (403, "authorization_required")
+    entitlement = grant(org, 100)
+    caller = quotas.admit_credential(credential)
+    assert (caller.api_key.pk, caller.source, [e.pk for e in caller.entitlements]) == (key.pk, "batch", [entitlement.pk])
+    key.revoke()
+    for gone in [credential, quotas.KeyCredential(key.pk + 10_000)]:
+        with pytest.raises(GatewayError) as err:
+            quotas.admit_credential(gone)
+        assert err.value.status == 401 and err.value.message == "The API key that submitted this work is no longer usable."
+
+
+def test_a_console_session_is_admitted_for_its_organization(org):
+    from django.contrib.auth import get_user_model
+
+    from accounts.models import Membership
+
+    user = get_user_model().objects.create_user(f"u{org.pk}@example.com", "pw-long-enough-1")
+    credential = quotas.SessionCredential(user.pk, org.pk)
+    with pytest.raises(GatewayError) as err:
+        quotas.admit_credential(credential)
+    assert (err.value.status, err.value.code) == (401, "invalid_session")
+    Membership.objects.create(organization=org, user=user)
+    with pytest.raises(GatewayError) as err:
+        quotas.admit_credential(credential)
+    assert (err.value.status, err.value.code) == (403, "authorization_required")
+    entitlement = grant(org, None)
+    caller = quotas.admit_credential(credential)
+    assert (caller.api_key, caller.organization.pk, caller.user_id, [e.pk for e in caller.entitlements]) == (
+        None, org.pk, user.pk, [entitlement.pk])
+    org.is_active = False
+    org.save()
+    with pytest.raises(GatewayError) as err:
+        quotas.admit_credential(credential)
+    assert err.value.status == 403 and err.value.message == "This organization is disabled."
+    org.is_active = True
+    org.save()
+    user.is_active = False
+    user.save()
+    with pytest.raises(GatewayError) as err:
+        quotas.admit_credential(credential)
+    assert err.value.status == 401
