@@ -350,3 +350,16 @@ def test_a_console_session_is_admitted_for_its_organization(org):
     with pytest.raises(GatewayError) as err:
         quotas.admit_credential(credential)
     assert err.value.status == 401
+
+
+def test_the_worst_cost_of_a_hold_prices_at_most_n_times_max_tokens_at_the_output_rate():
+    from decimal import Decimal
+
+    model = AIModel(name="priced", price_input_per_million=Decimal(1), price_output_per_million=Decimal(4))
+    chat = parse_chat({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100, "n": 3})
+    assert quotas.worst_cost(model, chat, 1000) == Decimal("0.0019")  # 300 at $4/M, 700 at $1/M
+    assert quotas.worst_cost(model, chat, 250) == Decimal("0.001")  # fewer held than the bound: all output
+    unbounded = parse_chat({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    assert quotas.worst_cost(model, unbounded, 1000) == Decimal("0.004")  # no bound: every token could be output
+    dear_input = AIModel(name="d", price_input_per_million=Decimal(5), price_output_per_million=Decimal(1))
+    assert quotas.worst_cost(dear_input, chat, 1000) == Decimal("0.005")
