@@ -192,16 +192,19 @@ def _gather_context(
 
 
 def _prefill_one(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, seq_len: int, scale: float):
-    """q [n, H, D] are the last n positions of a seq_len context; causal attention over keys [seq_len, Hkv, D]."""
+    """q [n, H, D] are the last n positions of a seq_len context; causal attention over keys [seq_len, Hkv, D].
+
+    The operands get a batch dimension of 1: on CPU only 4-D inputs reach ATen's flash-attention kernel, 3-D
+    ones take the math path, which materialises the [H, n, seq_len] scores (5x slower at n = 1,024)."""
     n = q.shape[0]
-    qt, kt, vt = q.transpose(0, 1), keys.transpose(0, 1).to(q.dtype), values.transpose(0, 1).to(q.dtype)
+    qt, kt, vt = (t.transpose(0, 1)[None].to(q.dtype) for t in (q, keys, values))  # [1, heads, len, D]
     if n == seq_len:
         o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=True)
     else:
         query_pos = torch.arange(seq_len - n, seq_len, device=q.device)
         mask = torch.arange(seq_len, device=q.device)[None, :] <= query_pos[:, None]
         o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=True)
-    return o.transpose(0, 1)
+    return o[0].transpose(0, 1)
 
 
 def decode_attention(

@@ -145,6 +145,19 @@ def test_prefills_of_very_different_sizes_run_one_call_each(monkeypatch):
     assert len(calls) == 3
 
 
+@pytest.mark.parametrize("seqs", [[(30, 30)], [(30, 12)]], ids=["whole prompt", "chunk after a prefix hit"])
+def test_a_lone_prefill_takes_the_cpu_flash_kernel_not_the_math_path(seqs):
+    """The math path materialises every score row ([heads, n, context]); at a 1,024-token chunk it made a
+    2,048-token prefill 4x slower. Only 4-D operands reach ATen's CPU flash kernel."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        run(make_case(seqs))
+    ops = {event.key for event in prof.key_averages()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops
+    assert "aten::_scaled_dot_product_attention_math" not in ops
+
+
 @pytest.mark.parametrize("seqs", [
     [(7, 7), (10, 4), (6, 6)],  # full prefills and a chunk after a prefix hit, padded together
     [(13, 13), (13, 5), (12, 1), (9, 9)],  # with a decode between them
