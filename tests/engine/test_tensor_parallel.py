@@ -53,9 +53,12 @@ def run(engine: LLMEngine) -> tuple[dict[str, list[int]], list[torch.Tensor], li
     sample = engine.runner.sample
     try:
         logits_seen: list[torch.Tensor] = []
+        rows_seen: dict[str, list[torch.Tensor]] = {}
 
         def recording(logits, seqs):
             logits_seen.append(logits.clone())
+            for seq, row in zip(seqs, logits, strict=True):
+                rows_seen.setdefault(seq.request_id, []).append(row.float().clone())
             return sample(logits, seqs)
 
         engine.runner.sample = recording
@@ -69,6 +72,7 @@ def run(engine: LLMEngine) -> tuple[dict[str, list[int]], list[torch.Tensor], li
                 assert out.error is None
                 tokens[out.request_id] += [t for d in out.outputs for t in d.token_ids]
                 prompt_logprobs = prompt_logprobs or out.prompt_logprobs
+        engine.rows_seen = rows_seen  # each request's sampled logits rows, in its token order
         return tokens, logits_seen, prompt_logprobs
     finally:
         engine.close()
@@ -105,15 +109,36 @@ def test_two_gpus_over_nccl_give_the_logits_and_greedy_tokens_of_one():
             run(make_engine(path, 2, device="cuda", dtype=torch.float32)), tolerance=1e-3)
 
 
+def compare_until_a_near_tie(one_engine, two_engine, tolerance: float) -> int:
+    """bfloat16 greedy decoding of a random model meets near-ties, and a rounding difference may pick the
+    other token there; after that the two sequences are different requests. So each request's tokens must
+    agree up to a step where one rank's best two logits were within `tolerance` (a near-tie), and every
+    logits row up to and including it within `tolerance`. Returns the number of rows compared."""
+    one, two = run(one_engine), run(two_engine)
+    compared = 0
+    for request_id, tokens1 in one[0].items():
+        tokens2 = two[0][request_id]
+        rows1, rows2 = one_engine.rows_seen[request_id], two_engine.rows_seen[request_id]
+        for i, (t1, t2) in enumerate(zip(tokens1, tokens2, strict=True)):
+            diff = (rows1[i] - rows2[i]).abs().max().item()
+            assert diff < tolerance, (request_id, i, diff)
+            compared += 1
+            if t1 != t2:
+                best = rows1[i].topk(2).values
+                assert (best[0] - best[1]).item() < tolerance, (request_id, i, "a flipped token without a near-tie")
+                break
+    assert max(t.abs().max().item() for t in one[1]) > 5  # logits far larger than the tolerance
+    return compared
+
+
 def test_a_4bit_gguf_shards_on_its_blocks_and_matches_one_rank(tmp_path):
     """Q4_0 kept quantized (bfloat16 on the CPU takes the int4 kernels): row-parallel projections are cut
     between 32-wide blocks; the ranks' bfloat16 partial sums differ from one rank's only by rounding."""
     path = str(write_tiny_gguf("llama", tmp_path / "tiny.Q4_0.gguf", qtype="Q4_0"))
     two = make_engine(path, 2, dtype=torch.bfloat16)
     assert two.runner.model.layers[0].self_attn.o_proj.inner.kernel_names == ["aten_int4_cpu"]
-    one = run(make_engine(path, 1, dtype=torch.bfloat16))
-    compare(one, run(two), tolerance=0.25)
-    assert max(t.abs().max().item() for t in one[1]) > 5  # logits far larger than the tolerance
+    compared = compare_until_a_near_tie(make_engine(path, 1, dtype=torch.bfloat16), two, tolerance=0.25)
+    assert compared >= 20  # most of the 30 tokens: a near-tie is the exception
 
 
 def _q4_0(rows: int, columns: int) -> GGUFTensor:
