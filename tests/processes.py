@@ -14,6 +14,21 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def sqlite_manage(directory: Path, timeout: float = 300):
+    """`manage.py` on embedded defaults (maas.settings, what `make run` uses) against a fresh SQLite file in
+    `directory`: a function that runs one command and returns its stdout, failing on a non-zero exit."""
+    env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL", "SECRET_KEY", "TEST_DATABASE_NAME"}}
+    env.update(DEBUG="1", DATABASE_URL=f"sqlite:///{directory / 'db.sqlite3'}", DJANGO_SETTINGS_MODULE="maas.settings")
+
+    def manage(*args: str) -> str:
+        done = subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    return manage
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -7,12 +7,9 @@ test suite's own database is PostgreSQL."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from decimal import Decimal
 
-from tests.processes import ROOT
+from tests.processes import sqlite_manage
 
 SCRIPT = r'''
 import datetime as dt, json
@@ -71,13 +68,7 @@ print("RESULT " + json.dumps(out))
 
 
 def test_budgets_hold_settle_refuse_and_sweep_on_sqlite(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL", "SECRET_KEY", "TEST_DATABASE_NAME"}}
-    env.update(DEBUG="1", DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite3'}", DJANGO_SETTINGS_MODULE="maas.settings")
-
-    def manage(*args: str) -> str:
-        done = subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr
-        return done.stdout
+    manage = sqlite_manage(tmp_path)
 
     manage("migrate", "--noinput")
     [line] = [line for line in manage("shell", "-c", SCRIPT).splitlines() if line.startswith("RESULT ")]

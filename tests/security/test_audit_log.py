@@ -6,9 +6,6 @@ cannot be edited or deleted. The triggers are PostgreSQL's: these tests run on t
 from __future__ import annotations
 
 import getpass
-import os
-import subprocess
-import sys
 
 import pytest
 from django.contrib.auth.models import AnonymousUser
@@ -30,7 +27,7 @@ from accounts.models import (
 )
 from inference import quotas
 from inference.models import AIModel, AIModelEvent, Deployment, DeploymentEvent, UsageRecord, UsageStatus
-from tests.processes import ROOT
+from tests.processes import sqlite_manage
 
 from ..accounts.console_helpers import *  # noqa: F403  (fixtures)
 from ..accounts.console_helpers import add_member, make_user
@@ -234,13 +231,7 @@ def test_owner_sees_the_audit_page_members_and_admins_do_not(client, owner_a, or
 
 def test_sqlite_applies_the_migrations_and_records_nothing(tmp_path):
     """`make run` is SQLite: the event tables are created, pghistory's triggers and context are skipped."""
-    env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL", "SECRET_KEY", "TEST_DATABASE_NAME"}}
-    env.update(DEBUG="1", DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite3'}", DJANGO_SETTINGS_MODULE="maas.settings")
-
-    def manage(*args: str) -> str:
-        done = subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
-        assert done.returncode == 0, done.stderr
-        return done.stdout
+    manage = sqlite_manage(tmp_path, timeout=180)
 
     manage("migrate", "--noinput")
     assert "Created organization" in manage("create_org", "acme", "--owner", "a@example.com")
