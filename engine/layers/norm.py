@@ -27,7 +27,7 @@ class RMSNorm(nn.Module):
 
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """ATen's fused rms_norm does the float32 normalisation in one op (the same values as
-    h * rsqrt(h.pow(2).mean(-1) + eps), pinned by tests/engine/test_layers_cpu_fast.py): at batch 1 on the
+    h * rsqrt(h.pow(2).mean(-1) + eps), pinned by tests/engine/test_layers.py): at batch 1 on the
     CPU a decode step is bound by op count, and the norms were a fifth of a layer's ops."""
     dtype = x.dtype
     h = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)

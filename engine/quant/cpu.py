@@ -117,10 +117,8 @@ class AtenInt4:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] -> bfloat16 [M, N]."""
-        if x.dtype != torch.bfloat16:
-            x = x.to(torch.bfloat16)
-        if not x.is_contiguous():
-            x = x.contiguous()
+        # .to and .contiguous return x itself when it already is bfloat16 and contiguous (the decode case)
+        x = x.to(torch.bfloat16).contiguous()
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scale_zero)
 
     def tensors(self) -> dict[str, torch.Tensor]:
