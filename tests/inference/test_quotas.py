@@ -363,3 +363,77 @@ def test_the_worst_cost_of_a_hold_prices_at_most_n_times_max_tokens_at_the_outpu
     assert quotas.worst_cost(model, unbounded, 1000) == Decimal("0.004")  # no bound: every token could be output
     dear_input = AIModel(name="d", price_input_per_million=Decimal(5), price_output_per_million=Decimal(1))
     assert quotas.worst_cost(dear_input, chat, 1000) == Decimal("0.005")
+
+
+def test_the_models_a_caller_may_call_are_listed_by_name_skipping_the_ones_it_may_not():
+    """Caller.visible_models (GET /v1/models): every entry `resolve` admits, in name order, and none it refuses,
+    whichever name the refused ones sort between."""
+    from inference.catalog import CatalogEntry
+
+    org = Organization(pk=7, name="Seen", slug="seen")
+
+    def entry(name, visible_to=None):
+        return CatalogEntry(AIModel(name=name), visible_to, ())
+
+    entries = {name: entry(name) for name in ["zeta", "alpha", "mid"]}
+    entries["hidden"] = entry("hidden", frozenset({8}))  # listed for another organization only
+    entries["beta"] = entry("beta", frozenset({7}))  # listed for this one
+    entries["aaa-uncovered"] = entry("aaa-uncovered")  # no entitlement covers it
+    grants = [Entitlement(token_quota=None, model_names=["zeta", "alpha", "mid", "hidden", "beta", "notinthecatalog"])]
+    caller = quotas.Caller(None, grants, entries, organization=org)
+    assert [e.model.name for e in caller.visible_models()] == ["alpha", "beta", "mid", "zeta"]
+    key = APIKey(organization=org, allowed_models=["mid", "beta"])
+    keyed = quotas.Caller(key, grants, entries, user_id=1)
+    assert [e.model.name for e in keyed.visible_models()] == ["beta", "mid"]
+    assert quotas.Caller(None, [], entries, organization=org).visible_models() == []
+
+
+async def test_waiters_for_quota_room_wake_one_per_settlement_in_arrival_order():
+    """RoomFreed: a settlement wakes the longest waiter only; a wait that runs out returns quietly and
+    leaves no waiter behind to swallow the next settlement's wake-up."""
+    import asyncio
+
+    room = quotas.RoomFreed()
+    started = asyncio.get_running_loop().time()
+    await room.wait(0.05)  # nobody settles: returns after the timeout, no error
+    assert asyncio.get_running_loop().time() - started >= 0.04
+    assert not room._waiters
+    woken = []
+
+    async def waiter(name, timeout):
+        await room.wait(timeout)
+        woken.append(name)
+
+    first = asyncio.create_task(waiter("first", 30))
+    await asyncio.sleep(0)
+    second = asyncio.create_task(waiter("second", 30))
+    await asyncio.sleep(0)
+    room.notify()
+    await asyncio.wait_for(first, 5)
+    await asyncio.sleep(0.01)
+    assert woken == ["first"] and not second.done()
+    room.notify()
+    await asyncio.wait_for(second, 5)
+    assert woken == ["first", "second"] and not room._waiters
+    room.notify()  # nobody waits: nothing to wake, nothing kept for later
+    await room.wait(0.01)
+    assert not room._waiters
+
+
+def test_a_live_requests_hold_is_pushed_a_full_ttl_ahead_and_survives_the_sweep(org, settings):
+    """extend_hold: the expiry moves to now + GATEWAY_RESERVATION_TTL_SECONDS, of this hold only."""
+    settings.GATEWAY_RESERVATION_TTL_SECONDS = 600
+    entitlement = grant(org, 1000)
+    live = quotas.reserve([entitlement], 100, "req_live")
+    crashed = quotas.reserve([entitlement], 200, "req_crashed")
+    Reservation.objects.update(expires_at=timezone.now() - dt.timedelta(seconds=1))
+    before = timezone.now()
+    quotas.extend_hold(live)
+    after = timezone.now()
+    expires_at = Reservation.objects.get(pk=live.reservation_id).expires_at
+    assert before + dt.timedelta(seconds=600) <= expires_at <= after + dt.timedelta(seconds=600)
+    assert Reservation.objects.get(pk=crashed.reservation_id).expires_at < before
+    assert quotas.expire_reservations() == 1
+    entitlement.refresh_from_db()
+    assert entitlement.tokens_reserved == 100 and Reservation.objects.get().pk == live.reservation_id
+
