@@ -67,9 +67,11 @@ async def pool() -> AsyncConnectionPool:
 
 
 async def fetchall(sql: str, params: list) -> list[tuple]:
+    """The statement's rows; none for one that answers no rows (an UPDATE without RETURNING), as
+    `quotas.execute` on Django's connection (psycopg's fetchall raises there)."""
     async with (await pool()).connection() as conn:
         cursor = await conn.execute(sql, params, prepare=True)
-        return await cursor.fetchall()
+        return await cursor.fetchall() if cursor.description else []
 
 
 async def fetchone(sql: str, params: list) -> tuple | None:

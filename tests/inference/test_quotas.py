@@ -437,3 +437,59 @@ def test_a_live_requests_hold_is_pushed_a_full_ttl_ahead_and_survives_the_sweep(
     entitlement.refresh_from_db()
     assert entitlement.tokens_reserved == 100 and Reservation.objects.get().pk == live.reservation_id
 
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("async_pool_closed")
+async def test_a_live_requests_hold_is_extended_on_the_event_loop(settings):
+    settings.GATEWAY_RESERVATION_TTL_SECONDS = 600
+
+    def setup():
+        org = Organization.objects.create(name="Extend", slug="extend-async")
+        entitlement = grant(org, 1000)
+        hold = quotas.reserve([entitlement], 100, "req_extend_async")
+        Reservation.objects.update(expires_at=timezone.now() - dt.timedelta(seconds=1))
+        return hold
+
+    hold = await in_thread(setup)
+    before = timezone.now()
+    await quotas.extend_hold_async(hold)
+    after = timezone.now()
+
+    def check():
+        expires_at = Reservation.objects.get(pk=hold.reservation_id).expires_at
+        assert before + dt.timedelta(seconds=600) <= expires_at <= after + dt.timedelta(seconds=600)
+        assert quotas.expire_reservations() == 0
+
+    await in_thread(check)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("async_pool_closed")
+async def test_budgets_held_for_an_entitlement_without_room_are_given_back_on_the_event_loop():
+    """reserve_async: both budgets fit, the entitlement no longer does (used meanwhile by a request the
+    admission snapshot had not seen), so the budgets held are released (a statement that answers no rows, on
+    the asyncio pool) and the refusal is the quota's 429, not a server error."""
+    from decimal import Decimal
+
+    from inference.models import Budget
+
+    def setup():
+        org = Organization.objects.create(name="Give back", slug="give-back-async")
+        entitlement = grant(org, 100)
+        key, _ = APIKey.objects.create_key(org, "k")
+        budgets = [Budget.objects.create(organization=org, api_key=key, limit=Decimal("1.00")),
+                   Budget.objects.create(organization=org, limit=Decimal("1.00"))]
+        Entitlement.objects.filter(pk=entitlement.pk).update(tokens_used=50)  # the snapshot still says 0
+        return entitlement, budgets
+
+    entitlement, budgets = await in_thread(setup)
+    with pytest.raises(GatewayError) as err:
+        await quotas.reserve_async([entitlement], 60, "req_too_big", Decimal("0.10"), budgets)
+    assert (err.value.status, err.value.code) == (429, "insufficient_quota")
+
+    def check():
+        assert [b.reserved for b in Budget.objects.order_by("pk")] == [0, 0]
+        entitlement.refresh_from_db()
+        assert entitlement.tokens_reserved == 0 and not Reservation.objects.exists()
+
+    await in_thread(check)
