@@ -493,3 +493,192 @@ async def test_budgets_held_for_an_entitlement_without_room_are_given_back_on_th
         assert entitlement.tokens_reserved == 0 and not Reservation.objects.exists()
 
     await in_thread(check)
+
+
+def test_a_session_is_admitted_only_for_an_organization_its_user_belongs_to(org):
+    """admit_session matches the membership on both the user and the organization: a member of another
+    organization, or another member of this one, is no session for it. The playground's caller carries
+    the organization's budget only (no key's) and the catalog."""
+    from decimal import Decimal
+
+    from django.contrib.auth import get_user_model
+
+    from accounts.models import Membership
+    from inference.models import Budget
+
+    users = get_user_model().objects
+    member = users.create_user(f"member{org.pk}@example.com", "pw-long-enough-1")
+    outsider = users.create_user(f"outsider{org.pk}@example.com", "pw-long-enough-1")
+    other_org = Organization.objects.create(name="Other", slug=f"other-{org.slug}")
+    Membership.objects.create(organization=org, user=member)
+    Membership.objects.create(organization=other_org, user=outsider)
+    grant(org, None)
+    grant(other_org, None)
+    for credential in [quotas.SessionCredential(outsider.pk, org.pk), quotas.SessionCredential(member.pk, other_org.pk)]:
+        with pytest.raises(GatewayError) as err:
+            quotas.admit_credential(credential)
+        assert (err.value.status, err.value.code, err.value.message) == (
+            401, "invalid_session", "Your console session is no longer valid for this organization. Log in again.")
+    key, _ = APIKey.objects.create_key(org, "k")
+    Budget.objects.create(organization=org, api_key=key, limit=Decimal("1.00"))  # a key's: not the playground's
+    org_budget = Budget.objects.create(organization=org, limit=Decimal("2.00"))
+    Budget.objects.create(organization=other_org, limit=Decimal("3.00"))
+    AIModel.objects.create(name="session-model")
+    catalog.invalidate()
+    caller = quotas.admit_credential(quotas.SessionCredential(member.pk, org.pk))
+    assert (caller.source, [b.pk for b in caller.budgets]) == ("playground", [org_budget.pk])
+    assert caller.resolve("session-model")[0].model.name == "session-model"
+    org.is_active = False
+    org.save()
+    with pytest.raises(GatewayError) as err:
+        quotas.admit_credential(quotas.SessionCredential(member.pk, org.pk))
+    assert (err.value.status, err.value.type, err.value.code) == (403, "permission_denied", "organization_disabled")
+
+
+def test_the_console_caller_reads_the_catalog_only_when_not_handed_one(org):
+    """organization_caller: the entries it is given, else the catalog's."""
+    grant(org, None)
+    AIModel.objects.create(name="console-model")
+    catalog.invalidate()
+    given = {}
+    assert quotas.organization_caller(org, None, entries=given).entries is given
+    assert "console-model" in quotas.organization_caller(org, None).entries
+
+
+def test_a_key_is_admitted_with_its_own_budget_first_then_its_organizations(org):
+    """budgets_of, through every key admission (raw key, KeyCredential): the key's budget, then the
+    organization's; never another key's or another organization's. Holds take them in that order."""
+    from decimal import Decimal
+
+    from inference.models import Budget
+
+    grant(org, None)
+    AIModel.objects.create(name="budget-order-model")
+    catalog.invalidate()
+    key, raw = APIKey.objects.create_key(org, "k")
+    other_key, _ = APIKey.objects.create_key(org, "other")
+    assert quotas.admit_credential(raw).budgets == [] and quotas.admit_credential(quotas.KeyCredential(key.pk)).budgets == []
+    org_budget = Budget.objects.create(organization=org, limit=Decimal("2.00"))  # created first: sorts first by id
+    Budget.objects.create(organization=org, api_key=other_key, limit=Decimal("4.00"))
+    elsewhere = Organization.objects.create(name="Elsewhere", slug=f"elsewhere-{org.slug}")
+    Budget.objects.create(organization=elsewhere, limit=Decimal("5.00"))
+    key_budget = Budget.objects.create(organization=org, api_key=key, limit=Decimal("1.00"))
+    for credential in [raw, quotas.KeyCredential(key.pk)]:
+        caller = quotas.admit_credential(credential)
+        assert [b.pk for b in caller.budgets] == [key_budget.pk, org_budget.pk]
+        assert caller.resolve("budget-order-model")[0].model.name == "budget-order-model"
+    assert [b.pk for b in quotas.budgets_of(other_key)][1:] == [org_budget.pk]
+
+
+def test_the_expiry_sweep_releases_each_budget_a_hold_took_and_says_how_many_it_released(org, caplog):
+    from decimal import Decimal
+
+    from inference.models import Budget
+
+    entitlement = grant(org, 1000)
+    key, _ = APIKey.objects.create_key(org, "k")
+    key_budget = Budget.objects.create(organization=org, api_key=key, limit=Decimal("1.00"))
+    org_budget = Budget.objects.create(organization=org, limit=Decimal("2.00"))
+    quotas.reserve([entitlement], 100, "req_both", cost=Decimal("0.30"), budgets=[key_budget, org_budget])
+    quotas.reserve([entitlement], 50, "req_org", cost=Decimal("0.20"), budgets=[org_budget])
+    kept = quotas.reserve([entitlement], 10, "req_kept", cost=Decimal("0.05"), budgets=[key_budget, org_budget])
+    Reservation.objects.exclude(pk=kept.reservation_id).update(expires_at=timezone.now() - dt.timedelta(seconds=1))
+    with caplog.at_level("WARNING", logger="inference.quotas"):
+        assert quotas.expire_reservations() == 2
+    assert "released 2 expired token reservations" in caplog.messages
+    for row in (key_budget, org_budget, entitlement):
+        row.refresh_from_db()
+    assert (key_budget.reserved, org_budget.reserved, entitlement.tokens_reserved) == (Decimal("0.05"), Decimal("0.05"), 10)
+
+
+def served_model(name: str, **fields) -> AIModel:
+    """A model with one replica nothing listens on (admission never calls it; its tokenizer fetch fails fast)."""
+    model = AIModel.objects.create(name=name, **fields)
+    Deployment.objects.create(model=model, base_url="http://127.0.0.1:9")
+    catalog.invalidate()
+    return model
+
+
+def test_a_line_admitted_in_a_thread_holds_its_tokens_and_any_failure_gives_back_its_slot(org):
+    """admit_request (the batch runner's path): the blocking limiter, then the hold; a refused hold, and a
+    failure that is no refusal (a request id the reservation's column refuses), give the concurrency slot
+    back; the refusal carries the rate-limit headers; `labels` learn the organization and the model."""
+    from django.db import DataError, transaction
+
+    org.max_concurrent_requests = 1
+    org.save()
+    entitlement = grant(org, 1000)
+    served_model("line-model")
+    key, _ = APIKey.objects.create_key(org, "batch")
+    credential = quotas.KeyCredential(key.pk)
+    limiter = RateLimiter("", "refuse", 0.5)
+    body = {"model": "line-model", "messages": MESSAGES, "max_tokens": 2000}
+    labels = {}
+    with pytest.raises(GatewayError) as err:
+        quotas.admit_request(credential, parse_chat(body), None, "req_refused", limiter, labels)
+    assert (err.value.code, err.value.headers["x-should-retry"]) == ("insufficient_quota", "false")
+    assert err.value.headers["x-ratelimit-limit-requests"]
+    assert labels == {"organization": org.slug, "model": "line-model"}
+    small = {**body, "max_tokens": 10}
+    with pytest.raises(DataError), transaction.atomic():
+        quotas.admit_request(credential, parse_chat(small), None, "r" * 65, limiter)
+    admitted = quotas.admit_request(credential, parse_chat(small), None, "req_fits", limiter)
+    assert admitted.decision.allowed and admitted.caller.source == "batch"
+    assert (admitted.entry.model.name, admitted.upstream.base_url) == ("line-model", "http://127.0.0.1:9")
+    assert (admitted.hold.tokens, admitted.hold.entitlement_id) == (18 + 256 + 10, entitlement.pk)  # uncounted
+    entitlement.refresh_from_db()
+    assert entitlement.tokens_reserved == admitted.hold.tokens
+    with pytest.raises(GatewayError) as err:  # the one slot is the admitted line's: no hold is tried
+        quotas.admit_request(credential, parse_chat(small), None, "req_second", limiter)
+    assert (err.value.status, err.value.code, err.value.type) == (429, "rate_limit_exceeded", "concurrency")
+    entitlement.refresh_from_db()
+    assert entitlement.tokens_reserved == admitted.hold.tokens and Reservation.objects.count() == 1
+
+
+def test_admission_refuses_a_bad_body_an_endpoint_the_model_does_not_serve_and_a_model_without_replica(org):
+    """_route, after authentication and before any limit: the body's own error, 400 for no body, 400
+    model_not_supported on `model`, 503 without a replica; nothing is held for any of them."""
+    grant(org, 1000)
+    served_model("embedder", kind="embeddings")
+    AIModel.objects.create(name="no-replica")
+    catalog.invalidate()
+    _, raw = APIKey.objects.create_key(org, "k")
+    limiter = RateLimiter("", "refuse", 0.5)
+    bad_body = GatewayError(400, "messages is required", param="messages")
+    labels = {}
+    with pytest.raises(GatewayError) as err:
+        quotas.admit_request(raw, None, bad_body, "req_1", limiter, labels)
+    assert err.value is bad_body and labels == {"organization": org.slug}
+    with pytest.raises(GatewayError) as err:
+        quotas.admit_request(raw, None, None, "req_2", limiter)
+    assert (err.value.status, err.value.message) == (400, "Invalid request.")
+    with pytest.raises(GatewayError) as err:
+        quotas.admit_request(raw, parse_chat({"model": "embedder", "messages": MESSAGES}), None, "req_3", limiter)
+    assert (err.value.status, err.value.type, err.value.code, err.value.param) == (
+        400, "invalid_request_error", "model_not_supported", "model")
+    assert "embeddings model" in err.value.message
+    with pytest.raises(GatewayError) as err:
+        quotas.admit_request(raw, parse_chat({"model": "no-replica", "messages": MESSAGES}), None, "req_4", limiter)
+    assert (err.value.status, err.value.code, err.value.message) == (
+        503, "service_unavailable",
+        "The model `no-replica` is temporarily unavailable: no healthy replica. Please retry.")
+    assert not Reservation.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("async_pool_closed")
+async def test_a_settlement_on_the_event_loop_marks_the_key_used():
+    def setup():
+        org = Organization.objects.create(name="Touch", slug="touch-async")
+        entitlement = grant(org, 1000)
+        key, _ = APIKey.objects.create_key(org, "k")
+        return org, key, quotas.reserve([entitlement], 100, "req_touch_async")
+
+    org, key, hold = await in_thread(setup)
+    await quotas.settle_async(hold, 10, usage_record(org, key, "req_touch_async"), key)
+
+    def check():
+        key.refresh_from_db()
+        assert key.last_used_at is not None
+
+    await in_thread(check)
