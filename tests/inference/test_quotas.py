@@ -649,6 +649,9 @@ def test_admission_refuses_a_bad_body_an_endpoint_the_model_does_not_serve_and_a
     with pytest.raises(GatewayError) as err:
         quotas.admit_request(raw, None, bad_body, "req_1", limiter, labels)
     assert err.value is bad_body and labels == {"organization": org.slug}
+    with pytest.raises(GatewayError) as err:  # the body's error wins over what could be parsed of it
+        quotas.admit_request(raw, parse_chat({"model": "no-replica", "messages": MESSAGES}), bad_body, "req_1", limiter)
+    assert err.value is bad_body
     with pytest.raises(GatewayError) as err:
         quotas.admit_request(raw, None, None, "req_2", limiter)
     assert (err.value.status, err.value.message) == (400, "Invalid request.")
@@ -682,3 +685,53 @@ async def test_a_settlement_on_the_event_loop_marks_the_key_used():
         assert key.last_used_at is not None
 
     await in_thread(check)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("async_pool_closed")
+async def test_a_hold_on_the_event_loop_waits_for_room_a_settlement_frees_then_gives_up(settings):
+    """reserve_async on PostgreSQL: a hold held back only by requests in flight waits (up to
+    GATEWAY_QUOTA_WAIT_SECONDS) and is taken once one settles; with nobody settling, the retryable 429."""
+    import asyncio
+
+    settings.GATEWAY_QUOTA_WAIT_SECONDS = 20
+
+    def setup():
+        org = Organization.objects.create(name="Wait", slug="wait-async")
+        entitlement = grant(org, 1000)
+        return entitlement, quotas.reserve([entitlement], 600, "req_first")
+
+    entitlement, first = await in_thread(setup)
+    waiting = asyncio.create_task(quotas.reserve_async([entitlement], 500, "req_waiting"))
+    await asyncio.sleep(0.3)
+    assert not waiting.done()
+    await quotas.settle_async(first, 100, None)
+    hold = await asyncio.wait_for(waiting, 10)
+    assert (hold.tokens, hold.entitlement_id) == (500, entitlement.pk)
+    settings.GATEWAY_QUOTA_WAIT_SECONDS = 0.2
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(GatewayError) as err:
+        await quotas.reserve_async([entitlement], 500, "req_gives_up")
+    assert err.value.code == "quota_in_flight" and asyncio.get_running_loop().time() - started >= 0.2
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("async_pool_closed")
+async def test_a_console_session_is_admitted_on_the_event_loop():
+    """admit_credential_async: a session credential in a database thread, a raw key on the loop."""
+    def setup():
+        from django.contrib.auth import get_user_model
+
+        from accounts.models import Membership
+
+        org = Organization.objects.create(name="Loop", slug="loop-session")
+        user = get_user_model().objects.create_user("loop-session@example.com", "pw-long-enough-1")
+        Membership.objects.create(organization=org, user=user)
+        grant(org, None)
+        key, raw = APIKey.objects.create_key(org, "k")
+        return org, user, key, raw
+
+    org, user, key, raw = await in_thread(setup)
+    caller = await quotas.admit_credential_async(quotas.SessionCredential(user.pk, org.pk))
+    assert (caller.api_key, caller.organization.pk, caller.user_id, caller.source) == (None, org.pk, user.pk, "playground")
+    assert (await quotas.admit_credential_async(raw)).api_key.pk == key.pk
