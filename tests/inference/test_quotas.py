@@ -735,3 +735,154 @@ async def test_a_console_session_is_admitted_on_the_event_loop():
     caller = await quotas.admit_credential_async(quotas.SessionCredential(user.pk, org.pk))
     assert (caller.api_key, caller.organization.pk, caller.user_id, caller.source) == (None, org.pk, user.pk, "playground")
     assert (await quotas.admit_credential_async(raw)).api_key.pk == key.pk
+
+
+@pytest.fixture
+def on_sqlite(tmp_path, monkeypatch, django_db_blocker):
+    """Run a function on SQLite (the database of `make run`), in this process: in a thread of its own whose
+    default connection is a fresh SQLite file with the money tables, so quotas' SQLite statements run as
+    they do there. `pgasync.vendor` is cached for the process (PostgreSQL here), so it is made to read the
+    calling thread's connection instead; nothing else is replaced."""
+    from django.db.backends.sqlite3.base import DatabaseWrapper
+
+    from inference.models import Budget
+
+    monkeypatch.setattr(pgasync, "vendor", lambda: connections["default"].vendor)
+
+    def run(fn):
+        outcome = {}
+
+        def body():
+            with django_db_blocker.unblock():
+                lite = DatabaseWrapper({**connections["default"].settings_dict, "ENGINE": "django.db.backends.sqlite3",
+                                        "NAME": str(tmp_path / "money.sqlite3"), "OPTIONS": {}, "TEST": {}},
+                                       alias="default")
+                connections["default"] = lite
+                try:
+                    with lite.schema_editor() as editor:
+                        for model in (Organization, APIKey, Entitlement, Budget, Reservation, UsageRecord):
+                            editor.create_model(model)
+                    with lite.cursor() as cursor:  # the tables they point to are not made here
+                        cursor.execute("PRAGMA foreign_keys = OFF")
+                    outcome["value"] = fn()
+                except BaseException as exc:  # noqa: BLE001 - raised again in the test's thread
+                    outcome["error"] = exc
+                finally:
+                    lite.close()
+
+        thread = threading.Thread(target=body)
+        thread.start()
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
+
+    return run
+
+
+def test_holds_on_sqlite_take_every_budget_and_the_entitlement_or_nothing(on_sqlite):
+    """hold_statements' SQLite text: the first UPDATE checks every row, the next follow it; a hold that does
+    not fit anywhere leaves every row as it was."""
+    from decimal import Decimal
+
+    from inference.models import Budget
+
+    def scenario():
+        org = Organization.objects.create(name="Lite", slug="lite")
+        entitlement = grant(org, 1000)
+        key, _ = APIKey.objects.create_key(org, "k")
+        key_budget = Budget.objects.create(organization=org, api_key=key, limit=Decimal("1.00"))
+        org_budget = Budget.objects.create(organization=org, limit=Decimal("0.50"))
+        both = [key_budget, org_budget]
+
+        def state():
+            return [*(Budget.objects.get(pk=b.pk).reserved for b in both),
+                    Entitlement.objects.get(pk=entitlement.pk).tokens_reserved, Reservation.objects.count()]
+
+        def refusal(tokens, cost, budgets):
+            try:
+                quotas.reserve([entitlement], tokens, "refused", cost=Decimal(cost), budgets=budgets)
+            except GatewayError as exc:
+                return exc.code
+            return "held"
+
+        hold = quotas.reserve([entitlement], 100, "req_1", cost=Decimal("0.40"), budgets=both)
+        reservation = Reservation.objects.get()
+        out = {"hold": (hold.tokens, hold.cost, hold.budget_ids, hold.entitlement_id == entitlement.pk,
+                        hold.reservation_id == reservation.pk),
+               "reservation": (reservation.tokens, reservation.cost, reservation.key_budget_id == key_budget.pk,
+                               reservation.org_budget_id == org_budget.pk, reservation.request_id),
+               "held": state()}
+        out["org_budget_full"] = refusal(10, "0.11", both), state()  # 0.40 + 0.11 > 0.50: the key's not taken
+        out["key_budget_full"] = refusal(10, "0.61", [key_budget]), state()
+        out["entitlement_full"] = refusal(901, "0.01", both), state()
+        out["exactly_what_is_left"] = refusal(900, "0.10", both), state()
+        Entitlement.objects.filter(pk=entitlement.pk).update(revoked_at=timezone.now())
+        out["revoked"] = refusal(1, "0", []), state()
+        return out, [key_budget.pk, org_budget.pk]
+
+    out, budget_ids = on_sqlite(scenario)
+    held = [Decimal("0.40"), Decimal("0.40"), 100, 1]
+    assert out["hold"] == (100, Decimal("0.40"), tuple(budget_ids), True, True)
+    assert out["reservation"] == (100, Decimal("0.40"), True, True, "req_1")
+    assert out["held"] == held
+    assert out["org_budget_full"] == ("quota_in_flight", held)
+    assert out["key_budget_full"] == ("quota_in_flight", held)
+    assert out["entitlement_full"] == ("quota_in_flight", held)
+    assert out["exactly_what_is_left"] == ("held", [Decimal("0.50"), Decimal("0.50"), 1000, 2])
+    assert out["revoked"] == ("insufficient_quota", [Decimal("0.50"), Decimal("0.50"), 1000, 2])
+
+
+def test_settlements_on_sqlite_charge_the_use_release_the_hold_and_charge_late_ones_what_fits(on_sqlite):
+    """settle_statements' SQLite text: tokens and cost charged (never above the hold), the hold released,
+    the record written and the key marked used; once the sweep released a hold, what fits beside the holds
+    in flight."""
+    from decimal import Decimal
+
+    from inference.models import Budget
+
+    def scenario():
+        org = Organization.objects.create(name="Lite", slug="lite")
+        entitlement = grant(org, 1000)
+        key, _ = APIKey.objects.create_key(org, "k")
+        key_budget = Budget.objects.create(organization=org, api_key=key, limit=Decimal("1.00"))
+        org_budget = Budget.objects.create(organization=org, limit=Decimal("5.00"))
+        both = [key_budget, org_budget]
+
+        def record(request_id, cost):
+            return UsageRecord(organization=org, api_key=key, model_name="m", endpoint="chat/completions",
+                               prompt_tokens=10, completion_tokens=5, cost=Decimal(cost), status="ok",
+                               http_status=200, latency_ms=1.0, request_id=request_id)
+
+        def state():
+            rows = [Budget.objects.get(pk=b.pk) for b in both]
+            e = Entitlement.objects.get(pk=entitlement.pk)
+            return [*(v for b in rows for v in (b.spent, b.reserved)), e.tokens_used, e.tokens_reserved,
+                    Reservation.objects.count()]
+
+        out = {}
+        hold = quotas.reserve([entitlement], 100, "req_1", cost=Decimal("0.40"), budgets=both)
+        quotas.settle(hold, 50, record("req_1", "0.15"), key)
+        out["settled"] = state(), APIKey.objects.get(pk=key.pk).last_used_at is not None
+        hold = quotas.reserve([entitlement], 100, "req_2", cost=Decimal("0.30"), budgets=both)
+        quotas.settle(hold, 150, record("req_2", "0.90"))  # more than held: charged the hold
+        out["above_the_hold"] = state()
+        late = quotas.reserve([entitlement], 300, "req_late", cost=Decimal("0.40"), budgets=both)
+        Reservation.objects.update(expires_at=timezone.now() - dt.timedelta(seconds=1))
+        out["swept"] = quotas.expire_reservations(), state()
+        other = quotas.reserve([entitlement], 500, "req_other", cost=Decimal("0.45"), budgets=both)
+        quotas.settle(late, 300, record("req_late", "0.40"))  # fits: 1000 - 150 - 500; $1 - 0.45 - 0.45 = 0.10
+        out["late"] = state()
+        quotas.settle(other, 200, None)
+        out["other"] = state()
+        out["records"] = sorted(UsageRecord.objects.values_list("request_id", flat=True))
+        return out
+
+    out = on_sqlite(scenario)
+    d = Decimal
+    assert out["settled"] == ([d("0.15"), 0, d("0.15"), 0, 50, 0, 0], True)
+    assert out["above_the_hold"] == [d("0.45"), 0, d("0.45"), 0, 150, 0, 0]
+    assert out["swept"] == (1, [d("0.45"), 0, d("0.45"), 0, 150, 0, 0])
+    assert out["late"] == [d("0.55"), d("0.45"), d("0.85"), d("0.45"), 450, 500, 1]
+    assert out["other"] == [d("0.55"), 0, d("0.85"), 0, 650, 0, 0]
+    assert out["records"] == ["req_1", "req_2", "req_late"]
