@@ -18,7 +18,7 @@ def by_full_sort(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor)
     with neither is left alone (top_p 1 is off: no cumulative-sum rounding may cut its tail)."""
     off = (top_k == 0) & (top_p >= 1)
     ordered, order = logits.sort(-1, descending=True)
-    k = torch.where(top_k > 0, top_k, VOCAB)
+    k = torch.where(top_k > 0, top_k, logits.shape[1])
     ordered.masked_fill_(ordered < ordered.gather(1, (k - 1).unsqueeze(1)), float("-inf"))
     probs = ordered.softmax(-1)
     outside = probs.cumsum(-1) - probs >= top_p.unsqueeze(1)
@@ -64,3 +64,72 @@ def test_unseeded_rows_follow_the_filtered_distribution():
     counts = torch.bincount(torch.tensor(Sampler()(logits, seqs).token_ids), minlength=4)
     assert counts[2:].sum() == 0  # outside the nucleus
     assert abs(counts[0] / 4000 - 0.5 / 0.8) < 0.03 and abs(counts[1] / 4000 - 0.3 / 0.8) < 0.03
+
+
+def narrow_row() -> torch.Tensor:
+    """A peaked row of 4,096 logits (the draws below stay fast): its top_p 0.5 is 14 tokens, top_p 0.9 273."""
+    return torch.randn(4096, generator=torch.Generator().manual_seed(7)) * 3.0
+
+
+def draws(row: torch.Tensor, calls: int, **params) -> torch.Tensor:
+    """Token ids drawn for `row` by `calls` batches of 64 identical unseeded requests."""
+    logits = row.repeat(64, 1)
+    seqs = [Sequence("r", [1], SamplingParams(**params), max_tokens=10) for _ in range(64)]
+    return torch.tensor([t for _ in range(calls) for t in Sampler()(logits, seqs).token_ids])
+
+
+def filtered_distribution(row: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    kept = by_full_sort(row.unsqueeze(0) / temperature, torch.tensor([top_k]), torch.tensor([top_p]))
+    return kept.softmax(-1)[0]
+
+
+@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(1.0, 0, 0.5), (2.0, 5, 1.0), (0.7, 12, 0.8)])
+def test_unseeded_narrow_rows_draw_from_their_candidates_with_the_filtered_distribution(
+        monkeypatch, temperature, top_k, top_p):
+    """A top-k / top-p row whose choice lies in its best 64 tokens is drawn among them alone (the full-
+    vocabulary filter is never run), with the probabilities the full sort gives."""
+    monkeypatch.setattr("engine.sampler.filter_logits", lambda *a: pytest.fail("the whole vocabulary was filtered"))
+    torch.manual_seed(11)
+    row = narrow_row()
+    expected = filtered_distribution(row, temperature, top_k, top_p)
+    assert 1 < int((expected > 0).sum()) <= CANDIDATE_WIDTHS[0]
+    drawn = draws(row, 50, temperature=temperature, top_k=top_k, top_p=top_p)
+    assert bool((expected[drawn] > 0).all())  # never a token outside the choice
+    observed = torch.bincount(drawn, minlength=len(row)) / len(drawn)
+    assert float((observed - expected).abs().sum() / 2) < 0.08  # total variation over 3,200 draws
+
+
+def test_a_nucleus_past_the_first_width_is_drawn_among_the_second(monkeypatch):
+    monkeypatch.setattr("engine.sampler.filter_logits", lambda *a: pytest.fail("the whole vocabulary was filtered"))
+    torch.manual_seed(12)
+    row = narrow_row()
+    expected = filtered_distribution(row, 1.0, 0, 0.9)
+    assert CANDIDATE_WIDTHS[0] < int((expected > 0).sum()) <= CANDIDATE_WIDTHS[1]
+    drawn = draws(row, 20, temperature=1.0, top_p=0.9)
+    assert bool((expected[drawn] > 0).all())
+    assert len(set(drawn.tolist())) > CANDIDATE_WIDTHS[0]  # reached past the first 64
+
+
+def test_a_batch_mixing_candidate_draws_and_full_vocabulary_rows_gives_each_row_its_own_answer():
+    """Narrow rows draw from their candidates; a flat top-p row, a seeded row, a min_p row and a plain
+    temperature row go through the whole vocabulary; a greedy row takes its argmax; each row's answer is
+    what it would be alone."""
+    torch.manual_seed(13)
+    peaked, flat = rows(True, 1)[0], rows(False, 1)[0]
+    batch = [
+        (peaked, {"temperature": 1.0, "top_p": 0.5}),
+        (flat, {"temperature": 1.0, "top_p": 0.3}),
+        (peaked, {"temperature": 1.0, "top_p": 0.9, "seed": 5}),
+        (peaked, {"temperature": 1.0, "min_p": 0.5}),
+        (flat, {"temperature": 1.0}),
+        (peaked, {"temperature": 0.0}),
+    ]
+    seqs = [Sequence(f"r{i}", [1], SamplingParams(**p), max_tokens=10) for i, (_, p) in enumerate(batch)]
+    tokens = Sampler()(torch.stack([row for row, _ in batch]), seqs).token_ids
+    assert filtered_distribution(peaked, 1.0, 0, 0.5)[tokens[0]] > 0
+    assert filtered_distribution(flat, 1.0, 0, 0.3)[tokens[1]] > 0
+    alone = Sampler()(peaked.unsqueeze(0), [Sequence("a", [1], SamplingParams(**batch[2][1]), max_tokens=10)])
+    assert tokens[2] == alone.token_ids[0]
+    probs = peaked.softmax(-1)
+    assert probs[tokens[3]] >= 0.5 * probs.max()
+    assert tokens[5] == int(peaked.argmax())
