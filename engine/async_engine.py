@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -42,6 +43,35 @@ class AsyncEngine:
         workers = getattr(engine, "workers", None)
         if workers is not None:  # a tensor-parallel worker dying breaks the engine even while it is idle
             workers.on_death(self.fail)
+
+    @classmethod
+    def on_own_thread(cls, make_engine: Callable[[], LLMEngine], *,
+                      on_fatal: Callable[[BaseException], None] | None = None) -> AsyncEngine:
+        """Build the engine with `make_engine` on a new thread and run its loop there (started: `start` is
+        not needed); what `make_engine` raises is raised here.
+
+        Loading and stepping must happen on one thread: every thread that runs a parallel torch op keeps an
+        OpenMP team of its own, and once libgomp manages more threads than there are CPUs it stops spinning
+        between parallel regions, so each of a step's ~500 parallel kernels waits on a futex wake-up. A model
+        loaded on the main thread and stepped on another decoded at 20-24 tok/s instead of 55 on 2 cores
+        (bench/RESULTS.md, ENGINE-CPU)."""
+        built: queue.Queue = queue.Queue()
+
+        def run() -> None:
+            try:
+                async_engine = cls(make_engine(), on_fatal=on_fatal)
+            except BaseException as exc:  # noqa: BLE001 - raised on the caller's thread
+                built.put(exc)
+                return
+            async_engine._thread = threading.current_thread()
+            built.put(async_engine)
+            async_engine._loop()
+
+        threading.Thread(target=run, name="engine-loop", daemon=True).start()
+        result = built.get()
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
     def start(self) -> None:
         self._thread.start()

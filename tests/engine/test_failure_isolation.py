@@ -154,3 +154,45 @@ async def test_async_engine_hands_a_request_failure_to_that_request_only(llm):
         assert engine.healthy
     finally:
         engine.shutdown()
+
+
+async def test_on_own_thread_builds_and_steps_the_engine_on_one_thread_and_raises_what_building_raised():
+    """`engine serve`'s AsyncEngine: the model is loaded on the thread that steps it (one OpenMP team: a
+    model loaded on the main thread and stepped on another ran at half speed on 2 cores), never the
+    caller's; a build failure (a bad model file) is raised to the caller, with no loop left running."""
+    import threading
+
+    from engine.loader import ModelLoadError
+
+    built_on, stepped_on = [], set()
+
+    def make_engine():
+        built_on.append(threading.current_thread())
+        engine = LLM(str(tiny_checkpoint("llama")), block_size=4, num_kv_blocks=128).engine
+        step = engine.step
+
+        def recording_step():
+            stepped_on.add(threading.current_thread())
+            return step()
+
+        engine.step = recording_step
+        return engine
+
+    engine = AsyncEngine.on_own_thread(make_engine)
+    try:
+        assert engine.healthy
+        outputs = [out async for out in engine.generate("r", [1, 2, 3], GREEDY)]
+        tokens = [t for out in outputs for t in out.outputs[0].token_ids]  # each output carries its new tokens
+        assert outputs[-1].finished and len(tokens) == GREEDY.max_tokens
+    finally:
+        engine.shutdown()
+    assert stepped_on == set(built_on) and built_on[0] is not threading.current_thread()
+    assert not built_on[0].is_alive()
+
+    def broken():
+        raise ModelLoadError("model.gguf: unreadable GGUF file")
+
+    before = threading.active_count()
+    with pytest.raises(ModelLoadError, match="unreadable"):
+        AsyncEngine.on_own_thread(broken)
+    assert threading.active_count() == before
