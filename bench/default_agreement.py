@@ -1,8 +1,8 @@
-"""Greedy agreement between the fast CPU mode (`--dtype bfloat16`) and the exact mode on the same model.
+"""Greedy agreement between the engine's default (the fast CPU mode for a quantized GGUF) and the exact mode.
 
     .venv/bin/python bench/default_agreement.py [--model PATH] [--max-tokens 32] [--threads 2]
 
-The fast mode is bfloat16 (a GGUF's 4-bit projections stay packed for ATen's int4 GEMM); the exact mode is float32 (dequantized dense weights, transformers' logits). Both
+The default is, on a CPU with native bfloat16, the fast mode: bfloat16 (a GGUF's 4-bit projections stay packed for ATen's int4 GEMM); the exact mode is float32 (dequantized dense weights, transformers' logits). Both
 run the same chat prompts greedily in-process (the offline `LLM`, the same engine the server wraps) and the
 script reports, per prompt, how many leading tokens agree: the share of prompts whose answers are identical
 and the mean share of agreeing leading tokens. Greedy decoding amplifies the first differing argmax, so the
@@ -49,12 +49,14 @@ PROMPTS = [
 ]
 
 
-def greedy_tokens(model: str, dtype: torch.dtype, max_tokens: int) -> list[list[int]]:
-    """Each chat prompt's greedy answer (`max_tokens` tokens, ignore_eos) from `model` in `dtype`."""
+def greedy_tokens(model: str, dtype: torch.dtype | None, max_tokens: int) -> tuple[list[list[int]], torch.dtype]:
+    """Each chat prompt's greedy answer (`max_tokens` tokens, ignore_eos) from `model` in `dtype` (None: the
+    default) and the dtype it ran in."""
     llm = LLM(model, dtype=dtype, kv_cache_memory=256 << 20)
     prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS]
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    return [out.outputs[0].token_ids for out in llm.generate(prompts, params)]
+    answers = [out.outputs[0].token_ids for out in llm.generate(prompts, params)]
+    return answers, llm.engine.loaded.spec.dtype
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -71,14 +73,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    fast = torch.bfloat16
     started = time.perf_counter()
-    exact = greedy_tokens(args.model, torch.float32, args.max_tokens)
-    quick = greedy_tokens(args.model, fast, args.max_tokens)
+    exact, _ = greedy_tokens(args.model, torch.float32, args.max_tokens)
+    quick, fast = greedy_tokens(args.model, None, args.max_tokens)
     prefixes = [common_prefix(a, b) for a, b in zip(exact, quick, strict=True)]
     identical = sum(p == args.max_tokens for p in prefixes)
     result = {
-        "model": os.path.basename(args.model), "fast_dtype": str(fast).removeprefix("torch."),
+        "model": os.path.basename(args.model), "default_dtype": str(fast).removeprefix("torch."),
         "prompts": len(PROMPTS), "max_tokens": args.max_tokens,
         "identical_answers": identical, "identical_rate": round(identical / len(PROMPTS), 3),
         "mean_agreeing_prefix": round(sum(prefixes) / (len(PROMPTS) * args.max_tokens), 3),

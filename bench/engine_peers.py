@@ -1,10 +1,11 @@
 """Our engine next to llama.cpp's `llama-server` on the same GGUF, the same streamed chat requests.
 
     .venv/bin/python bench/engine_peers.py [--model FILE.gguf] [--llama-server PATH] [--max-tokens 128]
-        [--concurrency 32] [--long-prompt 2048] [--skip-sampled] [--dtype bfloat16]
+        [--concurrency 32] [--long-prompt 2048] [--skip-sampled] [--dtype float32] [--threads N]
 
 Each server runs with its default settings for this hardware: ours is `python -m engine serve --model FILE`
-without flags (float32 on CPU; `--dtype bfloat16` measures the fast mode); llama.cpp's is `llama-server -m FILE -t 2 -np 32` (plus a unified KV cache, or a context of
+without flags (on a CPU with native bfloat16: the fast mode, bfloat16 with the 4-bit weights packed;
+`--dtype float32` measures the exact mode); llama.cpp's is `llama-server -m FILE -t 2 -np 32` (plus a unified KV cache, or a context of
 32 slots x the long prompt, so the long-prompt request fits one slot). The peer's binary comes from
 --llama-server, $LLAMA_SERVER, `llama-server` on PATH or /work/llama/llama-server; without one the script
 measures ours alone and says so. How to build it: issue 11 (cmake on llama-cpp-python's vendored llama.cpp).
@@ -152,13 +153,14 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--long-prompt", type=int, default=2048)
     parser.add_argument("--skip-sampled", action="store_true")
-    parser.add_argument("--dtype", help="ours: pass --dtype (default: none, the server's default, float32 on CPU)")
+    parser.add_argument("--dtype", help="ours: pass --dtype (default: none, the server's default: engine.loader.default_dtype)")
+    parser.add_argument("--threads", help="ours: pass --threads (default: none, the server's default)")
     args = parser.parse_args()
     model = Path(args.model) if args.model else demo_model_path()
     print(f"model {model.name}; load average {os.getloadavg()}; {os.cpu_count()} CPUs", flush=True)
 
-    dtype = ("--dtype", args.dtype) if args.dtype else ()
-    process, url = start_engine(model, "--served-model-name", MODEL, "--log-level", "warning", *dtype, timeout=600)
+    flags = [*(("--dtype", args.dtype) if args.dtype else ()), *(("--threads", args.threads) if args.threads else ())]
+    process, url = start_engine(model, "--served-model-name", MODEL, "--log-level", "warning", *flags, timeout=600)
     try:
         prompt, count = long_prompt(url, args.long_prompt)
         ours = asyncio.run(measure(url, args, prompt, sampled=not args.skip_sampled))

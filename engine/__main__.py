@@ -66,9 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "--dtype at load (more memory, dense matmuls)")
     serve.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
     serve.add_argument("--dtype", choices=sorted(_DTYPES),
-                       help="default: float32 on CPU (the exact mode), bfloat16 on CUDA; on CPU, bfloat16 keeps a "
-                            "GGUF's 4-bit weights packed (faster), but its greedy answers vary with prefix-cache "
-                            "hits and batch neighbours")
+                       help="default: bfloat16 on CUDA; on CPU bfloat16 for a quantized GGUF when the CPU has "
+                            "native bfloat16 (the fast mode: 4-bit weights kept packed), else float32; float32 "
+                            "is the exact mode (transformers' logits, greedy answers independent of batch "
+                            "neighbours and prefix-cache hits)")
     serve.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     serve.add_argument("--threads", type=int, help="torch CPU threads")
     serve.add_argument("--log-level", default="info")
@@ -99,14 +100,15 @@ def serve(args: argparse.Namespace) -> None:
         quantization=args.quantization,
     )
     telemetry.configure_tracing()  # from OTEL_* variables; nothing without them
-    if encoder:
-        if args.tensor_parallel_size > 1:
-            raise SystemExit("--tensor-parallel-size: embedding models run on one device")
-        llm_engine = EmbeddingEngine(config)
-    else:
-        llm_engine = LLMEngine(config)
-    install_test_fault(llm_engine, os.environ.get("ENGINE_TEST_FAULT"))
-    engine = AsyncEngine(llm_engine, on_fatal=lambda exc: exit_soon(args.fatal_exit_delay))
+    if encoder and args.tensor_parallel_size > 1:
+        raise SystemExit("--tensor-parallel-size: embedding models run on one device")
+
+    def make_engine() -> LLMEngine | EmbeddingEngine:
+        llm_engine = EmbeddingEngine(config) if encoder else LLMEngine(config)
+        install_test_fault(llm_engine, os.environ.get("ENGINE_TEST_FAULT"))
+        return llm_engine
+
+    engine = AsyncEngine.on_own_thread(make_engine, on_fatal=lambda exc: exit_soon(args.fatal_exit_delay))
     app = build_app(engine, api_key=args.api_key, keepalive_interval=args.keepalive_interval,
                     tool_format=args.tool_format)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5,

@@ -13,7 +13,7 @@ from engine.support import parse_bytes  # noqa: F401 (the CLI's --kv-cache-memor
 class EngineConfig:
     model: str
     served_model_name: str | None = None
-    dtype: torch.dtype | None = None  # None: float32 on CPU, bfloat16 on CUDA (the loader decides)
+    dtype: torch.dtype | None = None  # None: the loader decides (engine.loader.default_dtype)
     device: str = "cpu"
     block_size: int = 16
     kv_cache_memory: int | None = None  # bytes for the KV pool; None: see gpu_memory_fraction / CPU default

@@ -500,7 +500,7 @@ class EngineQuantization(models.TextChoices):
 
 
 class EngineDtype(models.TextChoices):
-    AUTO = "", "Engine default (float32 on CPU, bfloat16 on CUDA)"
+    AUTO = "", "Engine default (bfloat16 on CUDA and for a quantized GGUF on a bfloat16 CPU, else float32)"
     BFLOAT16 = "bfloat16", "bfloat16"
     FLOAT16 = "float16", "float16"
     FLOAT32 = "float32", "float32"

@@ -64,11 +64,21 @@ def demo_model_path() -> Path:
     return path
 
 
-def default_dtype(device: str | torch.device) -> torch.dtype:
-    """The default of `load_model`, `EngineConfig`, `LLM` and `engine serve`: float32 on CPU (the exact
-    mode: transformers' logits, greedy answers independent of the batch and the prefix cache), bfloat16 on
-    CUDA. bfloat16 on CPU is faster (4-bit GGUF weights stay packed) but not yet invariant: bench/RESULTS.md."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+def native_bfloat16_cpu() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX): only then does bfloat16 beat
+    float32 here; elsewhere it is emulated and the exact float32 mode is also the faster one."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def default_dtype(device: str | torch.device, *, packed_weights: bool = False) -> torch.dtype:
+    """The default of `load_model`, `EngineConfig`, `LLM` and `engine serve`: bfloat16 on CUDA; on CPU,
+    bfloat16 for a checkpoint whose 4-bit weights stay packed (a quantized GGUF: ATen's int4 GEMM, resident
+    weights the file's bytes) when the CPU has native bfloat16 (the fast mode), else float32, the exact mode:
+    transformers' logits, greedy answers independent of batch neighbours and prefix-cache hits, which the
+    fast mode's are not (README, *Modes*)."""
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if packed_weights and native_bfloat16_cpu() else torch.float32
 
 
 def load_model(
@@ -86,11 +96,10 @@ def load_model(
     (engine/layers/parallel.py); the spec then describes the whole model.
     """
     path = Path(path)
-    dtype = dtype or default_dtype(device)
     if path.is_dir():
         from engine.loader.hf import load_hf_directory
 
-        return load_hf_directory(path, dtype=dtype, device=device, quant=quant, tp=tp)
+        return load_hf_directory(path, dtype=dtype or default_dtype(device), device=device, quant=quant, tp=tp)
     if path.suffix == ".gguf" and path.is_file():
         from engine.loader.gguf import load_gguf_file
 

@@ -18,7 +18,15 @@ from tokenizers import Tokenizer as BackendTokenizer
 
 from engine.distributed import TensorParallel
 from engine.layers.linear import QuantSpec
-from engine.loader import LoadedModel, ModelLoadError, build_model, model_spec, resident_bytes, unique_ids
+from engine.loader import (
+    LoadedModel,
+    ModelLoadError,
+    build_model,
+    default_dtype,
+    model_spec,
+    resident_bytes,
+    unique_ids,
+)
 from engine.models.llama import ARCHITECTURES, LlamaConfig
 from engine.tokenizer import Tokenizer
 
@@ -279,9 +287,11 @@ _PRE_TOKENIZER_SPLITS = {
 
 
 def load_gguf_file(
-    path: Path, *, dtype: torch.dtype, device: str | torch.device, quant: QuantSpec | None,
+    path: Path, *, dtype: torch.dtype | None, device: str | torch.device, quant: QuantSpec | None,
     tp: TensorParallel | None = None,
 ) -> LoadedModel:
+    """dtype None: the default for this file (`default_dtype`: the fast bfloat16 mode for quantized weights
+    kept packed on a CPU with native bfloat16)."""
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as exc:  # the reader raises ValueError/struct errors on a truncated or foreign file
@@ -291,7 +301,11 @@ def load_gguf_file(
     config = parse_config(meta, tensor_names)
     tokenizer = build_tokenizer(meta)
     keep: tuple[str, ...] = ()
-    if quant is None and any(t.tensor_type not in _UNQUANTIZED for t in reader.tensors):
+    quantized = any(t.tensor_type not in _UNQUANTIZED for t in reader.tensors)
+    if dtype is None:
+        packed = quantized and (quant is None or getattr(quant, "method", None) == "gguf")
+        dtype = default_dtype(device, packed_weights=packed)
+    if quant is None and quantized:
         from engine.quant import gguf_quantization
 
         quant = gguf_quantization(dtype, device)

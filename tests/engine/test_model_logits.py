@@ -1,4 +1,5 @@
-"""Logits of prompt positions and greedy steps match transformers on the same weights (fp32)."""
+"""Logits of prompt positions and greedy steps match transformers on the same weights in the exact mode
+(float32: what a quantized GGUF is loaded in when asked, the fast bfloat16 default is not exact)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def reference_greedy(reference, prompt: list[int], steps: int) -> list[int]:
 
 
 def check_against_reference(path, prompt: list[int], atol: float, chunk_size: int | None = None):
-    loaded = load_model(path)
+    loaded = load_model(path, dtype=torch.float32)
     reference = load_reference(path)
     driver = PagedDriver(loaded.model, loaded.spec, block_size=4)
     prompt_logits, step_logits, tokens = driver.greedy(prompt, GREEDY_STEPS, chunk_size=chunk_size)

@@ -158,7 +158,7 @@ def test_unsupported_quantization_config_is_a_load_error(tmp_path):
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
 def test_tiny_gguf_served_quantized_matches_transformers(tmp_path, qtype):
     path = write_tiny_gguf("llama", tmp_path / f"tiny-llama.{qtype}.gguf", qtype=qtype)
-    loaded = load_model(path, quant=QuantConfig("gguf"))  # float32 CPU: the exact tiled kernels
+    loaded = load_model(path, dtype=torch.float32, quant=QuantConfig("gguf"))  # the exact tiled kernels
     linears = quant_linears(loaded.model)
     expected_kernel = "cpu_tiled_w8" if qtype == "Q8_0" else "cpu_tiled_w4"
     assert {name for linear in linears for name in linear.kernel_names} == {expected_kernel}
@@ -193,7 +193,7 @@ def chat_ids(tokenizer, content: str) -> list[int]:
 
 def test_smollm2_q4_1_served_4bit_matches_dequantized_greedy(smollm2_reference):
     path = smollm2_gguf_path()
-    loaded = load_model(path, quant=QuantConfig("gguf"))
+    loaded = load_model(path, dtype=torch.float32, quant=QuantConfig("gguf"))
     linears = quant_linears(loaded.model)
     assert len(linears) == 4 * loaded.spec.num_layers
     assert {name for linear in linears for name in linear.kernel_names} == {"cpu_tiled_w4"}
@@ -243,6 +243,33 @@ def test_smollm2_4bit_resident_weight_bytes_are_the_packed_size():
             )
         )
         assert loaded.weight_bytes == dense + held
+
+
+def test_the_cpu_default_is_the_packed_bfloat16_mode_for_a_quantized_gguf_only(tmp_path):
+    """Without a dtype, on a CPU with native bfloat16: a quantized GGUF loads in bfloat16 with its
+    projections packed, resident weights no more than the file's bytes plus the dense embedding (issue 11's
+    memory target); an unquantized GGUF, a Hugging Face directory, a GGUF asked to load dense, and any model
+    on a CPU without native bfloat16 load in float32, the exact mode."""
+    from unittest import mock
+
+    from engine.loader import native_bfloat16_cpu
+    from engine.quant import DEQUANTIZED
+
+    if not (native_bfloat16_cpu() and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")):
+        pytest.skip("this CPU has no native bfloat16, or this torch no CPU int4 GEMM")
+    path = smollm2_gguf_path()
+    loaded = load_model(path)
+    assert loaded.spec.dtype == torch.bfloat16
+    assert {name for linear in quant_linears(loaded.model) for name in linear.kernel_names} == {"aten_int4_cpu"}
+    embedding = loaded.model.embed_tokens.weight
+    assert loaded.weight_bytes <= path.stat().st_size + embedding.numel() * embedding.element_size()
+    assert load_model(path, quant=DEQUANTIZED).spec.dtype == torch.float32
+    plain = write_tiny_gguf("llama", tmp_path / "tiny.F32.gguf", quantize=False)
+    assert load_model(plain).spec.dtype == torch.float32
+    assert load_model(tiny_checkpoint("llama")).spec.dtype == torch.float32
+    with mock.patch("engine.loader.native_bfloat16_cpu", return_value=False):
+        assert load_model(write_tiny_gguf("llama", tmp_path / "tiny.Q4_0.gguf", qtype="Q4_0")).spec.dtype \
+            == torch.float32
 
 
 def test_quantization_dense_dequantizes_a_gguf_that_would_stay_packed(tmp_path):

