@@ -1,10 +1,11 @@
 """Batched next-token sampling.
 
 Rows without penalties, logit bias, filters or logprobs take a plain argmax. top-k / top-p look at the
-best CANDIDATE_WIDTHS tokens, not a sort of the vocabulary, where that is exact. An unseeded row draws one
-uniform (inverse CDF); a seeded request draws a vocabulary of exponentials from its own torch.Generator
-(the pinned stream), so the same seed gives the same tokens whatever else is in the batch; each choice
-of an n > 1 request gets its own stream, seeded by a hash of (seed, index). Logprobs are those of the
+best CANDIDATE_WIDTHS tokens, not a sort of the vocabulary, where that is exact. Every sampled row draws
+one uniform and takes the token where it falls in the filtered distribution's CDF (inverse CDF); a seeded
+request's uniform comes from its own torch.Generator, and which candidates a row is drawn from depends on
+that row alone, so the same seed gives the same tokens whatever else is in the batch; each choice of an
+n > 1 request gets its own stream, seeded by a hash of (seed, index). Logprobs are those of the
 model's raw distribution (before temperature, penalties, logit bias and filters), as OpenAI reports them.
 Every tensor built here lives on the logits' device.
 """
@@ -119,22 +120,22 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 def candidate_nuclei(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, pending: torch.Tensor
                      ) -> tuple[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], torch.Tensor]:
     """The top-k / top-p choice of the `pending` rows of temperature-scaled `logits`, found among each
-    row's best CANDIDATE_WIDTHS tokens: ([(rows, kept, ids)], rows that fit no width). `kept` are those
+    row's best CANDIDATE_WIDTHS tokens: ([(rows, kept, ids)], rows that fit no width: a flat top-p row, or
+    a top_k above the widest). `kept` are those
     rows' best tokens' logits, descending, the ones outside the choice masked to -inf; `ids` their token
     ids. Every token outside `kept` is outside the choice, so `kept` alone is the filtered distribution."""
     found = []
     vocab = logits.shape[1]
     for width in CANDIDATE_WIDTHS:
-        if not pending.numel():
+        if not pending.numel() or width >= vocab:
             break
         k, p = top_k[pending], top_p[pending]
         rows = logits if len(pending) == len(logits) else logits[pending]
-        width = max(width, int(k.max()))
-        if width >= vocab:
-            break
         values, ids = rows.topk(width, dim=-1)  # descending, like a sort's first `width` columns
         mass = rows.logsumexp(-1)
-        fits = (k > 0) | ((values - mass.unsqueeze(1)).exp().sum(-1) >= p)
+        # Which width serves a row depends on that row alone (not on a neighbour's top_k): a seeded row
+        # draws from the same candidates in any batch.
+        fits = torch.where(k > 0, k <= width, (values - mass.unsqueeze(1)).exp().sum(-1) >= p)
         if bool(fits.any()):
             kept = values[fits]  # a copy (boolean index): masked in place
             _keep_nucleus(kept, k[fits], p[fits], mass[fits])
@@ -218,16 +219,17 @@ class Sampler:
                              device=device)
         top_p = torch.tensor([p.top_p for p in params], dtype=logits.dtype, device=device)
         min_p = torch.tensor([p.min_p for p in params], dtype=logits.dtype, device=device)
+        uniform = _uniforms(seqs, logits.dtype, device)
         tokens = torch.empty(len(seqs), dtype=torch.long, device=device)
-        # An unseeded top-k / top-p row draws among its candidates alone: the filtered distribution
-        # without a pass over the rest of the vocabulary (what costs the time at batch 32).
-        narrow = [i for i, p in enumerate(params)
-                  if p.seed is None and not p.min_p and ((0 < p.top_k < vocab) or p.top_p < 1)]
+        # A top-k / top-p row draws among its candidates alone: the filtered distribution without a pass
+        # over the rest of the vocabulary (what costs the time at batch 32).
+        narrow = [i for i, p in enumerate(params) if not p.min_p and ((0 < p.top_k < vocab) or p.top_p < 1)]
         drawn: set[int] = set()
         if narrow:
             found, _ = candidate_nuclei(logits, top_k, top_p, torch.tensor(narrow, dtype=torch.long, device=device))
             for rows, kept, ids in found:
-                choice = _inverse_cdf(kept.softmax(-1), torch.rand(len(rows), dtype=kept.dtype, device=device))
+                # descending: column 0 is the row's maximum (never masked), so these are finite weights
+                choice = _inverse_cdf((kept - kept[:, :1]).exp(), uniform[rows])
                 tokens[rows] = ids.gather(1, choice.unsqueeze(1)).squeeze(1)
                 drawn.update(rows.tolist())
         rest = [i for i in range(len(seqs)) if i not in drawn]
@@ -237,25 +239,20 @@ class Sampler:
         if len(rest) < len(seqs):
             logits = logits[index]
         filter_logits(logits, top_k[index], top_p[index], min_p[index])
-        probs = logits.softmax(-1)
-        free = [j for j, i in enumerate(rest) if params[i].seed is None]
-        seeded = [j for j, i in enumerate(rest) if params[i].seed is not None]
-        if free:  # one uniform per row (a vocabulary of exponentials costs ~20x more)
-            rows = torch.tensor(free, dtype=torch.long, device=device)
-            tokens[index[rows]] = _inverse_cdf(probs[rows], torch.rand(len(free), dtype=probs.dtype, device=device))
-        if seeded:
-            # Exponential race (argmax of p / E, E ~ Exp(1)), E from the request's own generator: the
-            # stream a seed gives is pinned across releases, whatever else is in the batch.
-            rows = torch.tensor(seeded, dtype=torch.long, device=device)
-            noise = torch.empty((len(seeded), vocab), dtype=probs.dtype, device=device)
-            for j, row in enumerate(seeded):
-                seq = seqs[rest[row]]
-                if seq.generator is None:
-                    seq.generator = torch.Generator(device=probs.device).manual_seed(
-                        choice_seed(seq.params.seed, seq.index))
-                noise[j].exponential_(generator=seq.generator)
-            tokens[index[rows]] = _race(probs[rows], noise)
+        tokens[index] = _inverse_cdf(logits.softmax(-1), uniform[index])
         return tokens
+
+
+def _uniforms(seqs: list[Sequence], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One uniform in [0, 1) per row: a seeded sequence's from its own generator (created on first use from
+    `choice_seed`), the others' from torch's global one, in one call."""
+    uniform = torch.rand(len(seqs), dtype=dtype, device=device)
+    for row, seq in enumerate(seqs):
+        if seq.params.seed is not None:
+            if seq.generator is None:
+                seq.generator = torch.Generator(device=device).manual_seed(choice_seed(seq.params.seed, seq.index))
+            uniform[row] = torch.rand((), dtype=dtype, device=device, generator=seq.generator)
+    return uniform
 
 
 def _inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
@@ -267,10 +264,3 @@ def _inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     draw = torch.minimum(uniform.unsqueeze(1) * total, total.nextafter(torch.zeros_like(total)))
     return torch.searchsorted(cdf, draw, right=True).squeeze(1)
 
-
-def _race(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """argmax(probs / noise) per row; clamps `noise` in place. exponential_ can return exactly 0:
-    unclamped, 0 / 0 is NaN, which argmax takes as the maximum, so a masked (zero-probability) token could
-    win. Clamped to the smallest normal number, a zero-probability token scores 0 and a live one a finite
-    (huge) value."""
-    return (probs / noise.clamp_min_(torch.finfo(noise.dtype).tiny)).argmax(-1)

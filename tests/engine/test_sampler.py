@@ -5,7 +5,6 @@ import torch
 
 from engine.sampler import (
     Sampler,
-    _race,
     apply_logit_bias,
     apply_penalties,
     choice_seed,
@@ -206,19 +205,21 @@ def test_seeded_choice_reproduces_regardless_of_batch_neighbours():
     assert run(0) == run(2) == run(5)
 
 
-# -- the exponential race -------------------------------------------------------------------------
+# -- seeded draws ---------------------------------------------------------------------------------
 
 
-def test_race_never_picks_a_zero_probability_token_when_its_noise_is_zero():
-    probs = torch.tensor([[0.0, 0.6, 0.4], [0.7, 0.0, 0.3]])
-    noise = torch.tensor([[0.0, 1.0, 1.0], [2.0, 0.0, 0.0]])  # E = 0 happens: exponential_ can return 0
-    assert _race(probs, noise).tolist() == [1, 2]
-
-
-def test_race_with_zero_noise_on_a_live_token_picks_it():
-    probs = torch.tensor([[0.1, 0.0, 0.9]])
-    noise = torch.tensor([[0.0, 0.0, 1.0]])
-    assert _race(probs, noise).tolist() == [0]
+def test_seeded_draws_follow_the_distribution_over_seeds():
+    """A seeded row draws its one uniform from its own generator: over many seeds its tokens follow the
+    filtered distribution (here temperature 0.5 and top_p 0.8 over four live tokens: probabilities 0.657,
+    0.242, 0.089, 0.012, so the nucleus is the first two, renormalised)."""
+    logits = torch.full((1, VOCAB), -1e9)
+    logits[0, :4] = torch.tensor([2.0, 1.5, 1.0, 0.0])
+    expected = torch.tensor([torch.e, 1.0, 0.0, 0.0])
+    expected /= expected.sum()
+    tokens = [Sampler()(logits.clone(), [seq(temperature=0.5, top_p=0.8, seed=s)]).token_ids[0] for s in range(3000)]
+    counts = torch.bincount(torch.tensor(tokens), minlength=VOCAB)[:4].float() / len(tokens)
+    assert torch.allclose(counts, expected, atol=0.03), (counts, expected)
+    assert counts[2] == counts[3] == 0  # outside the nucleus
 
 
 # -- top_k beyond the vocabulary ------------------------------------------------------------------

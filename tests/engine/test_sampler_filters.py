@@ -133,3 +133,24 @@ def test_a_batch_mixing_candidate_draws_and_full_vocabulary_rows_gives_each_row_
     probs = peaked.softmax(-1)
     assert probs[tokens[3]] >= 0.5 * probs.max()
     assert tokens[5] == int(peaked.argmax())
+
+
+def test_a_seeded_row_draws_the_same_tokens_whatever_top_k_its_neighbours_ask_for():
+    """Which candidates serve a row depends on that row alone: a neighbour's top_k (here past the first
+    width, and past the widest) once widened every row's candidates, and among the ties of bfloat16-rounded
+    logits a wider selection may order tied tokens differently, so a seeded row drew another token."""
+    generator = torch.Generator().manual_seed(11)
+    steps = [(torch.randn(1, VOCAB, generator=generator) * 3).bfloat16().float() for _ in range(12)]
+
+    def run(neighbour_params: list[dict]) -> list[int]:
+        target = Sequence("t", [1], SamplingParams(temperature=0.8, top_p=0.9, seed=42), max_tokens=100)
+        others = [Sequence(f"n{i}", [1], SamplingParams(**p), max_tokens=100) for i, p in enumerate(neighbour_params)]
+        tokens = []
+        for row in steps:
+            logits = torch.cat([(torch.randn(len(others), VOCAB, generator=generator) * 3), row])
+            tokens.append(Sampler()(logits, [*others, target]).token_ids[-1])
+        return tokens
+
+    alone = run([])
+    assert run([{"temperature": 1.0, "top_k": 500}, {"temperature": 1.0}]) == alone
+    assert run([{"temperature": 0.7, "top_k": 3000, "top_p": 0.5}, {"temperature": 1.0, "seed": 1}]) == alone
