@@ -424,9 +424,9 @@ def _reserve_steps(entitlements: list[Entitlement], tokens: int, request_id: str
     while True:
         now = timezone.now()
         expires_at = now + timedelta(seconds=settings.GATEWAY_RESERVATION_TTL_SECONDS)
-        budgets_held = len(budgets)
+        budgets_with_room = len(budgets)
         for entitlement in _may_fit(entitlements, tokens):
-            [(reservation_id, tokens_used, budgets_held)] = yield hold_statements(
+            [(reservation_id, tokens_used, budgets_held, budgets_with_room)] = yield hold_statements(
                 entitlement, tokens, request_id, now, expires_at, cost, budgets)
             if reservation_id is not None:
                 return Hold(reservation_id, entitlement.pk, tokens, cost, budget_ids)
@@ -436,9 +436,9 @@ def _reserve_steps(entitlements: list[Entitlement], tokens: int, request_id: str
                 entitlement.token_quota = entitlement.tokens_used = 0
             else:  # what it has used now: tells a quota used up from one held by requests in flight
                 entitlement.tokens_used = tokens_used
-            if budgets_held < len(budgets):
+            if budgets_with_room < len(budgets):
                 break  # a budget had no room: another entitlement would not help
-        if budgets and budgets_held < len(budgets):
+        if budgets and budgets_with_room < len(budgets):
             spent = dict((yield [(f'SELECT id, spent FROM {BUDGETS} WHERE id IN ({", ".join(["%s"] * len(budgets))})',
                                   list(budget_ids))]))
             for budget in budgets:
@@ -505,9 +505,12 @@ def hold_statements(entitlement: Entitlement, tokens: int, request_id: str, now,
                     cost: Decimal = Decimal(0), budgets: Sequence[Budget] = ()) -> list[Statement]:
     """The conditional UPDATEs (each budget's, then the entitlement's) and the Reservation row. They answer
     one row: the reservation id (NULL when the hold did not fit), what the entitlement has used (NULL when
-    it is revoked; tells a quota used up from one held by requests in flight without a second query), and
-    how many budgets were held: on PostgreSQL each row is re-checked under its lock, so a budget can be
-    held while a later one had no room (the caller releases it), on SQLite nothing was held then."""
+    it is revoked; tells a quota used up from one held by requests in flight without a second query), how
+    many budgets were held, and how many leading budgets had room. On PostgreSQL each row is re-checked
+    under its lock, so a budget can be held while a later one (or the entitlement) had no room: the caller
+    releases it, and the two counts are one. On SQLite a refused hold holds nothing (0), and the budgets
+    had room exactly when all of them fit (else 0): a refusal by the entitlement alone is told from one by
+    a budget, as on PostgreSQL."""
     columns = "organization_id, entitlement_id, tokens, request_id, created_at, expires_at, cost, key_budget_id, org_budget_id"
     budget_ids = [b.pk for b in budgets]
     key_budget = next((b.pk for b in budgets if b.api_key_id is not None), None)
@@ -528,15 +531,18 @@ def hold_statements(entitlement: Entitlement, tokens: int, request_id: str, now,
             f" inserted AS (INSERT INTO {RESERVATIONS} ({columns}) SELECT organization_id, id, %s, %s, %s, %s, %s, %s, %s"
             " FROM held RETURNING id)"
             f" SELECT (SELECT id FROM inserted), (SELECT tokens_used FROM {ENTITLEMENTS} WHERE id = %s AND revoked_at IS NULL),"
-            f" {held}",
+            f" {held}, {held}",
             [*params, tokens, entitlement.pk, tokens, *values, entitlement.pk],
         )]
     # SQLite (one writer at a time): the first UPDATE checks every row, the next ones follow it (changes():
     # the rows the previous statement changed).
     rows = [(BUDGETS, "reserved", cost, budget_id, BUDGET_FITS) for budget_id in budget_ids]
     rows.append((ENTITLEMENTS, "tokens_reserved", tokens, entitlement.pk, FITS))
-    all_fit = " AND ".join(f"EXISTS (SELECT 1 FROM {table} WHERE id = %s AND {fits})" for table, _, _, _, fits in rows)
-    all_fit_params = [p for _, _, amount, row_id, _ in rows for p in (row_id, amount)]
+    fit = [f"EXISTS (SELECT 1 FROM {table} WHERE id = %s AND {fits})" for table, _, _, _, fits in rows]
+    fit_params = [[row_id, amount] for _, _, amount, row_id, _ in rows]
+    all_fit, all_fit_params = " AND ".join(fit), [p for pair in fit_params for p in pair]
+    # after a refused hold (nothing changed): whether every budget had room, the entitlement aside
+    budgets_fit, budgets_fit_params = " AND ".join(["1", *fit[:-1]]), [p for pair in fit_params[:-1] for p in pair]
     statements = []
     for i, (table, column, amount, row_id, _) in enumerate(rows):
         condition, extra = (all_fit, all_fit_params) if i == 0 else ("changes() = 1", [])
@@ -547,7 +553,8 @@ def hold_statements(entitlement: Entitlement, tokens: int, request_id: str, now,
         (f"INSERT INTO {RESERVATIONS} ({columns}) SELECT organization_id, id, %s, %s, %s, %s, %s, %s, %s FROM {ENTITLEMENTS}"
          " WHERE id = %s AND changes() = 1", [*values, entitlement.pk]),
         (f"SELECT CASE WHEN changes() = 1 THEN last_insert_rowid() END, (SELECT tokens_used FROM {ENTITLEMENTS}"
-         " WHERE id = %s AND revoked_at IS NULL), 0", [entitlement.pk]),
+         f" WHERE id = %s AND revoked_at IS NULL), 0, CASE WHEN {budgets_fit} THEN %s ELSE 0 END",
+         [entitlement.pk, *budgets_fit_params, len(budget_ids)]),
     ]
 
 

@@ -833,6 +833,36 @@ def test_holds_on_sqlite_take_every_budget_and_the_entitlement_or_nothing(on_sql
     assert out["revoked"] == ("insufficient_quota", [Decimal("0.50"), Decimal("0.50"), 1000, 2])
 
 
+def test_on_sqlite_an_entitlement_used_up_meanwhile_is_the_quotas_refusal_and_the_next_one_pays(on_sqlite):
+    """A refused SQLite hold holds nothing, yet it tells a refusal by the entitlement from one by a budget,
+    as PostgreSQL does: with budgets that have room, an entitlement used up since the admission snapshot is
+    `insufficient_quota` (it was the retryable `quota_in_flight`), and a second entitlement that covers the
+    request is tried and pays (it never was)."""
+    from decimal import Decimal
+
+    from inference.models import Budget
+
+    def scenario():
+        org = Organization.objects.create(name="Lite", slug="lite")
+        stale, spare = grant(org, 100), grant(org, 1000)
+        key, _ = APIKey.objects.create_key(org, "k")
+        budgets = [Budget.objects.create(organization=org, api_key=key, limit=Decimal("1.00")),
+                   Budget.objects.create(organization=org, limit=Decimal("1.00"))]
+        Entitlement.objects.filter(pk=stale.pk).update(tokens_used=50)  # the snapshot still says 0
+        try:
+            quotas.reserve([stale], 60, "req_alone", cost=Decimal("0.10"), budgets=budgets)
+        except GatewayError as exc:
+            alone = exc.code
+        hold = quotas.reserve([stale, spare], 60, "req_two", cost=Decimal("0.10"), budgets=budgets)
+        return (alone, hold.entitlement_id == spare.pk,
+                [b.reserved for b in Budget.objects.order_by("pk")],
+                list(Entitlement.objects.order_by("pk").values_list("tokens_reserved", flat=True)))
+
+    alone, paid_by_spare, reserved, tokens_reserved = on_sqlite(scenario)
+    assert alone == "insufficient_quota"
+    assert paid_by_spare and reserved == [Decimal("0.10"), Decimal("0.10")] and tokens_reserved == [0, 60]
+
+
 def test_settlements_on_sqlite_charge_the_use_release_the_hold_and_charge_late_ones_what_fits(on_sqlite):
     """settle_statements' SQLite text: tokens and cost charged (never above the hold), the hold released,
     the record written and the key marked used; once the sweep released a hold, what fits beside the holds
