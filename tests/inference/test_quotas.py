@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+import time
 
 import pytest
-from django.db import connections
+from django.db import connections, transaction
 from django.utils import timezone
 
 from accounts.models import APIKey, Entitlement, Organization
@@ -195,6 +196,56 @@ def test_concurrent_holds_never_exceed_the_quota():
         quotas.settle(hold, 150, None)
     entitlement.refresh_from_db()
     assert (entitlement.tokens_used, entitlement.tokens_reserved) == (750, 0)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_sweep_skips_a_hold_settled_while_it_waited_for_its_lock_and_releases_the_next():
+    """expire_reservations lists the expired holds, then locks each: a hold whose request settles while the
+    sweep waits for its row lock is gone by then, and the sweep goes on to the next one (not stops)."""
+    org = Organization.objects.create(name="Sweep", slug="sweep")
+    entitlement = grant(org, 1000)
+    holds = {h.reservation_id: h for h in (quotas.reserve([entitlement], 100, f"req_{i}") for i in range(3))}
+    Reservation.objects.update(expires_at=timezone.now() - dt.timedelta(seconds=1))
+    first = list(Reservation.objects.filter(expires_at__lte=timezone.now()).values_list("pk", flat=True))[0]
+    locked, done = threading.Event(), threading.Event()
+    swept, waited = [], []
+
+    def settle_while_the_sweep_waits():
+        try:
+            with transaction.atomic():
+                Reservation.objects.select_for_update().get(pk=first)
+                locked.set()
+                deadline = time.monotonic() + 20
+                with connections["default"].cursor() as cursor:
+                    while time.monotonic() < deadline:  # until the sweep's backend waits for this row lock
+                        cursor.execute("SELECT pg_stat_clear_snapshot()")  # else one snapshot per transaction
+                        cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                                       " AND datname = current_database()")
+                        if cursor.fetchone()[0]:
+                            waited.append(True)
+                            break
+                        time.sleep(0.02)
+                quotas.settle(holds[first], 40, None)
+        finally:
+            connections.close_all()
+            done.set()
+
+    def sweep():
+        try:
+            locked.wait(10)
+            swept.append(quotas.expire_reservations())
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=settle_while_the_sweep_waits), threading.Thread(target=sweep)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert done.is_set() and waited, "the sweep never waited for the lock"
+    assert swept == [2]
+    entitlement.refresh_from_db()
+    assert (entitlement.tokens_used, entitlement.tokens_reserved) == (40, 0) and not Reservation.objects.exists()
 
 
 def usage_record(org, key, request_id: str) -> UsageRecord:
