@@ -220,3 +220,71 @@ def test_computed_blocks_stay_cached_after_free_while_the_uncomputed_tail_does_n
     bm.allocate(a, 8)  # the second chunk is scheduled, then a is freed before it runs
     bm.free_blocks(a)
     assert len(bm.find_cached_blocks(make_seq(range(100, 117)))) == 2
+
+
+# -- mutation round 5: behaviours the survivors showed unpinned ------------------------------------
+
+
+def test_a_block_is_named_by_its_whole_prefix_not_by_its_own_tokens():
+    """The hash chain: a block reused from the cache must have been computed after the same earlier
+    tokens. Prompts A = [a0, a1, x] and C = [a0, b1, y] are cached; B = [a0, b1, x] finds a0 and b1 (C's),
+    not A's x block, whose K/V were computed after a1."""
+    a0, a1, b1, x, y = ([v] * BS for v in (1, 2, 3, 4, 5))
+    bm = BlockManager(32, BS)
+    first, second = make_seq(a0 + a1 + x + [9]), make_seq(a0 + b1 + y + [9])
+    admit(bm, first)
+    admit(bm, second)
+    assert bm.find_cached_blocks(make_seq(a0 + b1 + x + [9])) == second.block_table[:2]
+
+
+def test_a_block_registered_for_a_chunk_that_never_ran_leaves_the_cache_on_free():
+    """10 tokens computed; a 2-token chunk that fills block 2 is scheduled (registered at allocation),
+    then the sequence is preempted before the step: block 2's K/V are incomplete, so it is not findable."""
+    bm = BlockManager(16, BS)
+    seq = make_seq(range(1, 13))
+    bm.allocate(seq, 10)
+    seq.num_computed_tokens = 10
+    bm.allocate(seq, 2)  # fills block 2: registered now
+    bm.free_blocks(seq)
+    assert len(bm.find_cached_blocks(make_seq(range(1, 14)))) == 2
+
+
+def test_a_freed_block_holding_nothing_reusable_is_handed_out_before_cached_ones():
+    """Eviction order: a freed tail block (nothing cached in it) goes to the front of the free list, ahead
+    of cached blocks freed before it, so the next allocation takes it and the cached prefix stays."""
+    bm = BlockManager(3, BS)
+    cached_first, second = make_seq(range(1, 5)), make_seq(range(20, 26))  # 1 full block; 1 full + a tail
+    admit(bm, cached_first)
+    admit(bm, second)
+    [first_block], tail = cached_first.block_table, second.block_table[1]
+    bm.free_blocks(cached_first)  # its full block: cached, at the end of the free list
+    bm.free_blocks(second)  # its tail: uncached, to the front
+    other = make_seq([50, 51, 52])
+    bm.allocate(other, 3)
+    assert other.block_table == [tail]
+    assert bm.find_cached_blocks(make_seq([*range(1, 5), 9])) == [first_block]
+    assert len(bm.find_cached_blocks(make_seq([*range(20, 26), 9]))) == 1
+
+
+def test_a_sequence_freed_and_admitted_again_after_eviction_registers_its_blocks_again():
+    """free_blocks resets what the sequence registered: admitted again with nothing cached (its blocks were
+    evicted meanwhile), its full blocks are offered to the cache again from the first."""
+    bm = BlockManager(3, BS)
+    seq = make_seq(range(1, 10))  # blocks: 2 full + a tail
+    admit(bm, seq)
+    bm.free_blocks(seq)
+    evictor = make_seq(range(100, 112))  # 3 blocks: evicts every block of seq
+    admit(bm, evictor)
+    bm.free_blocks(evictor)
+    assert bm.find_cached_blocks(make_seq(range(1, 10))) == []
+    assert admit(bm, seq) == []
+    assert bm.find_cached_blocks(make_seq(range(1, 10))) == seq.block_table[:2]
+
+
+def test_reset_stats_zeroes_the_prefix_counters():
+    bm = BlockManager(8, BS)
+    admit(bm, make_seq(range(1, 10)))
+    bm.find_cached_blocks(make_seq(range(1, 10)))
+    assert (bm.prefix_queries, bm.prefix_hits) == (18, 8)
+    bm.reset_stats()
+    assert (bm.prefix_queries, bm.prefix_hits) == (0, 0)
