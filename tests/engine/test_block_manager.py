@@ -71,6 +71,16 @@ def test_cache_salt_separates_entries():
     assert len(bm.find_cached_blocks(make_seq(range(9), salt="org-a"))) == 2
 
 
+@pytest.mark.parametrize("salt", ["XXXX", "org-a", " "])
+def test_a_request_without_a_salt_never_shares_entries_with_a_salted_one(salt):
+    """No salt is a namespace of its own: neither side finds the other's blocks, whatever the salt's text."""
+    bm = BlockManager(16, BS)
+    admit(bm, make_seq(range(9), salt=salt))
+    assert bm.find_cached_blocks(make_seq(range(9))) == []
+    admit(bm, make_seq(range(100, 109)))
+    assert bm.find_cached_blocks(make_seq(range(100, 109), salt=salt)) == []
+
+
 def test_model_key_separates_entries():
     a, b = BlockManager(16, BS, extra_key="model-a"), BlockManager(16, BS, extra_key="model-b")
     seq_a, seq_b = make_seq(range(9)), make_seq(range(9))
