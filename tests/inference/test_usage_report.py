@@ -190,11 +190,14 @@ def test_the_day_series_has_every_day_of_the_period_zero_where_nothing_was_used(
     ]
 
 
-def test_only_whole_days_of_the_period_rolled_up_after_they_ended_count_as_rolled_up(setup):
+@pytest.mark.parametrize("time_zone", ["UTC", "America/New_York"])
+def test_only_whole_days_of_the_period_rolled_up_after_they_ended_count_as_rolled_up(setup, settings, time_zone):
+    """Days are UTC days whatever TIME_ZONE (and so the process's local zone) is."""
     from inference.models import DailyUsage
     from inference.tasks import rollup_day
     from inference.usage import ROLLUP_SETTLE, Period, rolled_up_days
 
+    settings.TIME_ZONE = time_zone
     user, org, *_ = setup
     for day in (dt.date(2026, 11, 20), dt.date(2026, 11, 21)):
         rollup_day(day)
@@ -209,3 +212,69 @@ def test_only_whole_days_of_the_period_rolled_up_after_they_ended_count_as_rolle
     assert rolled_up_days(org, Period(whole.start, whole.end - dt.timedelta(seconds=1))) == [dt.date(2026, 11, 20)]
     built.filter(day=dt.date(2026, 11, 21)).update(updated_at=settled - dt.timedelta(seconds=1))  # built too early
     assert rolled_up_days(org, whole) == [dt.date(2026, 11, 20)]
+
+
+def test_the_report_counts_only_records_from_the_start_of_the_period_on(setup):
+    from inference.usage import Period, report
+
+    user, org, *_ = setup
+    second_day = report(org, Period.parse("2026-11-21", "2026-11-21"), "model")
+    assert second_day["totals"]["requests"] == 2  # the record of the 20th is before the start
+
+
+def test_report_days_are_utc_days_whatever_the_time_zone(setup, settings):
+    from inference.usage import Period, report
+
+    settings.TIME_ZONE = "America/New_York"  # 02:00 UTC on the 21st is still the 20th there
+    user, org, *_ = setup
+    record(org, None, "smollm2", 1, 1, dt.datetime(2026, 11, 21, 2, tzinfo=UTC))
+    by_day = report(org, Period.parse("2026-11-20", "2026-11-21"), "day")["data"]
+    assert [(r["day"], r["requests"]) for r in by_day] == [("2026-11-20", 1), ("2026-11-21", 3)]
+
+
+def test_keys_are_ordered_by_name_then_by_key(setup):
+    """Not by creation: a key made first with a later name comes later; same-named keys in key order."""
+    from inference.models import UsageSource
+    from inference.usage import Period, report
+
+    user, org, *_ = setup
+    zeta, _ = APIKey.objects.create_key(org, "zeta", created_by=user)
+    aardvark, _ = APIKey.objects.create_key(org, "aardvark", created_by=user)
+    first_dup, _ = APIKey.objects.create_key(org, "dup", created_by=user)
+    second_dup, _ = APIKey.objects.create_key(org, "dup", created_by=user)
+    when = dt.datetime(2026, 11, 25, 10, tzinfo=UTC)
+    for key in (zeta, aardvark, second_dup):
+        record(org, key, "smollm2", 1, 1, when)
+    record(org, first_dup, "smollm2", 1, 1, when)
+    UsageRecord.objects.filter(api_key=first_dup).update(source=UsageSource.BATCH)  # sorts after "api"
+    data = report(org, Period.parse("2026-11-25", "2026-11-25"), "key")["data"]
+    assert [(r["api_key"]["id"], r["api_key"]["source"]) for r in data] == [
+        (f"sk-{aardvark.public_id}", "api"), (f"sk-{first_dup.public_id}", "batch"),
+        (f"sk-{second_dup.public_id}", "api"), (f"sk-{zeta.public_id}", "api")]
+
+
+def test_a_group_with_no_tokens_and_no_cost_reports_zeros(setup):
+    from inference.usage import Period, report
+
+    user, org, *_ = setup
+    record(org, None, "refused-model", 0, 0, dt.datetime(2026, 11, 25, 10, tzinfo=UTC), status=UsageStatus.UPSTREAM_ERROR)
+    out = report(org, Period.parse("2026-11-25", "2026-11-25"), "model")
+    assert out["data"] == [{"model": "refused-model", "requests": 1, "failed_requests": 1, "prompt_tokens": 0,
+                            "cached_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "cost": "0"}]
+    assert out["totals"]["cost"] == "0"
+
+
+def test_the_day_series_follows_utc_days_whatever_the_time_zone(settings):
+    from inference.usage import Period, day_series
+
+    settings.TIME_ZONE = "America/New_York"  # both ends fall on the day before there
+    period = Period(dt.datetime(2026, 11, 19, tzinfo=UTC), dt.datetime(2026, 11, 21, 3, tzinfo=UTC))
+    assert [d["day"] for d in day_series(period, [])] == [dt.date(2026, 11, 19), dt.date(2026, 11, 20),
+                                                          dt.date(2026, 11, 21)]
+
+
+def test_the_day_series_includes_a_day_of_which_only_its_first_instant_is_in_the_period():
+    from inference.usage import Period, day_series
+
+    period = Period(dt.datetime(2026, 11, 19, tzinfo=UTC), dt.datetime(2026, 11, 20, 0, 0, 0, 1, tzinfo=UTC))
+    assert [d["day"] for d in day_series(period, [])] == [dt.date(2026, 11, 19), dt.date(2026, 11, 20)]
