@@ -8,7 +8,7 @@ sampler's `.tolist()` and data-dependent branches work), and every op that mixes
 a plain host tensor raises `MixedDeviceError`, as CUDA raises "Expected all tensors to be on the same
 device". Like CUDA, 0-dim host tensors count as scalars and may mix. A torch.Generator made for the device
 is an `OnDeviceGenerator`; a host generator driving an op on device tensors is an error too (CUDA:
-"Expected a 'cuda' device type for generator").
+"Expected a 'cuda' device type for generator"), and so is a device generator driving an op on the host.
 
 This is a stand-in for a real accelerator, used only because CI has none: it checks *where* tensors are
 created, not how kernels behave on CUDA (the `gpu`-marked tests and bench/gpu_check.sh do that).
@@ -196,6 +196,10 @@ class FakeDevice(TorchFunctionMode):
         if _is_fake(kwargs.get("device")):  # a factory function: torch.tensor, empty, zeros, arange, full...
             out = func(*args, **{**kwargs, "device": _HOST})
             return tree_map(lambda x: OnDevice(x) if isinstance(x, torch.Tensor) else x, out)
+        if any(isinstance(x, OnDeviceGenerator) for x in leaves):
+            name = getattr(func, "__name__", str(func))
+            raise MixedDeviceError(f"{name}: a generator on the model's device drives an op on the host (CUDA: "
+                                   "\"Expected a 'cpu' device type for generator\")")
         return func(*args, **kwargs)
 
     @staticmethod

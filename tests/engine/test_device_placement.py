@@ -63,6 +63,8 @@ def test_the_fake_device_refuses_host_tensors_and_host_generators():
             torch.empty(3, device=x.device).exponential_(generator=torch.Generator().manual_seed(0))
         g = torch.Generator(device=x.device)
         assert isinstance(g, OnDeviceGenerator) and g.device == DEVICE
+        with pytest.raises(MixedDeviceError):
+            torch.rand((), generator=g)  # a host op driven by the device's generator
         assert isinstance(torch.arange(4, device=x.device), OnDevice)
         assert not isinstance(x.cpu(), OnDevice) and not isinstance(x.to("cpu"), OnDevice)
 

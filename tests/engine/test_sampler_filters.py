@@ -154,3 +154,57 @@ def test_a_seeded_row_draws_the_same_tokens_whatever_top_k_its_neighbours_ask_fo
     alone = run([])
     assert run([{"temperature": 1.0, "top_k": 500}, {"temperature": 1.0}]) == alone
     assert run([{"temperature": 0.7, "top_k": 3000, "top_p": 0.5}, {"temperature": 1.0, "seed": 1}]) == alone
+
+
+# -- mutation round 5 ----------------------------------------------------------------------------
+
+
+def test_rows_without_top_k_or_top_p_are_left_whole_even_when_their_best_tokens_hold_all_the_mass():
+    """A row asking for neither filter is not cut to its candidates, even when float rounding makes its
+    best 64 tokens hold all of its probability (a peaked row whose tail underflows); nor is a top-k row's
+    k best cut further by a top_p of 1."""
+    logits = (-100.0 - torch.arange(VOCAB) * 1e-3).repeat(2, 1)  # distinct: top-k keeps exactly k (no ties)
+    logits[:, 0] = 0.0
+    filter_logits(logits, torch.tensor([0, 100]), torch.tensor([1.0, 1.0]), torch.zeros(2))
+    assert bool(torch.isfinite(logits[0]).all())
+    assert int(torch.isfinite(logits[1]).sum()) == 100
+
+
+def test_min_p_holds_on_a_row_that_also_asks_for_top_k():
+    """min_p 0.5 excludes a token at 0.37 of the best one's probability, with a top_k that keeps it."""
+    logits = torch.full((1, VOCAB), -1e9)
+    logits[0, :2] = torch.tensor([0.0, -1.0])
+    row = Sequence("r", [1], SamplingParams(temperature=1.0, top_k=10, min_p=0.5), max_tokens=10)
+    assert {Sampler()(logits.clone(), [row]).token_ids[0] for _ in range(300)} == {0}
+
+
+def test_candidates_with_large_logits_are_drawn_in_proportion():
+    """The draw among candidates works on weights relative to the best (no exp overflow): logits near 60
+    after temperature still give tokens 0 and 1 in their e : 1 proportion."""
+    torch.manual_seed(5)
+    logits = torch.full((1, VOCAB), -1e9)
+    logits[0, :3] = torch.tensor([60.0, 59.0, 40.0])
+    rows = [Sequence(f"r{i}", [1], SamplingParams(temperature=1.0, top_p=0.99), max_tokens=10) for i in range(2000)]
+    tokens = torch.tensor(Sampler()(logits.repeat(len(rows), 1), rows).token_ids)
+    share = float((tokens == 1).float().mean())
+    assert set(tokens.tolist()) <= {0, 1} and abs(share - 1 / (1 + torch.e)) < 0.04, share
+
+
+@pytest.mark.parametrize("params", [
+    {"temperature": 1.0, "top_k": 5}, {"temperature": 1.0, "top_p": 0.8}, {"temperature": 1.0, "top_p": 0.8, "seed": 3},
+    {"temperature": 1.0, "top_p": 0.95, "scale": 0.05},  # flat: the full sort serves it
+])
+def test_the_candidate_tiers_build_their_tensors_on_the_logits_device(params):
+    """Over a vocabulary wider than the candidate widths (the small one of test_device_placement.py skips
+    the tiers): every tensor of the tiers, the draw and a seeded row's uniform made on the logits' device."""
+    from tests.engine.fake_device import FakeDevice
+
+    params = dict(params)
+    scale = params.pop("scale", 4.0)
+    torch.manual_seed(0)
+    logits = torch.randn(2, VOCAB) * scale
+    rows = [Sequence("r", [1], SamplingParams(**params), max_tokens=10),
+            Sequence("g", [1], SamplingParams(temperature=0), max_tokens=10)]
+    with FakeDevice() as dev:
+        out = Sampler()(dev.put(logits), rows)
+    assert 0 <= out.token_ids[0] < VOCAB and out.token_ids[1] == int(logits[1].argmax())
