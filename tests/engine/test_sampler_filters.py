@@ -193,6 +193,7 @@ def test_candidates_with_large_logits_are_drawn_in_proportion():
 @pytest.mark.parametrize("params", [
     {"temperature": 1.0, "top_k": 5}, {"temperature": 1.0, "top_p": 0.8}, {"temperature": 1.0, "top_p": 0.8, "seed": 3},
     {"temperature": 1.0, "top_p": 0.95, "scale": 0.05},  # flat: the full sort serves it
+    {"temperature": 1.0, "top_k": 5, "min_p": 0.1},  # min_p: filter_logits' tiers, then the full softmax
 ])
 def test_the_candidate_tiers_build_their_tensors_on_the_logits_device(params):
     """Over a vocabulary wider than the candidate widths (the small one of test_device_placement.py skips
