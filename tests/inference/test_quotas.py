@@ -967,3 +967,77 @@ def test_settlements_on_sqlite_charge_the_use_release_the_hold_and_charge_late_o
     assert out["late"] == [d("0.55"), d("0.45"), d("0.85"), d("0.45"), 450, 500, 1]
     assert out["other"] == [d("0.55"), 0, d("0.85"), 0, 650, 0, 0]
     assert out["records"] == ["req_1", "req_2", "req_late"]
+
+
+def test_a_keys_caller_acts_as_the_keys_creator_unless_told_otherwise(org):
+    """Caller.__post_init__: a key's usage is its creator's when no user is named; a named user is kept."""
+    from django.contrib.auth import get_user_model
+
+    users = get_user_model().objects
+    creator = users.create_user(f"creator{org.pk}@example.com", "pw-long-enough-1")
+    other = users.create_user(f"other{org.pk}@example.com", "pw-long-enough-1")
+    grant(org, None)
+    key, raw = APIKey.objects.create_key(org, "k", created_by=creator)
+    assert quotas.admit(raw).user_id == creator.pk
+    assert quotas.Caller(key, [], {}, user_id=other.pk).user_id == other.pk
+
+
+def test_a_model_the_caller_may_not_call_is_named_in_the_404(org):
+    grant(org, None, model_names=["covered"])
+    AIModel.objects.create(name="uncovered")
+    catalog.invalidate()
+    _, raw = APIKey.objects.create_key(org, "k")
+    with pytest.raises(GatewayError) as err:
+        quotas.admit(raw).resolve("uncovered")
+    assert (err.value.status, err.value.message) == (
+        404, "The model `uncovered` does not exist or you do not have access to it.")
+
+
+def test_a_malformed_key_is_refused_without_a_database_round_trip(db, django_assert_num_queries):
+    """_admit_steps: a key that cannot be one (no public id) never reaches the admission query."""
+    catalog.entries()  # the catalog's own read, fresh for a few seconds
+    with django_assert_num_queries(0), pytest.raises(GatewayError) as err:
+        quotas.admit("sk-not-a-key")
+    assert err.value.status == 401
+
+
+def test_a_session_and_a_key_credential_are_admitted_in_one_query_each_plus_entitlements_and_budgets(
+        org, django_assert_num_queries):
+    """admit_session reads the membership with its user and organization, admit_key the key with its
+    organization, in one query (then the entitlements and the budgets): no lazy load per admission."""
+    from django.contrib.auth import get_user_model
+
+    from accounts.models import Membership
+
+    user = get_user_model().objects.create_user(f"q{org.pk}@example.com", "pw-long-enough-1")
+    Membership.objects.create(organization=org, user=user)
+    grant(org, None)
+    key, _ = APIKey.objects.create_key(org, "k")
+    catalog.entries()
+    with django_assert_num_queries(3):
+        assert quotas.admit_credential(quotas.SessionCredential(user.pk, org.pk)).organization.pk == org.pk
+    with django_assert_num_queries(3):
+        assert quotas.admit_credential(quotas.KeyCredential(key.pk)).api_key.pk == key.pk
+
+
+def test_a_key_is_admitted_on_sqlite_with_its_columns_converted_as_the_orm_would(on_sqlite):
+    """instance_from on SQLite (`make run`): the backend's converters (aware datetimes, decimals quantized
+    to the field's places) and the field's (JSON decoded) are applied to the admission query's raw row."""
+    from decimal import Decimal
+
+    from inference.models import Budget
+
+    def scenario():
+        quotas._columns.cache_clear()  # converters are read once per process: here, SQLite's
+        try:
+            org = Organization.objects.create(name="Lite", slug="lite")
+            grant(org, None, model_names=["m"])
+            key, raw = APIKey.objects.create_key(org, "k", allowed_models=["m"])
+            Budget.objects.create(organization=org, api_key=key, limit=Decimal("1.5"))
+            caller = quotas.admit(raw)
+            return (caller.api_key.allowed_models, timezone.is_aware(caller.api_key.created_at),
+                    [str(b.limit) for b in caller.budgets], caller.entitlements[0].model_names)
+        finally:
+            quotas._columns.cache_clear()
+
+    assert on_sqlite(scenario) == (["m"], True, ["1.50000000"], ["m"])
