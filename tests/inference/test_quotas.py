@@ -77,10 +77,13 @@ def test_hold_settle_and_refusal(org):
     quotas.reserve([entitlement], 880, "req_c")  # exactly what is left
 
 
-def test_usage_above_the_hold_is_charged_at_the_hold(org):
+def test_usage_above_the_hold_is_charged_at_the_hold(org, caplog):
     entitlement = grant(org, 100)
     hold = quotas.reserve([entitlement], 100, "req_a")
-    quotas.settle(hold, 150, None)
+    with caplog.at_level("ERROR", logger="inference.quotas"):
+        quotas.settle(hold, 150, None)
+    assert caplog.messages == [
+        f"usage 150 exceeded reservation 100 (entitlement {entitlement.pk}): charging the reservation"]
     entitlement.refresh_from_db()
     assert entitlement.tokens_used == 100 <= entitlement.token_quota
 
@@ -1041,3 +1044,153 @@ def test_a_key_is_admitted_on_sqlite_with_its_columns_converted_as_the_orm_would
             quotas._columns.cache_clear()
 
     assert on_sqlite(scenario) == (["m"], True, ["1.50000000"], ["m"])
+
+
+PRICED = {"price_input_per_million": 1, "price_output_per_million": 4}
+PRICED_HOLD = 18 + 256 + 10  # MESSAGES uncounted, max_tokens 10
+PRICED_COST = quotas.Decimal("0.00031400")  # 274 tokens at $1/M and the 10 of the completion at $4/M
+
+
+def test_a_line_admitted_with_budgets_holds_its_worst_cost_on_each_and_without_them_holds_no_money(org):
+    """admit_request: no budget, no money held (the hold's cost is 0, whatever the model's prices); with the
+    key's and the organization's budgets, the request's worst cost held on both. The limiter's slot is named
+    by the request id."""
+    from decimal import Decimal
+
+    from inference.models import Budget
+
+    entitlement = grant(org, None)
+    served_model("priced-line-model", **PRICED)
+    key, _ = APIKey.objects.create_key(org, "batch")
+    credential = quotas.KeyCredential(key.pk)
+    limiter = RateLimiter("", "refuse", 0.5)
+    chat = {"model": "priced-line-model", "messages": MESSAGES, "max_tokens": 10}
+    admitted = quotas.admit_request(credential, parse_chat(chat), None, "req_unbudgeted", limiter)
+    assert (admitted.hold.tokens, admitted.hold.cost, admitted.hold.budget_ids) == (PRICED_HOLD, 0, ())
+    assert Reservation.objects.get(request_id="req_unbudgeted").cost == 0
+    assert admitted.decision.concurrency_slot == "req_unbudgeted"
+    key_budget = Budget.objects.create(organization=org, api_key=key, limit=Decimal("1.00"))
+    org_budget = Budget.objects.create(organization=org, limit=Decimal("2.00"))
+    admitted = quotas.admit_request(credential, parse_chat(chat), None, "req_budgeted", limiter)
+    assert (admitted.hold.cost, admitted.hold.budget_ids) == (PRICED_COST, (key_budget.pk, org_budget.pk))
+    assert [Budget.objects.get(pk=b.pk).reserved for b in (key_budget, org_budget)] == [PRICED_COST, PRICED_COST]
+    entitlement.refresh_from_db()
+    assert entitlement.tokens_reserved == 2 * PRICED_HOLD
+
+
+def test_a_keys_own_rate_limit_applies_to_the_lines_it_submitted(org):
+    """admit_request charges the key's limits as well as the organization's."""
+    grant(org, None)
+    served_model("key-limited-model")
+    key, _ = APIKey.objects.create_key(org, "batch", requests_per_minute=1)
+    limiter = RateLimiter("", "refuse", 0.5)
+    chat = parse_chat({"model": "key-limited-model", "messages": MESSAGES, "max_tokens": 10})
+    assert quotas.admit_request(quotas.KeyCredential(key.pk), chat, None, "req_first", limiter).decision.allowed
+    with pytest.raises(GatewayError) as err:
+        quotas.admit_request(quotas.KeyCredential(key.pk), chat, None, "req_second", limiter)
+    assert (err.value.status, err.value.code) == (429, "rate_limit_exceeded")
+    assert Reservation.objects.count() == 1
+
+
+def test_a_model_without_a_replica_is_admitted_on_its_fallbacks_replica_when_that_serves_the_endpoint(org):
+    """_route's 503 check looks past the model to the fallbacks the caller may use and that serve the
+    request's endpoint: an embeddings fallback never answers a chat request."""
+    from inference.models import ModelFallback
+
+    grant(org, None)
+    primary = AIModel.objects.create(name="primary-model")
+    embedder = AIModel.objects.create(name="embedder-fallback", kind="embeddings")
+    Deployment.objects.create(model=embedder, base_url="http://127.0.0.1:18")
+    ModelFallback.objects.create(model=primary, fallback=embedder, position=0)
+    lone = AIModel.objects.create(name="lone-model")
+    ModelFallback.objects.create(model=lone, fallback=embedder, position=0)
+    chatty = AIModel.objects.create(name="chat-fallback")
+    Deployment.objects.create(model=chatty, base_url="http://127.0.0.1:19")
+    ModelFallback.objects.create(model=primary, fallback=chatty, position=1)
+    catalog.invalidate()
+    key, _ = APIKey.objects.create_key(org, "batch")
+    limiter = RateLimiter("", "refuse", 0.5)
+    chat = {"messages": MESSAGES, "max_tokens": 10}
+    admitted = quotas.admit_request(quotas.KeyCredential(key.pk), parse_chat({"model": "primary-model", **chat}),
+                                    None, "req_fallback", limiter)
+    assert (admitted.entry.model.name, admitted.upstream.base_url) == ("primary-model", "http://127.0.0.1:19")
+    with pytest.raises(GatewayError) as err:
+        quotas.admit_request(quotas.KeyCredential(key.pk), parse_chat({"model": "lone-model", **chat}), None,
+                             "req_lone", limiter)
+    assert err.value.status == 503
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("async_pool_closed")
+async def test_admission_on_the_event_loop_reports_the_bodys_error_and_holds_the_worst_cost_on_the_budgets():
+    """admit_request_async: the body's own 400 (after `labels` learn the organization), and an admission
+    that carries its caller, model, replica and a hold of the worst cost on the key's budget."""
+    from decimal import Decimal
+
+    from inference.models import Budget
+
+    def setup():
+        org = Organization.objects.create(name="Async budget", slug="async-budget")
+        grant(org, None)
+        served_model("priced-async-model", **PRICED)
+        key, raw = APIKey.objects.create_key(org, "k")
+        budget = Budget.objects.create(organization=org, api_key=key, limit=Decimal("1.00"))
+        return org, key, raw, budget
+
+    org, key, raw, budget = await in_thread(setup)
+    limiter = RateLimiter("", "refuse", 0.5)
+    bad_body = GatewayError(400, "messages is required", param="messages")
+    labels = {}
+    with pytest.raises(GatewayError) as err:
+        await quotas.admit_request_async(raw, None, bad_body, "req_bad", limiter, labels)
+    assert err.value is bad_body and labels == {"organization": org.slug}
+    chat = parse_chat({"model": "priced-async-model", "messages": MESSAGES, "max_tokens": 10})
+    admitted = await quotas.admit_request_async(raw, chat, None, "req_async_budget", limiter)
+    assert (admitted.caller.api_key.pk, admitted.entry.model.name, admitted.upstream.base_url) == (
+        key.pk, "priced-async-model", "http://127.0.0.1:9")
+    assert (admitted.hold.tokens, admitted.hold.cost, admitted.hold.budget_ids) == (PRICED_HOLD, PRICED_COST, (budget.pk,))
+
+    def reserved():
+        return Budget.objects.get(pk=budget.pk).reserved
+
+    assert await in_thread(reserved) == PRICED_COST
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_hold_off_the_asyncio_pool_is_refused_at_once_when_the_room_is_held(settings):
+    """reserve_async without the asyncio pool (GATEWAY_ASYNC_DB off, or SQLite) runs in a database thread
+    and does not wait: the threads that would settle the holds in flight are those few threads."""
+    settings.GATEWAY_ASYNC_DB = False
+    settings.GATEWAY_QUOTA_WAIT_SECONDS = 20
+
+    def setup():
+        org = Organization.objects.create(name="No pool", slug="no-pool")
+        entitlement = grant(org, 1000)
+        quotas.reserve([entitlement], 600, "req_held")
+        return entitlement
+
+    entitlement = await in_thread(setup)
+    started = time.monotonic()
+    with pytest.raises(GatewayError) as err:
+        await quotas.reserve_async([entitlement], 500, "req_refused")
+    assert err.value.code == "quota_in_flight" and time.monotonic() - started < 0.5
+
+
+def test_a_late_settlement_charges_each_budget_only_what_fits_beside_the_holds_in_flight(org):
+    """The one-statement PostgreSQL settle of a hold the sweep already released: the budget is charged
+    what its limit leaves beside what is spent and what other requests hold, not the whole cost."""
+    from decimal import Decimal
+
+    from inference.models import Budget
+
+    entitlement = grant(org, 1000)
+    key, _ = APIKey.objects.create_key(org, "k")
+    budget = Budget.objects.create(organization=org, api_key=key, limit=Decimal("1.00"))
+    late = quotas.reserve([entitlement], 100, "req_late", cost=Decimal("0.40"), budgets=[budget])
+    expire_all_holds()
+    quotas.reserve([entitlement], 100, "req_other", cost=Decimal("0.70"), budgets=[budget])
+    record = usage_record(org, key, "req_late")
+    record.cost = Decimal("0.40")
+    quotas.settle(late, 100, record, key)
+    budget.refresh_from_db()
+    assert (budget.spent, budget.reserved) == (Decimal("0.30"), Decimal("0.70"))
