@@ -271,9 +271,8 @@ def run_lines(batch: Batch, owner: str, renewer: LeaseRenewer) -> None:
     threads = [threading.Thread(target=work, daemon=True) for _ in range(max(1, settings.BATCH_LINE_CONCURRENCY))]
     for thread in threads:
         thread.start()
-    while any(thread.is_alive() for thread in threads):
-        for thread in threads:
-            thread.join(timeout=1.0)
+    while alive := [thread for thread in threads if thread.is_alive()]:
+        alive[0].join(timeout=1.0)  # a cancel, the expiry or a lost lease is seen within a second
         status, expires_at = Batch.objects.values_list("status", "expires_at").get(pk=batch.pk)
         if status != BatchStatus.IN_PROGRESS or expires_at <= timezone.now() or renewer.lost.is_set():
             stop.set()

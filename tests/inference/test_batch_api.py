@@ -119,14 +119,18 @@ def slow_lines(prefix: str, count: int = 30) -> list[dict]:
     return [chat_line(f"{prefix}-{i}", max_tokens=48, ignore_eos=True) for i in range(count)]
 
 
+ENDED = {"completed", "failed", "expired", "cancelled"}
+
+
 def wait_for_status(client: openai.OpenAI, batch_id: str, statuses: set[str], timeout: float = WAIT):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         batch = client.batches.retrieve(batch_id)
         if batch.status in statuses:
             return batch
+        assert batch.status not in ENDED, f"batch {batch_id} ended {batch.status}: {batch.request_counts}"
         time.sleep(0.2)
-    raise TimeoutError(f"batch {batch_id} still {batch.status} after {timeout}s")
+    raise TimeoutError(f"batch {batch_id} still {batch.status} after {timeout}s: {batch.request_counts}")
 
 
 def output_lines(client: openai.OpenAI, file_id: str | None) -> list[dict]:
@@ -361,17 +365,17 @@ def test_cancel_stops_the_batch_and_lists_paginate(gateway_url, smollm2):
 def test_a_batch_past_its_window_expires_with_the_unrun_lines_in_the_error_file(gateway_url, smollm2):
     tenant = make_tenant("batch-expire")
     client = client_for(gateway_url, tenant)
-    lines = slow_lines("x")
+    lines = slow_lines("x", count=100)
     upload = client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
     batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
     wait_for_status(client, batch.id, {"in_progress"})
     Batch.objects.filter(batch_id=batch.id).update(expires_at=timezone.now())  # its 24 hours are over
-    done = wait_for_status(client, batch.id, {"expired"})
-    assert done.expired_at and done.request_counts.completed < 30
+    done = wait_for_status(client, batch.id, {"expired"})  # seen within a second, long before the 100th line
+    assert done.expired_at and done.request_counts.completed < 100
     validate_response("/v1/batches/{batch_id}", "get", 200, done.model_dump(exclude_unset=True))
     unrun = [line for line in output_lines(client, done.error_file_id) if line["error"]]
     assert unrun and {line["error"]["code"] for line in unrun} == {"batch_expired"}
-    assert len(unrun) + done.request_counts.completed == 30
+    assert len(unrun) + done.request_counts.completed == 100
     assert len(output_lines(client, done.output_file_id)) == done.request_counts.completed
     assert UsageRecord.objects.filter(organization=tenant.organization).count() == done.request_counts.completed
 

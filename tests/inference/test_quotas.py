@@ -799,7 +799,7 @@ def on_sqlite(tmp_path, monkeypatch, django_db_blocker):
     calling thread's connection instead; nothing else is replaced."""
     from django.db.backends.sqlite3.base import DatabaseWrapper
 
-    from inference.models import Budget
+    from inference.models import AIModel, Budget, Deployment, ModelFallback
 
     monkeypatch.setattr(pgasync, "vendor", lambda: connections["default"].vendor)
 
@@ -814,7 +814,8 @@ def on_sqlite(tmp_path, monkeypatch, django_db_blocker):
                 connections["default"] = lite
                 try:
                     with lite.schema_editor() as editor:
-                        for model in (Organization, APIKey, Entitlement, Budget, Reservation, UsageRecord):
+                        for model in (Organization, APIKey, Entitlement, Budget, Reservation, UsageRecord,
+                                      AIModel, ModelFallback, Deployment):
                             editor.create_model(model)
                     with lite.cursor() as cursor:  # the tables they point to are not made here
                         cursor.execute("PRAGMA foreign_keys = OFF")
@@ -1032,6 +1033,7 @@ def test_a_key_is_admitted_on_sqlite_with_its_columns_converted_as_the_orm_would
 
     def scenario():
         quotas._columns.cache_clear()  # converters are read once per process: here, SQLite's
+        catalog.invalidate()  # and the catalog is read from SQLite's (empty) tables, not a fresh snapshot
         try:
             org = Organization.objects.create(name="Lite", slug="lite")
             grant(org, None, model_names=["m"])
@@ -1042,6 +1044,7 @@ def test_a_key_is_admitted_on_sqlite_with_its_columns_converted_as_the_orm_would
                     [str(b.limit) for b in caller.budgets], caller.entitlements[0].model_names)
         finally:
             quotas._columns.cache_clear()
+            catalog.invalidate()
 
     assert on_sqlite(scenario) == (["m"], True, ["1.50000000"], ["m"])
 
