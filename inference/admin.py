@@ -314,15 +314,10 @@ class BudgetForm(forms.ModelForm):
         limit = self.cleaned_data.get("limit")
         if limit is None:
             return limit
-        if limit < 0:
-            raise forms.ValidationError("The limit must be zero or more (delete the budget for no limit).")
-        if self.instance.pk:
-            # The counters as they are now (the gateway moves them while the form is open).
-            spent, reserved = Budget.objects.filter(pk=self.instance.pk).values_list("spent", "reserved").get()
-            if limit < spent + reserved:
-                raise forms.ValidationError(
-                    f"${spent:.6f} is spent and ${reserved:.6f} held by requests in flight; the limit cannot be "
-                    f"lower than ${spent + reserved:.6f}.")
+        # The counters as they are now (the gateway moves them while the form is open).
+        current = Budget.objects.get(pk=self.instance.pk) if self.instance.pk else Budget()
+        if refusal := current.limit_refusal(limit):
+            raise forms.ValidationError(refusal)
         return limit
 
     def clean(self):

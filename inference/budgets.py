@@ -32,15 +32,11 @@ def _locked(membership: Membership, api_key: APIKey | None) -> Budget | None:
 @transaction.atomic
 def set_budget(membership: Membership, limit: Decimal, api_key: APIKey | None = None) -> Budget:
     """Create or change the budget of the membership's organization (no key) or of one of its keys."""
-    if limit < 0:
-        raise BudgetError("The limit must be zero or more (remove the budget for no limit).")
     budget = _locked(membership, api_key)
+    if refusal := (budget or Budget()).limit_refusal(limit):
+        raise BudgetError(refusal)
     if budget is None:
         return Budget.objects.create(organization=membership.organization, api_key=api_key, limit=limit)
-    if limit < budget.spent + budget.reserved:
-        raise BudgetError(
-            f"${budget.spent:.2f} is already spent and ${budget.reserved:.2f} held by requests in flight: "
-            f"the limit cannot be lower than ${budget.spent + budget.reserved:.2f}.")
     budget.limit = limit
     budget.save(update_fields=["limit"])
     return budget

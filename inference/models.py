@@ -275,6 +275,12 @@ class Deployment(models.Model):
 
 
 # The gateway moves spent and reserved on every request: not audit events; a limit edit is one.
+def usd(amount: Decimal) -> str:
+    """Dollars as people read them: to the cent, with the smaller digits only where there are some."""
+    cents = amount.quantize(Decimal("0.01"))
+    return f"${cents}" if cents == amount else f"${amount.normalize():f}"
+
+
 @audited(quiet=("spent", "reserved"))
 class Budget(TenantOwned):
     """A spending limit in the catalog's currency: the organization's (no key) or one API key's. The
@@ -303,6 +309,18 @@ class Budget(TenantOwned):
     @property
     def remaining(self) -> Decimal:
         return max(Decimal(0), self.limit - self.spent - self.reserved)
+
+    def limit_refusal(self, limit: Decimal) -> str | None:
+        """Why `limit` cannot be this budget's limit, None when it can: never negative, never below what is
+        spent and held by requests in flight (the counters as this instance read them; the console's and the
+        admin's one rule)."""
+        if limit < 0:
+            return "The limit must be zero or more (remove the budget for no limit)."
+        floor = self.spent + self.reserved
+        if limit < floor:
+            return (f"{usd(self.spent)} is already spent and {usd(self.reserved)} held by requests in flight: "
+                    f"the limit cannot be lower than {usd(floor)}.")
+        return None
 
     def used_percent(self) -> float:
         return float(100 * self.spent / self.limit) if self.limit else 100.0

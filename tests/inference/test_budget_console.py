@@ -41,7 +41,7 @@ def test_the_admin_refuses_a_limit_below_spent_and_held_and_writes_only_the_limi
     budget = Budget.objects.create(organization=org, limit=Decimal("10"), spent=Decimal("3"), reserved=Decimal("2"))
     refused = admin_client.post(f"{BUDGETS}{budget.pk}/change/", {"limit": "4.99"})
     assert refused.status_code == 200
-    assert "the limit cannot be lower than $5.000000" in refused.content.decode()
+    assert "$3.00 is already spent and $2.00 held by requests in flight: the limit cannot be lower than $5.00." in refused.content.decode()
     Budget.objects.filter(pk=budget.pk).update(spent=Decimal("4"))  # the gateway settles while the form is open
     saved = admin_client.post(f"{BUDGETS}{budget.pk}/change/", {"limit": "6"})
     assert saved.status_code == 302
@@ -175,3 +175,14 @@ def test_another_organizations_key_is_a_404_and_its_budget_is_untouched(client, 
     assert "theirs" not in page
     own, _ = APIKey.objects.create_key(org, "ours", created_by=owner)
     assert client.post(f"/budgets/keys/{own.pk}/", {f"key-{own.pk}-limit": "100"}).status_code == 302  # the route works
+
+
+def test_a_limit_refused_below_a_fraction_of_a_cent_names_the_exact_floor():
+    """Metered costs have 8 places: the refusal names what is spent to the digit, not rounded to a cent that
+    would itself be refused ("cannot be lower than $4.00" when 4.00 is refused too)."""
+    budget = Budget(limit=Decimal("10"), spent=Decimal("3.00030000"), reserved=Decimal("1"))
+    assert budget.limit_refusal(Decimal("4.00")) == (
+        "$3.0003 is already spent and $1.00 held by requests in flight: the limit cannot be lower than $4.0003.")
+    assert budget.limit_refusal(Decimal("4.0003")) is None
+    assert Budget().limit_refusal(Decimal("-0.01")) == "The limit must be zero or more (remove the budget for no limit)."
+    assert Budget().limit_refusal(Decimal("0")) is None
