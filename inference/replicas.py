@@ -49,32 +49,31 @@ def start_replica(model: AIModel, **options) -> Replica:
 
 
 def start_replicas(replicas) -> int:
-    """Stopped replicas wanted again (their sources checked again: a file may have moved)."""
-    changed = 0
-    for replica in replicas.exclude(desired=ReplicaState.RUNNING).select_related("model"):
+    """Stopped replicas wanted again (their sources checked again, all before any changes: a file may have
+    moved)."""
+    stopped = list(replicas.exclude(desired=ReplicaState.RUNNING).select_related("model"))
+    for replica in stopped:
         check_servable(replica.model)
-        replica.desired = ReplicaState.RUNNING
-        replica.save(update_fields=["desired"])
-        changed += 1
-    return changed
+    return _save_each(stopped, desired=ReplicaState.RUNNING)
 
 
 def stop_replicas(replicas) -> int:
     """Desired state stopped: the launcher unregisters each one, then ends its process."""
-    changed = 0
-    for replica in replicas.exclude(desired=ReplicaState.STOPPED):
-        replica.desired = ReplicaState.STOPPED
-        replica.save(update_fields=["desired"])
-        changed += 1
-    return changed
+    return _save_each(replicas.exclude(desired=ReplicaState.STOPPED), desired=ReplicaState.STOPPED)
 
 
 def restart_replicas(replicas) -> int:
     """A new generation (and running): the launcher replaces each process with a fresh one."""
+    return _save_each(replicas, desired=ReplicaState.RUNNING, generation=F("generation") + 1)
+
+
+def _save_each(replicas, **fields) -> int:
+    """Set `fields` on each replica and save it, one by one (each save is audited, a queryset update is not);
+    how many were changed."""
     changed = 0
     for replica in replicas:
-        replica.desired = ReplicaState.RUNNING
-        replica.generation = F("generation") + 1
-        replica.save(update_fields=["desired", "generation"])
+        for name, value in fields.items():
+            setattr(replica, name, value)
+        replica.save(update_fields=list(fields))
         changed += 1
     return changed
