@@ -148,3 +148,17 @@ def test_the_launcher_registers_engines_only_where_deployments_may_point(models_
     replica.refresh_from_db()
     assert replica.status == ReplicaStatus.FAILED and not launcher.processes and replica.deployment is None
     assert "not in DEPLOYMENT_ALLOWED_UPSTREAMS" in replica.last_error
+
+
+def test_starting_replicas_one_of_which_lost_its_source_starts_none(models_dir):
+    """Every source is checked before any replica changes: the action is refused whole, not half done."""
+    kept = AIModel.objects.create(name="kept", source="ok.gguf")
+    moved = AIModel.objects.create(name="moved", source="sub/inside-link.gguf")
+    first = Replica.objects.create(model=kept, desired=ReplicaState.STOPPED)
+    second = Replica.objects.create(model=moved, desired=ReplicaState.STOPPED)
+    (models_dir / "sub" / "inside-link.gguf").unlink()  # the file moved after the replica was made
+    operator = staff("operator@example.com", *CATALOG_EDITOR, "inference.operate_replica")
+    page = operator.post("/admin/inference/replica/", {"action": "start", "_selected_action": [first.pk, second.pk]},
+                         follow=True).content.decode()
+    assert "inside-link.gguf" in page
+    assert list(Replica.objects.order_by("pk").values_list("desired", flat=True)) == ["stopped", "stopped"]
