@@ -132,16 +132,16 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._kernels:
             raise RuntimeError("QuantLinear used before all of its weights were loaded")
-        if len(self._kernels) == 1 and self.bias is None and x.dim() == 2:  # the decode path: one fused kernel
-            y = self._kernels[0][1](x)
-            return y if y.dtype == x.dtype else y.to(x.dtype)
-        x2 = x.reshape(-1, self.in_features)
-        outs = [kernel(x2) for _, kernel in self._kernels]
-        y = outs[0] if len(outs) == 1 else torch.cat(outs, -1)
-        y = y.to(x.dtype)
+        flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # decode's [tokens, K] as it is
+        if len(self._kernels) == 1:
+            y = self._kernels[0][1](flat)
+        else:
+            y = torch.cat([kernel(flat) for _, kernel in self._kernels], -1)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.offsets[-1])
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.offsets[-1])
 
     def extra_repr(self) -> str:
         return (
