@@ -233,10 +233,10 @@ class SessionCredential:
     organization_id: int
 
 
-def organization_caller(organization: Organization, user_id: int | None, now=None,
+def organization_caller(organization: Organization, user_id: int | None,
                         entries: dict[str, CatalogEntry] | None = None) -> Caller:
     """A caller for a whole organization, without a key (the console's view of the catalog)."""
-    entitlements = list(Entitlement.objects.for_org(organization).active(now))
+    entitlements = list(Entitlement.objects.for_org(organization).active())
     budgets = list(Budget.objects.for_org(organization).filter(api_key__isnull=True))
     return Caller(None, entitlements, catalog.entries() if entries is None else entries, organization, user_id,
                   UsageSource.PLAYGROUND, budgets)

@@ -3,6 +3,7 @@ requests' holds, the admission query against EntitlementQuerySet.active, and con
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import threading
 import time
@@ -342,7 +343,9 @@ async def test_a_refused_hold_on_the_event_loop_gives_back_the_concurrency_slot(
     body = {"model": "slot-model", "messages": MESSAGES, "max_tokens": 2000}
     with pytest.raises(GatewayError) as err:
         await quotas.admit_request_async(raw, parse_chat(body), None, "req_refused_async", limiter)
-    assert err.value.code == "insufficient_quota"
+    # the refusal's own headers and the rate limiter's, merged
+    assert (err.value.code, err.value.headers["x-should-retry"]) == ("insufficient_quota", "false")
+    assert err.value.headers["x-ratelimit-limit-requests"]
     admitted = await quotas.admit_request_async(raw, parse_chat({**body, "max_tokens": 1}), None, "req_fits_async",
                                                 limiter)
     assert admitted.decision.allowed
@@ -1197,3 +1200,88 @@ def test_a_late_settlement_charges_each_budget_only_what_fits_beside_the_holds_i
     quotas.settle(late, 100, record, key)
     budget.refresh_from_db()
     assert (budget.spent, budget.reserved) == (Decimal("0.30"), Decimal("0.70"))
+
+
+def test_a_key_that_is_no_longer_usable_is_refused_with_why(org):
+    """check_caller's 401 names the key (redacted) and its state: revoked, expired, or disabled (its
+    organization's), in the words the console uses."""
+    grant(org, None)
+    revoked, raw_revoked = APIKey.objects.create_key(org, "revoked")
+    APIKey.objects.filter(pk=revoked.pk).update(revoked_at=timezone.now())
+    expired, raw_expired = APIKey.objects.create_key(org, "expired")
+    APIKey.objects.filter(pk=expired.pk).update(expires_at=timezone.now() - dt.timedelta(seconds=1))
+    usable, raw_usable = APIKey.objects.create_key(org, "usable")
+    messages = []
+    for raw in (raw_revoked, raw_expired):
+        with pytest.raises(GatewayError) as err:
+            quotas.admit(raw)
+        messages.append((err.value.status, err.value.code, err.value.message))
+    Organization.objects.filter(pk=org.pk).update(is_active=False)
+    with pytest.raises(GatewayError) as err:
+        quotas.admit(raw_usable)
+    messages.append((err.value.status, err.value.code, err.value.message))
+    assert messages == [(401, "invalid_api_key", f"The API key {revoked.redacted} is revoked."),
+                        (401, "invalid_api_key", f"The API key {expired.redacted} is expired."),
+                        (401, "invalid_api_key", f"The API key {usable.redacted} is disabled.")]
+
+
+def test_a_line_admitted_in_a_thread_holds_its_prompt_as_the_replicas_tokenizer_counts_it(org):
+    """admit_request counts the prompt with the replica's published tokenizer (here already fetched), as
+    the event loop's path does: the hold is the exact prompt plus max_tokens, not the byte bound plus the
+    overhead."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, pre_tokenizers
+
+    from engine.prompts import PromptBuilder
+    from engine.tokenizer import Tokenizer
+    from inference import prompt_count
+
+    grant(org, None)
+    model = served_model("counted-line-model")
+    backend = Backend(models.WordLevel({"[UNK]": 0, "say": 1}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    builder = PromptBuilder(Tokenizer(backend, chat_template="{% for m in messages %}say {{ m.content }} {% endfor %}"))
+    deployment = model.deployments.get()
+    prompt_count._builders[(deployment.pk, deployment.base_url)] = builder
+    try:
+        key, _ = APIKey.objects.create_key(org, "batch")
+        chat = parse_chat({"model": "counted-line-model", "messages": MESSAGES, "max_tokens": 10})
+        admitted = quotas.admit_request(quotas.KeyCredential(key.pk), chat, None, "req_counted",
+                                        RateLimiter("", "refuse", 0.5))
+    finally:
+        prompt_count.forget()
+    assert builder.chat_ids(MESSAGES, None, None) == [1, 0]  # "say héllo"
+    assert admitted.hold.tokens == 2 + 10
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("async_pool_closed")
+async def test_admission_on_the_event_loop_never_waits_behind_the_thread_sensitive_thread():
+    """Django runs thread-sensitive sync code (sync views and middleware) on one shared thread: a session's
+    admission and the catalog refresh run in threads of their own, so requests are admitted while that
+    thread is busy."""
+    from asgiref.sync import sync_to_async
+    from django.contrib.auth import get_user_model
+
+    from accounts.models import Membership
+
+    def setup():
+        org = Organization.objects.create(name="Busy", slug="busy-thread")
+        user = get_user_model().objects.create_user("busy-thread@example.com", "pw-long-enough-1")
+        Membership.objects.create(organization=org, user=user)
+        grant(org, None)
+        key, raw = APIKey.objects.create_key(org, "k")
+        return org, user, key, raw
+
+    org, user, key, raw = await in_thread(setup)
+    busy = threading.Event()
+    occupant = asyncio.ensure_future(sync_to_async(busy.wait, thread_sensitive=True)())
+    try:
+        catalog.invalidate()  # each admission refreshes the catalog
+        session = await asyncio.wait_for(quotas.admit_credential_async(quotas.SessionCredential(user.pk, org.pk)), 15)
+        catalog.invalidate()
+        keyed = await asyncio.wait_for(quotas.admit_credential_async(raw), 15)
+    finally:
+        busy.set()
+        await occupant
+    assert (session.organization.pk, keyed.api_key.pk) == (org.pk, key.pk)

@@ -225,6 +225,7 @@ def test_one_trace_covers_gateway_and_engine(collector, traced_engine, traced_ga
     assert server.attributes["maas.api_key.id"] == tenant.api_key.public_id
     assert server.attributes["gen_ai.request.model"] == "smollm2"
     assert server.attributes["http.response.status_code"] == 200
+    assert one("gateway.quota_reservation").attributes["maas.reserved_tokens"] >= usage.prompt_tokens + 8  # max_tokens
     settle = one("gateway.settlement")
     assert settle.attributes["gen_ai.usage.output_tokens"] == usage.completion_tokens
     assert settle.attributes["maas.usage.status"] == "ok"
