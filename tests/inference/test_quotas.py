@@ -87,6 +87,11 @@ def test_usage_above_the_hold_is_charged_at_the_hold(org, caplog):
         f"usage 150 exceeded reservation 100 (entitlement {entitlement.pk}): charging the reservation"]
     entitlement.refresh_from_db()
     assert entitlement.tokens_used == 100 <= entitlement.token_quota
+    caplog.clear()
+    hold = quotas.reserve([grant(org, 100)], 100, "req_exact")
+    with caplog.at_level("ERROR", logger="inference.quotas"):
+        quotas.settle(hold, 100, None)  # usage equal to the hold is no error
+    assert caplog.messages == []
 
 
 def test_settle_writes_the_usage_record_in_the_same_statement(org):
@@ -746,12 +751,13 @@ async def test_a_settlement_on_the_event_loop_marks_the_key_used():
 
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.usefixtures("async_pool_closed")
-async def test_a_hold_on_the_event_loop_waits_for_room_a_settlement_frees_then_gives_up(settings):
+async def test_a_hold_on_the_event_loop_waits_for_room_a_settlement_frees_then_gives_up(settings, monkeypatch):
     """reserve_async on PostgreSQL: a hold held back only by requests in flight waits (up to
     GATEWAY_QUOTA_WAIT_SECONDS) and is taken once one settles; with nobody settling, the retryable 429."""
     import asyncio
 
     settings.GATEWAY_QUOTA_WAIT_SECONDS = 20
+    monkeypatch.setattr(quotas, "QUOTA_RETRY_SECONDS", 15)  # woken by the settlement, not by a retry
 
     def setup():
         org = Organization.objects.create(name="Wait", slug="wait-async")
@@ -763,7 +769,7 @@ async def test_a_hold_on_the_event_loop_waits_for_room_a_settlement_frees_then_g
     await asyncio.sleep(0.3)
     assert not waiting.done()
     await quotas.settle_async(first, 100, None)
-    hold = await asyncio.wait_for(waiting, 10)
+    hold = await asyncio.wait_for(waiting, 5)
     assert (hold.tokens, hold.entitlement_id) == (500, entitlement.pk)
     settings.GATEWAY_QUOTA_WAIT_SECONDS = 0.2
     started = asyncio.get_running_loop().time()
@@ -958,8 +964,8 @@ def test_settlements_on_sqlite_charge_the_use_release_the_hold_and_charge_late_o
         late = quotas.reserve([entitlement], 300, "req_late", cost=Decimal("0.40"), budgets=both)
         Reservation.objects.update(expires_at=timezone.now() - dt.timedelta(seconds=1))
         out["swept"] = quotas.expire_reservations(), state()
-        other = quotas.reserve([entitlement], 500, "req_other", cost=Decimal("0.45"), budgets=both)
-        quotas.settle(late, 300, record("req_late", "0.40"))  # fits: 1000 - 150 - 500; $1 - 0.45 - 0.45 = 0.10
+        other = quotas.reserve([entitlement], 600, "req_other", cost=Decimal("0.45"), budgets=both)
+        quotas.settle(late, 300, record("req_late", "0.40"))  # what fits: 1000 - 150 - 600; $1 - 0.45 - 0.45
         out["late"] = state()
         quotas.settle(other, 200, None)
         out["other"] = state()
@@ -971,8 +977,8 @@ def test_settlements_on_sqlite_charge_the_use_release_the_hold_and_charge_late_o
     assert out["settled"] == ([d("0.15"), 0, d("0.15"), 0, 50, 0, 0], True)
     assert out["above_the_hold"] == [d("0.45"), 0, d("0.45"), 0, 150, 0, 0]
     assert out["swept"] == (1, [d("0.45"), 0, d("0.45"), 0, 150, 0, 0])
-    assert out["late"] == [d("0.55"), d("0.45"), d("0.85"), d("0.45"), 450, 500, 1]
-    assert out["other"] == [d("0.55"), 0, d("0.85"), 0, 650, 0, 0]
+    assert out["late"] == [d("0.55"), d("0.45"), d("0.85"), d("0.45"), 400, 600, 1]
+    assert out["other"] == [d("0.55"), 0, d("0.85"), 0, 600, 0, 0]
     assert out["records"] == ["req_1", "req_2", "req_late"]
 
 
@@ -1191,7 +1197,7 @@ def test_a_late_settlement_charges_each_budget_only_what_fits_beside_the_holds_i
 
     entitlement = grant(org, 1000)
     key, _ = APIKey.objects.create_key(org, "k")
-    budget = Budget.objects.create(organization=org, api_key=key, limit=Decimal("1.00"))
+    budget = Budget.objects.create(organization=org, api_key=key, limit=Decimal("1.00"), spent=Decimal("0.10"))
     late = quotas.reserve([entitlement], 100, "req_late", cost=Decimal("0.40"), budgets=[budget])
     expire_all_holds()
     quotas.reserve([entitlement], 100, "req_other", cost=Decimal("0.70"), budgets=[budget])
@@ -1199,7 +1205,7 @@ def test_a_late_settlement_charges_each_budget_only_what_fits_beside_the_holds_i
     record.cost = Decimal("0.40")
     quotas.settle(late, 100, record, key)
     budget.refresh_from_db()
-    assert (budget.spent, budget.reserved) == (Decimal("0.30"), Decimal("0.70"))
+    assert (budget.spent, budget.reserved) == (Decimal("0.30"), Decimal("0.70"))  # 0.10 + the 0.20 left
 
 
 def test_a_key_that_is_no_longer_usable_is_refused_with_why(org):
@@ -1225,10 +1231,10 @@ def test_a_key_that_is_no_longer_usable_is_refused_with_why(org):
                         (401, "invalid_api_key", f"The API key {usable.redacted} is disabled.")]
 
 
-def test_a_line_admitted_in_a_thread_holds_its_prompt_as_the_replicas_tokenizer_counts_it(org):
-    """admit_request counts the prompt with the replica's published tokenizer (here already fetched), as
-    the event loop's path does: the hold is the exact prompt plus max_tokens, not the byte bound plus the
-    overhead."""
+def test_a_line_admitted_in_a_thread_holds_its_prompt_as_the_replicas_tokenizer_counts_it(org, settings):
+    """admit_request counts the prompt with the replica's published tokenizer (here already fetched) and
+    the model's tool format, as the event loop's path does: the hold is the exact prompt plus max_tokens
+    (or the default completion bound), not the byte bound plus the overhead."""
     from tokenizers import Tokenizer as Backend
     from tokenizers import models, pre_tokenizers
 
@@ -1236,22 +1242,32 @@ def test_a_line_admitted_in_a_thread_holds_its_prompt_as_the_replicas_tokenizer_
     from engine.tokenizer import Tokenizer
     from inference import prompt_count
 
+    settings.GATEWAY_DEFAULT_MAX_TOKENS = 100
     grant(org, None)
-    model = served_model("counted-line-model")
-    backend = Backend(models.WordLevel({"[UNK]": 0, "say": 1}, unk_token="[UNK]"))
+    model = served_model("counted-line-model", tool_format="hermes", context_length=4096)
+    backend = Backend(models.WordLevel({"[UNK]": 0, "say": 1, "tools": 2}, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    builder = PromptBuilder(Tokenizer(backend, chat_template="{% for m in messages %}say {{ m.content }} {% endfor %}"))
+    template = "{% for m in messages %}say {{ m.content }} {% endfor %}{% if tools %}tools{% endif %}"
+    builder = PromptBuilder(Tokenizer(backend, chat_template=template))
     deployment = model.deployments.get()
     prompt_count._builders[(deployment.pk, deployment.base_url)] = builder
+    tool = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}
+    bodies = {"plain": {"messages": MESSAGES, "max_tokens": 10},
+              "with_tools": {"messages": MESSAGES, "max_tokens": 10, "tools": [tool]},
+              "no_max_tokens": {"messages": MESSAGES}}
     try:
         key, _ = APIKey.objects.create_key(org, "batch")
-        chat = parse_chat({"model": "counted-line-model", "messages": MESSAGES, "max_tokens": 10})
-        admitted = quotas.admit_request(quotas.KeyCredential(key.pk), chat, None, "req_counted",
-                                        RateLimiter("", "refuse", 0.5))
+        held = {name: quotas.admit_request(quotas.KeyCredential(key.pk),
+                                           parse_chat({"model": "counted-line-model", **body}), None, f"req_{name}",
+                                           RateLimiter("", "refuse", 0.5)).hold.tokens
+                for name, body in bodies.items()}
     finally:
         prompt_count.forget()
     assert builder.chat_ids(MESSAGES, None, None) == [1, 0]  # "say héllo"
-    assert admitted.hold.tokens == 2 + 10
+    # the model's tool format (hermes: tools described in a system message), not the template's own
+    hermes, native = (len(builder.chat_ids(MESSAGES, [tool], fmt)) for fmt in ("hermes", "auto"))
+    assert hermes > native == 3
+    assert held == {"plain": 2 + 10, "with_tools": hermes + 10, "no_max_tokens": 2 + 100}
 
 
 @pytest.mark.django_db(transaction=True)
