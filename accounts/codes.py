@@ -170,7 +170,6 @@ def issue_codes(
         raise ValidationError(errors)
 
     batch = uuid.uuid4()
-    issued: list[IssuedCode] = []
     with transaction.atomic():
         raws = [generate_raw_code() for _ in range(count)]
         rows = [
@@ -189,8 +188,7 @@ def issue_codes(
             for raw in raws
         ]
         created = AuthorizationCode.objects.bulk_create(rows)
-        issued = [IssuedCode(code=row, raw=raw) for row, raw in zip(created, raws, strict=True)]
-    return issued
+        return [IssuedCode(code=row, raw=raw) for row, raw in zip(created, raws, strict=True)]
 
 
 def end_of_day(day: dt.date) -> dt.datetime:

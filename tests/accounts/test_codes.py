@@ -64,6 +64,16 @@ def test_issue_rejects_bad_options_and_creates_nothing(count, options, field, sa
     assert AuthorizationCode.objects.count() == 0
 
 
+def test_a_code_expiring_at_this_very_instant_is_refused(monkeypatch):
+    """"Must be in the future": an expiry equal to now is already past (it could never be redeemed)."""
+    instant = timezone.now()
+    monkeypatch.setattr(codes.timezone, "now", lambda: instant)
+    with pytest.raises(ValidationError) as info:
+        codes.issue_codes(1, expires_at=instant)
+    assert info.value.message_dict == {"expires_at": ["The expiry date must be in the future."]}
+    assert len(codes.issue_codes(1, expires_at=instant + dt.timedelta(microseconds=1))) == 1
+
+
 def test_issue_accepts_the_smallest_terms_and_a_full_batch(monkeypatch):
     expires = timezone.now() + dt.timedelta(seconds=30)
     smallest = codes.issue_codes(1, token_quota=1, validity_days=1, expires_at=expires, model_names=["m1"],

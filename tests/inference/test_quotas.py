@@ -110,6 +110,22 @@ def test_settle_writes_the_usage_record_in_the_same_statement(org):
     assert key.last_used_at is not None and entitlement.tokens_used == 10
 
 
+def test_a_settlement_marks_the_key_used_at_most_once_a_minute(org, monkeypatch):
+    """last_used_at is written when it is unset or more than a minute old: a busy key costs no write per
+    request."""
+    entitlement = grant(org, None)
+    key, _ = APIKey.objects.create_key(org, "k")
+    instant = timezone.now()
+    monkeypatch.setattr(quotas.timezone, "now", lambda: instant)
+    seen = []
+    for last_used in (None, instant - dt.timedelta(minutes=1), instant - dt.timedelta(minutes=1, microseconds=1)):
+        APIKey.objects.filter(pk=key.pk).update(last_used_at=last_used)
+        key.refresh_from_db()
+        quotas.settle(quotas.reserve([entitlement], 5, f"req_{len(seen)}"), 5, None, key)
+        seen.append(APIKey.objects.get(pk=key.pk).last_used_at)
+    assert seen == [instant, instant - dt.timedelta(minutes=1), instant]
+
+
 def test_next_covering_entitlement_and_unlimited(org):
     small, unlimited = grant(org, 10), grant(org, None)
     hold = quotas.reserve([small, unlimited], 50, "req_a")
