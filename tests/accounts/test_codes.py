@@ -74,6 +74,17 @@ def test_a_code_expiring_at_this_very_instant_is_refused(monkeypatch):
     assert len(codes.issue_codes(1, expires_at=instant + dt.timedelta(microseconds=1))) == 1
 
 
+def test_a_code_is_not_redeemed_at_the_instant_it_expires(alice, monkeypatch):
+    user, org = alice
+    ends = timezone.now() + dt.timedelta(hours=1)
+    raw = issue_one(expires_at=ends)
+    monkeypatch.setattr(codes.timezone, "now", lambda: ends)
+    with pytest.raises(codes.CodeExpired):
+        codes.redeem(org, raw, user)
+    monkeypatch.setattr(codes.timezone, "now", lambda: ends - dt.timedelta(microseconds=1))
+    assert codes.redeem(org, raw, user).code.expires_at == ends
+
+
 def test_issue_accepts_the_smallest_terms_and_a_full_batch(monkeypatch):
     expires = timezone.now() + dt.timedelta(seconds=30)
     smallest = codes.issue_codes(1, token_quota=1, validity_days=1, expires_at=expires, model_names=["m1"],
@@ -331,6 +342,17 @@ def test_retry_after_is_what_is_left_of_the_window(alice):
     with pytest.raises(codes.RedemptionRateLimited) as info:
         codes.redeem(org, "garbage", user, ip="10.0.0.5")
     assert 95 <= info.value.retry_after <= 100 and "Try again in 2 minutes." in info.value.message
+
+
+@override_settings(REDEEM_FAILURES_PER_USER=1, REDEEM_FAILURES_PER_IP=100, REDEEM_FAILURE_WINDOW_SECONDS=900)
+def test_retry_after_is_one_second_in_the_windows_last_second(alice):
+    user, org = alice
+    with pytest.raises(codes.UnknownCode):
+        codes.redeem(org, "garbage", user)
+    cache.touch(f"redeem-fail:user:{user.pk}", 1)
+    with pytest.raises(codes.RedemptionRateLimited) as info:
+        codes.redeem(org, "garbage", user)
+    assert info.value.retry_after == 1
 
 
 @override_settings(REDEEM_FAILURES_PER_USER=1, REDEEM_FAILURES_PER_IP=100, REDEEM_FAILURE_WINDOW_SECONDS=900)
