@@ -37,8 +37,10 @@ test: install services
 	$(VENV)/bin/pytest
 
 # Mutation testing (docs/mutation.md), not part of .ci/run: mutmut on the money path and the engine's
-# scheduler, block manager and sampler, with the fast unit tests only, ONE worker by default (a shared
-# 2-core machine). MUTANTS picks a part: make mutate MUTANTS='engine.*' (names: mutmut results).
+# scheduler, block manager and sampler, with the fast unit tests only, ONE worker by default: workers share
+# the test database and Redis, and one worker's flushes (a transactional test's, redis_clean's) fail or pass
+# the other's tests, which mis-scores mutants both ways (docs/mutation.md, round 6). MUTANTS picks a part:
+# make mutate MUTANTS='engine.*' (names: mutmut results).
 MUTANTS ?=
 MUTATE_WORKERS ?= 1
 mutate: install services
