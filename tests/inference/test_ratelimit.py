@@ -376,3 +376,72 @@ async def test_a_redis_that_never_answers_counts_as_unreachable_after_the_timeou
         assert err.value.status == 503 and time.monotonic() - started < 10
     finally:
         hung.close()
+
+
+def test_a_denial_names_the_bucket_that_refused_it_and_an_admission_names_none(limiter):
+    key, org = owner(rpm=100, tpm=500), owner()
+    admitted = limiter.acquire(key, org, 300)
+    assert admitted.allowed and admitted.denied_kind is None
+    refused = limiter.acquire(key, org, 300)  # the key's tokens bucket refuses: its requests bucket has room
+    assert (refused.allowed, refused.denied_kind) == (False, "tokens")
+    assert rate_limit_error(refused).message.startswith("Rate limit reached for tokens per minute.")
+
+
+def test_a_release_refunds_the_unused_tokens_and_never_charges_more(limiter, caplog):
+    """The refund is the hold less what was used: one token, all of it (nothing used), and nothing when more
+    was used than held (never a further charge); no Redis error on the way (an organization without a
+    concurrency cap: no slot to give back)."""
+    org = owner()
+
+    def remaining_after(used: int) -> str:
+        key = owner(tpm=500)
+        limiter.release(limiter.acquire(key, org, 300), used_tokens=used)
+        return limiter.acquire(key, org, 1).headers["x-ratelimit-remaining-tokens"]
+
+    assert [remaining_after(used) for used in (299, 0, 400)] == ["200", "499", "199"]
+    assert "could not release" not in caplog.text
+
+
+def test_a_concurrency_slot_is_given_back_when_there_is_no_refund(limiter):
+    key, org = owner(), owner(concurrent=1)
+    held = limiter.acquire(key, org, 10)
+    limiter.release(held, used_tokens=10)  # every held token used: nothing to refund, the slot still returns
+    assert limiter.acquire(key, org, 10).allowed
+
+
+def test_on_a_tie_the_first_bucket_is_the_one_reported(limiter):
+    """The headers report the tightest bucket of each kind; of two with as many tokens left, the first
+    (the key's before its organization's)."""
+    org = SimpleNamespace(**{**vars(owner()), "tokens_per_minute": 1000})
+    assert limiter.acquire(owner(), org, 500).allowed  # another key of the organization used half of it
+    tied = limiter.acquire(owner(tpm=500), org, 100)  # 400 left in both
+    assert (tied.headers["x-ratelimit-limit-tokens"], tied.headers["x-ratelimit-remaining-tokens"]) == ("500", "400")
+
+
+def test_a_local_slot_released_after_it_was_swept_or_never_taken_is_no_error():
+    local = LocalLimiter()
+    assert local.acquire([], "slots", 1, "crashed", 0)[0] == 1  # expires at once: a crashed request's slot
+    assert local.acquire([], "slots", 1, "live", 60_000)[0] == 1  # sweeps it
+    local.release("slots", "crashed")  # the crashed request comes back late
+    local.release("never-seen", "slot")  # a key this process never saw (reset meanwhile)
+    assert local.acquire([], "slots", 1, "next", 60_000)[0] == 0  # the live slot still counts
+    local.release("slots", "live")
+    assert local.acquire([], "slots", 1, "next", 60_000)[0] == 1
+
+
+async def test_a_release_redis_cannot_take_on_the_event_loop_is_logged_not_raised(redis_clean, caplog):
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    limiter = RateLimiter(REDIS_URL, "refuse", 0.5)
+    decision = await limiter.acquire_async(owner(tpm=100), owner(concurrent=2), 50)
+    keys = [k for k, _ in decision.token_buckets] + [decision.concurrency_key]
+    acquire, _, extend = limiter._async_scripts()
+    gone = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_timeout=0.2,
+                                   socket_connect_timeout=0.2).register_script("return 1")
+    limiter._async = (asyncio.get_running_loop(), (acquire, gone, extend))
+    await limiter.release_async(decision, used_tokens=10)
+    warned = caplog.records[-1].getMessage()
+    assert warned.startswith(f"rate limiter: could not release {keys} in Redis: ")
+    assert decision.concurrency_key is None
