@@ -445,3 +445,35 @@ async def test_a_release_redis_cannot_take_on_the_event_loop_is_logged_not_raise
     warned = caplog.records[-1].getMessage()
     assert warned.startswith(f"rate limiter: could not release {keys} in Redis: ")
     assert decision.concurrency_key is None
+
+
+@pytest.mark.parametrize("on_the_loop", [False, True])
+async def test_a_redis_that_connects_then_never_answers_a_command_counts_as_unreachable(on_the_loop):
+    """A server that completes the client's connection handshake (answers CLIENT SETINFO) and then hangs on
+    the script: the read timeout, not the connect timeout, applies the policy."""
+    import asyncio
+    import time
+
+    async def handshake_only(reader, writer):
+        try:
+            while data := await reader.read(65536):
+                replies = data.count(b"SETINFO") + data.count(b"HELLO")
+                if replies:
+                    writer.write(b"+OK\r\n" * replies)
+                    await writer.drain()
+        except ConnectionError:
+            pass
+
+    server = await asyncio.start_server(handshake_only, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        limiter = RateLimiter(f"redis://127.0.0.1:{port}/0", "refuse", 0.3)
+        started = time.monotonic()
+        with pytest.raises(GatewayError) as err:
+            if on_the_loop:
+                await limiter.acquire_async(owner(rpm=5), owner(), 1)
+            else:
+                await asyncio.to_thread(limiter.acquire, owner(rpm=5), owner(), 1)
+        assert err.value.status == 503 and time.monotonic() - started < 3  # the 0.3 s read timeout, not a 5 s default
+    finally:
+        server.close()
