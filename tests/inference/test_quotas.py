@@ -794,23 +794,25 @@ async def test_a_hold_on_the_event_loop_waits_for_room_a_settlement_frees_then_g
     assert err.value.code == "quota_in_flight" and asyncio.get_running_loop().time() - started >= 0.2
 
 
+def member_with_key(slug: str):
+    """An organization with an unlimited grant, a member and a key: (organization, user, key, raw key)."""
+    from django.contrib.auth import get_user_model
+
+    from accounts.models import Membership
+
+    org = Organization.objects.create(name=slug, slug=slug)
+    user = get_user_model().objects.create_user(f"{slug}@example.com", "pw-long-enough-1")
+    Membership.objects.create(organization=org, user=user)
+    grant(org, None)
+    key, raw = APIKey.objects.create_key(org, "k")
+    return org, user, key, raw
+
+
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.usefixtures("async_pool_closed")
 async def test_a_console_session_is_admitted_on_the_event_loop():
     """admit_credential_async: a session credential in a database thread, a raw key on the loop."""
-    def setup():
-        from django.contrib.auth import get_user_model
-
-        from accounts.models import Membership
-
-        org = Organization.objects.create(name="Loop", slug="loop-session")
-        user = get_user_model().objects.create_user("loop-session@example.com", "pw-long-enough-1")
-        Membership.objects.create(organization=org, user=user)
-        grant(org, None)
-        key, raw = APIKey.objects.create_key(org, "k")
-        return org, user, key, raw
-
-    org, user, key, raw = await in_thread(setup)
+    org, user, key, raw = await in_thread(lambda: member_with_key("loop-session"))
     caller = await quotas.admit_credential_async(quotas.SessionCredential(user.pk, org.pk))
     assert (caller.api_key, caller.organization.pk, caller.user_id, caller.source) == (None, org.pk, user.pk, "playground")
     assert (await quotas.admit_credential_async(raw)).api_key.pk == key.pk
@@ -1293,19 +1295,8 @@ async def test_admission_on_the_event_loop_never_waits_behind_the_thread_sensiti
     admission and the catalog refresh run in threads of their own, so requests are admitted while that
     thread is busy."""
     from asgiref.sync import sync_to_async
-    from django.contrib.auth import get_user_model
 
-    from accounts.models import Membership
-
-    def setup():
-        org = Organization.objects.create(name="Busy", slug="busy-thread")
-        user = get_user_model().objects.create_user("busy-thread@example.com", "pw-long-enough-1")
-        Membership.objects.create(organization=org, user=user)
-        grant(org, None)
-        key, raw = APIKey.objects.create_key(org, "k")
-        return org, user, key, raw
-
-    org, user, key, raw = await in_thread(setup)
+    org, user, key, raw = await in_thread(lambda: member_with_key("busy-thread"))
     busy = threading.Event()
     occupant = asyncio.ensure_future(sync_to_async(busy.wait, thread_sensitive=True)())
     try:

@@ -360,22 +360,29 @@ def test_a_local_slot_lives_a_ttl_past_its_last_extension(monkeypatch):
 async def test_a_redis_that_never_answers_counts_as_unreachable_after_the_timeout(on_the_loop):
     """A socket that accepts connections and never replies (a hung Redis): the timeout applies the policy."""
     import socket
-    import time
 
     hung = socket.socket()
     hung.bind(("127.0.0.1", 0))
     hung.listen(8)  # never accepted, never answered
     try:
-        limiter = RateLimiter(f"redis://127.0.0.1:{hung.getsockname()[1]}/0", "refuse", 0.3)
-        started = time.monotonic()
-        with pytest.raises(GatewayError) as err:
-            if on_the_loop:
-                await limiter.acquire_async(owner(rpm=5), owner(), 1)
-            else:
-                limiter.acquire(owner(rpm=5), owner(), 1)
-        assert err.value.status == 503 and time.monotonic() - started < 10
+        await assert_refused_within(f"redis://127.0.0.1:{hung.getsockname()[1]}/0", on_the_loop, 10)
     finally:
         hung.close()
+
+
+async def assert_refused_within(url: str, on_the_loop: bool, seconds: float) -> None:
+    """A limiter on `url` with a 0.3 s timeout and the refuse policy answers 503 within `seconds`."""
+    import asyncio
+    import time
+
+    limiter = RateLimiter(url, "refuse", 0.3)
+    started = time.monotonic()
+    with pytest.raises(GatewayError) as err:
+        if on_the_loop:
+            await limiter.acquire_async(owner(rpm=5), owner(), 1)
+        else:
+            await asyncio.to_thread(limiter.acquire, owner(rpm=5), owner(), 1)
+    assert err.value.status == 503 and time.monotonic() - started < seconds
 
 
 def test_a_denial_names_the_bucket_that_refused_it_and_an_admission_names_none(limiter):
@@ -452,7 +459,6 @@ async def test_a_redis_that_connects_then_never_answers_a_command_counts_as_unre
     """A server that completes the client's connection handshake (answers CLIENT SETINFO) and then hangs on
     the script: the read timeout, not the connect timeout, applies the policy."""
     import asyncio
-    import time
 
     async def handshake_only(reader, writer):
         try:
@@ -467,13 +473,6 @@ async def test_a_redis_that_connects_then_never_answers_a_command_counts_as_unre
     server = await asyncio.start_server(handshake_only, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        limiter = RateLimiter(f"redis://127.0.0.1:{port}/0", "refuse", 0.3)
-        started = time.monotonic()
-        with pytest.raises(GatewayError) as err:
-            if on_the_loop:
-                await limiter.acquire_async(owner(rpm=5), owner(), 1)
-            else:
-                await asyncio.to_thread(limiter.acquire, owner(rpm=5), owner(), 1)
-        assert err.value.status == 503 and time.monotonic() - started < 3  # the 0.3 s read timeout, not a 5 s default
+        await assert_refused_within(f"redis://127.0.0.1:{port}/0", on_the_loop, 3)  # 0.3 s, not a 5 s default
     finally:
         server.close()
