@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/default_agreement.py [--model PATH] [--max-tokens 32] [--threads 2]
 
-The default is, on a CPU with native bfloat16, the fast mode: bfloat16 (a GGUF's 4-bit projections stay packed for ATen's int4 GEMM); the exact mode is float32 (dequantized dense weights, transformers' logits). Both
+The default is, on CPU, the fast mode: bfloat16 (a GGUF's 4-bit projections stay packed for ATen's int4 GEMM); the exact mode is float32 (dequantized dense weights, transformers' logits). Both
 run the same chat prompts greedily in-process (the offline `LLM`, the same engine the server wraps) and the
 script reports, per prompt, how many leading tokens agree: the share of prompts whose answers are identical
 and the mean share of agreeing leading tokens. Greedy decoding amplifies the first differing argmax, so the

@@ -4,7 +4,7 @@
         [--concurrency 32] [--long-prompt 2048] [--skip-sampled] [--dtype float32] [--threads N]
 
 Each server runs with its default settings for this hardware: ours is `python -m engine serve --model FILE`
-without flags (on a CPU with native bfloat16: the fast mode, bfloat16 with the 4-bit weights packed;
+without flags (on CPU: the fast mode, bfloat16 with the 4-bit weights packed;
 `--dtype float32` measures the exact mode); llama.cpp's is `llama-server -m FILE -t 2 -np 32` (plus a unified KV cache, or a context of
 32 slots x the long prompt, so the long-prompt request fits one slot). The peer's binary comes from
 --llama-server, $LLAMA_SERVER, `llama-server` on PATH or /work/llama/llama-server; without one the script

@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "--dtype at load (more memory, dense matmuls)")
     serve.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
     serve.add_argument("--dtype", choices=sorted(_DTYPES),
-                       help="default: bfloat16 on CUDA; on CPU bfloat16 for a quantized GGUF when the CPU has "
-                            "native bfloat16 (the fast mode: 4-bit weights kept packed), else float32; float32 "
+                       help="default: bfloat16 on CUDA; on CPU bfloat16 for a quantized GGUF (the fast mode: "
+                            "4-bit weights kept packed for ATen's int4 GEMM), else float32; float32 "
                             "is the exact mode (transformers' logits, greedy answers independent of batch "
                             "neighbours and prefix-cache hits)")
     serve.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

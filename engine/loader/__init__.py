@@ -64,21 +64,23 @@ def demo_model_path() -> Path:
     return path
 
 
-def native_bfloat16_cpu() -> bool:
-    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX): only then does bfloat16 beat
-    float32 here; elsewhere it is emulated and the exact float32 mode is also the faster one."""
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+def packed_int4_cpu() -> bool:
+    """Whether this torch has ATen's CPU int4 GEMM (bfloat16 activations, 4-bit weights kept packed). It
+    beats float32 dense weights with or without native bfloat16: SmolLM2 Q4_1, 2 threads, 117 MiB resident
+    against 513, and on a CPU without AVX512-BF16 27 decode tok/s against 12 (bench/RESULTS.md, *ENGINE-CPU*,
+    *The default on a CPU without native bfloat16*)."""
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 
 
 def default_dtype(device: str | torch.device, *, packed_weights: bool = False) -> torch.dtype:
     """The default of `load_model`, `EngineConfig`, `LLM` and `engine serve`: bfloat16 on CUDA; on CPU,
     bfloat16 for a checkpoint whose 4-bit weights stay packed (a quantized GGUF: ATen's int4 GEMM, resident
-    weights the file's bytes) when the CPU has native bfloat16 (the fast mode), else float32, the exact mode:
+    weights the file's bytes) when this torch has that GEMM (the fast mode), else float32, the exact mode:
     transformers' logits, greedy answers independent of batch neighbours and prefix-cache hits, which the
     fast mode's are not (README, *Modes*)."""
     if torch.device(device).type == "cuda":
         return torch.bfloat16
-    return torch.bfloat16 if packed_weights and native_bfloat16_cpu() else torch.float32
+    return torch.bfloat16 if packed_weights and packed_int4_cpu() else torch.float32
 
 
 def load_model(

@@ -291,7 +291,7 @@ def load_gguf_file(
     tp: TensorParallel | None = None,
 ) -> LoadedModel:
     """dtype None: the default for this file (`default_dtype`: the fast bfloat16 mode for quantized weights
-    kept packed on a CPU with native bfloat16)."""
+    kept packed for ATen's CPU int4 GEMM)."""
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as exc:  # the reader raises ValueError/struct errors on a truncated or foreign file

@@ -246,17 +246,16 @@ def test_smollm2_4bit_resident_weight_bytes_are_the_packed_size():
 
 
 def test_the_cpu_default_is_the_packed_bfloat16_mode_for_a_quantized_gguf_only(tmp_path):
-    """Without a dtype, on a CPU with native bfloat16: a quantized GGUF loads in bfloat16 with its
-    projections packed, resident weights no more than the file's bytes plus the dense embedding (issue 11's
-    memory target); an unquantized GGUF, a Hugging Face directory, a GGUF asked to load dense, and any model
-    on a CPU without native bfloat16 load in float32, the exact mode."""
+    """Without a dtype: a quantized GGUF loads in bfloat16 with its projections packed, resident weights no
+    more than the file's bytes plus the dense embedding (issue 11's memory target), whether or not the CPU
+    has native bfloat16; an unquantized GGUF, a Hugging Face directory, a GGUF asked to load dense, and any
+    model with a torch without the CPU int4 GEMM load in float32, the exact mode."""
     from unittest import mock
 
-    from engine.loader import native_bfloat16_cpu
     from engine.quant import DEQUANTIZED
 
-    if not (native_bfloat16_cpu() and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")):
-        pytest.skip("this CPU has no native bfloat16, or this torch no CPU int4 GEMM")
+    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        pytest.skip("this torch has no CPU int4 GEMM")
     path = smollm2_gguf_path()
     loaded = load_model(path)
     assert loaded.spec.dtype == torch.bfloat16
@@ -267,7 +266,7 @@ def test_the_cpu_default_is_the_packed_bfloat16_mode_for_a_quantized_gguf_only(t
     plain = write_tiny_gguf("llama", tmp_path / "tiny.F32.gguf", quantize=False)
     assert load_model(plain).spec.dtype == torch.float32
     assert load_model(tiny_checkpoint("llama")).spec.dtype == torch.float32
-    with mock.patch("engine.loader.native_bfloat16_cpu", return_value=False):
+    with mock.patch("engine.loader.packed_int4_cpu", return_value=False):
         assert load_model(write_tiny_gguf("llama", tmp_path / "tiny.Q4_0.gguf", qtype="Q4_0")).spec.dtype \
             == torch.float32
 

@@ -43,8 +43,8 @@ class Command(BaseCommand):
         parser.add_argument("--model-name", default="smollm2-135m-instruct", help="public model name")
         parser.add_argument(
             "--dtype", default="", choices=["", "bfloat16", "float32", "float16"],
-            help="engine compute dtype (default: the engine's: bfloat16 for a quantized GGUF on a CPU with "
-                 "native bfloat16, its 4-bit weights kept packed; float32 is the exact mode)",
+            help="engine compute dtype (default: the engine's: bfloat16 for a quantized GGUF, its 4-bit "
+                 "weights kept packed; float32 is the exact mode)",
         )
         parser.add_argument("--embedding-model",
                             help="encoder directory served for /v1/embeddings (default: the all-MiniLM-L6-v2 demo)")
