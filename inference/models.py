@@ -274,13 +274,13 @@ class Deployment(models.Model):
             raise ValidationError({"base_url": refusal})
 
 
-# The gateway moves spent and reserved on every request: not audit events; a limit edit is one.
 def usd(amount: Decimal) -> str:
     """Dollars as people read them: to the cent, with the smaller digits only where there are some."""
     cents = amount.quantize(Decimal("0.01"))
     return f"${cents}" if cents == amount else f"${amount.normalize():f}"
 
 
+# The gateway moves spent and reserved on every request: not audit events; a limit edit is one.
 @audited(quiet=("spent", "reserved"))
 class Budget(TenantOwned):
     """A spending limit in the catalog's currency: the organization's (no key) or one API key's. The
